@@ -1,0 +1,166 @@
+"""Gaussian noise for DP-SGD as optax gradient transformations.
+
+:func:`add_noise` takes the SUM of clipped per-example gradients ``S`` (from :func:`jaxdp.clipped_grad`) and
+returns
+
+    (S + N(0, (sigma * C)^2 I)) / E
+
+with ``sigma`` the noise multiplier, ``C`` the L2 sensitivity of ``S`` (the clip norm; ``||(C_1..C_K)||_2`` for
+per-layer clipping) and ``E`` the PUBLIC expected batch size ``q * N`` -- never the realised Poisson batch size,
+which depends on the data and would leak (privacy rule 3). Noise is drawn once per call (= once per logical
+batch), with an independent key per leaf and per step (``fold_in(key, step)`` then one split per leaf).
+
+Secure mode (``secure=True``) is for deployments that fear an attacker who reads the floating-point pattern of
+the noise (Mironov 2012; Holohan & Braghin 2021): every step takes fresh key material from the operating
+system's entropy source (``os.urandom``, through a host callback, so it works under ``jit``) instead of a
+key derived from a seed, and each noise coordinate is ``(n_1 + n_2 + n_3 + n_4) / 2`` with ``n_j`` i.i.d.
+``N(0, (sigma C)^2)`` -- the same distribution, but the sum smooths the gaps in the floating-point lattice of
+a single Gaussian sample that such attacks exploit (the Opacus approach). It does NOT make JAX's threefry PRNG a
+certified CSPRNG, does not defend against timing or cache side channels, and makes runs non-reproducible (a
+resumed run draws different noise). Leave it off for research; turn it on for releases of real data.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxdp import _checks
+from jaxdp.clipping import clip_per_example, total_clip_norm
+
+PyTree = Any
+
+
+class AddNoiseState(NamedTuple):
+    """State of :func:`add_noise`: the number of noisy steps taken and the base key (None in secure mode)."""
+
+    count: jax.Array
+    key: Any
+
+
+def _os_entropy() -> np.ndarray:
+    return np.frombuffer(os.urandom(8), dtype=np.uint32).copy()
+
+
+def os_entropy_key() -> jax.Array:
+    """A fresh PRNG key from ``os.urandom``; usable inside ``jit`` (host callback)."""
+    data = jax.experimental.io_callback(_os_entropy, jax.ShapeDtypeStruct((2,), jnp.uint32), ordered=True)
+    return jax.random.wrap_key_data(data)
+
+
+def _normal_like(key: jax.Array, x: jax.Array, std: float, secure: bool) -> jax.Array:
+    dtype = x.dtype if jnp.issubdtype(x.dtype, jnp.floating) else jnp.float32
+    gen_dtype = jnp.promote_types(dtype, jnp.float32)
+    if secure:
+        n = jax.random.normal(key, (4,) + x.shape, gen_dtype)
+        return (std * jnp.sum(n, axis=0) / 2.0).astype(dtype)
+    return (std * jax.random.normal(key, x.shape, gen_dtype)).astype(dtype)
+
+
+def _noise_params(noise_multiplier, l2_clip_norm, expected_batch_size):
+    sigma = _checks.non_negative("noise_multiplier", noise_multiplier)
+    c = total_clip_norm(l2_clip_norm)
+    e = _checks.positive("expected_batch_size", expected_batch_size)
+    return sigma, c, e
+
+
+def _mask_flags(trainable: PyTree | None, updates: PyTree) -> list[bool]:
+    if trainable is None:
+        return [True] * len(jax.tree_util.tree_leaves(updates))
+    flags = jax.tree_util.tree_map(
+        lambda t, sub: jax.tree_util.tree_map(lambda _: bool(t), sub), trainable, updates)
+    return [bool(f) for f in jax.tree_util.tree_leaves(flags)]
+
+
+def _noisy_update(updates, state: AddNoiseState, std: float, e: float, secure: bool, trainable):
+    leaves, treedef = jax.tree_util.tree_flatten(updates)
+    if secure:
+        step_key = os_entropy_key()
+    else:
+        step_key = jax.random.fold_in(state.key, state.count)
+    keys = jax.random.split(step_key, max(len(leaves), 1))
+    flags = _mask_flags(trainable, updates)
+    out = []
+    for i, (g, train) in enumerate(zip(leaves, flags)):
+        if train and std > 0:
+            g = g + _normal_like(keys[i], g, std, secure)
+        out.append(g / jnp.asarray(e, dtype=g.dtype))
+    new_state = AddNoiseState(count=optax.safe_increment(state.count), key=state.key)
+    return jax.tree_util.tree_unflatten(treedef, out), new_state
+
+
+def add_noise(
+    noise_multiplier: float,
+    l2_clip_norm: float | PyTree,
+    expected_batch_size: float,
+    key: jax.Array | int | None = None,
+    *,
+    secure: bool = False,
+    trainable: PyTree | None = None,
+) -> optax.GradientTransformationExtraArgs:
+    """Add Gaussian noise to a SUM of clipped gradients and divide by the public expected batch size.
+
+    ``update(S) = (S + N(0, (noise_multiplier * C)^2)) / expected_batch_size`` per coordinate.
+
+    Args:
+      noise_multiplier: ``sigma``; the noise std is ``sigma * C``. With Poisson sampling rate ``q`` and ``T``
+        steps this (with ``q`` and ``T``) determines epsilon -- see :mod:`jaxdp.accounting`. 0 = no privacy.
+      l2_clip_norm: ``C``, the clip norm used in :func:`jaxdp.clipped_grad` (a number, or the per-layer
+        pytree; the noise then uses ``||(C_1..C_K)||_2``). Using a smaller C here than in clipping breaks DP.
+      expected_batch_size: ``E = q * N``, a public constant. Never pass the realised batch size.
+      key: a PRNG key (``jax.random.key(seed)``) or int seed. Required unless ``secure=True``.
+      secure: draw fresh OS entropy every step and use the sum-of-four-Gaussians sampler (module docstring).
+      trainable: optional bool pytree prefix; frozen leaves get no noise (their update stays zero).
+    """
+    sigma, c, e = _noise_params(noise_multiplier, l2_clip_norm, expected_batch_size)
+    base_key = None if secure else _checks.prng_key(key, "add_noise")
+    std = sigma * c
+
+    def init_fn(params):
+        del params
+        return AddNoiseState(count=jnp.zeros([], jnp.int32), key=base_key)
+
+    def update_fn(updates, state, params=None, **extra_args):
+        del params, extra_args
+        return _noisy_update(updates, state, std, e, secure, trainable)
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def dp_aggregate(
+    l2_clip_norm: float,
+    noise_multiplier: float,
+    expected_batch_size: float,
+    key: jax.Array | int | None = None,
+    *,
+    secure: bool = False,
+) -> optax.GradientTransformationExtraArgs:
+    """Clip, sum, noise and normalise PER-EXAMPLE gradients (leaves with a leading batch axis ``B``).
+
+    ``update(G, mask=m) = (sum_i m_i min(1, C/(||G_i|| + 1e-6)) G_i + N(0, (sigma C)^2)) / E``.
+    Flat clipping only; for per-layer clipping or speed use :func:`jaxdp.clipped_grad` + :func:`add_noise`.
+    Pass the padding mask as ``tx.update(per_example_grads, state, params, mask=mask)``.
+    """
+    sigma, c, e = _noise_params(noise_multiplier, l2_clip_norm, expected_batch_size)
+    if jax.tree_util.tree_structure(l2_clip_norm).num_leaves != 1:
+        raise ValueError("dp_aggregate supports flat clipping only (a single number l2_clip_norm)")
+    base_key = None if secure else _checks.prng_key(key, "dp_aggregate")
+    std = sigma * c
+
+    def init_fn(params):
+        del params
+        return AddNoiseState(count=jnp.zeros([], jnp.int32), key=base_key)
+
+    def update_fn(updates, state, params=None, *, mask=None, **extra_args):
+        del params, extra_args
+        summed, _ = clip_per_example(updates, c, mask)
+        return _noisy_update(summed, state, std, e, secure, None)
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+__all__ = ["AddNoiseState", "add_noise", "dp_aggregate", "os_entropy_key"]

@@ -1,0 +1,54 @@
+"""DP optimisers: :func:`jaxdp.add_noise` chained with optax's optimisers.
+
+Both take the SUM of clipped per-example gradients (the output of :func:`jaxdp.clipped_grad`) as their input
+``updates``; the noise and the division by the expected batch size happen first, then the optimiser.
+Post-processing of a DP quantity is DP, so any optax optimiser may follow the noise.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import optax
+
+from jaxdp.noise import add_noise
+
+
+def dpsgd(
+    learning_rate: optax.ScalarOrSchedule,
+    l2_clip_norm: float | Any,
+    noise_multiplier: float,
+    expected_batch_size: float,
+    key: jax.Array | int | None,
+    momentum: float | None = None,
+    nesterov: bool = False,
+    *,
+    secure: bool = False,
+) -> optax.GradientTransformationExtraArgs:
+    """DP-SGD (Abadi et al. 2016): ``(S + N(0,(sigma C)^2)) / E`` then ``optax.sgd``."""
+    return optax.chain(
+        add_noise(noise_multiplier, l2_clip_norm, expected_batch_size, key, secure=secure),
+        optax.sgd(learning_rate, momentum=momentum, nesterov=nesterov),
+    )
+
+
+def dpadam(
+    learning_rate: optax.ScalarOrSchedule,
+    l2_clip_norm: float | Any,
+    noise_multiplier: float,
+    expected_batch_size: float,
+    key: jax.Array | int | None,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    *,
+    secure: bool = False,
+) -> optax.GradientTransformationExtraArgs:
+    """DP-Adam: ``(S + N(0,(sigma C)^2)) / E`` then ``optax.adam``."""
+    return optax.chain(
+        add_noise(noise_multiplier, l2_clip_norm, expected_batch_size, key, secure=secure),
+        optax.adam(learning_rate, b1=b1, b2=b2, eps=eps),
+    )
+
+
+__all__ = ["dpsgd", "dpadam"]

@@ -1,0 +1,202 @@
+"""Batch selection with fixed shapes.
+
+:class:`PoissonSampler` is the sampling that DP-SGD's privacy analysis (Abadi et al. 2016; the RDP/PLD/PRV
+accountants in :mod:`jaxdp.accounting`) assumes: at every step each of the ``N`` examples is included
+independently with probability ``q``. The batch size is therefore random (Binomial(N, q)), and empty batches
+happen; each such step still counts (privacy rule 6). To keep ``jax.jit`` from recompiling at every new size,
+the indices are padded up to a multiple of ``pad_to_multiple`` with a mask that marks the padding (padding
+examples contribute exactly zero gradient in :func:`jaxdp.clipped_grad`). The number of distinct shapes is
+therefore a handful: the batch size concentrates within a few standard deviations of ``qN``.
+
+:class:`ShuffleSampler` gives shuffled fixed-size batches. It is labelled ``sampling = "shuffle"``; it is NOT
+Poisson sampling, and :mod:`jaxdp.accounting` accounts it differently (privacy rule 5).
+
+Both are deterministic functions of ``(seed, step)`` so a resumed run draws exactly the same batches; with
+``secure=True`` each step's randomness comes from the OS entropy source instead (not reproducible).
+"""
+from __future__ import annotations
+
+import math
+import secrets
+from typing import Iterator
+
+import numpy as np
+
+from jaxdp import _checks
+
+
+def _rng(seed: int | None, *stream: int, secure: bool = False) -> np.random.Generator:
+    if secure:
+        return np.random.Generator(np.random.PCG64(secrets.randbits(128)))
+    return np.random.Generator(np.random.PCG64(np.random.SeedSequence([int(seed), *map(int, stream)])))
+
+
+def _check_seed(seed, secure: bool, who: str) -> None:
+    if secure:
+        return
+    if seed is None:
+        raise ValueError(f"{who} needs a seed (an int you choose), or secure=True to use OS entropy; "
+                         "there is no default seed")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"{who}: seed must be a non-negative int, got {seed!r}")
+
+
+def default_pad_multiple(dataset_size: int, sample_rate: float) -> int:
+    """Power of two >= 2 standard deviations of Binomial(N, q) (at least 8): a few shapes, little padding."""
+    sd = math.sqrt(dataset_size * sample_rate * (1 - sample_rate))
+    return int(2 ** math.ceil(math.log2(max(8.0, 2.0 * sd))))
+
+
+class PoissonSampler:
+    """Poisson subsampling with fixed-shape, masked batches.
+
+    Args:
+      dataset_size: ``N``, the number of examples (the privacy unit is one example).
+      sample_rate: ``q`` in (0, 1]; the expected batch size is ``q * N``. Accounting uses ``q``.
+      seed: int seed for the sampling randomness (required unless ``secure``). Keep it secret: an attacker who
+        knows it knows which examples were in which batch, which voids the amplification by sampling.
+      pad_to_multiple: batches are padded to a multiple of this (default: :func:`default_pad_multiple`).
+      max_batch_size: optional truncation: a batch larger than this keeps a uniformly random subset of this
+        size. Recorded (``sampling == "truncated_poisson"``) so the accountant can use the truncated analysis.
+      secure: draw every step's randomness from the OS entropy source.
+
+    ``sample(step)`` returns ``(indices, mask)``: int32 indices of shape ``[P]`` (``P`` a multiple of
+    ``pad_to_multiple``), padding index 0, and a bool mask that is False on padding.
+    Iterating the sampler yields one epoch (``steps_per_epoch = ceil(1/q)`` steps) and advances ``step``.
+    """
+
+    def __init__(self, dataset_size: int, sample_rate: float, seed: int | None = None, *,
+                 pad_to_multiple: int | None = None, max_batch_size: int | None = None,
+                 secure: bool = False) -> None:
+        self.dataset_size = _checks.positive_int("dataset_size", dataset_size)
+        self.sample_rate = _checks.sample_rate(sample_rate)
+        _check_seed(seed, secure, "PoissonSampler")
+        self.seed = None if seed is None else int(seed)
+        self.secure = bool(secure)
+        self.pad_to_multiple = (default_pad_multiple(self.dataset_size, self.sample_rate)
+                                if pad_to_multiple is None else _checks.positive_int("pad_to_multiple",
+                                                                                     pad_to_multiple))
+        self.max_batch_size = None if max_batch_size is None else _checks.positive_int(
+            "max_batch_size", max_batch_size)
+        self.step = 0
+        self.truncated_steps = 0
+
+    @property
+    def sampling(self) -> str:
+        return "poisson" if self.max_batch_size is None else "truncated_poisson"
+
+    @property
+    def expected_batch_size(self) -> float:
+        """``q * N``: the public normaliser of the noisy sum (never the realised batch size)."""
+        return self.sample_rate * self.dataset_size
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return max(1, math.ceil(1.0 / self.sample_rate - 1e-9))
+
+    def steps_for_epochs(self, epochs: float) -> int:
+        """``ceil(epochs / q)``: the number of steps that sees each example ``epochs`` times in expectation."""
+        return max(0, math.ceil(epochs / self.sample_rate - 1e-9))
+
+    def padded_size(self, batch_size: int) -> int:
+        m = self.pad_to_multiple
+        size = max(m, -(-batch_size // m) * m)
+        if self.max_batch_size is not None:
+            size = min(size, -(-self.max_batch_size // m) * m)
+        return size
+
+    def sample(self, step: int) -> tuple[np.ndarray, np.ndarray]:
+        """The batch of global step ``step`` as ``(indices [P] int32, mask [P] bool)``."""
+        rng = _rng(self.seed, 0, step, secure=self.secure)
+        chosen = np.flatnonzero(rng.random(self.dataset_size) < self.sample_rate)
+        if self.max_batch_size is not None and chosen.size > self.max_batch_size:
+            chosen = np.sort(rng.choice(chosen, self.max_batch_size, replace=False))
+            self.truncated_steps += 1
+        size = self.padded_size(chosen.size)
+        indices = np.zeros(size, np.int32)
+        indices[:chosen.size] = chosen
+        mask = np.zeros(size, bool)
+        mask[:chosen.size] = True
+        return indices, mask
+
+    def __iter__(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        for _ in range(self.steps_per_epoch):
+            batch = self.sample(self.step)
+            self.step += 1
+            yield batch
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "truncated_steps": self.truncated_steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step = int(state["step"])
+        self.truncated_steps = int(state.get("truncated_steps", 0))
+
+    def __repr__(self) -> str:
+        return (f"PoissonSampler(dataset_size={self.dataset_size}, sample_rate={self.sample_rate}, "
+                f"pad_to_multiple={self.pad_to_multiple}, max_batch_size={self.max_batch_size}, "
+                f"secure={self.secure})")
+
+
+class ShuffleSampler:
+    """Shuffled fixed-size batches (each epoch a fresh permutation). Labelled ``sampling = "shuffle"``.
+
+    This is the sampling most non-private loaders use. Its privacy analysis differs from Poisson's: jaxdp
+    accounts it as sampling without replacement of a fixed-size batch (replace-one neighbouring relation), and
+    never reports a Poisson epsilon for it.
+    """
+
+    sampling = "shuffle"
+
+    def __init__(self, dataset_size: int, batch_size: int, seed: int | None = None, *,
+                 drop_last: bool = True, secure: bool = False) -> None:
+        self.dataset_size = _checks.positive_int("dataset_size", dataset_size)
+        self.batch_size = _checks.positive_int("batch_size", batch_size)
+        if self.batch_size > self.dataset_size:
+            raise ValueError(f"batch_size {batch_size} is larger than dataset_size {dataset_size}")
+        _check_seed(seed, secure, "ShuffleSampler")
+        self.seed = None if seed is None else int(seed)
+        self.secure = bool(secure)
+        self.drop_last = bool(drop_last)
+        self.step = 0
+
+    @property
+    def sample_rate(self) -> float:
+        return self.batch_size / self.dataset_size
+
+    @property
+    def expected_batch_size(self) -> float:
+        return float(self.batch_size)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        n, b = self.dataset_size, self.batch_size
+        return n // b if self.drop_last else -(-n // b)
+
+    def steps_for_epochs(self, epochs: float) -> int:
+        return math.ceil(epochs * self.steps_per_epoch - 1e-9)
+
+    def sample(self, step: int) -> tuple[np.ndarray, np.ndarray]:
+        epoch, pos = divmod(step, self.steps_per_epoch)
+        perm = _rng(self.seed, 1, epoch, secure=self.secure).permutation(self.dataset_size)
+        chunk = perm[pos * self.batch_size:(pos + 1) * self.batch_size]
+        indices = np.zeros(self.batch_size, np.int32)
+        indices[:chunk.size] = chunk
+        mask = np.zeros(self.batch_size, bool)
+        mask[:chunk.size] = True
+        return indices, mask
+
+    def __iter__(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        for _ in range(self.steps_per_epoch):
+            batch = self.sample(self.step)
+            self.step += 1
+            yield batch
+
+    def state_dict(self) -> dict:
+        return {"step": self.step}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step = int(state["step"])
+
+
+__all__ = ["PoissonSampler", "ShuffleSampler", "default_pad_multiple"]
