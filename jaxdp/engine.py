@@ -1,0 +1,335 @@
+"""The Opacus-shaped entry point: ``PrivacyEngine.make_private`` turns a model, a loss and an optax optimiser
+into a private training object with a Poisson sampler, a jitted private step and a running accountant.
+
+One private step on a batch selected by the sampler (indices with a padding mask) is
+
+    S      = sum_i mask_i * clip_C(grad loss_i(params))           (jaxdp.clipped_grad)
+    update = optimizer((S + N(0, (sigma C)^2 I)) / E)              (jaxdp.add_noise, then the optax optimiser)
+
+with ``E = q N`` the public expected batch size, and the accountant records one sampled Gaussian step with
+noise multiplier ``sigma`` and sampling rate ``q`` -- including steps whose batch is empty (privacy rule 6).
+With a target epsilon the object knows the last step that stays within it, and refuses further steps
+(:class:`PrivacyBudgetExhausted`) instead of silently overspending.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Iterator, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import linen as nn
+from flax import nnx
+
+from jaxdp import _checks, validation
+from jaxdp.clipping import ClipStats, clipped_grad, total_clip_norm
+from jaxdp.noise import add_noise
+from jaxdp.sampling import PoissonSampler, ShuffleSampler
+
+PyTree = Any
+
+
+class PrivacyBudgetExhausted(RuntimeError):
+    """Raised instead of taking a step that would spend more than the target epsilon."""
+
+
+class TrainState(NamedTuple):
+    """What a private step updates: parameters, optimiser state (noise RNG state included), step count."""
+
+    params: PyTree
+    opt_state: PyTree
+    step: jax.Array
+
+
+def _accounting():
+    from jaxdp import accounting  # imported lazily: accounting pulls in dp-accounting
+    return accounting
+
+
+class PrivateTraining:
+    """The result of :meth:`PrivacyEngine.make_private`. Use :meth:`init`, then :meth:`step` per batch.
+
+    Attributes:
+      sampler: the :class:`~jaxdp.PoissonSampler` (or ShuffleSampler) that selects every batch.
+      noise_multiplier, max_grad_norm, sample_rate, expected_batch_size: the mechanism's parameters.
+      accountant: the engine's accountant; every :meth:`step` records one step in it.
+      max_steps: the last step allowed by the target epsilon (None when there is no target).
+    """
+
+    def __init__(self, *, engine: "PrivacyEngine", pure_loss: Callable, params: PyTree, optimizer,
+                 dataset_size: int, sampler, noise_multiplier: float, max_grad_norm, key, secure_mode: bool,
+                 method: str, microbatch_size: int | None, trainable, expected_batch_size: float,
+                 target_epsilon: float | None, target_delta: float | None, planned_steps: int | None,
+                 nnx_graph: tuple | None) -> None:
+        self.engine = engine
+        self.accountant = engine.accountant
+        self.sampler = sampler
+        self.dataset_size = dataset_size
+        self.noise_multiplier = float(noise_multiplier)
+        self.max_grad_norm = max_grad_norm
+        self.sample_rate = sampler.sample_rate
+        self.expected_batch_size = float(expected_batch_size)
+        self.target_epsilon = target_epsilon
+        self.target_delta = target_delta
+        self.planned_steps = planned_steps
+        self.method = method
+        self._params0 = params
+        self._nnx_graph = nnx_graph
+        self.loss_fn = pure_loss
+        self.grad_fn = clipped_grad(pure_loss, max_grad_norm, method=method, microbatch_size=microbatch_size,
+                                    trainable=trainable)
+        self.tx = optax.chain(
+            add_noise(self.noise_multiplier, max_grad_norm, self.expected_batch_size, key,
+                      secure=secure_mode, trainable=trainable),
+            optimizer)
+        self.max_steps = self._max_steps() if target_epsilon is not None else None
+        self._jit_step = jax.jit(self._step_impl)
+
+    # -- accounting ------------------------------------------------------------------------------------
+    def _event(self, steps: int) -> dict:
+        s = self.sampler
+        if s.sampling == "shuffle":
+            return {"sampling": "shuffle", "noise_multiplier": self.noise_multiplier,
+                    "batch_size": s.batch_size, "dataset_size": s.dataset_size, "steps": steps}
+        if s.sampling == "truncated_poisson":
+            return {"sampling": "truncated_poisson", "noise_multiplier": self.noise_multiplier,
+                    "sample_rate": s.sample_rate, "max_batch_size": s.max_batch_size,
+                    "dataset_size": s.dataset_size, "steps": steps}
+        return {"sampling": "poisson", "noise_multiplier": self.noise_multiplier,
+                "sample_rate": s.sample_rate, "steps": steps}
+
+    def events(self, steps: int) -> list[dict]:
+        """The dp-accounting events of ``steps`` steps of this mechanism (for ledgers and planning)."""
+        return [self._event(steps)]
+
+    def _record_step(self) -> None:
+        s = self.sampler
+        self.accountant.step(self.noise_multiplier, s.sample_rate, 1, sampling=s.sampling,
+                             dataset_size=s.dataset_size, batch_size=getattr(s, "batch_size", None),
+                             max_batch_size=getattr(s, "max_batch_size", None))
+
+    def _epsilon_after(self, extra_steps: int) -> float:
+        acc = _accounting()
+        events = list(self.accountant.history) + self.events(extra_steps)
+        return acc.events_epsilon(events, self.target_delta, accountant=self.accountant.accountant,
+                                  neighboring_relation=self.accountant.neighboring_relation)
+
+    def _max_steps(self) -> int:
+        """Largest total number of steps (counting the accountant's history) within the target epsilon."""
+        done = self.accountant.steps
+
+        def ok(n: int) -> bool:
+            return n == 0 or self._epsilon_after(n) <= self.target_epsilon
+
+        lo = 0
+        hi = max(1, self.planned_steps or self.sampler.steps_per_epoch)
+        while ok(hi):
+            lo, hi = hi, hi * 2
+            if hi > 10_000_000:
+                return done + lo
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if ok(mid) else (lo, mid)
+        return done + lo
+
+    @property
+    def steps_taken(self) -> int:
+        return self.accountant.steps
+
+    @property
+    def budget_left(self) -> int | None:
+        """Steps left before the target epsilon would be exceeded (None without a target)."""
+        return None if self.max_steps is None else self.max_steps - self.accountant.steps
+
+    # -- training ----------------------------------------------------------------------------------------
+    def init(self, params: PyTree | None = None) -> TrainState:
+        params = self._params0 if params is None else params
+        return TrainState(params, self.tx.init(params), jnp.zeros([], jnp.int32))
+
+    def _step_impl(self, state: TrainState, batch: PyTree, mask: jax.Array):
+        summed, stats = self.grad_fn(state.params, batch, mask)
+        updates, opt_state = self.tx.update(summed, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        return TrainState(params, opt_state, state.step + 1), stats
+
+    def step(self, state: TrainState, batch: PyTree, mask: jax.Array) -> tuple[TrainState, ClipStats]:
+        """One private step on a sampled batch (with its padding mask); records the step in the accountant.
+
+        Raises :class:`PrivacyBudgetExhausted`, before touching the data, if the step would exceed the target.
+        """
+        if self.max_steps is not None and self.accountant.steps >= self.max_steps:
+            raise PrivacyBudgetExhausted(
+                f"stopping: step {self.accountant.steps + 1} would take epsilon above the target "
+                f"{self.target_epsilon} (delta={self.target_delta}); {self.accountant.steps} steps were taken, "
+                f"epsilon spent = {self.get_epsilon():.4f}")
+        new_state, stats = self._jit_step(state, batch, mask)
+        self._record_step()
+        return new_state, stats
+
+    def batches(self, data: PyTree, steps: int | None = None) -> Iterator[tuple[PyTree, np.ndarray]]:
+        """Yield ``(batch, mask)`` for the next ``steps`` sampler steps (default: one epoch) from host arrays."""
+        steps = self.sampler.steps_per_epoch if steps is None else steps
+        for _ in range(steps):
+            idx, mask = self.sampler.sample(self.sampler.step)
+            self.sampler.step += 1
+            yield jax.tree_util.tree_map(lambda x: x[idx], data), mask
+
+    def get_epsilon(self, delta: float | None = None) -> float:
+        delta = self.target_delta if delta is None else delta
+        if delta is None:
+            raise ValueError("get_epsilon needs delta (no target_delta was given)")
+        return self.accountant.get_epsilon(delta)
+
+    def model(self, state: TrainState) -> Any:
+        """The NNX module with the state's parameters (NNX models only)."""
+        if self._nnx_graph is None:
+            raise ValueError("model() is for Flax NNX models; use state.params with your apply function")
+        graphdef, rest = self._nnx_graph
+        return nnx.merge(graphdef, state.params, rest)
+
+
+class PrivacyEngine:
+    """Make training differentially private, Opacus-style, for pure JAX, Flax NNX and Flax Linen.
+
+    Args:
+      accountant: ``"prv"`` (default, tight upper bound), ``"rdp"`` or ``"pld"`` (see :mod:`jaxdp.accounting`).
+      secure_mode: draw noise and batch selection from the OS entropy source (not reproducible).
+      neighboring_relation: ``"add_remove"`` (default) or ``"replace_one"``.
+    """
+
+    def __init__(self, accountant: str = "prv", *, secure_mode: bool = False,
+                 neighboring_relation: str = "add_remove") -> None:
+        self.accountant = _accounting().Accountant(accountant, neighboring_relation=neighboring_relation)
+        self.secure_mode = bool(secure_mode)
+
+    def _prepare(self, loss_fn, model, variables, params, sample_input):
+        if model is not None and isinstance(model, nnx.Module):
+            validation.check(model)
+            graphdef, p, rest = nnx.split(model, nnx.Param, ...)
+
+            def pure(pp, batch):
+                return loss_fn(nnx.merge(graphdef, pp, rest), batch)
+
+            return pure, p, (graphdef, rest)
+        if model is not None and isinstance(model, nn.Module):
+            if variables is None:
+                raise ValueError("a Linen model needs its variables: make_private(model=..., variables=...)")
+            validation.check(model, variables, sample_input)
+            return loss_fn, variables["params"] if params is None else params, None
+        if model is not None:
+            raise TypeError(f"model must be a Flax NNX or Linen module, got {type(model).__name__}")
+        if params is None:
+            raise ValueError("make_private needs params= (pure JAX) or model= (Flax NNX / Linen)")
+        return loss_fn, params, None
+
+    def make_private(
+        self,
+        *,
+        loss_fn: Callable,
+        optimizer: optax.GradientTransformation,
+        dataset_size: int,
+        batch_size: float,
+        noise_multiplier: float,
+        max_grad_norm: float | PyTree,
+        seed: int | None = None,
+        model: Any = None,
+        variables: PyTree = None,
+        params: PyTree = None,
+        sample_input: Any = None,
+        epochs: float | None = None,
+        poisson_sampling: bool = True,
+        max_batch_size: int | None = None,
+        method: str = "auto",
+        microbatch_size: int | None = None,
+        trainable: PyTree = None,
+        target_epsilon: float | None = None,
+        target_delta: float | None = None,
+        opacus_compat: bool = False,
+    ) -> PrivateTraining:
+        """Wrap a model, a per-example loss and an optax optimiser into a :class:`PrivateTraining`.
+
+        Args:
+          loss_fn: per-example losses ``[B]``. For an NNX ``model``: ``loss_fn(model, batch)``; for a Linen
+            ``model`` or pure params: ``loss_fn(params, batch)``.
+          optimizer: any optax optimiser; it receives the noisy average gradient.
+          dataset_size: ``N``, the number of examples (one example = the privacy unit).
+          batch_size: the EXPECTED batch size; the sampling rate is ``q = batch_size / N``.
+          noise_multiplier: ``sigma``; noise std is ``sigma * max_grad_norm``.
+          max_grad_norm: clip norm ``C`` (a number, or a per-layer pytree).
+          seed: int seed for batch selection and noise (required unless ``secure_mode``); keep it secret.
+          epochs: planned epochs (sets the budget-stop search start; ``make_private_with_epsilon`` needs it).
+          poisson_sampling: False = shuffled fixed-size batches, accounted as such (not as Poisson).
+          opacus_compat: divide by ``int(N * q)`` as Opacus does instead of ``q * N``.
+          target_epsilon, target_delta: stop (PrivacyBudgetExhausted) at the step that would exceed epsilon.
+        """
+        n = _checks.positive_int("dataset_size", dataset_size)
+        b = _checks.positive("batch_size", batch_size)
+        q = _checks.sample_rate(b / n, "batch_size / dataset_size")
+        sigma = _checks.non_negative("noise_multiplier", noise_multiplier)
+        total_clip_norm(max_grad_norm)
+        if seed is None and not self.secure_mode:
+            raise ValueError("make_private needs seed= (an int you keep secret) for batch selection and noise, "
+                             "or PrivacyEngine(secure_mode=True) to use the OS entropy source")
+        if target_epsilon is not None:
+            _checks.positive("target_epsilon", target_epsilon)
+            if target_delta is None:
+                raise ValueError("target_epsilon needs target_delta")
+        if target_delta is not None:
+            _check_delta(target_delta, n)
+        pure, p, graph = self._prepare(loss_fn, model, variables, params, sample_input)
+        if poisson_sampling:
+            sampler = PoissonSampler(n, q, seed, max_batch_size=max_batch_size, secure=self.secure_mode)
+        else:
+            sampler = ShuffleSampler(n, int(round(b)), seed, secure=self.secure_mode)
+        # Opacus divides by int(N * q) (e.g. 63 for batch 64 on 60,000 examples); jaxdp by q * N.
+        e = float(int(n * q)) if (opacus_compat and poisson_sampling) else sampler.expected_batch_size
+        key = None if self.secure_mode else jax.random.fold_in(jax.random.key(seed), 0x6E6F6973)  # "nois": noise stream
+        planned = None if epochs is None else sampler.steps_for_epochs(epochs)
+        return PrivateTraining(
+            engine=self, pure_loss=pure, params=p, optimizer=optimizer, dataset_size=n, sampler=sampler,
+            noise_multiplier=sigma, max_grad_norm=max_grad_norm, key=key, secure_mode=self.secure_mode,
+            method=method, microbatch_size=microbatch_size, trainable=trainable, expected_batch_size=e,
+            target_epsilon=target_epsilon, target_delta=target_delta, planned_steps=planned, nnx_graph=graph)
+
+    def make_private_with_epsilon(self, *, target_epsilon: float, target_delta: float, epochs: float,
+                                  dataset_size: int, batch_size: float, **kwargs) -> PrivateTraining:
+        """Like :meth:`make_private`, with the noise multiplier calibrated so that ``epochs`` epochs spend
+        at most ``target_epsilon`` (the calibration never overshoots; training stops at the target)."""
+        n = _checks.positive_int("dataset_size", dataset_size)
+        q = _checks.sample_rate(_checks.positive("batch_size", batch_size) / n, "batch_size / dataset_size")
+        _checks.positive("target_epsilon", target_epsilon)
+        _check_delta(target_delta, n)
+        _checks.positive("epochs", epochs)
+        if kwargs.get("poisson_sampling", True) is False:
+            raise ValueError("make_private_with_epsilon calibrates for Poisson sampling; use make_private with "
+                             "an explicit noise_multiplier for shuffled batches")
+        sigma = self.calibrate(target_epsilon, target_delta, q, PoissonSampler(n, q, 0).steps_for_epochs(epochs))
+        return self.make_private(noise_multiplier=sigma, dataset_size=n, batch_size=batch_size, epochs=epochs,
+                                 target_epsilon=target_epsilon, target_delta=target_delta, **kwargs)
+
+    def calibrate(self, target_epsilon: float, target_delta: float, sample_rate: float, steps: int) -> float:
+        """Smallest noise multiplier whose ``steps`` steps (after what is already spent) stay within target."""
+        acc = _accounting()
+        if self.accountant.steps == 0:
+            return acc.calibrate_noise_multiplier(target_epsilon, target_delta, sample_rate, steps=steps,
+                                                  accountant=self.accountant.accountant)
+        raise ValueError("calibration after steps were already taken is not supported: use a new PrivacyEngine")
+
+    def get_epsilon(self, delta: float) -> float:
+        """Epsilon spent so far by every private object of this engine, at ``delta``."""
+        return self.accountant.get_epsilon(delta)
+
+
+def _check_delta(delta: float, n: int) -> None:
+    d = _checks.positive("delta", delta)
+    if d >= 1:
+        raise ValueError(f"delta must be < 1, got {delta}")
+    if d >= 1.0 / n:
+        import warnings
+        warnings.warn(f"delta={delta} is not below 1/N = {1.0 / n:.3g}: the rule is delta < 1/N (a mechanism "
+                      "that publishes one random example outright satisfies delta = 1/N). Use a smaller delta, "
+                      "e.g. 1/(10 N).", stacklevel=3)
+
+
+__all__ = ["PrivacyEngine", "PrivateTraining", "TrainState", "PrivacyBudgetExhausted"]

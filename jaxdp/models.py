@@ -1,0 +1,113 @@
+"""Small Flax NNX models for the trainer and examples. None mixes examples (no BatchNorm).
+
+* ``logreg``    -- multinomial logistic regression.
+* ``mlp``       -- fully connected network, ``hidden`` sizes, tanh activations.
+* ``cnn_small`` -- two 3x3 convolutions with max-pooling and a dense head, for small images (e.g. 8x8 digits).
+* ``mnist_cnn`` -- the classic DP-SGD MNIST CNN (conv16 8x8/2, maxpool, conv32 4x4/2, maxpool, fc32, fc10).
+
+Tanh activations: bounded activations keep gradient norms small and even, which suits clipping
+(Papernot et al. 2021, "Tempered sigmoid activations for deep learning with differential privacy").
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+ACTIVATIONS: dict[str, Callable] = {"tanh": jnp.tanh, "relu": jax.nn.relu, "gelu": jax.nn.gelu}
+
+
+def _act(name: str) -> Callable:
+    if name not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {name!r}")
+    return ACTIVATIONS[name]
+
+
+class LogReg(nnx.Module):
+    def __init__(self, input_shape: Sequence[int], num_classes: int, *, rngs: nnx.Rngs):
+        self.dense = nnx.Linear(math.prod(input_shape), num_classes, rngs=rngs)
+
+    def __call__(self, x):
+        return self.dense(x.reshape(x.shape[0], -1))
+
+
+class MLP(nnx.Module):
+    def __init__(self, input_shape: Sequence[int], num_classes: int, *, hidden: Sequence[int] = (128,),
+                 activation: str = "tanh", rngs: nnx.Rngs):
+        sizes = [math.prod(input_shape), *hidden]
+        self.layers = nnx.List([nnx.Linear(a, b, rngs=rngs) for a, b in zip(sizes[:-1], sizes[1:])])
+        self.head = nnx.Linear(sizes[-1], num_classes, rngs=rngs)
+        self.activation = activation
+
+    def __call__(self, x):
+        act = _act(self.activation)
+        x = x.reshape(x.shape[0], -1)
+        for layer in self.layers:
+            x = act(layer(x))
+        return self.head(x)
+
+
+class CNNSmall(nnx.Module):
+    def __init__(self, input_shape: Sequence[int], num_classes: int, *, channels: Sequence[int] = (16, 32),
+                 hidden: int = 32, activation: str = "tanh", rngs: nnx.Rngs):
+        h, w, c = input_shape
+        self.conv1 = nnx.Conv(c, channels[0], (3, 3), padding="SAME", rngs=rngs)
+        self.conv2 = nnx.Conv(channels[0], channels[1], (3, 3), padding="SAME", rngs=rngs)
+        flat = (h // 4) * (w // 4) * channels[1]
+        self.fc = nnx.Linear(flat, hidden, rngs=rngs)
+        self.head = nnx.Linear(hidden, num_classes, rngs=rngs)
+        self.activation = activation
+
+    def __call__(self, x):
+        act = _act(self.activation)
+        x = nnx.max_pool(act(self.conv1(x)), (2, 2), strides=(2, 2))
+        x = nnx.max_pool(act(self.conv2(x)), (2, 2), strides=(2, 2))
+        x = act(self.fc(x.reshape(x.shape[0], -1)))
+        return self.head(x)
+
+
+class MnistCNN(nnx.Module):
+    """The CNN of the DP-SGD literature (Papernot et al.; Opacus's MNIST example) for 28x28x1 inputs."""
+
+    def __init__(self, input_shape: Sequence[int] = (28, 28, 1), num_classes: int = 10, *,
+                 activation: str = "tanh", rngs: nnx.Rngs):
+        c = input_shape[-1]
+        self.conv1 = nnx.Conv(c, 16, (8, 8), strides=(2, 2), padding=((3, 3), (3, 3)), rngs=rngs)
+        self.conv2 = nnx.Conv(16, 32, (4, 4), strides=(2, 2), padding="VALID", rngs=rngs)
+        h = ((input_shape[0] + 6 - 8) // 2 + 1) - 1
+        h = ((h - 4) // 2 + 1) - 1
+        self.fc1 = nnx.Linear(h * h * 32, 32, rngs=rngs)
+        self.fc2 = nnx.Linear(32, num_classes, rngs=rngs)
+        self.activation = activation
+
+    def __call__(self, x):
+        act = _act(self.activation)
+        x = nnx.max_pool(act(self.conv1(x)), (2, 2), strides=(1, 1))
+        x = nnx.max_pool(act(self.conv2(x)), (2, 2), strides=(1, 1))
+        x = act(self.fc1(x.reshape(x.shape[0], -1)))
+        return self.fc2(x)
+
+
+MODELS = {"logreg": LogReg, "mlp": MLP, "cnn_small": CNNSmall, "mnist_cnn": MnistCNN}
+
+
+def create(name: str, input_shape: Sequence[int], num_classes: int, *, seed: int = 0, **kwargs) -> nnx.Module:
+    """Build a registered model; ``kwargs`` are the model's own options (e.g. ``hidden`` for ``mlp``)."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)}")
+    try:
+        return MODELS[name](tuple(input_shape), int(num_classes), rngs=nnx.Rngs(seed), **kwargs)
+    except TypeError as e:
+        raise ValueError(f"model {name!r}: bad option ({e})") from None
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """Per-example softmax cross-entropy ``[B]`` (no reduction: clipping needs each example's loss)."""
+    logp = jax.nn.log_softmax(logits)
+    return -jnp.take_along_axis(logp, labels[:, None].astype(jnp.int32), axis=1)[:, 0]
+
+
+__all__ = ["LogReg", "MLP", "CNNSmall", "MnistCNN", "MODELS", "create", "cross_entropy"]

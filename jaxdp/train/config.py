@@ -1,0 +1,172 @@
+"""Trainer configuration: a YAML file checked against a schema; unknown or missing keys are errors that name
+the key (a typo such as ``max_grad_nrom`` must never silently fall back to a default).
+
+Schema (``REQUIRED`` keys must be present, others have the defaults shown)::
+
+    model:
+      name: cnn_small            # cnn_small | mlp | logreg | mnist_cnn
+      options: {}                # passed to the model (e.g. hidden: [128] for mlp)
+    data:
+      name: digits               # "digits" (embedded) | path to .npz / .csv / MNIST IDX directory
+      options: {}                # loader options (e.g. label_column for CSV)
+    optimizer:
+      name: sgd                  # sgd | momentum | adam
+      learning_rate: REQUIRED
+      momentum: 0.9              # for momentum
+    training:
+      epochs: REQUIRED
+      batch_size: REQUIRED       # expected batch size (Poisson sampling rate q = batch_size / N)
+      seed: REQUIRED             # batch selection, noise and initialisation; keep it secret
+      accountant: prv            # prv | rdp | pld
+      sampling: poisson          # poisson | shuffle (shuffle is accounted as fixed-size sampling)
+      method: auto               # clipping method: auto | vmap | ghost
+      microbatch_size: null      # physical batch for per-example gradients (memory bound)
+      dp:
+        enabled: true
+        epsilon: 3.0             # target epsilon (with noise_multiplier null: calibrate to it)
+        delta: 1e-5              # must be < 1/N
+        max_grad_norm: 1.0
+        noise_multiplier: null   # null = calibrate from epsilon
+    output:
+      dir: runs/run              # metrics.json, checkpoint, config.yaml are written here
+      checkpoint_every: 1        # epochs between checkpoints
+      progress: true             # live progress bar on stderr
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+from typing import Any
+
+REQUIRED = object()
+
+SCHEMA: dict[str, Any] = {
+    "model": {"name": "cnn_small", "options": {}},
+    "data": {"name": "digits", "options": {}},
+    "optimizer": {"name": "sgd", "learning_rate": REQUIRED, "momentum": 0.9},
+    "training": {
+        "epochs": REQUIRED, "batch_size": REQUIRED, "seed": REQUIRED, "accountant": "prv",
+        "sampling": "poisson", "method": "auto", "microbatch_size": None,
+        "dp": {"enabled": True, "epsilon": 3.0, "delta": 1e-5, "max_grad_norm": 1.0, "noise_multiplier": None},
+    },
+    "output": {"dir": "runs/run", "checkpoint_every": 1, "progress": True},
+}
+_FREE_FORM = {"model.options", "data.options"}  # user-defined keys allowed below these
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the key."""
+
+
+def _merge(schema: dict, given: Any, prefix: str) -> dict:
+    if not isinstance(given, dict):
+        raise ConfigError(f"config key '{prefix or '<root>'}' must be a mapping, got {type(given).__name__}")
+    unknown = set(given) - set(schema)
+    if unknown:
+        key = sorted(unknown)[0]
+        where = f"{prefix}.{key}" if prefix else key
+        raise ConfigError(f"unknown config key '{where}'; allowed here: {sorted(schema)}")
+    out = {}
+    for key, default in schema.items():
+        where = f"{prefix}.{key}" if prefix else key
+        if where in _FREE_FORM:
+            value = given.get(key, {}) or {}
+            if not isinstance(value, dict):
+                raise ConfigError(f"config key '{where}' must be a mapping")
+            out[key] = copy.deepcopy(value)
+        elif isinstance(default, dict):
+            out[key] = _merge(default, given.get(key, {}) or {}, where)
+        elif key in given:
+            out[key] = given[key]
+        elif default is REQUIRED:
+            raise ConfigError(f"missing required config key '{where}'")
+        else:
+            out[key] = copy.deepcopy(default)
+    return out
+
+
+def _check_values(cfg: dict) -> None:
+    t, dp = cfg["training"], cfg["training"]["dp"]
+
+    def num(where: str, value: Any, positive: bool = True, integer: bool = False) -> None:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if integer:
+            ok = ok and float(value).is_integer()
+        if not ok or (positive and value <= 0) or (not positive and value < 0):
+            kind = "an integer" if integer else "a number"
+            raise ConfigError(f"config key '{where}' must be {kind} {'> 0' if positive else '>= 0'}, "
+                              f"got {value!r}")
+
+    num("optimizer.learning_rate", cfg["optimizer"]["learning_rate"])
+    num("training.epochs", t["epochs"])
+    num("training.batch_size", t["batch_size"])
+    num("training.seed", t["seed"], positive=False, integer=True)
+    if t["accountant"] not in ("prv", "rdp", "pld"):
+        raise ConfigError(f"config key 'training.accountant' must be prv, rdp or pld, got {t['accountant']!r}")
+    if t["sampling"] not in ("poisson", "shuffle"):
+        raise ConfigError(f"config key 'training.sampling' must be poisson or shuffle, got {t['sampling']!r}")
+    if cfg["optimizer"]["name"] not in ("sgd", "momentum", "adam"):
+        raise ConfigError(f"config key 'optimizer.name' must be sgd, momentum or adam, "
+                          f"got {cfg['optimizer']['name']!r}")
+    if not isinstance(dp["enabled"], bool):
+        raise ConfigError(f"config key 'training.dp.enabled' must be true or false, got {dp['enabled']!r}")
+    if dp["enabled"]:
+        num("training.dp.max_grad_norm", dp["max_grad_norm"])
+        num("training.dp.delta", dp["delta"])
+        if dp["delta"] >= 1:
+            raise ConfigError(f"config key 'training.dp.delta' must be < 1, got {dp['delta']}")
+        if dp["noise_multiplier"] is None:
+            if dp["epsilon"] is None:
+                raise ConfigError("config keys 'training.dp.epsilon' and 'training.dp.noise_multiplier' are both "
+                                  "null: give a target epsilon (to calibrate the noise) or a noise multiplier")
+            num("training.dp.epsilon", dp["epsilon"])
+        else:
+            num("training.dp.noise_multiplier", dp["noise_multiplier"], positive=False)
+            if dp["epsilon"] is not None:
+                num("training.dp.epsilon", dp["epsilon"])
+    if t["microbatch_size"] is not None:
+        num("training.microbatch_size", t["microbatch_size"], integer=True)
+
+
+def _yaml_numbers(obj: Any) -> Any:
+    """YAML 1.1 reads ``1e-5`` as a string; turn such strings into floats."""
+    if isinstance(obj, dict):
+        return {k: _yaml_numbers(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_yaml_numbers(v) for v in obj]
+    if isinstance(obj, str):
+        try:
+            return float(obj) if any(c in obj for c in "eE.") and obj.strip()[0] in "0123456789.-+" else obj
+        except ValueError:
+            return obj
+    return obj
+
+
+def validate_config(raw: dict) -> dict:
+    """Return the full config (defaults filled in) or raise :class:`ConfigError` naming the bad key."""
+    cfg = _merge(SCHEMA, _yaml_numbers(raw or {}), "")
+    _check_values(cfg)
+    return cfg
+
+
+def load_config(path: str | os.PathLike) -> dict:
+    import yaml
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"config file {path} does not exist")
+    with open(path) as f:
+        try:
+            raw = yaml.safe_load(f)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path} is not valid YAML: {e}") from None
+    return validate_config(raw)
+
+
+def config_hash(cfg: dict) -> str:
+    """SHA-256 of the canonical JSON of the config, excluding output settings."""
+    body = {k: v for k, v in cfg.items() if k != "output"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()
+
+
+__all__ = ["SCHEMA", "ConfigError", "validate_config", "load_config", "config_hash"]

@@ -1,0 +1,366 @@
+"""The config-driven trainer behind ``jaxdp train``: a private (or non-private baseline) run end to end.
+
+A run directory holds ``config.yaml`` (the full config, defaults filled in), ``metrics.json`` (per epoch: loss,
+accuracy, epsilon, clip fractions; plus the mechanism: noise multiplier, steps, sampling, accountant) and a
+checkpoint from which an interrupted run resumes bit-identically.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+import uuid
+import warnings
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from jaxdp import data as data_lib
+from jaxdp import models
+from jaxdp.engine import PrivacyBudgetExhausted, PrivacyEngine, TrainState
+from jaxdp.sampling import PoissonSampler, ShuffleSampler
+from jaxdp.train import checkpoint
+from jaxdp.train.config import config_hash, load_config, validate_config
+
+CLIP_HIGH, CLIP_LOW = 0.9, 0.01  # warn when more than 90% / fewer than 1% of examples are clipped
+
+
+def _optimizer(cfg: dict) -> optax.GradientTransformation:
+    o = cfg["optimizer"]
+    if o["name"] == "sgd":
+        return optax.sgd(o["learning_rate"])
+    if o["name"] == "momentum":
+        return optax.sgd(o["learning_rate"], momentum=o["momentum"])
+    return optax.adam(o["learning_rate"])
+
+
+class _Progress:
+    """A one-line live progress bar on stderr: epoch, step, epsilon spent, accuracy."""
+
+    def __init__(self, enabled: bool, total_steps: int) -> None:
+        self.enabled = enabled and total_steps > 0
+        self.total = total_steps
+        self.t0 = time.time()
+
+    def update(self, step: int, epoch: int, epochs: int, eps: float | None, target: float | None,
+               acc: float | None) -> None:
+        if not self.enabled:
+            return
+        frac = min(1.0, step / self.total)
+        bar = "#" * int(frac * 24) + "." * (24 - int(frac * 24))
+        eps_s = "" if eps is None else f" eps {eps:.3f}" + (f"/{target:g}" if target else "")
+        acc_s = "" if acc is None else f" acc {acc:.3f}"
+        sys.stderr.write(f"\r  epoch {epoch}/{epochs} [{bar}] step {step}/{self.total}{eps_s}{acc_s} "
+                         f"{time.time() - self.t0:5.1f}s ")
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            sys.stderr.write("\n")
+            sys.stderr.flush()
+
+
+class DPTrainer:
+    """Train the model a config describes, privately (``training.dp.enabled``) or as a baseline.
+
+    Args:
+      config: a validated config dict, a raw dict, or a path to a YAML file (see :mod:`jaxdp.train.config`).
+      out_dir: overrides ``output.dir``.
+      resume: continue from the checkpoint in the output directory when there is one.
+      progress: overrides ``output.progress``.
+      log: print a line per epoch to stdout.
+    """
+
+    def __init__(self, config: dict | str, *, out_dir: str | None = None, resume: bool = True,
+                 progress: bool | None = None, log: bool = True) -> None:
+        cfg = load_config(config) if isinstance(config, (str, os.PathLike)) else validate_config(config)
+        if out_dir is not None:
+            cfg["output"]["dir"] = str(out_dir)
+        if progress is not None:
+            cfg["output"]["progress"] = bool(progress)
+        self.cfg = cfg
+        self.out_dir = cfg["output"]["dir"]
+        self.log = log
+        self.resume = resume
+        t, dp = cfg["training"], cfg["training"]["dp"]
+        self.dp = bool(dp["enabled"])
+        self.delta = float(dp["delta"]) if self.dp else None
+        self.dataset = data_lib.load_dataset(cfg["data"]["name"], **cfg["data"]["options"])
+        self.n = len(self.dataset.y_train)
+        self.seed = int(t["seed"])
+        self.epochs = t["epochs"]
+        self.model = models.create(cfg["model"]["name"], self.dataset.input_shape, self.dataset.num_classes,
+                                   seed=self.seed, **cfg["model"]["options"])
+        self.graphdef, self.params0, self.rest = nnx.split(self.model, nnx.Param, ...)
+        self.metrics: list[dict] = []
+        self.status = "not started"
+        self.run_id = uuid.uuid4().hex[:12]
+        self._x_train = jnp.asarray(self.dataset.x_train)
+        self._y_train = jnp.asarray(self.dataset.y_train)
+        self._setup()
+
+    # -- set-up --------------------------------------------------------------------------------------------
+    def _loss(self, model, batch):
+        return models.cross_entropy(model(batch["x"]), batch["y"])
+
+    def _setup(self) -> None:
+        t, dp = self.cfg["training"], self.cfg["training"]["dp"]
+        optimizer = _optimizer(self.cfg)
+        if self.dp:
+            self.engine = PrivacyEngine(accountant=t["accountant"])
+            common = dict(loss_fn=self._loss, model=self.model, optimizer=optimizer, dataset_size=self.n,
+                          batch_size=t["batch_size"], max_grad_norm=dp["max_grad_norm"], seed=self.seed,
+                          method=t["method"], microbatch_size=t["microbatch_size"],
+                          poisson_sampling=t["sampling"] == "poisson")
+            if dp["noise_multiplier"] is None:
+                self.private = self.engine.make_private_with_epsilon(
+                    target_epsilon=dp["epsilon"], target_delta=self.delta, epochs=self.epochs, **common)
+            else:
+                self.private = self.engine.make_private(
+                    noise_multiplier=dp["noise_multiplier"], epochs=self.epochs, target_epsilon=dp["epsilon"],
+                    target_delta=self.delta, **common)
+            self.sampler = self.private.sampler
+            self.noise_multiplier = self.private.noise_multiplier
+            self._step = self.private.step
+            self.state = self.private.init()
+        else:
+            self.engine = self.private = None
+            self.noise_multiplier = 0.0
+            bs = int(round(t["batch_size"]))
+            if t["sampling"] == "poisson":
+                self.sampler = PoissonSampler(self.n, t["batch_size"] / self.n, self.seed)
+            else:
+                self.sampler = ShuffleSampler(self.n, bs, self.seed)
+            tx = optimizer
+            graphdef, rest, e = self.graphdef, self.rest, self.sampler.expected_batch_size
+            loss = self._loss
+
+            def mean_loss(p, batch, mask):
+                per_ex = loss(nnx.merge(graphdef, p, rest), batch)
+                return jnp.sum(jnp.where(mask, per_ex, 0.0)) / e, per_ex
+
+            @jax.jit
+            def step(state, batch, mask):
+                (_, per_ex), g = jax.value_and_grad(mean_loss, has_aux=True)(state.params, batch, mask)
+                updates, opt_state = tx.update(g, state.opt_state, state.params)
+                return TrainState(optax.apply_updates(state.params, updates), opt_state, state.step + 1), per_ex
+
+            self._nonprivate_step = step
+            self._step = self._baseline_step
+            self.state = TrainState(self.params0, tx.init(self.params0), jnp.zeros([], jnp.int32))
+        self.total_steps = self.sampler.steps_for_epochs(self.epochs)
+        graphdef, rest = self.graphdef, self.rest
+
+        @jax.jit
+        def correct(params, x, y):
+            return jnp.sum(jnp.argmax(nnx.merge(graphdef, params, rest)(x), -1) == y)
+
+        self._correct = correct
+
+    def _baseline_step(self, state, batch, mask):
+        new_state, per_ex = self._nonprivate_step(state, batch, mask)
+        return new_state, {"per_example_losses": per_ex}
+
+    # -- evaluation ----------------------------------------------------------------------------------------
+    def evaluate(self, params=None, split: str = "test") -> float:
+        params = self.state.params if params is None else params
+        x = self.dataset.x_test if split == "test" else self.dataset.x_train
+        y = self.dataset.y_test if split == "test" else self.dataset.y_train
+        chunk, right = 512, 0
+        for i in range(0, len(y), chunk):
+            right += int(self._correct(params, jnp.asarray(x[i:i + chunk]), jnp.asarray(y[i:i + chunk])))
+        return right / len(y)
+
+    # -- privacy -------------------------------------------------------------------------------------------
+    def get_privacy_spent(self) -> tuple[float, float | None]:
+        """``(epsilon, delta)`` spent so far; ``(inf, None)`` for a non-private run."""
+        if not self.dp:
+            return math.inf, None
+        return self.private.get_epsilon(self.delta), self.delta
+
+    # -- checkpointing -------------------------------------------------------------------------------------
+    def _save(self) -> None:
+        meta = {"sampler": self.sampler.state_dict(), "metrics": self.metrics, "run_id": self.run_id,
+                "config_hash": config_hash(self.cfg), "status": self.status,
+                "accountant": self.engine.accountant.to_dict() if self.dp else None}
+        checkpoint.save(os.path.join(self.out_dir, "checkpoint"), self.state, meta)
+
+    def _restore(self) -> bool:
+        ckpt = os.path.join(self.out_dir, "checkpoint")
+        if not (self.resume and checkpoint.exists(ckpt)):
+            return False
+        state, meta = checkpoint.load(ckpt, self.state)
+        if meta["config_hash"] != config_hash(self.cfg):
+            raise ValueError(f"{self.out_dir} holds a checkpoint of a different config; use another output.dir "
+                             "or delete the directory")
+        self.state = state
+        self.sampler.load_state_dict(meta["sampler"])
+        self.metrics = meta["metrics"]
+        self.run_id = meta["run_id"]
+        self.status = meta.get("status", "running")
+        if self.dp:
+            from jaxdp.accounting import Accountant
+            restored = Accountant.from_dict(meta["accountant"])
+            self.engine.accountant.__dict__.update(restored.__dict__)
+        return True
+
+    # -- the loop ------------------------------------------------------------------------------------------
+    def _write_outputs(self) -> dict:
+        import yaml
+        os.makedirs(self.out_dir, exist_ok=True)
+        with open(os.path.join(self.out_dir, "config.yaml"), "w") as f:
+            yaml.safe_dump(self.cfg, f, sort_keys=False)
+        eps, delta = self.get_privacy_spent()
+        t = self.cfg["training"]
+        summary = {
+            "run_id": self.run_id, "status": self.status, "dp": self.dp,
+            "dataset": self.dataset.name, "training_set_size": self.n, "model": self.cfg["model"]["name"],
+            "epsilon": eps if math.isfinite(eps) else None, "delta": delta,
+            "target_epsilon": t["dp"]["epsilon"] if self.dp else None,
+            "noise_multiplier": self.noise_multiplier,
+            "max_grad_norm": t["dp"]["max_grad_norm"] if self.dp else None,
+            "sample_rate": self.sampler.sample_rate, "expected_batch_size": self.sampler.expected_batch_size,
+            "steps": int(self.state.step), "planned_steps": self.total_steps,
+            "sampling": self.sampler.sampling, "accountant": t["accountant"] if self.dp else None,
+            "clipping_method": t["method"], "config_hash": config_hash(self.cfg),
+            "jaxdp_version": __import__("jaxdp").__version__,
+            "final_test_accuracy": self.metrics[-1]["test_accuracy"] if self.metrics else None,
+            "epochs": self.metrics,
+        }
+        tmp = os.path.join(self.out_dir, ".metrics.json.tmp")
+        with open(tmp, "w") as f:
+            json.dump(summary, f, indent=1)
+        os.replace(tmp, os.path.join(self.out_dir, "metrics.json"))
+        return summary
+
+    def train(self, max_epochs: int | None = None) -> dict:
+        """Run (or resume) training; returns the metrics summary also written to ``metrics.json``.
+
+        ``max_epochs`` stops after that many epochs in this call (checkpointed), e.g. to resume later.
+        """
+        resumed = self._restore()
+        if self.status in ("finished", "budget_exhausted"):
+            return self._write_outputs()
+        self.status = "running"
+        os.makedirs(self.out_dir, exist_ok=True)
+        # Epoch k ends at step ceil(k / q) (Poisson) or k * steps_per_epoch (shuffle), so fractional steps
+        # per epoch add up exactly to the planned total.
+        n_epochs = math.ceil(self.epochs)
+        ends = [min(self.sampler.steps_for_epochs(k), self.total_steps) for k in range(1, n_epochs + 1)]
+        ends[-1] = self.total_steps
+        progress = _Progress(self.cfg["output"]["progress"], self.total_steps)
+        target = self.cfg["training"]["dp"]["epsilon"] if self.dp else None
+        warned = set()
+        epochs_run = 0
+        if self.log and resumed:
+            print(f"resuming {self.out_dir} at step {int(self.state.step)}")
+        try:
+            while int(self.state.step) < self.total_steps:
+                epoch = next(k for k, end in enumerate(ends, 1) if int(self.state.step) < end)
+                t0 = time.time()
+                loss_sum = n_real = 0.0
+                clip_fracs, layer_norms, group_fracs = [], {}, {}
+                steps_this_epoch = ends[epoch - 1] - int(self.state.step)
+                for _ in range(steps_this_epoch):
+                    idx, mask = self.sampler.sample(self.sampler.step)
+                    batch = {"x": self._x_train[idx], "y": self._y_train[idx]}
+                    try:
+                        new_state, stats = self._step(self.state, batch, jnp.asarray(mask))
+                    except PrivacyBudgetExhausted as e:
+                        self.status = "budget_exhausted"
+                        progress.close()
+                        print(f"jaxdp: {e}", file=sys.stderr)
+                        raise _Stop() from None
+                    self.state = new_state
+                    self.sampler.step += 1
+                    losses = stats["per_example_losses"] if isinstance(stats, dict) else stats.per_example_losses
+                    loss_sum += float(jnp.sum(jnp.where(mask, losses, 0.0)))
+                    n_real += float(mask.sum())
+                    if not isinstance(stats, dict):
+                        clip_fracs.append(float(stats.clip_fraction))
+                        for k, v in stats.layer_norm_mean.items():
+                            layer_norms.setdefault(k, []).append(float(v))
+                        for k, v in stats.group_clip_fraction.items():
+                            group_fracs.setdefault(k, []).append(float(v))
+                    progress.update(int(self.state.step), epoch, n_epochs, None, target, None)
+                acc = self.evaluate()
+                eps, _ = self.get_privacy_spent()
+                row = {"epoch": epoch, "step": int(self.state.step), "train_loss": loss_sum / max(n_real, 1.0),
+                       "test_accuracy": acc, "epsilon": eps if math.isfinite(eps) else None,
+                       "seconds": time.time() - t0}
+                if clip_fracs:
+                    row["clip_fraction"] = float(np.mean(clip_fracs))
+                    row["group_clip_fraction"] = {k: float(np.mean(v)) for k, v in group_fracs.items()}
+                    row["layer_grad_norm_mean"] = {k: float(np.mean(v)) for k, v in layer_norms.items()}
+                    if row["clip_fraction"] > CLIP_HIGH and "high" not in warned:
+                        warned.add("high")
+                        warnings.warn(f"{100 * row['clip_fraction']:.0f}% of examples were clipped in epoch {epoch}: "
+                                      "max_grad_norm is probably too low (gradients lose their direction "
+                                      "information less than their size, but the signal-to-noise ratio "
+                                      "suffers); try a larger max_grad_norm.", stacklevel=2)
+                    if row["clip_fraction"] < CLIP_LOW and "low" not in warned:
+                        warned.add("low")
+                        warnings.warn(f"only {100 * row['clip_fraction']:.1f}% of examples were clipped in epoch "
+                                      f"{epoch}: max_grad_norm is probably too high, so the noise (scaled by it) "
+                                      "is larger than needed; try a smaller max_grad_norm.", stacklevel=2)
+                self.metrics.append(row)
+                progress.update(int(self.state.step), epoch, n_epochs, row["epsilon"], target, acc)
+                if self.log:
+                    progress.close()
+                    eps_s = f"epsilon {row['epsilon']:.3f}" if row["epsilon"] is not None else "epsilon inf (non-private)"
+                    clip_s = f"  clipped {100 * row['clip_fraction']:.0f}%" if "clip_fraction" in row else ""
+                    print(f"epoch {epoch:3d}  loss {row['train_loss']:.4f}  test acc {acc:.4f}  {eps_s}{clip_s}  "
+                          f"({row['seconds']:.1f}s)", flush=True)
+                epochs_run += 1
+                if epoch % self.cfg["output"]["checkpoint_every"] == 0 or int(self.state.step) >= self.total_steps:
+                    if int(self.state.step) >= self.total_steps:
+                        self.status = "finished"
+                    self._save()
+                if max_epochs is not None and epochs_run >= max_epochs:
+                    break
+        except _Stop:
+            pass
+        progress.close()
+        if int(self.state.step) >= self.total_steps:
+            self.status = "finished"
+        self._save()
+        return self._write_outputs()
+
+
+class _Stop(Exception):
+    pass
+
+
+def compare(config: dict | str, out_dir: str | None = None, progress: bool | None = None,
+            log: bool = True) -> dict:
+    """Train the config privately and as a non-private baseline (``dp.enabled: false``); report both."""
+    cfg = load_config(config) if isinstance(config, (str, os.PathLike)) else validate_config(config)
+    base = out_dir or cfg["output"]["dir"]
+    dp_cfg = json.loads(json.dumps(cfg))
+    dp_cfg["training"]["dp"]["enabled"] = True
+    nodp_cfg = json.loads(json.dumps(cfg))
+    nodp_cfg["training"]["dp"]["enabled"] = False
+    results = {}
+    for name, c in (("dp", dp_cfg), ("non_private", nodp_cfg)):
+        if log:
+            print(f"== {name.replace('_', '-')} run -> {os.path.join(base, name)}")
+        trainer = DPTrainer(c, out_dir=os.path.join(base, name), progress=progress, log=log)
+        results[name] = trainer.train()
+    dp_acc = results["dp"]["final_test_accuracy"]
+    base_acc = results["non_private"]["final_test_accuracy"]
+    summary = {"dp_accuracy": dp_acc, "non_private_accuracy": base_acc,
+               "accuracy_difference": base_acc - dp_acc, "epsilon": results["dp"]["epsilon"],
+               "delta": results["dp"]["delta"], "noise_multiplier": results["dp"]["noise_multiplier"],
+               "dp_dir": os.path.join(base, "dp"), "non_private_dir": os.path.join(base, "non_private")}
+    with open(os.path.join(base, "comparison.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    return summary
+
+
+__all__ = ["DPTrainer", "compare"]

@@ -1,0 +1,145 @@
+"""Model validation: find layers whose output for one example depends on other examples in the batch.
+
+DP-SGD's guarantee rests on each example's gradient depending on that example alone: the sum of clipped
+gradients then changes by at most ``C`` when one example is added or removed. Batch normalisation breaks this
+(the batch mean and variance mix all examples; privacy rule 8). :func:`validate` lists such layers with the fix
+for each; :func:`fix` replaces BatchNorm by GroupNorm with ``gcd(32, channels)`` groups (Opacus's choice) in
+Flax NNX models. Linen modules define submodules inside ``__call__``, so they cannot be rewritten from outside:
+:func:`fix` then raises an error that says what to change in the code.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+from flax import linen as nn
+from flax import nnx
+
+# Layer types that compute statistics across the batch axis.
+_NNX_BATCH_LAYERS = (nnx.BatchNorm,)
+_LINEN_BATCH_LAYERS = (nn.BatchNorm,)
+
+
+class ModelValidationError(ValueError):
+    """The model mixes examples within a batch; the message lists each layer and its fix."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ValidationIssue:
+    path: str
+    layer: str
+    problem: str
+    fix: str
+
+    def __str__(self) -> str:
+        return f"{self.path} ({self.layer}): {self.problem} Fix: {self.fix}"
+
+
+def _groups(channels: int) -> int:
+    return math.gcd(32, int(channels))
+
+
+def _issue(path: str, layer: str, channels: int | None) -> ValidationIssue:
+    groups = f"num_groups={_groups(channels)}" if channels else "num_groups=gcd(32, channels)"
+    return ValidationIssue(
+        path or "<root>", layer,
+        "batch normalisation uses the mean and variance of the whole batch, so one example's gradient "
+        "depends on the others and the clipping bound no longer limits its influence.",
+        f"replace it with GroupNorm({groups}) (jaxdp.fix does this for NNX models), LayerNorm, or remove it.")
+
+
+def _linen_issues(model: nn.Module, variables: Any, sample_input: Any = None) -> list[ValidationIssue]:
+    issues: list[ValidationIssue] = []
+    if sample_input is not None:
+        def interceptor(next_fun, args, kwargs, context):
+            mod = context.module
+            if isinstance(mod, _LINEN_BATCH_LAYERS) and context.method_name == "__call__":
+                x = args[0] if args else None
+                channels = x.shape[-1] if hasattr(x, "shape") else None
+                issue = _issue("/".join(mod.scope.path), type(mod).__name__, channels)
+                if issue not in issues:
+                    issues.append(issue)
+            return next_fun(*args, **kwargs)
+
+        with nn.intercept_methods(interceptor):
+            model.apply(variables, sample_input, mutable=True)
+    if variables is not None and "batch_stats" in variables and not issues:
+        import jax
+        for path, leaf in jax.tree_util.tree_flatten_with_path(variables["batch_stats"])[0]:
+            name = "/".join(str(getattr(k, "key", k)) for k in path[:-1])
+            issue = _issue(name, "BatchNorm", leaf.shape[-1] if hasattr(leaf, "shape") else None)
+            if issue not in issues:
+                issues.append(issue)
+    return issues
+
+
+def validate(model: Any, variables: Any = None, sample_input: Any = None) -> list[ValidationIssue]:
+    """List the layers of ``model`` that mix examples across the batch (empty list = OK for DP-SGD).
+
+    Args:
+      model: a Flax NNX module, or a Flax Linen module (then pass ``variables`` and/or ``sample_input``:
+        Linen submodules only exist while the module runs).
+      variables: Linen variables (a ``batch_stats`` collection reveals BatchNorm).
+      sample_input: a small input batch; for Linen the module is run once to find batch-statistics layers.
+    """
+    if isinstance(model, nnx.Module):
+        issues = []
+        for path, node in nnx.iter_graph(model):
+            if isinstance(node, _NNX_BATCH_LAYERS):
+                issues.append(_issue("/".join(map(str, path)), type(node).__name__, node.num_features))
+        return issues
+    if isinstance(model, nn.Module):
+        if variables is None and sample_input is None:
+            raise ValueError("validate(linen_module) needs variables= or sample_input= to see its layers")
+        return _linen_issues(model, variables, sample_input)
+    return []
+
+
+def check(model: Any, variables: Any = None, sample_input: Any = None) -> None:
+    """Raise :class:`ModelValidationError` listing every problem (with fixes) if ``model`` mixes examples."""
+    issues = validate(model, variables, sample_input)
+    if issues:
+        lines = "\n  ".join(str(i) for i in issues)
+        raise ModelValidationError(
+            f"the model is not compatible with DP-SGD ({len(issues)} layer(s) mix examples):\n  {lines}")
+
+
+def fix(model: Any) -> Any:
+    """Replace every ``nnx.BatchNorm`` by ``nnx.GroupNorm(num_groups=gcd(32, C))`` in place; return the model.
+
+    The new GroupNorm keeps the BatchNorm's learned scale and bias. Linen modules cannot be rewritten from
+    outside: a :class:`ModelValidationError` says which layers to change in the code.
+    """
+    if isinstance(model, nn.Module):
+        raise ModelValidationError(
+            "jaxdp.fix cannot rewrite a Flax Linen module (its submodules are created inside __call__). "
+            "In your module's code replace nn.BatchNorm(...) with nn.GroupNorm(num_groups=gcd(32, channels)) "
+            "(or nn.LayerNorm), drop the 'batch_stats' collection, and re-initialise; or port the model to NNX "
+            "and call jaxdp.fix on it.")
+    if not isinstance(model, nnx.Module):
+        raise TypeError(f"jaxdp.fix expects a Flax NNX module, got {type(model).__name__}")
+    for path, node in list(nnx.iter_graph(model)):
+        if not isinstance(node, _NNX_BATCH_LAYERS) or not path:
+            continue
+        parent = model
+        for key in path[:-1]:
+            parent = parent[key] if isinstance(parent, (list, dict, nnx.List, nnx.Dict)) or \
+                not hasattr(parent, str(key)) else getattr(parent, str(key))
+        c = node.num_features
+        gn = nnx.GroupNorm(c, num_groups=_groups(c), epsilon=node.epsilon, rngs=nnx.Rngs(0))
+        if node.scale is not None and gn.scale is not None:
+            gn.scale.value = node.scale.value
+        if node.bias is not None and gn.bias is not None:
+            gn.bias.value = node.bias.value
+        last = path[-1]
+        if isinstance(parent, (list, nnx.List)) or isinstance(last, int):
+            parent[last] = gn
+        else:
+            setattr(parent, str(last), gn)
+    if validate(model):
+        raise ModelValidationError(f"could not replace every BatchNorm: {validate(model)}")
+    return model
+
+
+__all__ = ["ValidationIssue", "ModelValidationError", "validate", "check", "fix"]

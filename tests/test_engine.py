@@ -1,0 +1,150 @@
+"""PrivacyEngine: NNX, Linen and pure paths train; epsilon equals the accountant's; the budget stop holds."""
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import linen as nn
+from flax import nnx
+
+import jaxdp
+from jaxdp import accounting, models
+from jaxdp.data import load_digits
+from jaxdp.engine import PrivacyBudgetExhausted
+
+DATA = load_digits()
+N = 512
+X, Y = DATA.x_train[:N], DATA.y_train[:N]
+DELTA = 1e-5
+
+
+def nnx_loss(model, batch):
+    return models.cross_entropy(model(batch["x"]), batch["y"])
+
+
+def _train(private, state, steps):
+    data = {"x": X, "y": Y}
+    losses = []
+    for batch, mask in private.batches(data, steps):
+        state, stats = private.step(state, batch, mask)
+        losses.append(float(jnp.sum(jnp.where(mask, stats.per_example_losses, 0)) / max(mask.sum(), 1)))
+    return state, losses
+
+
+def test_nnx_path_trains_and_epsilon_matches_accountant():
+    engine = jaxdp.PrivacyEngine(accountant="rdp")
+    model = models.create("logreg", (8, 8, 1), 10, seed=0)
+    private = engine.make_private(loss_fn=nnx_loss, model=model, optimizer=optax.sgd(1.0), dataset_size=N,
+                                  batch_size=64, noise_multiplier=1.0, max_grad_norm=1.0, seed=3)
+    state, losses = _train(private, private.init(), 16)
+    assert np.mean(losses[-4:]) < np.mean(losses[:4])  # it learns
+    q = 64 / N
+    expected = accounting.compute_epsilon(1.0, q, 16, DELTA, accountant="rdp")
+    assert private.steps_taken == 16
+    assert math.isclose(engine.get_epsilon(DELTA), expected, rel_tol=1e-9)
+    m = private.model(state)
+    acc = float(jnp.mean(jnp.argmax(m(jnp.asarray(DATA.x_test)), -1) == DATA.y_test))
+    assert acc > 0.5
+
+
+class LinenMLP(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(10)(jnp.tanh(nn.Dense(32)(x.reshape(x.shape[0], -1))))
+
+
+def test_linen_path_trains_and_epsilon_matches_accountant():
+    model = LinenMLP()
+    variables = model.init(jax.random.key(0), jnp.ones((1, 8, 8, 1)))
+
+    def loss_fn(params, batch):
+        return models.cross_entropy(model.apply({"params": params}, batch["x"]), batch["y"])
+
+    engine = jaxdp.PrivacyEngine(accountant="prv")
+    private = engine.make_private(loss_fn=loss_fn, model=model, variables=variables, optimizer=optax.adam(0.01),
+                                  dataset_size=N, batch_size=64, noise_multiplier=1.2, max_grad_norm=1.0, seed=1)
+    state, losses = _train(private, private.init(), 16)
+    assert np.mean(losses[-4:]) < np.mean(losses[:4])
+    expected = accounting.compute_epsilon(1.2, 64 / N, 16, DELTA, accountant="prv")
+    assert math.isclose(private.get_epsilon(DELTA), expected, rel_tol=1e-6)
+
+
+def test_budget_stop_is_exact_and_before_the_data_is_touched():
+    engine = jaxdp.PrivacyEngine(accountant="rdp")
+    params = {"w": jnp.zeros((64, 10)), "b": jnp.zeros(10)}
+
+    def loss_fn(p, batch):
+        return models.cross_entropy(batch["x"].reshape(-1, 64) @ p["w"] + p["b"], batch["y"])
+
+    private = engine.make_private(loss_fn=loss_fn, params=params, optimizer=optax.sgd(0.5), dataset_size=N,
+                                  batch_size=128, noise_multiplier=0.8, max_grad_norm=1.0, seed=0,
+                                  target_epsilon=2.0, target_delta=DELTA, epochs=1)
+    q = 128 / N
+    m = private.max_steps
+    assert accounting.compute_epsilon(0.8, q, m, DELTA, accountant="rdp") <= 2.0
+    assert accounting.compute_epsilon(0.8, q, m + 1, DELTA, accountant="rdp") > 2.0
+    state = private.init()
+    data = {"x": X, "y": Y}
+    with pytest.raises(PrivacyBudgetExhausted, match="above the target 2.0"):
+        for batch, mask in private.batches(data, m + 5):
+            state, _ = private.step(state, batch, mask)
+    assert private.steps_taken == m and engine.get_epsilon(DELTA) <= 2.0
+
+
+def test_make_private_with_epsilon_calibrates_within_target():
+    engine = jaxdp.PrivacyEngine(accountant="rdp")
+    private = engine.make_private_with_epsilon(
+        loss_fn=nnx_loss, model=models.create("logreg", (8, 8, 1), 10), optimizer=optax.sgd(0.5),
+        dataset_size=N, batch_size=64, max_grad_norm=1.0, seed=0, target_epsilon=3.0, target_delta=DELTA,
+        epochs=2)
+    planned = private.sampler.steps_for_epochs(2)
+    assert planned == math.ceil(2 * N / 64)
+    eps = accounting.compute_epsilon(private.noise_multiplier, 64 / N, planned, DELTA, accountant="rdp")
+    assert eps <= 3.0 and eps > 2.9  # calibrated tightly, never above
+    assert private.max_steps >= planned
+
+
+def test_empty_batches_and_shuffle_sampling_are_accounted():
+    engine = jaxdp.PrivacyEngine(accountant="rdp")
+    params = {"w": jnp.zeros((64, 10))}
+
+    def loss_fn(p, batch):
+        return models.cross_entropy(batch["x"].reshape(-1, 64) @ p["w"], batch["y"])
+
+    private = engine.make_private(loss_fn=loss_fn, params=params, optimizer=optax.sgd(0.1), dataset_size=N,
+                                  batch_size=0.05, noise_multiplier=1.0, max_grad_norm=1.0, seed=0)
+    state = private.init()
+    n_empty = 0
+    for batch, mask in private.batches({"x": X, "y": Y}, 10):
+        n_empty += int(mask.sum() == 0)
+        state, _ = private.step(state, batch, mask)
+    assert n_empty >= 8 and private.steps_taken == 10  # q = 1e-4: almost every batch is empty, all counted
+    assert not np.allclose(state.params["w"], 0)  # empty steps still add noise
+    engine2 = jaxdp.PrivacyEngine(accountant="rdp")
+    shuffled = engine2.make_private(loss_fn=loss_fn, params=params, optimizer=optax.sgd(0.1), dataset_size=N,
+                                    batch_size=64, noise_multiplier=1.0, max_grad_norm=1.0, seed=0,
+                                    poisson_sampling=False)
+    st = shuffled.init()
+    for batch, mask in shuffled.batches({"x": X, "y": Y}, 3):
+        st, _ = shuffled.step(st, batch, mask)
+    assert engine2.accountant.history[0]["sampling"] == "shuffle"
+    assert engine2.accountant.history[0]["batch_size"] == 64
+
+
+def test_opacus_compat_divides_by_int_n_q_and_errors():
+    engine = jaxdp.PrivacyEngine(accountant="rdp")
+    kw = dict(loss_fn=lambda p, b: jnp.zeros(b["x"].shape[0]), params={"w": jnp.zeros(2)},
+              optimizer=optax.sgd(0.1), dataset_size=60000, batch_size=64, noise_multiplier=1.0, max_grad_norm=1.0)
+    assert engine.make_private(seed=0, **kw).expected_batch_size == pytest.approx(64.0)
+    assert engine.make_private(seed=0, opacus_compat=True, **kw).expected_batch_size == 63.0
+    with pytest.raises(ValueError, match="seed"):
+        engine.make_private(**kw)
+    with pytest.raises(ValueError, match="noise_multiplier"):
+        engine.make_private(seed=0, **dict(kw, noise_multiplier=-1.0))
+    with pytest.raises(ValueError, match=r"\(0, 1\]"):
+        engine.make_private(seed=0, **dict(kw, batch_size=70000))
+    with pytest.warns(UserWarning, match="delta < 1/N"):
+        engine.make_private(seed=0, target_epsilon=1.0, target_delta=1e-3, **dict(kw, dataset_size=100,
+                                                                                   batch_size=10))

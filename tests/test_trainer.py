@@ -1,0 +1,119 @@
+"""The config-driven trainer: config errors name the key, outputs, epsilon, budget stop, bit-identical resume."""
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+
+from jaxdp import accounting
+from jaxdp.cli import main
+from jaxdp.train import ConfigError, DPTrainer, compare, validate_config
+
+
+def tiny_config(tmp_path, **dp):
+    return {
+        "model": {"name": "logreg"},
+        "data": {"name": "digits"},
+        "optimizer": {"name": "sgd", "learning_rate": 2.0},
+        "training": {"epochs": 2, "batch_size": 256, "seed": 7, "accountant": "rdp",
+                     "dp": dict({"enabled": True, "epsilon": 2.0, "delta": 1e-5, "max_grad_norm": 1.0,
+                                 "noise_multiplier": None}, **dp)},
+        "output": {"dir": str(tmp_path / "run"), "progress": False},
+    }
+
+
+@pytest.mark.parametrize("mutate, key", [
+    (lambda c: c["training"]["dp"].update(max_grad_nrom=1.0), "training.dp.max_grad_nrom"),
+    (lambda c: c["training"].pop("seed"), "training.seed"),
+    (lambda c: c.update(extra={}), "extra"),
+    (lambda c: c["optimizer"].update(learning_rate=-1), "optimizer.learning_rate"),
+    (lambda c: c["training"].update(accountant="gdp"), "training.accountant"),
+    (lambda c: c["training"]["dp"].update(epsilon=None), "training.dp.epsilon"),
+    (lambda c: c["training"]["dp"].update(delta=1.5), "training.dp.delta"),
+])
+def test_config_errors_name_the_key(tmp_path, mutate, key):
+    cfg = tiny_config(tmp_path)
+    mutate(cfg)
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        validate_config(cfg)
+
+
+def test_yaml_scientific_notation_is_a_number():
+    cfg = validate_config({"optimizer": {"learning_rate": "1e-3"},
+                           "training": {"epochs": 1, "batch_size": 8, "seed": 0, "dp": {"delta": "1e-5"}}})
+    assert cfg["training"]["dp"]["delta"] == 1e-5 and cfg["optimizer"]["learning_rate"] == 1e-3
+
+
+def test_private_run_writes_outputs_and_epsilon_matches_accountant(tmp_path):
+    trainer = DPTrainer(tiny_config(tmp_path), log=False)
+    s = trainer.train()
+    run = tmp_path / "run"
+    assert {"metrics.json", "config.yaml", "checkpoint"} <= set(os.listdir(run))
+    m = json.loads((run / "metrics.json").read_text())
+    q = 256 / trainer.n
+    assert m["steps"] == math.ceil(2 / q)
+    assert len(m["epochs"]) == 2 and m["epochs"][-1]["step"] == m["steps"]
+    eps = accounting.compute_epsilon(m["noise_multiplier"], q, m["steps"], 1e-5, accountant="rdp")
+    assert math.isclose(m["epsilon"], eps, rel_tol=1e-9) and eps <= 2.0
+    assert trainer.get_privacy_spent() == (pytest.approx(eps), 1e-5)
+    for key in ("noise_multiplier", "sampling", "accountant", "sample_rate", "final_test_accuracy"):
+        assert m[key] is not None
+    assert m["sampling"] == "poisson"
+    row = m["epochs"][0]
+    assert 0 <= row["clip_fraction"] <= 1 and row["layer_grad_norm_mean"] and "all" in row["group_clip_fraction"]
+    assert s["final_test_accuracy"] > 0.5
+
+
+def test_resume_is_bit_identical(tmp_path):
+    cfg = tiny_config(tmp_path, noise_multiplier=1.0, epsilon=None)
+    cfg["training"]["epochs"] = 3
+    straight = DPTrainer(cfg, out_dir=str(tmp_path / "a"), log=False)
+    straight.train()
+    first = DPTrainer(cfg, out_dir=str(tmp_path / "b"), log=False)
+    first.train(max_epochs=1)
+    assert first.status == "running"
+    resumed = DPTrainer(cfg, out_dir=str(tmp_path / "b"), log=False)
+    resumed.train()
+    import jax
+    la, lb = jax.tree_util.tree_leaves(straight.state.params), jax.tree_util.tree_leaves(resumed.state.params)
+    assert all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(la, lb))
+    assert straight.get_privacy_spent() == resumed.get_privacy_spent()
+    assert resumed.engine.accountant.steps == straight.engine.accountant.steps
+
+
+def test_training_stops_at_the_budget(tmp_path, capsys):
+    # sigma fixed at 0.6 with a target of 1.0: the budget runs out before the planned 2 epochs.
+    cfg = tiny_config(tmp_path, noise_multiplier=0.6, epsilon=1.0)
+    trainer = DPTrainer(cfg, log=False)
+    s = trainer.train()
+    assert s["status"] == "budget_exhausted"
+    assert s["steps"] < s["planned_steps"] and s["epsilon"] <= 1.0
+    assert "above the target" in capsys.readouterr().err
+
+
+def test_clip_warnings(tmp_path):
+    cfg = tiny_config(tmp_path, max_grad_norm=1e-4)
+    cfg["training"]["epochs"] = 1
+    with pytest.warns(UserWarning, match="too low"):
+        DPTrainer(cfg, log=False).train()
+
+
+def test_non_private_baseline_and_cli(tmp_path, capsys):
+    cfg = tiny_config(tmp_path, enabled=False)
+    s = DPTrainer(cfg, log=False).train()
+    assert s["epsilon"] is None and s["dp"] is False and s["final_test_accuracy"] > 0.5
+    import yaml
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(tiny_config(tmp_path)))
+    assert main(["train", "--config", str(path), "--out", str(tmp_path / "cli"), "--json", "--no-progress"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["epsilon"] <= 2.0 and out["status"] == "finished"
+    assert main(["train", "--config", str(tmp_path / "missing.yaml")]) == 2
+
+
+def test_compare_reports_both(tmp_path):
+    s = compare(tiny_config(tmp_path), out_dir=str(tmp_path / "cmp"), log=False, progress=False)
+    assert s["epsilon"] <= 2.0
+    assert s["accuracy_difference"] == pytest.approx(s["non_private_accuracy"] - s["dp_accuracy"])
+    assert os.path.exists(tmp_path / "cmp" / "comparison.json")
