@@ -31,6 +31,8 @@ Schema (``REQUIRED`` keys must be present, others have the defaults shown)::
       dir: runs/run              # metrics.json, checkpoint, config.yaml are written here
       checkpoint_every: 1        # epochs between checkpoints
       progress: true             # live progress bar on stderr
+      telemetry_port: null       # serve Prometheus metrics on this port (needs the telemetry extra)
+      pushgateway: null          # or push them to this Prometheus Pushgateway URL
 """
 from __future__ import annotations
 
@@ -51,7 +53,8 @@ SCHEMA: dict[str, Any] = {
         "sampling": "poisson", "method": "auto", "microbatch_size": None,
         "dp": {"enabled": True, "epsilon": 3.0, "delta": 1e-5, "max_grad_norm": 1.0, "noise_multiplier": None},
     },
-    "output": {"dir": "runs/run", "checkpoint_every": 1, "progress": True},
+    "output": {"dir": "runs/run", "checkpoint_every": 1, "progress": True, "telemetry_port": None,
+               "pushgateway": None},
 }
 _FREE_FORM = {"model.options", "data.options"}  # user-defined keys allowed below these
 

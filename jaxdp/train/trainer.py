@@ -101,6 +101,12 @@ class DPTrainer:
         self.metrics: list[dict] = []
         self.status = "not started"
         self.run_id = uuid.uuid4().hex[:12]
+        self.telemetry = None
+        out = cfg["output"]
+        if out["telemetry_port"] is not None or out["pushgateway"]:
+            from jaxdp.telemetry import DPMetrics
+            self.telemetry = DPMetrics(cfg["model"]["name"], self.dataset.name, self.run_id,
+                                       port=out["telemetry_port"], pushgateway=out["pushgateway"])
         self._x_train = jnp.asarray(self.dataset.x_train)
         self._y_train = jnp.asarray(self.dataset.y_train)
         self._setup()
@@ -310,6 +316,10 @@ class DPTrainer:
                                       f"{epoch}: max_grad_norm is probably too high, so the noise (scaled by it) "
                                       "is larger than needed; try a smaller max_grad_norm.", stacklevel=2)
                 self.metrics.append(row)
+                if self.telemetry is not None:
+                    self.telemetry.record_epoch(epsilon=row["epsilon"], clip_fraction=row.get("clip_fraction"),
+                                                group_clip_fraction=row.get("group_clip_fraction"),
+                                                noise_multiplier=self.noise_multiplier)
                 progress.update(int(self.state.step), epoch, n_epochs, row["epsilon"], target, acc)
                 if self.log:
                     progress.close()
