@@ -284,6 +284,12 @@ class PrivacyEngine:
             sampler = ShuffleSampler(n, int(round(b)), seed, secure=self.secure_mode)
         # Opacus divides by int(N * q) (e.g. 63 for batch 64 on 60,000 examples); jaxdp by q * N.
         e = float(int(n * q)) if (opacus_compat and poisson_sampling) else sampler.expected_batch_size
+        # Refuse now, before any data is touched, a sampling this accountant cannot account for (rule 5).
+        probe = _accounting().Accountant(self.accountant.accountant,
+                                         neighboring_relation=self.accountant.neighboring_relation)
+        probe.step(sigma, sampler.sample_rate, 1, sampling=sampler.sampling, dataset_size=n,
+                   batch_size=getattr(sampler, "batch_size", None),
+                   max_batch_size=getattr(sampler, "max_batch_size", None))
         key = None if self.secure_mode else jax.random.fold_in(jax.random.key(seed), 0x6E6F6973)  # "nois": noise stream
         planned = None if epochs is None else sampler.steps_for_epochs(epochs)
         return PrivateTraining(

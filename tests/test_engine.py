@@ -122,7 +122,10 @@ def test_empty_batches_and_shuffle_sampling_are_accounted():
         state, _ = private.step(state, batch, mask)
     assert n_empty >= 8 and private.steps_taken == 10  # q = 1e-4: almost every batch is empty, all counted
     assert not np.allclose(state.params["w"], 0)  # empty steps still add noise
-    engine2 = jaxdp.PrivacyEngine(accountant="rdp")
+    with pytest.raises(ValueError, match="replace-one"):
+        engine.make_private(loss_fn=loss_fn, params=params, optimizer=optax.sgd(0.1), dataset_size=N,
+                            batch_size=64, noise_multiplier=1.0, max_grad_norm=1.0, seed=0, poisson_sampling=False)
+    engine2 = jaxdp.PrivacyEngine(accountant="rdp", neighboring_relation="replace_one")
     shuffled = engine2.make_private(loss_fn=loss_fn, params=params, optimizer=optax.sgd(0.1), dataset_size=N,
                                     batch_size=64, noise_multiplier=1.0, max_grad_norm=1.0, seed=0,
                                     poisson_sampling=False)
