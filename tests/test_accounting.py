@@ -379,3 +379,19 @@ def test_calibration_pld_small():
     assert acct.compute_epsilon(sigma * 0.995, 0.05, 100, DELTA, "pld") > 2.0
     # PLD is tighter than RDP, so it needs less noise for the same target.
     assert sigma < acct.calibrate_noise_multiplier(2.0, DELTA, 0.05, steps=100, accountant="rdp")
+
+
+@pytest.mark.slow
+def test_calibration_truncated_poisson():
+    kw = dict(sampling="truncated_poisson", dataset_size=1000, max_batch_size=64)
+    sigma = acct.calibrate_noise_multiplier(2.0, DELTA, 0.05, steps=5, accountant="pld", **kw)
+    assert acct.compute_epsilon(sigma, 0.05, 5, DELTA, "pld", **kw) <= 2.0
+    assert sigma > acct.calibrate_noise_multiplier(2.0, DELTA, 0.05, steps=5, accountant="pld")
+
+
+def test_truncated_add_remove_takes_worse_dataset_size():
+    ev = [{"sampling": "truncated_poisson", "noise_multiplier": 2.0, "sample_rate": 0.05, "max_batch_size": 64,
+           "dataset_size": 1000, "steps": 5}]
+    n = acct.compose_events(ev, "pld").get_epsilon(DELTA)
+    n1 = acct.compose_events(ev, "pld", dataset_size_offset=1).get_epsilon(DELTA)
+    assert acct.events_epsilon(ev, DELTA, "pld") == max(n, n1)

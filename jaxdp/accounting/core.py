@@ -278,10 +278,17 @@ def make_dp_accountant(accountant: str = "prv", neighboring_relation: str = "add
 
 
 def compose_events(events: Sequence[Mapping[str, Any]], accountant: str = "prv",
-                   neighboring_relation: str = "add_remove") -> pa.PrivacyAccountant:
-    """A ``dp_accounting`` accountant with all ``events`` composed; refuses events it cannot account."""
+                   neighboring_relation: str = "add_remove", *, dataset_size_offset: int = 0,
+                   ) -> pa.PrivacyAccountant:
+    """A ``dp_accounting`` accountant with all ``events`` composed; refuses events it cannot account.
+
+    ``dataset_size_offset`` is added to the ``dataset_size`` of truncated-Poisson events (see
+    :func:`_compose_variants`).
+    """
     acc = make_dp_accountant(accountant, neighboring_relation)
     for e in merge_events(events):
+        if e["sampling"] == "truncated_poisson" and dataset_size_offset:
+            e = {**e, "dataset_size": e["dataset_size"] + dataset_size_offset}
         reason = _refuse(e, accountant, neighboring_relation)
         if reason is not None:
             raise ValueError(reason)
@@ -296,20 +303,34 @@ def compose_events(events: Sequence[Mapping[str, Any]], accountant: str = "prv",
     return acc
 
 
+def _compose_variants(events: Sequence[Mapping[str, Any]], accountant: str, neighboring_relation: str,
+                      ) -> list[pa.PrivacyAccountant]:
+    """The composed accountants whose worst case is the guarantee.
+
+    dp-accounting's truncated-Poisson PLD takes the size ``n`` of the dataset that contains the protected
+    example. Under add/remove that is ``N`` (the example is removed from the training set) or ``N + 1`` (an
+    example is added to it), the same ``n`` at every step, so the guarantee is the worse of the two compositions.
+    Without truncated-Poisson events (or under replace-one) there is one composition.
+    """
+    events = merge_events(events)
+    variants = [compose_events(events, accountant, neighboring_relation)]
+    if neighboring_relation == "add_remove" and any(e["sampling"] == "truncated_poisson" for e in events):
+        variants.append(compose_events(events, accountant, neighboring_relation, dataset_size_offset=1))
+    return variants
+
+
 def events_epsilon(events: Sequence[Mapping[str, Any]], delta: float, accountant: str = "prv",
                    neighboring_relation: str = "add_remove") -> float:
     """Epsilon at ``delta`` of the composition of ``events`` (``inf`` if any step was non-private, 0 if none)."""
     delta = check_delta(delta)
-    acc = compose_events(events, accountant, neighboring_relation)
-    return _epsilon_of(acc, delta)
+    return max(_epsilon_of(a, delta) for a in _compose_variants(events, accountant, neighboring_relation))
 
 
 def events_delta(events: Sequence[Mapping[str, Any]], epsilon: float, accountant: str = "prv",
                  neighboring_relation: str = "add_remove") -> float:
     """Delta at ``epsilon`` of the composition of ``events`` (1 if any step was non-private, 0 if none)."""
     epsilon = check_epsilon(epsilon)
-    acc = compose_events(events, accountant, neighboring_relation)
-    return _delta_of(acc, epsilon)
+    return max(_delta_of(a, epsilon) for a in _compose_variants(events, accountant, neighboring_relation))
 
 
 def _is_empty(acc: pa.PrivacyAccountant) -> bool:
@@ -349,7 +370,7 @@ class Accountant:
         self.accountant = _check_accountant(accountant)
         self.neighboring_relation = _check_relation(neighboring_relation)
         self._history: list[dict] = []
-        self._cache: tuple[Any, pa.PrivacyAccountant] | None = None
+        self._cache: tuple[Any, list[pa.PrivacyAccountant]] | None = None
 
     # -- recording
     def step(self, noise_multiplier: float, sample_rate: float | None = None, num_steps: int = 1, *,
@@ -403,19 +424,21 @@ class Accountant:
         return self.steps
 
     # -- queries
-    def _composed(self) -> pa.PrivacyAccountant:
+    def _composed(self) -> list[pa.PrivacyAccountant]:
         key = json.dumps(self._history, sort_keys=True)
         if self._cache is None or self._cache[0] != key:
-            self._cache = (key, compose_events(self._history, self.accountant, self.neighboring_relation))
+            self._cache = (key, _compose_variants(self._history, self.accountant, self.neighboring_relation))
         return self._cache[1]
 
     def get_epsilon(self, delta: float) -> float:
         """Epsilon of everything recorded, at ``delta`` (0 with no steps; ``inf`` after non-private steps)."""
-        return _epsilon_of(self._composed(), check_delta(delta))
+        delta = check_delta(delta)
+        return max(_epsilon_of(a, delta) for a in self._composed())
 
     def get_delta(self, epsilon: float) -> float:
         """Delta of everything recorded, at ``epsilon`` (0 with no steps; 1 after non-private steps)."""
-        return _delta_of(self._composed(), check_epsilon(epsilon))
+        epsilon = check_epsilon(epsilon)
+        return max(_delta_of(a, epsilon) for a in self._composed())
 
     def get_privacy_spent(self, delta: float) -> tuple[float, float]:
         return self.get_epsilon(delta), float(delta)
@@ -501,7 +524,7 @@ def calibrate_noise_multiplier(target_epsilon: float, target_delta: float, sampl
                                steps: int | None = None, epochs: float | None = None, accountant: str = "prv",
                                *, neighboring_relation: str = "add_remove", sampling: str = "poisson",
                                dataset_size: int | None = None, max_batch_size: int | None = None,
-                               tol: float = 1e-5) -> float:
+                               tol: float = 1e-5, _single_variant: bool = False) -> float:
     """The smallest noise multiplier whose epsilon at ``target_delta`` is at most ``target_epsilon``.
 
     Exactly one of ``steps`` or ``epochs`` (``steps = ceil(epochs / q)``). Brent's method through
@@ -522,6 +545,14 @@ def calibrate_noise_multiplier(target_epsilon: float, target_delta: float, sampl
     steps = _steps(steps)
     if steps == 0:
         raise ValueError("steps is 0: nothing is released, any noise multiplier (including 0) meets the target")
+    if sampling == "truncated_poisson" and neighboring_relation == "add_remove" and not _single_variant:
+        if dataset_size is None:
+            raise ValueError("truncated Poisson sampling needs dataset_size and max_batch_size")
+        # The guarantee is the worse of n = N and n = N + 1 (see _compose_variants): meet both.
+        return max(calibrate_noise_multiplier(
+            target_epsilon, target_delta, q, steps=steps, accountant=accountant,
+            neighboring_relation=neighboring_relation, sampling=sampling, dataset_size=n,
+            max_batch_size=max_batch_size, tol=tol, _single_variant=True) for n in (dataset_size, dataset_size + 1))
     batch_size = int(round(q * dataset_size)) if (sampling == "shuffle" and dataset_size) else None
 
     def make_event(sigma: float) -> dpe.DpEvent:
