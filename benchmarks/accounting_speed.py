@@ -37,13 +37,23 @@ def _version(name: str) -> str | None:
         return None
 
 
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def machine() -> dict:
     try:
         affinity = len(os.sched_getaffinity(0))
     except AttributeError:
         affinity = None
     return {"cpu_count": os.cpu_count(), "cpus_usable": affinity, "platform": platform.platform(),
-            "processor": platform.processor() or platform.machine(), "python": platform.python_version(),
+            "processor": _cpu_model(), "python": platform.python_version(),
             "device_kind": "cpu"}
 
 

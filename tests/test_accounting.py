@@ -395,3 +395,12 @@ def test_truncated_add_remove_takes_worse_dataset_size():
     n = acct.compose_events(ev, "pld").get_epsilon(DELTA)
     n1 = acct.compose_events(ev, "pld", dataset_size_offset=1).get_epsilon(DELTA)
     assert acct.events_epsilon(ev, DELTA, "pld") == max(n, n1)
+
+
+def test_replace_one_poisson():
+    # PLD/PRV analyse Poisson sampling under replace-one (larger than add/remove); RDP refuses, pointing to them.
+    add_remove = acct.compute_epsilon(1.0, 0.01, 100, DELTA, "pld")
+    replace = acct.compute_epsilon(1.0, 0.01, 100, DELTA, "pld", neighboring_relation="replace_one")
+    assert replace > add_remove
+    with pytest.raises(ValueError, match="add_remove"):
+        acct.compute_epsilon(1.0, 0.01, 100, DELTA, "rdp", neighboring_relation="replace_one")

@@ -698,11 +698,12 @@ def compute_dp_sgd_privacy(n: int, batch_size: int, noise_multiplier: float, epo
         "This holds for example-level privacy with the add-or-remove-one relation, for Poisson sampling (each "
         f"example joins each batch independently with probability {q:.3g}), and protects every checkpoint, not "
         "only the final model.",
-        f"If batches were shuffled fixed-size batches instead, this epsilon does not apply: without "
-        f"amplification by sampling (each example used once per epoch, in any order) the RDP bound for "
-        f"{epochs_int} epochs is eps = {eps_once:.3g} at the same delta, and shuffling is believed, but not "
-        "proven, to lie between the two. jaxdp accounts shuffled batches only as sampling without replacement "
-        "under the replace-one relation (Accountant('rdp', neighboring_relation='replace_one')).",
+        "If batches were shuffled fixed-size batches instead of Poisson-sampled, the epsilon above is not "
+        "proven to hold, and it can be optimistic (Chua et al. 2024, 'How private are DP-SGD "
+        "implementations?'). What holds without amplification by sampling (each example used once per epoch, "
+        f"in any order) is eps = {eps_once:.3g} for {epochs_int} epochs at the same delta. jaxdp accounts "
+        "shuffled batches only as sampling without replacement under the replace-one relation "
+        "(Accountant('rdp', neighboring_relation='replace_one')).",
     ]
     return DpSgdPrivacy(epsilon=float(eps), order=float(order), steps=steps, sample_rate=q, delta=delta,
                         epsilon_basic_conversion=float(basic), epsilon_once_per_epoch=eps_once,
