@@ -404,3 +404,15 @@ def test_replace_one_poisson():
     assert replace > add_remove
     with pytest.raises(ValueError, match="add_remove"):
         acct.compute_epsilon(1.0, 0.01, 100, DELTA, "rdp", neighboring_relation="replace_one")
+
+
+def test_replace_one_sensitivity_is_2c():
+    # Replacing one example moves the clipped sum by up to 2C: under replace-one, sigma behaves like sigma/2
+    # under add/remove. With a full batch (q = 1) every accountant must agree on that.
+    add_remove_rdp = acct.compute_epsilon(1.0, 1.0, 3, DELTA, "rdp")
+    wor_full = acct.compute_epsilon(2.0, 1.0, 3, DELTA, "rdp", sampling="shuffle", dataset_size=50,
+                                    neighboring_relation="replace_one")
+    assert wor_full == pytest.approx(add_remove_rdp, rel=1e-12)
+    add_remove_pld = acct.compute_epsilon(1.0, 1.0, 3, DELTA, "pld")
+    replace_pld = acct.compute_epsilon(2.0, 1.0, 3, DELTA, "pld", neighboring_relation="replace_one")
+    assert replace_pld == pytest.approx(add_remove_pld, rel=1e-3)

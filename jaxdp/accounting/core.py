@@ -227,8 +227,12 @@ def to_dp_event(event: dict) -> dpe.DpEvent:
         gauss = dpe.GaussianDpEvent(event["noise_multiplier"])
         inner = gauss if event["sample_rate"] == 1.0 else dpe.PoissonSampledDpEvent(event["sample_rate"], gauss)
     elif s == "shuffle":
+        # dp-accounting's RDP for sampling without replacement (Wang, Balle, Kasiviswanathan 2019) takes the noise
+        # relative to the REPLACE-ONE sensitivity of the released sum. Replacing one example moves a sum of
+        # gradients clipped to norm C by up to 2C, so the noise std sigma*C is (sigma/2) times that sensitivity.
+        # (Its PLD, by contrast, models replace-one as the shift from +C to -C itself, and takes sigma as is.)
         inner = dpe.SampledWithoutReplacementDpEvent(event["dataset_size"], event["batch_size"],
-                                                     dpe.GaussianDpEvent(event["noise_multiplier"]))
+                                                     dpe.GaussianDpEvent(event["noise_multiplier"] / 2.0))
     else:
         inner = dpe.TruncatedSubsampledGaussianDpEvent(
             dataset_size=event["dataset_size"], sampling_probability=event["sample_rate"],
