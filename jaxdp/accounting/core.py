@@ -411,7 +411,14 @@ class Accountant:
         reason = _refuse(e, self.accountant, self.neighboring_relation)
         if reason is not None:
             raise ValueError(reason)
-        self._history = merge_events([*self._history, e])
+        if e["steps"] == 0:
+            return
+        last = self._history[-1] if self._history else None
+        if last is not None and {k: v for k, v in last.items() if k != "steps"} == {
+                k: v for k, v in e.items() if k != "steps"}:
+            last["steps"] += e["steps"]
+        else:
+            self._history.append(e)
 
     # -- views
     @property
