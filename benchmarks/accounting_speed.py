@@ -127,8 +127,8 @@ def main(argv=None) -> int:
     result = {
         "benchmark": "accounting_speed",
         "machine": machine(),
-        "versions": {k: _version(k) for k in ("jaxdp", "dp-accounting", "numpy", "scipy", "opacus",
-                                               "prv-accountant")},
+        "versions": {"jaxdp": __import__("jaxdp").__version__,
+                     **{k: _version(k) for k in ("dp-accounting", "numpy", "scipy", "opacus", "prv-accountant")}},
         "config": {"sample_rate": q, "noise_multiplier": s, "steps": T, "delta": d,
                    "target_epsilon": args.target_epsilon, "repeats": args.repeats,
                    "timing": "wall clock, time.perf_counter; epsilon rows: median of repeats, fresh accountant "
