@@ -4,6 +4,7 @@ from __future__ import annotations
 import importlib.util
 import math
 import pathlib
+import sys
 
 EXAMPLE = pathlib.Path(__file__).resolve().parents[1] / "examples" / "quickstart.py"
 
@@ -11,6 +12,7 @@ EXAMPLE = pathlib.Path(__file__).resolve().parents[1] / "examples" / "quickstart
 def _load():
     spec = importlib.util.spec_from_file_location("jaxdp_quickstart", EXAMPLE)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module          # Linen modules are dataclasses: their module must be registered
     spec.loader.exec_module(module)
     return module
 
