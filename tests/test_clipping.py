@@ -371,3 +371,36 @@ def test_batch_leaves_with_different_leading_sizes():
     grad_fn = jaxdp.clipped_grad(loss_fn, 1.0, method="vmap")
     with pytest.raises(ValueError, match="same leading batch axis"):
         grad_fn(params, {"x": batch["x"], "y": batch["y"][:5]})
+
+
+def test_flax_nnx_state_params():
+    """NNX: params are an nnx.State from nnx.split; per-layer norms / trainable take an nnx.State prefix."""
+    from flax import nnx
+
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.a = nnx.Linear(3, 4, rngs=rngs)
+            self.b = nnx.Linear(4, 3, rngs=rngs)
+
+        def __call__(self, x):
+            return self.b(jnp.tanh(self.a(x)))
+
+    graphdef, params = nnx.split(Net(nnx.Rngs(0)), nnx.Param)
+
+    def loss_fn(p, batch):
+        return _xent(nnx.merge(graphdef, p)(batch["x"]), batch["y"])
+
+    batch = {"x": jnp.logspace(-2, 1, B)[:, None] * jax.random.normal(jax.random.key(6), (B, 3)),
+             "y": jnp.arange(B) % 3}
+    grads = per_example_grads(loss_fn, params, batch)
+    C = _clip_norm_between([_flat_norm(g) for g in grads])
+    ref, _ = reference_sum(loss_fn, params, batch, C, grads=grads)
+    summed, stats = jaxdp.clipped_grad(loss_fn, C, method="vmap")(params, batch)
+    assert_trees_close(summed, ref)
+    assert "a/kernel/value" in stats.layer_norm_mean
+    _, st = jaxdp.clipped_grad(loss_fn, nnx.State({"a": C, "b": C}), method="vmap")(params, batch)
+    assert set(st.group_clip_fraction) == {"a", "b"}
+    frozen, _ = jaxdp.clipped_grad(loss_fn, C, method="vmap", trainable=nnx.State({"a": False, "b": True}))(
+        params, batch)
+    for leaf in jax.tree_util.tree_leaves(frozen["a"]):
+        np.testing.assert_array_equal(leaf, 0.0)
