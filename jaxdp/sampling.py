@@ -162,6 +162,7 @@ class ShuffleSampler:
         self.secure = bool(secure)
         self.drop_last = bool(drop_last)
         self.step = 0
+        self._perm: tuple[int, np.ndarray] | None = None  # (epoch, permutation) of the current epoch
 
     @property
     def sample_rate(self) -> float:
@@ -181,7 +182,11 @@ class ShuffleSampler:
 
     def sample(self, step: int) -> tuple[np.ndarray, np.ndarray]:
         epoch, pos = divmod(step, self.steps_per_epoch)
-        perm = _rng(self.seed, 1, epoch, secure=self.secure).permutation(self.dataset_size)
+        # One permutation per epoch, cached: the batches of an epoch must partition the data. (In secure mode a
+        # fresh permutation per call would let an example appear in several batches of one epoch, or none.)
+        if self._perm is None or self._perm[0] != epoch:
+            self._perm = (epoch, _rng(self.seed, 1, epoch, secure=self.secure).permutation(self.dataset_size))
+        perm = self._perm[1]
         chunk = perm[pos * self.batch_size:(pos + 1) * self.batch_size]
         indices = np.zeros(self.batch_size, np.int32)
         indices[:chunk.size] = chunk

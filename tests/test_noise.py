@@ -1,0 +1,208 @@
+"""add_noise / dp_aggregate / dpsgd: noise scale, independence, secure mode, key handling, aggregation.
+
+Statistical bounds (all with fixed seeds, failure probability ~1e-6 per check for a correct implementation):
+* Standard deviation: for n i.i.d. N(0, s0^2) draws with sample variance s^2, (n-1) s^2 / s0^2 ~ chi2(n-1), so
+  s^2 / s0^2 lies in [chi2.ppf(5e-7, n-1), chi2.ppf(1 - 5e-7, n-1)] / (n-1) with probability 1 - 1e-6.
+* Correlation: for independent samples the Pearson r is approximately N(0, 1/n), so |r| < z / sqrt(n) with
+  z = norm.ppf(1 - 5e-7) ~ 4.89 (two-sided 1e-6).
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from scipy import stats
+
+import jaxdp
+from jaxdp.clipping import CLIP_EPS
+
+ALPHA = 1e-6
+Z = stats.norm.ppf(1 - ALPHA / 2)
+N = 20_000
+
+
+def assert_std(samples, expected_std):
+    x = np.asarray(samples, np.float64).ravel()
+    n = x.size
+    lo = stats.chi2.ppf(ALPHA / 2, n - 1) / (n - 1)
+    hi = stats.chi2.ppf(1 - ALPHA / 2, n - 1) / (n - 1)
+    ratio = x.var(ddof=1) / expected_std ** 2
+    assert lo <= ratio <= hi, (ratio, lo, hi)
+
+
+def assert_uncorrelated(a, b):
+    a, b = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
+    r = np.corrcoef(a, b)[0, 1]
+    assert abs(r) < Z / np.sqrt(a.size), r
+
+
+def _updates(seed=0):
+    k1, k2 = jax.random.split(jax.random.key(seed))
+    return {"w": jax.random.normal(k1, (100, N // 100)), "b": jax.random.normal(k2, (N,))}
+
+
+@pytest.mark.parametrize("secure", [False, True])
+def test_noise_std_is_sigma_C_over_E(secure):
+    sigma, C, E = 1.3, 0.7, 50.0
+    g = _updates()
+    noisy_tx = jaxdp.add_noise(sigma, C, E, key=None if secure else jax.random.key(42), secure=secure)
+    clean_tx = jaxdp.add_noise(0.0, C, E, key=jax.random.key(0))
+    noisy, state = jax.jit(noisy_tx.update)(g, noisy_tx.init(g))
+    clean, _ = clean_tx.update(g, clean_tx.init(g))
+    for name in g:
+        np.testing.assert_allclose(clean[name], g[name] / E, rtol=1e-6)
+        assert_std(noisy[name] - clean[name], sigma * C / E)
+    assert int(state.count) == 1
+    if secure:
+        assert state.key is None
+
+
+def test_noise_uncorrelated_across_leaves_and_steps():
+    tx = jaxdp.add_noise(1.0, 1.0, 1.0, key=jax.random.key(7))
+    zeros = {"a": jnp.zeros(N), "b": jnp.zeros(N)}
+    update = jax.jit(tx.update)
+    state = tx.init(zeros)
+    n0, state = update(zeros, state)
+    n1, state = update(zeros, state)
+    assert int(state.count) == 2
+    assert_std(n0["a"], 1.0)
+    assert_uncorrelated(n0["a"], n0["b"])   # different leaves
+    assert_uncorrelated(n0["a"], n1["a"])   # different steps
+    assert_uncorrelated(n0["b"], n1["b"])
+    # Same key and step -> same noise (reproducible, resumable); a different key -> independent noise.
+    again, _ = update(zeros, tx.init(zeros))
+    np.testing.assert_array_equal(again["a"], n0["a"])
+    other = jaxdp.add_noise(1.0, 1.0, 1.0, key=jax.random.key(8))
+    o0, _ = other.update(zeros, other.init(zeros))
+    assert_uncorrelated(o0["a"], n0["a"])
+
+
+def test_secure_mode_draws_fresh_noise_each_call():
+    tx = jaxdp.add_noise(1.0, 1.0, 1.0, secure=True)
+    zeros = {"a": jnp.zeros(N)}
+    update = jax.jit(tx.update)
+    a, _ = update(zeros, tx.init(zeros))
+    b, _ = update(zeros, tx.init(zeros))  # the same state: a seeded key would repeat the noise
+    assert_uncorrelated(a["a"], b["a"])
+    assert_std(a["a"], 1.0)
+
+
+def test_per_layer_sensitivity_in_noise():
+    Cs = {"w": 0.3, "b": 0.4}  # ||(0.3, 0.4)||_2 = 0.5
+    sigma, E = 2.0, 10.0
+    zeros = jax.tree_util.tree_map(jnp.zeros_like, _updates())
+    tx = jaxdp.add_noise(sigma, Cs, E, key=jax.random.key(1))
+    out, _ = tx.update(zeros, tx.init(zeros))
+    for leaf in out.values():
+        assert_std(leaf, sigma * 0.5 / E)
+
+
+def test_trainable_leaves_only_get_noise():
+    zeros = {"frozen": jnp.zeros(100), "train": jnp.zeros(N)}
+    tx = jaxdp.add_noise(1.0, 1.0, 4.0, key=jax.random.key(3), trainable={"frozen": False, "train": True})
+    out, _ = tx.update(zeros, tx.init(zeros))
+    np.testing.assert_array_equal(out["frozen"], 0.0)
+    assert_std(out["train"], 0.25)
+
+
+def test_missing_key_is_an_error():
+    with pytest.raises(ValueError, match="PRNG key"):
+        jaxdp.add_noise(1.0, 1.0, 10.0)
+    with pytest.raises(ValueError, match="PRNG key"):
+        jaxdp.dp_aggregate(1.0, 1.0, 10.0)
+    with pytest.raises(ValueError, match="PRNG key"):
+        jaxdp.dpsgd(0.1, 1.0, 1.0, 10.0, None)
+    with pytest.raises(ValueError, match="PRNG key"):
+        jaxdp.dpadam(0.1, 1.0, 1.0, 10.0, None)
+    with pytest.raises(TypeError, match="key"):
+        jaxdp.add_noise(1.0, 1.0, 10.0, key="secret")
+    # Int seeds and raw uint32[2] keys are accepted and equivalent to jax.random.key.
+    zeros = {"a": jnp.zeros(10)}
+    outs = []
+    for key in (5, jax.random.key(5), jax.random.key_data(jax.random.key(5))):
+        tx = jaxdp.add_noise(1.0, 1.0, 1.0, key=key)
+        outs.append(np.asarray(tx.update(zeros, tx.init(zeros))[0]["a"]))
+    np.testing.assert_array_equal(outs[0], outs[1])
+    np.testing.assert_array_equal(outs[0], outs[2])
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(noise_multiplier=-0.1, l2_clip_norm=1.0, expected_batch_size=10), "noise_multiplier"),
+    (dict(noise_multiplier=1.0, l2_clip_norm=0.0, expected_batch_size=10), "l2_clip_norm"),
+    (dict(noise_multiplier=1.0, l2_clip_norm=-2.0, expected_batch_size=10), "l2_clip_norm"),
+    (dict(noise_multiplier=1.0, l2_clip_norm=1.0, expected_batch_size=0), "expected_batch_size"),
+])
+def test_bad_noise_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        jaxdp.add_noise(key=jax.random.key(0), **kwargs)
+    with pytest.raises(ValueError, match=match):
+        jaxdp.dp_aggregate(key=jax.random.key(0), **kwargs)
+
+
+def _per_example():
+    k1, k2 = jax.random.split(jax.random.key(11))
+    scale = jnp.logspace(-2, 1, 6)
+    return {"w": scale[:, None, None] * jax.random.normal(k1, (6, 3, 2)),
+            "b": scale[:, None] * jax.random.normal(k2, (6, 4))}
+
+
+def test_dp_aggregate_equals_clip_sum_noise_divide():
+    G = _per_example()
+    mask = np.array([True, True, False, True, True, False])
+    C, sigma, E = 1.0, 0.8, 4.0
+    # Clip-sum by hand (numpy, float64).
+    manual = {k: np.zeros(v.shape[1:]) for k, v in G.items()}
+    for i in range(6):
+        norm = np.sqrt(sum(np.sum(np.asarray(v[i], np.float64) ** 2) for v in G.values()))
+        f = min(1.0, C / (norm + CLIP_EPS))
+        if mask[i]:
+            for k in G:
+                manual[k] += f * np.asarray(G[k][i], np.float64)
+    tx0 = jaxdp.dp_aggregate(C, 0.0, E, key=jax.random.key(0))
+    out0, _ = tx0.update(G, tx0.init(None), mask=mask)
+    for k in G:
+        np.testing.assert_allclose(out0[k], manual[k] / E, atol=1e-6)
+    # With noise: exactly add_noise applied to the clipped sum with the same key.
+    key = jax.random.key(9)
+    tx = jaxdp.dp_aggregate(C, sigma, E, key=key)
+    out, st = jax.jit(lambda g, s, m: tx.update(g, s, mask=m))(G, tx.init(None), mask)
+    ref_tx = jaxdp.add_noise(sigma, C, E, key=key)
+    summed = {k: jnp.asarray(v, jnp.float32) for k, v in manual.items()}
+    ref, _ = ref_tx.update(summed, ref_tx.init(summed))
+    for k in G:
+        np.testing.assert_allclose(out[k], ref[k], atol=1e-6)
+    assert int(st.count) == 1
+    # Padding examples holding NaN change nothing.
+    G_nan = jax.tree_util.tree_map(
+        lambda v: jnp.where(jnp.asarray(mask).reshape((-1,) + (1,) * (v.ndim - 1)), v, jnp.nan), G)
+    out_nan, _ = tx0.update(G_nan, tx0.init(None), mask=mask)
+    for k in G:
+        np.testing.assert_array_equal(out_nan[k], out0[k])
+    with pytest.raises(ValueError, match="mask must have shape"):
+        tx0.update(G, tx0.init(None), mask=np.ones(5, bool))
+    with pytest.raises(ValueError, match="flat clipping"):
+        jaxdp.dp_aggregate({"w": 1.0, "b": 1.0}, 1.0, 4.0, key=key)
+
+
+def test_dpsgd_and_dpadam_are_noise_then_optimizer():
+    g = _updates()
+    params = jax.tree_util.tree_map(jnp.zeros_like, g)
+    key = jax.random.key(4)
+    noise = jaxdp.add_noise(1.1, 0.5, 8.0, key=key)
+    noisy, _ = noise.update(g, noise.init(params))
+    tx = jaxdp.dpsgd(0.1, 0.5, 1.1, 8.0, key)
+    upd, _ = tx.update(g, tx.init(params), params)
+    for k in g:
+        np.testing.assert_allclose(upd[k], -0.1 * noisy[k], rtol=1e-5, atol=1e-7)
+    adam = optax.adam(0.01)
+    ref, _ = adam.update(noisy, adam.init(params), params)
+    tx = jaxdp.dpadam(0.01, 0.5, 1.1, 8.0, key)
+    upd, _ = tx.update(g, tx.init(params), params)
+    for k in g:
+        np.testing.assert_allclose(upd[k], ref[k], rtol=1e-5, atol=1e-7)
+    tx = jaxdp.dpsgd(0.1, 0.5, 1.1, 8.0, key, momentum=0.9)
+    upd, _ = tx.update(g, tx.init(params), params)
+    for k in g:
+        np.testing.assert_allclose(upd[k], -0.1 * noisy[k], rtol=1e-5, atol=1e-7)  # first step: trace = g
