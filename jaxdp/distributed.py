@@ -126,6 +126,39 @@ class ShardedSampler:
         return getattr(self.sampler, name)
 
 
+def process_rows(global_rows: int, mesh: Mesh | None = None) -> slice:
+    """The rows of a sharded global batch (length ``global_rows``, e.g. from :func:`shard_batch` with
+    ``num_devices = jax.device_count()``) that THIS process's devices hold, as a slice.
+
+    Multi-host: every process draws the same global ``(indices, mask)`` (same sampler seed), loads only
+    ``indices[process_rows(P)]`` and passes them to :func:`global_batch`. One process: ``slice(0, P)``.
+    """
+    mesh = data_mesh() if mesh is None else mesh
+    axis, n = _mesh_axis(mesh)
+    if global_rows % n:
+        raise ValueError(f"global_rows={global_rows} must be a multiple of the device count {n}; "
+                         "lay the batch out with shard_batch(indices, mask, num_devices)")
+    index_map = NamedSharding(mesh, P(axis)).addressable_devices_indices_map((global_rows,))
+    bounds = sorted({(sl[0].start or 0, global_rows if sl[0].stop is None else sl[0].stop)
+                     for sl in index_map.values()})
+    for (_, stop), (start, _) in zip(bounds, bounds[1:]):
+        if stop != start:
+            raise ValueError("this process's devices do not hold a contiguous block of the data axis; "
+                             "build the mesh with data_mesh() (devices ordered by process)")
+    return slice(bounds[0][0], bounds[-1][1])
+
+
+def global_batch(local_batch: PyTree, global_rows: int, mesh: Mesh | None = None) -> PyTree:
+    """Assemble this process's rows (``process_rows``) into global arrays sharded along the data axis
+    (``jax.make_array_from_process_local_data``); pass the result (and the mask, likewise) to the step."""
+    mesh = data_mesh() if mesh is None else mesh
+    axis, _ = _mesh_axis(mesh)
+    sharding = NamedSharding(mesh, P(axis))
+    return jax.tree_util.tree_map(
+        lambda x: jax.make_array_from_process_local_data(
+            sharding, np.asarray(x), (global_rows,) + tuple(np.shape(x)[1:])), local_batch)
+
+
 def _pad_rows(x: Any, pad: int) -> Any:
     if pad == 0:
         return x
@@ -322,5 +355,5 @@ def local_device_count() -> int:
     return jax.device_count()
 
 
-__all__ = ["DATA_AXIS", "data_mesh", "shard_batch", "ShardedSampler", "data_parallel_clipped_grad",
+__all__ = ["DATA_AXIS", "data_mesh", "shard_batch", "ShardedSampler", "process_rows", "global_batch", "data_parallel_clipped_grad",
            "private_update", "make_private_step", "local_device_count"]

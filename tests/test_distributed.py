@@ -110,23 +110,26 @@ def multi():
 
 def test_subprocess_has_four_devices(multi):
     assert multi["device_count"] == 4 and multi["platform"] == "cpu"
-    assert multi["hlo_has_all_reduce"]  # the clipped sum is computed per device and psum-reduced
+    assert multi["jaxpr_has_shard_map_psum"]  # the clipped sum is computed per device and psum-reduced
 
 
-@pytest.mark.parametrize("label", ["flat", "per_layer"])
-def test_multi_device_update_equals_single_device(multi, label):
+def test_multi_device_update_equals_single_device(multi):
     # Params move by ~0.1 per step; the two programs differ only in float summation order (psum of 4 partial
     # sums), and the noise is the same draw, so they agree to float32 rounding.
-    assert multi[f"equal_{label}_param_change"] > 1e-2
-    assert multi[f"equal_{label}_params"] < 1e-5
-    assert multi[f"equal_{label}_stats"] < 1e-5  # norms, losses, counts, fractions, layer means / maxima
-    assert multi[f"equal_{label}_num_examples"] == 13
-    assert 0 < multi[f"equal_{label}_clip_fraction"] <= 1
+    assert multi["equal_param_change"] > 1e-2
+    assert multi["equal_params"] < 1e-5
+    assert multi["equal_stats"] < 1e-5  # norms, losses, counts, fractions, layer means / maxima
+    assert multi["equal_num_examples"] == [13, 3]
+    assert 0 < multi["equal_clip_fraction"] <= 1
 
 
 def test_uneven_empty_and_padding_only_devices(multi):
+    # B = 10 on 4 devices, per-layer clipping: same update and stats as one device
+    assert multi["uneven_param_change"] > 1e-2
     assert multi["uneven_params"] < 1e-5 and multi["uneven_stats"] < 1e-5
     assert multi["uneven_norms_shape"] == [10]
+    assert multi["uneven_num_examples"] == [8, 2]
+    assert set(multi["uneven_group_clip_fraction"]) == {"l1", "l2"}
     # empty Poisson batch: the step still happens (noise only), identically on 1 and 4 devices
     assert multi["empty_params"] < 1e-6 and multi["empty_param_change"] > 1e-3
     assert multi["empty_num_examples"] == 0 and multi["empty_clip_fraction"] == 0.0
@@ -134,6 +137,11 @@ def test_uneven_empty_and_padding_only_devices(multi):
     assert multi["padding_devices_params"] < 1e-6 and multi["padding_devices_stats"] < 1e-6
     assert multi["shard_batch_params"] < 1e-6
     assert multi["shard_batch_real_per_device"] == [1, 1, 1, 0]
+
+
+def test_global_batch_input_path(multi):
+    assert multi["global_batch_rows"] == [0, 16] and multi["global_batch_sharded"]
+    assert multi["global_batch_params"] < 1e-5
 
 
 def test_poisson_sampler_split_over_devices(multi):
