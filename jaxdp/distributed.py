@@ -1,0 +1,359 @@
+"""Data-parallel DP-SGD over several devices, with the noise added exactly once.
+
+One logical (Poisson) batch of ``P`` padded examples is split into ``n`` equal contiguous shards, one per device
+of a 1-D :class:`jax.sharding.Mesh` (axis ``"data"``). Inside :func:`jax.shard_map` every device computes the
+SUM of clipped per-example gradients of its shard with :func:`jaxdp.clipped_grad`, and the sums are combined
+with ``psum``:
+
+    S = sum_d S_d = sum_d sum_{i in shard d} m_i * min(1, C / (||g_i|| + 1e-6)) * g_i
+
+which is, up to float summation order, the single-device clipped sum of the whole batch: its L2 sensitivity is
+still ``C`` (one example lives on one device). ``S`` leaves the ``shard_map`` replicated, and the optax
+transformation (e.g. :func:`jaxdp.dpsgd`, whose first part is :func:`jaxdp.add_noise`) runs once, outside the
+``shard_map``, on that replicated value:
+
+    update = (S + N(0, (sigma * C)^2 I)) / E,        E = q * N  (public, global expected batch size)
+
+The noise is therefore ONE draw per logical batch from the optimizer state's key (privacy rule 2): ``jit``
+computes replicated values identically on every device (threefry is partitionable, so the draw does not depend
+on the sharding), so no device adds noise of its own -- there is no ``sqrt(n)`` times too much noise (n
+independent draws) nor ``1/sqrt(n)`` too little (a per-device std divided by n). The multi-device update equals
+the single-device update for the same batch and key; ``tests/test_distributed.py`` checks both that and the
+noise std ``sigma * C / E`` on 4 forced host devices.
+
+Multi-host: call ``jax.distributed.initialize()`` in every process first; :func:`data_mesh` then spans the
+devices of all hosts (``jax.devices()`` is global), and each host feeds its part of the global batch (see
+``docs/distributed.md``). Every host must use the same optimizer key so that the replicated noise agrees.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from jaxdp import _checks
+from jaxdp.clipping import ClipStats, clipped_grad
+
+PyTree = Any
+GradFn = Callable[..., tuple[PyTree, ClipStats]]
+StepFn = Callable[..., tuple[PyTree, PyTree, ClipStats]]
+
+DATA_AXIS = "data"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Meshes and batch layout
+
+
+def data_mesh(devices: Any = None, axis_name: str = DATA_AXIS) -> Mesh:
+    """A 1-D mesh over ``devices`` (default: ``jax.devices()``, all devices of all hosts) with one data axis."""
+    devs = jax.devices() if devices is None else list(devices)
+    if not devs:
+        raise ValueError("data_mesh needs at least one device")
+    return Mesh(np.asarray(devs), (axis_name,))
+
+
+def _mesh_axis(mesh: Mesh) -> tuple[str, int]:
+    if len(mesh.axis_names) != 1:
+        raise ValueError(
+            f"data-parallel DP-SGD needs a 1-D mesh with a single data axis, got axes {mesh.axis_names}; "
+            "build one with jaxdp.distributed.data_mesh()")
+    name = mesh.axis_names[0]
+    return name, int(mesh.shape[name])
+
+
+def shard_batch(indices: np.ndarray, mask: np.ndarray, num_devices: int, *,
+                pad_to_multiple: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """Lay out one global (Poisson) batch as ``num_devices`` equal contiguous shards with padding.
+
+    The real examples (``mask`` True, in their order) are dealt out as evenly as possible: device ``d`` gets
+    ``k // n + (d < k % n)`` of the ``k`` real examples, at the front of its shard, then padding (index 0,
+    mask False). Each shard has ``ceil(P / n)`` rows, rounded up to ``pad_to_multiple``, where ``P`` is the
+    input's padded length, so the output length is a multiple of ``num_devices`` and the number of distinct
+    shapes is that of the input sampler. Shard ``d`` is ``out[d * s:(d + 1) * s]`` -- the layout that
+    ``NamedSharding(mesh, P("data"))`` splits along. The set of examples (and hence privacy) is unchanged:
+    only their placement and the amount of padding differ. An empty batch gives all-padding shards.
+
+    Returns ``(indices [n * s] int32, mask [n * s] bool)``.
+    """
+    n = _checks.positive_int("num_devices", num_devices)
+    m = _checks.positive_int("pad_to_multiple", pad_to_multiple)
+    indices = np.asarray(indices)
+    mask = np.asarray(mask)
+    if indices.ndim != 1 or mask.shape != indices.shape:
+        raise ValueError(f"indices and mask must be 1-D of the same length, got {indices.shape} and {mask.shape}")
+    real = indices[mask.astype(bool)]
+    k = real.size
+    per = max(1, -(-indices.size // n), -(-k // n))
+    per = -(-per // m) * m
+    out_idx = np.zeros((n, per), np.int32)
+    out_mask = np.zeros((n, per), bool)
+    counts = np.full(n, k // n) + (np.arange(n) < k % n)
+    start = 0
+    for d, c in enumerate(counts):
+        out_idx[d, :c] = real[start:start + c]
+        out_mask[d, :c] = True
+        start += c
+    return out_idx.reshape(-1), out_mask.reshape(-1)
+
+
+class ShardedSampler:
+    """Wrap a sampler (e.g. :class:`jaxdp.PoissonSampler`) so each batch is laid out by :func:`shard_batch`.
+
+    The sampling itself -- and so the accounting (``sample_rate``, ``sampling``, ``expected_batch_size``) -- is
+    the wrapped sampler's, which this object forwards; only the layout over devices changes.
+    """
+
+    def __init__(self, sampler: Any, num_devices: int, *, pad_to_multiple: int = 1) -> None:
+        self.sampler = sampler
+        self.num_devices = _checks.positive_int("num_devices", num_devices)
+        self.pad_to_multiple = _checks.positive_int("pad_to_multiple", pad_to_multiple)
+
+    def sample(self, step: int) -> tuple[np.ndarray, np.ndarray]:
+        return shard_batch(*self.sampler.sample(step), self.num_devices, pad_to_multiple=self.pad_to_multiple)
+
+    def __iter__(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        for indices, mask in self.sampler:
+            yield shard_batch(indices, mask, self.num_devices, pad_to_multiple=self.pad_to_multiple)
+
+    def __getattr__(self, name: str) -> Any:  # sample_rate, sampling, step, state_dict, ...
+        if name == "sampler":
+            raise AttributeError(name)
+        return getattr(self.sampler, name)
+
+
+def process_rows(global_rows: int, mesh: Mesh | None = None) -> slice:
+    """The rows of a sharded global batch (length ``global_rows``, e.g. from :func:`shard_batch` with
+    ``num_devices = jax.device_count()``) that THIS process's devices hold, as a slice.
+
+    Multi-host: every process draws the same global ``(indices, mask)`` (same sampler seed), loads only
+    ``indices[process_rows(P)]`` and passes them to :func:`global_batch`. One process: ``slice(0, P)``.
+    """
+    mesh = data_mesh() if mesh is None else mesh
+    axis, n = _mesh_axis(mesh)
+    if global_rows % n:
+        raise ValueError(f"global_rows={global_rows} must be a multiple of the device count {n}; "
+                         "lay the batch out with shard_batch(indices, mask, num_devices)")
+    index_map = NamedSharding(mesh, P(axis)).addressable_devices_indices_map((global_rows,))
+    bounds = sorted({(sl[0].start or 0, global_rows if sl[0].stop is None else sl[0].stop)
+                     for sl in index_map.values()})
+    for (_, stop), (start, _) in zip(bounds, bounds[1:]):
+        if stop != start:
+            raise ValueError("this process's devices do not hold a contiguous block of the data axis; "
+                             "build the mesh with data_mesh() (devices ordered by process)")
+    return slice(bounds[0][0], bounds[-1][1])
+
+
+def global_batch(local_batch: PyTree, global_rows: int, mesh: Mesh | None = None) -> PyTree:
+    """Assemble this process's rows (``process_rows``) into global arrays sharded along the data axis
+    (``jax.make_array_from_process_local_data``); pass the result (and the mask, likewise) to the step."""
+    mesh = data_mesh() if mesh is None else mesh
+    axis, _ = _mesh_axis(mesh)
+    sharding = NamedSharding(mesh, P(axis))
+    return jax.tree_util.tree_map(
+        lambda x: jax.make_array_from_process_local_data(
+            sharding, np.asarray(x), (global_rows,) + tuple(np.shape(x)[1:])), local_batch)
+
+
+def _pad_rows(x: Any, pad: int) -> Any:
+    if pad == 0:
+        return x
+    x = jnp.asarray(x)
+    return jnp.concatenate([x, jnp.repeat(x[:1], pad, axis=0)], axis=0)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Combining statistics across devices
+
+
+def _combine_stats(local: ClipStats, axis: str) -> ClipStats:
+    """Global :class:`ClipStats` from one device's stats, inside ``shard_map`` (per-example arrays stay local
+    and are concatenated by the ``out_specs``; counts are summed; fractions and means are recomputed from
+    summed counts, not averaged over devices)."""
+    n_real = local.num_examples
+    n_nonfinite = local.num_nonfinite
+    n_rf_local = (n_real - n_nonfinite).astype(jnp.float32)
+    denom_local = jnp.maximum(n_rf_local, 1.0)
+    n_rf_global = jnp.maximum(jax.lax.psum(n_rf_local, axis), 1.0)
+
+    def frac(f):  # local fraction -> local count -> global fraction
+        return jax.lax.psum(jnp.round(f * denom_local), axis) / n_rf_global
+
+    def mean(mu):  # local mean over real finite examples -> global mean
+        return jax.lax.psum(mu * denom_local, axis) / n_rf_global
+
+    return ClipStats(
+        per_example_norms=local.per_example_norms,
+        per_example_losses=local.per_example_losses,
+        clip_fraction=frac(local.clip_fraction),
+        num_examples=jax.lax.psum(n_real, axis),
+        num_nonfinite=jax.lax.psum(n_nonfinite, axis),
+        layer_norm_mean={k: mean(v) for k, v in local.layer_norm_mean.items()},
+        layer_norm_max={k: jax.lax.pmax(v, axis) for k, v in local.layer_norm_max.items()},
+        group_clip_fraction={k: frac(v) for k, v in local.group_clip_fraction.items()},
+        aux=local.aux,
+    )
+
+
+def _stats_specs(axis: str, aux_present: bool) -> ClipStats:
+    sharded, repl = P(axis), P()
+    return ClipStats(per_example_norms=sharded, per_example_losses=sharded, clip_fraction=repl,
+                     num_examples=repl, num_nonfinite=repl, layer_norm_mean=repl, layer_norm_max=repl,
+                     group_clip_fraction=repl, aux=sharded if aux_present else None)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The data-parallel clipped sum and the private step
+
+
+def data_parallel_clipped_grad(grad_fn: GradFn, mesh: Mesh | None = None) -> GradFn:
+    """Run a clipped-gradient function (from :func:`jaxdp.clipped_grad`) data-parallel over ``mesh``.
+
+    Returns ``dp_grad_fn(params, batch, mask=None) -> (summed, stats)`` with the same contract as ``grad_fn``:
+    ``summed = psum_d grad_fn(params, shard_d)`` is the clipped SUM over the whole batch (replicated on every
+    device; no noise, no division) and ``stats`` is the global :class:`ClipStats` (per-example arrays in batch
+    order, counts summed, fractions recomputed from the summed counts). The batch's leading axis ``B`` need not
+    be a multiple of the device count: it is padded with masked-out rows (which contribute exactly zero).
+    ``params`` are replicated. On a one-device mesh this is ``grad_fn`` itself. Jit-able.
+
+    Args:
+      grad_fn: ``grad_fn(params, batch, mask) -> (summed, ClipStats)``.
+      mesh: a 1-D mesh (default :func:`data_mesh`, all devices).
+    """
+    mesh = data_mesh() if mesh is None else mesh
+    axis, n = _mesh_axis(mesh)
+    if n == 1:
+        return grad_fn
+
+    def dp_grad_fn(params: PyTree, batch: PyTree, mask: jax.Array | None = None):
+        leaves = jax.tree_util.tree_leaves(batch)
+        if not leaves:
+            raise ValueError("batch is empty: it must be a pytree of arrays with a leading batch axis")
+        B = int(np.shape(leaves[0])[0])
+        mask = jnp.ones((B,), bool) if mask is None else (jnp.asarray(mask) != 0)
+        if mask.shape != (B,):
+            raise ValueError(f"mask must have shape [B] = ({B},) to match the batch, got {mask.shape}")
+        pad = -B % n
+        batch_p = jax.tree_util.tree_map(lambda x: _pad_rows(x, pad), batch)
+        mask_p = jnp.concatenate([mask, jnp.zeros((pad,), bool)]) if pad else mask
+
+        def local(p, b, m):
+            summed, stats = grad_fn(p, b, m)
+            return jax.lax.psum(summed, axis), _combine_stats(stats, axis)
+
+        # out_specs must match the output tree, so learn abstractly whether the stats carry aux.
+        per = (B + pad) // n
+        shard_shape = jax.tree_util.tree_map(
+            lambda x: jax.ShapeDtypeStruct((per,) + tuple(np.shape(x)[1:]), jnp.result_type(x)), batch_p)
+        has_aux = jax.eval_shape(grad_fn, params, shard_shape,
+                                 jax.ShapeDtypeStruct((per,), jnp.bool_))[1].aux is not None
+        sharded = jax.shard_map(
+            local, mesh=mesh, in_specs=(P(), P(axis), P(axis)),
+            out_specs=(P(), _stats_specs(axis, has_aux)), check_vma=False)
+        summed, stats = sharded(params, batch_p, mask_p)
+        if pad:
+            cut = lambda x: x[:B]  # noqa: E731
+            stats = stats._replace(per_example_norms=cut(stats.per_example_norms),
+                                   per_example_losses=cut(stats.per_example_losses),
+                                   aux=jax.tree_util.tree_map(cut, stats.aux))
+        return summed, stats
+
+    return dp_grad_fn
+
+
+def private_update(grad_fn: GradFn, optimizer: optax.GradientTransformation, mesh: Mesh | None = None, *,
+                   jit: bool = True) -> StepFn:
+    """One private training step, identical on one device and on ``n``: clip-sum (sharded), noise once, update.
+
+    Returns ``step(params, opt_state, batch, mask=None) -> (new_params, new_opt_state, stats)`` where
+
+        S = data_parallel_clipped_grad(grad_fn, mesh)(params, batch, mask)        # psum of per-device sums
+        updates, new_opt_state = optimizer.update(S, opt_state, params)         # noise ONCE, / E, optimiser
+        new_params = optax.apply_updates(params, updates)
+
+    ``optimizer`` must take the clipped SUM and start with :func:`jaxdp.add_noise` (e.g. :func:`jaxdp.dpsgd`,
+    :func:`jaxdp.dpadam`): its ``expected_batch_size`` is the GLOBAL ``q * N`` (never a per-device value),
+    its ``noise_multiplier`` and ``l2_clip_norm`` the global ones. Its noise runs once on the replicated sum, so
+    the step's noise std is ``sigma * C / E`` whatever the device count.
+
+    With more than one device in ``mesh`` the batch and mask are placed sharded along the data axis and
+    params / optimizer state replicated (``jax.device_put``; free when they already are); on one device the
+    step is the plain jitted single-device step. ``jit=False`` returns the unjitted function (for use inside a
+    larger jitted program).
+    """
+    mesh = data_mesh() if mesh is None else mesh
+    axis, n = _mesh_axis(mesh)
+    dp_grad = data_parallel_clipped_grad(grad_fn, mesh)
+
+    def core(params, opt_state, batch, mask):
+        summed, stats = dp_grad(params, batch, mask)
+        updates, new_state = optimizer.update(summed, opt_state, params)
+        return optax.apply_updates(params, updates), new_state, stats
+
+    if not jit:
+        return core
+    core_jit = jax.jit(core)
+    if n == 1:
+        def step1(params, opt_state, batch, mask=None):
+            return core_jit(params, opt_state, batch, mask)
+        return step1
+
+    repl = NamedSharding(mesh, P())
+    data = NamedSharding(mesh, P(axis))
+
+    def step(params, opt_state, batch, mask=None):
+        B = int(np.shape(jax.tree_util.tree_leaves(batch)[0])[0])
+        if mask is None:
+            mask = np.ones((B,), bool)
+        pad = -B % n
+        if pad:  # pad on the host side so the batch can be placed sharded; stats are cut back to B below
+            batch = jax.tree_util.tree_map(lambda x: np.concatenate([np.asarray(x), np.repeat(
+                np.asarray(x)[:1], pad, axis=0)]), batch)
+            mask = np.concatenate([np.asarray(mask) != 0, np.zeros((pad,), bool)])
+        batch, mask = jax.device_put((batch, mask), data)
+        params, opt_state = jax.device_put((params, opt_state), repl)
+        new_params, new_state, stats = core_jit(params, opt_state, batch, mask)
+        if pad:
+            stats = stats._replace(per_example_norms=stats.per_example_norms[:B],
+                                   per_example_losses=stats.per_example_losses[:B],
+                                   aux=jax.tree_util.tree_map(lambda a: a[:B], stats.aux))
+        return new_params, new_state, stats
+
+    return step
+
+
+def make_private_step(
+    loss_fn: Callable[..., Any],
+    l2_clip_norm: float | PyTree,
+    optimizer: optax.GradientTransformation,
+    *,
+    method: str = "auto",
+    has_aux: bool = False,
+    microbatch_size: int | None = None,
+    trainable: PyTree | None = None,
+    mesh: Mesh | None = None,
+    jit: bool = True,
+) -> StepFn:
+    """``private_update(clipped_grad(loss_fn, l2_clip_norm, ...), optimizer, mesh)``: the whole private step.
+
+    ``loss_fn(params, batch) -> per-example losses [B]``; ``optimizer`` e.g.
+    ``jaxdp.dpsgd(lr, l2_clip_norm, noise_multiplier, expected_batch_size=q * N, key=...)`` with the same
+    ``l2_clip_norm``. ``mesh=None`` uses every device (``jax.devices()``); with one device nothing is sharded.
+    ``microbatch_size`` bounds memory per device (it applies to each device's shard).
+    """
+    grad_fn = clipped_grad(loss_fn, l2_clip_norm, method, has_aux=has_aux, microbatch_size=microbatch_size,
+                           trainable=trainable)
+    return private_update(grad_fn, optimizer, mesh, jit=jit)
+
+
+def local_device_count() -> int:
+    """Number of devices :func:`data_mesh` spans by default (all hosts' devices)."""
+    return jax.device_count()
+
+
+__all__ = ["DATA_AXIS", "data_mesh", "shard_batch", "ShardedSampler", "process_rows", "global_batch", "data_parallel_clipped_grad",
+           "private_update", "make_private_step", "local_device_count"]
