@@ -23,6 +23,7 @@ the flat parameter vector. It goes through the same clipping and noise as every 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable
 
 import jax
@@ -152,51 +153,70 @@ def make_train_fn(config: ShadowConfig, x: jax.Array, y: jax.Array, canary_coord
     the Poisson sampling and the DP noise. Privacy: with ``dp=True`` every included example (canaries too) is
     protected at the (q, sigma, T) of ``config``; excluded examples are never touched.
     """
-    x = jnp.asarray(x, jnp.float32)
-    y = jnp.asarray(y, jnp.int32)
-    batch = dict(x=x, y=y)
+    batch = _make_batch(x, y, canary_coord)
+    cap = batch_capacity(config.sample_rate, batch["x"].shape[0] if max_included is None else int(max_included))
+
+    def train(params0: PyTree, include_mask: jax.Array, key: jax.Array) -> PyTree:
+        return _train_core(config, cap, batch, params0, include_mask, key)
+
+    return train
+
+
+def _make_batch(x, y, canary_coord=None) -> dict:
+    batch = dict(x=jnp.asarray(x, jnp.float32), y=jnp.asarray(y, jnp.int32))
     if canary_coord is not None:
         batch["canary_coord"] = jnp.asarray(canary_coord, jnp.int32)
-    n = x.shape[0]
+    return batch
+
+
+def _train_core(config: ShadowConfig, cap: int, batch: dict, params0: PyTree, include_mask: jax.Array,
+                key: jax.Array) -> PyTree:
+    """One training run (see :func:`make_train_fn`); ``cap`` is the fixed padded Poisson batch size."""
+    n = batch["x"].shape[0]
     q, E = float(config.sample_rate), float(config.expected_batch_size)
-    cap = batch_capacity(q, n if max_included is None else int(max_included))
 
     def loss_fn(p, b):
         return per_example_loss(p, b, config.canary_scale)
 
+    sample_key, noise_key = jax.random.split(key)
+    include = jnp.asarray(include_mask, bool)
     if config.dp:
         grad_fn = jaxdp.clipped_grad(loss_fn, config.l2_clip_norm, method="vmap")
+        tx = optax.chain(jaxdp.add_noise(config.noise_multiplier, config.l2_clip_norm, E, key=noise_key),
+                         _optimizer(config))
+    else:
+        tx = _optimizer(config)
 
-    def train(params0: PyTree, include_mask: jax.Array, key: jax.Array) -> PyTree:
-        sample_key, noise_key = jax.random.split(key)
-        include = jnp.asarray(include_mask, bool)
-        if config.dp:
-            tx = optax.chain(jaxdp.add_noise(config.noise_multiplier, config.l2_clip_norm, E, key=noise_key),
-                             _optimizer(config))
+    def step(carry, t):
+        params, opt_state = carry
+        if q < 1.0:
+            sampled = include & jax.random.bernoulli(jax.random.fold_in(sample_key, t), q, (n,))
+            idx = jnp.nonzero(sampled, size=cap, fill_value=0)[0]
+            mask = jnp.arange(cap) < jnp.sum(sampled)
+            b = jax.tree_util.tree_map(lambda a: a[idx], batch)
         else:
-            tx = _optimizer(config)
+            b, mask = batch, include
+        if config.dp:
+            grads, _ = grad_fn(params, b, mask)
+        else:
+            w = mask.astype(jnp.float32) / jnp.maximum(jnp.sum(mask), 1.0)
+            grads = jax.grad(lambda p: jnp.sum(w * loss_fn(p, b)))(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return (optax.apply_updates(params, updates), opt_state), None
 
-        def step(carry, t):
-            params, opt_state = carry
-            if q < 1.0:
-                sampled = include & jax.random.bernoulli(jax.random.fold_in(sample_key, t), q, (n,))
-                idx = jnp.nonzero(sampled, size=cap, fill_value=0)[0]
-                mask = jnp.arange(cap) < jnp.sum(sampled)
-                b = jax.tree_util.tree_map(lambda a: a[idx], batch)
-            else:
-                b, mask = batch, include
-            if config.dp:
-                grads, _ = grad_fn(params, b, mask)
-            else:
-                w = mask.astype(jnp.float32) / jnp.maximum(jnp.sum(mask), 1.0)
-                grads = jax.grad(lambda p: jnp.sum(w * loss_fn(p, b)))(params)
-            updates, opt_state = tx.update(grads, opt_state, params)
-            return (optax.apply_updates(params, updates), opt_state), None
+    (params, _), _ = jax.lax.scan(step, (params0, tx.init(params0)), jnp.arange(config.steps))
+    return params
 
-        (params, _), _ = jax.lax.scan(step, (params0, tx.init(params0)), jnp.arange(config.steps))
-        return params
 
-    return train
+# Compiled programs are cached by (config, cap, shapes): repeated audits of one recipe compile once.
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _train_many(config, cap, batch, params0, masks, keys):
+    return jax.vmap(lambda p, m, k: _train_core(config, cap, batch, p, m, k))(params0, masks, keys)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _train_one(config, cap, batch, params0, mask, key):
+    return _train_core(config, cap, batch, params0, mask, key)
 
 
 def train_models(config: ShadowConfig, x, y, include_masks, key: jax.Array, canary_coord=None,
@@ -211,16 +231,17 @@ def train_models(config: ShadowConfig, x, y, include_masks, key: jax.Array, cana
     if masks.ndim != 2 or masks.shape[1] != np.shape(x)[0]:
         raise ValueError(f"include_masks must be [M, N] with N = {np.shape(x)[0]} pool examples, "
                          f"got {masks.shape}")
-    train = make_train_fn(config, x, y, canary_coord, max_included=int(np.max(np.sum(masks, axis=1))))
+    batch = _make_batch(x, y, canary_coord)
+    cap = batch_capacity(config.sample_rate, int(np.max(np.sum(np.asarray(masks), axis=1))))
     keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(masks.shape[0]))
     init_keys, train_keys = jax.vmap(jax.random.split, out_axes=1)(keys)
     d = int(np.prod(np.shape(x)[1:]))
     init = jax.vmap(lambda k: init_params(k, d, config))
     params0 = init(init_keys)
     if vectorize:
-        return params0, jax.jit(jax.vmap(train))(params0, masks, train_keys)
-    one = jax.jit(train)
-    outs = [one(jax.tree_util.tree_map(lambda a: a[i], params0), masks[i], train_keys[i])
+        return params0, _train_many(config, cap, batch, params0, masks, train_keys)
+    outs = [_train_one(config, cap, batch, jax.tree_util.tree_map(lambda a: a[i], params0), masks[i],
+                       train_keys[i])
             for i in range(masks.shape[0])]
     return params0, jax.tree_util.tree_map(lambda *a: jnp.stack(a), *outs)
 
