@@ -89,7 +89,7 @@ def test_vmap_training_matches_sequential_and_ignores_excluded_rows(digits):
     cfg = audit.ShadowConfig(hidden=(16,), steps=5, learning_rate=0.1, sample_rate=0.5, expected_dataset_size=32,
                              dp=True, noise_multiplier=1.0)
     masks = audit.balanced_masks(3, 64, 0)
-    _, pv = audit.train_models(cfg, x, y, masks, jax.random.key(0))
+    _, pv = audit.train_models(cfg, x, y, masks, jax.random.key(0), vectorize=True)
     _, ps = audit.train_models(cfg, x, y, masks, jax.random.key(0), vectorize=False)
     for a, b in zip(jax.tree_util.tree_leaves(pv), jax.tree_util.tree_leaves(ps)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
@@ -97,7 +97,7 @@ def test_vmap_training_matches_sequential_and_ignores_excluded_rows(digits):
     j = int(np.flatnonzero(~masks[0])[0])
     x2 = x.copy()
     x2[j] = 1.0
-    _, p2 = audit.train_models(cfg, x2, y, masks, jax.random.key(0))   # same shapes: no recompilation
+    _, p2 = audit.train_models(cfg, x2, y, masks, jax.random.key(0), vectorize=True)  # cached program
     for a, b in zip(jax.tree_util.tree_leaves(pv), jax.tree_util.tree_leaves(p2)):
         np.testing.assert_array_equal(a[0], b[0])
     including = [i for i in range(1, 3) if masks[i, j]]

@@ -220,11 +220,13 @@ def _train_one(config, cap, batch, params0, mask, key):
 
 
 def train_models(config: ShadowConfig, x, y, include_masks, key: jax.Array, canary_coord=None,
-                 *, vectorize: bool = True) -> tuple[PyTree, PyTree]:
+                 *, vectorize: bool | None = None) -> tuple[PyTree, PyTree]:
     """Train ``M = len(include_masks)`` models; returns ``(params0, params)`` stacked on a leading axis ``M``.
 
     ``vectorize=True`` trains all models in one ``jax.vmap``-ed program over (initial params, data masks, keys);
-    ``False`` trains them one after another with the same compiled single-model function (for benchmarks).
+    ``False`` trains them one after another with one compiled single-model program. ``None`` (default) picks
+    vmap on accelerators and sequential on CPU, where XLA's batched matrix products made the vmapped program
+    about 1-2x SLOWER than the loop on the 2-core development machine (benchmarks/audit_shadow_speed.py).
     Model ``i`` uses ``fold_in(key, i)``: the two modes give the same models up to float round-off.
     """
     masks = jnp.asarray(include_masks, bool)
@@ -238,6 +240,8 @@ def train_models(config: ShadowConfig, x, y, include_masks, key: jax.Array, cana
     d = int(np.prod(np.shape(x)[1:]))
     init = jax.vmap(lambda k: init_params(k, d, config))
     params0 = init(init_keys)
+    if vectorize is None:
+        vectorize = jax.default_backend() != "cpu"
     if vectorize:
         return params0, _train_many(config, cap, batch, params0, masks, train_keys)
     outs = [_train_one(config, cap, batch, jax.tree_util.tree_map(lambda a: a[i], params0), masks[i],
