@@ -199,3 +199,21 @@ def test_cli_writes_json_and_png_and_flags_broken_run(tmp_path, capsys):
     printed = json.loads(capsys.readouterr().out)
     assert rc == 1 and printed["passed"] is False and printed["epsilon_lower_bound"] > 1.0
     assert printed["claimed_epsilon"] == 1.0 and printed["recipe"]["noise_multiplier"] == 0.0
+
+
+def test_cli_reads_a_train_run_directory(tmp_path, capsys):
+    from jaxdp.cli import main
+    run = tmp_path / "run"
+    run.mkdir()
+    # A run directory as `jaxdp train` writes it: the config YAML and metrics.json (keys read defensively).
+    (run / "config.yaml").write_text(
+        "model: {hidden: [16]}\ntraining:\n  steps: 30\n  batch_size: 287\n"
+        "  optimizer: {name: sgd, learning_rate: 0.1}\n  seed: 0\n"
+        "  dp: {enabled: true, epsilon: 1.0, delta: 1.0e-5, max_grad_norm: 1.0, noise_multiplier: 0.0}\n"
+        "audit: {pool_size: 200}\n")
+    (run / "metrics.json").write_text('{"epsilon": 1.0, "delta": 1e-5, "noise_multiplier": 0.0}')
+    assert main(["audit", "--run", str(run), "--attack", "one_run"]) == 1
+    data = json.loads((run / "audit" / "audit_one_run.json").read_text())
+    assert data["recipe"]["run_metrics"]["epsilon"] == 1.0 and data["passed"] is False
+    assert "FAIL" in capsys.readouterr().out
+    assert main(["audit", "--run", str(tmp_path / "missing"), "--attack", "one_run"]) == 2
