@@ -115,7 +115,7 @@ def recipe_from_config(cfg: dict, attack: str, metrics: dict | None = None, over
     lr = float(_first(cfg, ["optimizer.learning_rate", "optimizer.lr", "training.optimizer.learning_rate",
                             "training.optimizer.lr", "training.learning_rate", "learning_rate", "training.lr"],
                       0.01 if opt_name == "adam" else 0.1))
-    momentum = _first(cfg, ["optimizer.momentum", "training.optimizer.momentum"], 0.9)
+    momentum = _first(cfg, ["optimizer.momentum", "training.optimizer.momentum"], None)  # optax.sgd default
     seed = int(o.get("seed", _first(cfg, t("seed"), 0)))
 
     delta = float(_first(cfg, ["training.dp.delta", "dp.delta"], metrics.get("delta", 1e-5)))
