@@ -1,7 +1,6 @@
 """Tests of jaxdp.audit: reference numbers, metrics, vmapped shadow training, LiRA, one-run audit, CLI."""
 import json
 import math
-import os
 
 import jax
 import jax.numpy as jnp
