@@ -77,7 +77,8 @@ def recipe_from_config(cfg: dict, attack: str, metrics: dict | None = None, over
     dataset_name = _first(cfg, ["data.dataset", "data.name", "data.path", "dataset"], None)
     if dataset_name is None and isinstance(cfg.get("data"), str):
         dataset_name = cfg["data"]
-    data = load_dataset(dataset_name or "digits")
+    data_options = _first(cfg, ["data.options"], {}) or {}
+    data = load_dataset(dataset_name or "digits", **data_options)
     x_all = data.x_train.reshape(len(data.x_train), -1)
     y_all = data.y_train
     default_pool = 200 if attack in ("lira", "loss_threshold") else 300
@@ -97,15 +98,17 @@ def recipe_from_config(cfg: dict, attack: str, metrics: dict | None = None, over
         mname = "mlp"
         if name not in ("mlp", "dense"):
             notes.append(f"config model {name!r}: the audit trainer uses an MLP on flattened inputs instead")
-    hidden = _first(model if isinstance(model, dict) else {}, ["hidden", "hidden_sizes", "features", "widths",
-                                                             "width"], [128])
+    hidden = _first(model if isinstance(model, dict) else {},
+                    [f"{pre}{k}" for pre in ("options.", "") for k in ("hidden", "hidden_sizes", "features", "widths",
+                                                                         "width")], [128])
     hidden = tuple(int(h) for h in (hidden if isinstance(hidden, (list, tuple)) else [hidden]))
 
     t = lambda k: [f"training.{k}", k]  # noqa: E731  (keys may sit in `training` or at the top level)
     dp_enabled = bool(_first(cfg, ["training.dp.enabled", "dp.enabled"], False))
     batch_size = float(_first(cfg, t("batch_size"), 64))
-    q = float(o.get("sample_rate", _first(cfg, ["audit.sample_rate"], min(1.0, batch_size / len(y_all)))))
-    steps = _first(cfg, t("steps"), None)
+    q = float(o.get("sample_rate", _first(cfg, ["audit.sample_rate"], metrics.get("sample_rate") or
+                                          min(1.0, batch_size / len(y_all)))))
+    steps = _first(cfg, t("steps"), metrics.get("steps") or None)
     epochs = _first(cfg, t("epochs"), None)
     if steps is None:
         steps = math.ceil(float(epochs) / q - 1e-9) if epochs is not None else 300
@@ -115,12 +118,18 @@ def recipe_from_config(cfg: dict, attack: str, metrics: dict | None = None, over
     lr = float(_first(cfg, ["optimizer.learning_rate", "optimizer.lr", "training.optimizer.learning_rate",
                             "training.optimizer.lr", "training.learning_rate", "learning_rate", "training.lr"],
                       0.01 if opt_name == "adam" else 0.1))
-    momentum = _first(cfg, ["optimizer.momentum", "training.optimizer.momentum"], None)  # optax.sgd default
+    # As in `jaxdp train`: "sgd" is plain SGD, "momentum" is SGD with optimizer.momentum (default 0.9).
+    momentum = None
+    if opt_name == "momentum":
+        momentum = _first(cfg, ["optimizer.momentum", "training.optimizer.momentum"], 0.9)
     seed = int(o.get("seed", _first(cfg, t("seed"), 0)))
 
-    delta = float(_first(cfg, ["training.dp.delta", "dp.delta"], metrics.get("delta", 1e-5)))
-    claimed = _first(cfg, ["training.dp.epsilon", "dp.epsilon", "training.dp.target_epsilon"], None)
-    sigma = _first(cfg, ["training.dp.noise_multiplier", "dp.noise_multiplier"], None)
+    delta = float(metrics.get("delta") or _first(cfg, ["training.dp.delta", "dp.delta"], 1e-5))
+    # A `jaxdp train` run's metrics.json states what the run used and claimed: it wins over the config.
+    claimed = metrics.get("epsilon") if metrics.get("epsilon") is not None else _first(
+        cfg, ["training.dp.epsilon", "dp.epsilon", "training.dp.target_epsilon"], None)
+    sigma = metrics.get("noise_multiplier") if metrics.get("noise_multiplier") is not None else _first(
+        cfg, ["training.dp.noise_multiplier", "dp.noise_multiplier"], None)
     clip = float(_first(cfg, ["training.dp.max_grad_norm", "training.dp.l2_clip_norm", "dp.max_grad_norm"], 1.0))
     if dp_enabled:
         if sigma is None and claimed is None:
