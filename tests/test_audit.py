@@ -1,0 +1,218 @@
+"""Tests of jaxdp.audit: reference numbers, metrics, vmapped shadow training, LiRA, one-run audit, CLI."""
+import json
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxdp import audit
+from jaxdp.audit import _accounting, shadow
+from jaxdp.data import load_digits
+
+
+@pytest.fixture(scope="module")
+def digits():
+    d = load_digits()
+    return d.x_train.reshape(len(d.x_train), -1), d.y_train
+
+
+# ------------------------------------------------------------------------------------------------ reference numbers
+
+def test_clopper_pearson_reference_number():
+    # DESIGN.md section 3: TP 500/1000, FP 10/1000, alpha 0.05 split over two tails, delta 1e-5 -> 3.2420.
+    eps = audit.epsilon_lower_bound_from_counts(500, 1000, 10, 1000, delta=1e-5, alpha=0.05)
+    assert eps == pytest.approx(3.2420, abs=5e-5)
+    lo, hi = audit.clopper_pearson_interval(500, 1000, 0.05)
+    assert lo < 0.5 < hi
+
+
+def test_one_run_reference_number():
+    # DESIGN.md section 3: m 1000, r = v = 100, delta 0, beta 0.05 -> logit(0.05^(1/100)) = 3.4930.
+    eps = audit.one_run_epsilon_lower_bound(1000, 100, 100, delta=0.0, beta=0.05)
+    p = 0.05 ** (1 / 100)
+    assert eps == pytest.approx(math.log(p / (1 - p)), abs=1e-5)
+    assert eps == pytest.approx(3.4930, abs=5e-5)
+
+
+def test_one_run_p_value_properties():
+    # The p-value grows with epsilon, and delta > 0 only adds to it (so the bound can only drop).
+    ps = [audit.one_run_p_value(1000, 100, 80, e, 0.0) for e in (0.5, 1.0, 2.0)]
+    assert ps[0] < ps[1] < ps[2]
+    assert audit.one_run_p_value(1000, 100, 80, 1.0, 1e-3) > ps[1]
+    assert audit.one_run_epsilon_lower_bound(1000, 100, 80, 1e-3) < audit.one_run_epsilon_lower_bound(1000, 100, 80)
+    # 50 right out of 100 is chance: no bound.
+    assert audit.one_run_epsilon_lower_bound(1000, 100, 50) == 0.0
+    with pytest.raises(ValueError, match="v <= r <= m"):
+        audit.one_run_p_value(10, 20, 5, 1.0)
+    assert audit.one_run_guesses([3.0, 2.0, 1.0, 0.0], [True, False, True, False], 1, 1) == (2, 2)
+
+
+# ------------------------------------------------------------------------------------------------ metrics
+
+def test_metrics_on_known_distributions():
+    rng = np.random.default_rng(0)
+    m, n = rng.normal(1.0, 1.0, 4000), rng.normal(0.0, 1.0, 4000)
+    r = audit.evaluate_attack(m, n)
+    # True AUC = Phi(1/sqrt(2)) = 0.7602; DeLong 95% CI half-width ~ 0.01 at this size.
+    assert r.auc_ci[0] < 0.7602 < r.auc_ci[1]
+    assert r.auc == pytest.approx(0.7602, abs=0.02)
+    assert r.fpr[0] == 0 and r.tpr[0] == 0 and r.fpr[-1] == 1 and r.tpr[-1] == 1
+    # advantage = max TPR - FPR = 2 Phi(1/2) - 1 = 0.383 for unit-variance Gaussians 1 apart.
+    assert r.advantage == pytest.approx(0.383, abs=0.03)
+    perfect = audit.evaluate_attack([2.0, 3.0], [0.0, 1.0])
+    assert perfect.auc == 1.0 and perfect.tpr_at_fpr[0.001] == 1.0
+    ties = audit.evaluate_attack([1.0, 1.0], [1.0, 1.0])
+    assert ties.auc == 0.5 and ties.tpr_at_fpr[0.01] == 0.0
+    lt = audit.loss_threshold_attack([0.1, 0.2], [0.5, 0.6])   # lower loss = member
+    assert lt.auc == 1.0
+    with pytest.raises(ValueError, match="finite"):
+        audit.evaluate_attack([np.nan], [0.0])
+
+
+def test_score_bound_corrects_threshold_search():
+    rng = np.random.default_rng(1)
+    same = audit.epsilon_lower_bound_from_scores(rng.normal(size=2000), rng.normal(size=2000))
+    # Identical distributions: the split test certifies ~nothing (< 0.3 w.h.p.; the bound is valid at 95%).
+    assert same["epsilon_lower_bound"] < 0.3
+    far = audit.epsilon_lower_bound_from_scores(rng.normal(4, 1, 2000), rng.normal(0, 1, 2000),
+                                                correction="bonferroni")
+    assert far["epsilon_lower_bound"] > 2.0
+
+
+# ------------------------------------------------------------------------------------------------ shadow training
+
+def test_vmap_training_matches_sequential_and_ignores_excluded_rows(digits):
+    x, y = digits[0][:64], digits[1][:64]
+    cfg = audit.ShadowConfig(hidden=(16,), steps=5, learning_rate=0.1, sample_rate=0.5, expected_dataset_size=32,
+                             dp=True, noise_multiplier=1.0)
+    masks = audit.balanced_masks(3, 64, 0)
+    _, pv = audit.train_models(cfg, x, y, masks, jax.random.key(0), vectorize=True)
+    _, ps = audit.train_models(cfg, x, y, masks, jax.random.key(0), vectorize=False)
+    for a, b in zip(jax.tree_util.tree_leaves(pv), jax.tree_util.tree_leaves(ps)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    # Changing an example that a model excludes must not change that model at all (same keys).
+    j = int(np.flatnonzero(~masks[0])[0])
+    x2 = x.copy()
+    x2[j] = 1.0
+    _, p2 = audit.train_models(cfg, x2, y, masks, jax.random.key(0), vectorize=True)  # cached program
+    for a, b in zip(jax.tree_util.tree_leaves(pv), jax.tree_util.tree_leaves(p2)):
+        np.testing.assert_array_equal(a[0], b[0])
+    including = [i for i in range(1, 3) if masks[i, j]]
+    assert including, "fixture: some model must include example j"
+    assert any(not np.array_equal(a[including[0]], b[including[0]])   # ... while a model including it changes
+               for a, b in zip(jax.tree_util.tree_leaves(pv), jax.tree_util.tree_leaves(p2)))
+
+
+def test_logit_confidence_and_loss_agree(digits):
+    params = shadow.init_params(jax.random.key(0), 64, audit.ShadowConfig())
+    x, y = jnp.asarray(digits[0][:10]), jnp.asarray(digits[1][:10])
+    logits = shadow.apply_model(params, x)
+    p = jax.nn.softmax(logits)[jnp.arange(10), y]
+    np.testing.assert_allclose(audit.logit_confidence(params, x, y), np.log(p / (1 - p)), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(audit.per_example_losses(params, x, y), -np.log(p), rtol=1e-4, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------ attacks
+
+def test_lira_and_loss_threshold_detect_an_overfit_model_fast(digits):
+    # Small fast version of the slow experiment: 8 models on 100 examples, 150 Adam steps, no DP.
+    x, y = digits[0][:100], digits[1][:100]
+    cfg = audit.ShadowConfig(hidden=(64,), steps=150, learning_rate=0.01, optimizer="adam", momentum=None,
+                             expected_dataset_size=50)
+    res = audit.shadow_membership_experiment(cfg, x, y, 8, jax.random.key(0),
+                                             attacks=("loss_threshold", "lira_online_fixed_variance"))
+    lt, lira = res["loss_threshold"], res["lira_online_fixed_variance"]
+    # 400 members / 400 non-members: DeLong CI half-width ~ 0.04, so AUC > 0.6 is far from chance.
+    assert lt.auc_ci[0] > 0.55 and lt.auc > 0.6
+    assert lira.auc > 0.65
+    # TPR at 1% FPR (4 of 400 non-members) well above the 1% of a random guess.
+    assert lira.tpr_at_fpr[0.01] > 0.03
+
+
+def test_lira_from_user_train_fn(digits):
+    x, y = jnp.asarray(digits[0][:60]), jnp.asarray(digits[1][:60])
+    cfg = audit.ShadowConfig(hidden=(16,), steps=60, learning_rate=0.02, optimizer="adam", momentum=None,
+                             expected_dataset_size=30)
+    train = audit.make_train_fn(cfg, x, y)
+
+    def user_train(mask, key):
+        return train(shadow.init_params(key, 64, cfg), mask, key)
+
+    res = audit.lira_from_train_fn(user_train, audit.logit_confidence, x, y, 6, jax.random.key(0))
+    assert res["_stat"].shape == (6, 60)
+    assert res["lira_online"].num_members == 180 and 0.0 <= res["lira_online"].auc <= 1.0
+
+
+def _one_run_cfg(noise_multiplier):
+    return audit.ShadowConfig(hidden=(16,), steps=30, learning_rate=0.1, momentum=0.9, sample_rate=0.2,
+                              expected_dataset_size=200, dp=True, l2_clip_norm=1.0,
+                              noise_multiplier=noise_multiplier)
+
+
+def test_one_run_catches_noise_switched_off(digits):
+    # Broken run: clipping but NO noise, while claiming epsilon 1. Data-free gradient canaries then separate
+    # perfectly (an IN canary sampled at least once moves its coordinate; P(never sampled) = 0.8^30 = 0.001).
+    x, y = digits[0][:200], digits[1][:200]
+    r = audit.one_run_audit(_one_run_cfg(0.0), x, y, claimed_epsilon=1.0, delta=1e-5, key=jax.random.key(0))
+    assert r.num_canaries >= 48
+    assert r.epsilon_lower_bound > 1.0 and not r.passed
+
+
+def test_one_run_honest_dp_run_passes(digits):
+    # Honest run at epsilon 1: by Steinke et al.'s theorem the bound exceeds 1 with probability <= beta = 0.05;
+    # the seed is fixed, so this is deterministic.
+    x, y = digits[0][:200], digits[1][:200]
+    sigma = _accounting.calibrate_noise_multiplier(1.0, 1e-5, 0.2, 30)
+    assert _accounting.compute_epsilon(sigma, 0.2, 30, 1e-5) <= 1.0 + 1e-6
+    r = audit.one_run_audit(_one_run_cfg(sigma), x, y, claimed_epsilon=1.0, delta=1e-5, key=jax.random.key(0))
+    assert r.passed and r.epsilon_lower_bound <= 1.0
+    assert "PASS" in r.summary()
+
+
+# ------------------------------------------------------------------------------------------------ command line
+
+def test_cli_writes_json_and_png_and_flags_broken_run(tmp_path, capsys):
+    from jaxdp.cli import main
+    cfg = tmp_path / "audit.yaml"
+    cfg.write_text(
+        "data: {dataset: digits}\nmodel: {name: mlp, hidden: [16]}\n"
+        "training:\n  steps: 20\n  batch_size: 64\n  optimizer: {name: adam, learning_rate: 0.01}\n  seed: 0\n"
+        "  dp: {enabled: false}\naudit: {pool_size: 60, num_shadow: 2}\n")
+    out = tmp_path / "out"
+    assert main(["audit", "--config", str(cfg), "--attack", "loss_threshold", "--out", str(out)]) == 0
+    data = json.loads((out / "audit_loss_threshold.json").read_text())
+    assert 0 <= data["attacks"]["loss_threshold"]["auc"] <= 1
+    assert data["claimed_epsilon"] == "inf" and data["passed"] is True
+    assert (out / "roc_loss_threshold.png").stat().st_size > 1000
+    capsys.readouterr()
+
+    broken = tmp_path / "broken.yaml"
+    broken.write_text(
+        "model: {hidden: [16]}\ntraining:\n  steps: 30\n  batch_size: 287\n"
+        "  optimizer: {name: sgd, learning_rate: 0.1}\n  seed: 0\n"
+        "  dp: {enabled: true, epsilon: 1.0, delta: 1.0e-5, max_grad_norm: 1.0, noise_multiplier: 0.0}\n"
+        "audit: {pool_size: 200}\n")
+    rc = main(["audit", "--config", str(broken), "--attack", "one_run", "--out", str(out), "--json"])
+    printed = json.loads(capsys.readouterr().out)
+    assert rc == 1 and printed["passed"] is False and printed["epsilon_lower_bound"] > 1.0
+    assert printed["claimed_epsilon"] == 1.0 and printed["recipe"]["noise_multiplier"] == 0.0
+
+
+def test_cli_reads_a_train_run_directory(tmp_path, capsys):
+    from jaxdp.cli import main
+    run = tmp_path / "run"
+    run.mkdir()
+    # A run directory as `jaxdp train` writes it: the config YAML and metrics.json (keys read defensively).
+    (run / "config.yaml").write_text(
+        "model: {hidden: [16]}\ntraining:\n  steps: 30\n  batch_size: 287\n"
+        "  optimizer: {name: sgd, learning_rate: 0.1}\n  seed: 0\n"
+        "  dp: {enabled: true, epsilon: 1.0, delta: 1.0e-5, max_grad_norm: 1.0, noise_multiplier: 0.0}\n"
+        "audit: {pool_size: 200}\n")
+    (run / "metrics.json").write_text('{"epsilon": 1.0, "delta": 1e-5, "noise_multiplier": 0.0}')
+    assert main(["audit", "--run", str(run), "--attack", "one_run"]) == 1
+    data = json.loads((run / "audit" / "audit_one_run.json").read_text())
+    assert data["recipe"]["run_metrics"]["epsilon"] == 1.0 and data["passed"] is False
+    assert "FAIL" in capsys.readouterr().out
+    assert main(["audit", "--run", str(tmp_path / "missing"), "--attack", "one_run"]) == 2
