@@ -125,6 +125,14 @@ class ShardedSampler:
             raise AttributeError(name)
         return getattr(self.sampler, name)
 
+    @property
+    def step(self) -> int:
+        return self.sampler.step
+
+    @step.setter
+    def step(self, value: int) -> None:  # `sampler.step += 1` must advance the wrapped sampler (resume state)
+        self.sampler.step = value
+
 
 def process_rows(global_rows: int, mesh: Mesh | None = None) -> slice:
     """The rows of a sharded global batch (length ``global_rows``, e.g. from :func:`shard_batch` with

@@ -84,7 +84,11 @@ class PrivateTraining:
                       secure=secure_mode, trainable=trainable),
             optimizer)
         self.max_steps = self._max_steps() if target_epsilon is not None else None
-        self._jit_step = jax.jit(self._step_impl)
+        # One step on one device or data-parallel over all local devices: each device clips and sums its
+        # shard, the sums are psum-ed, and the noise is added ONCE to the global sum (jaxdp.distributed).
+        from jaxdp import distributed
+        self.num_devices = jax.local_device_count()
+        self._update = distributed.private_update(self.grad_fn, self.tx)
 
     # -- accounting ------------------------------------------------------------------------------------
     def _event(self, steps: int) -> dict:
@@ -147,12 +151,6 @@ class PrivateTraining:
         params = self._params0 if params is None else params
         return TrainState(params, self.tx.init(params), jnp.zeros([], jnp.int32))
 
-    def _step_impl(self, state: TrainState, batch: PyTree, mask: jax.Array):
-        summed, stats = self.grad_fn(state.params, batch, mask)
-        updates, opt_state = self.tx.update(summed, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        return TrainState(params, opt_state, state.step + 1), stats
-
     def step(self, state: TrainState, batch: PyTree, mask: jax.Array) -> tuple[TrainState, ClipStats]:
         """One private step on a sampled batch (with its padding mask); records the step in the accountant.
 
@@ -163,9 +161,14 @@ class PrivateTraining:
                 f"stopping: step {self.accountant.steps + 1} would take epsilon above the target "
                 f"{self.target_epsilon} (delta={self.target_delta}); {self.accountant.steps} steps were taken, "
                 f"epsilon spent = {self.get_epsilon():.4f}")
-        new_state, stats = self._jit_step(state, batch, mask)
+        if self.num_devices > 1:  # spread the real examples evenly over the devices (padding after them)
+            from jaxdp.distributed import shard_batch
+            mask = np.asarray(mask)
+            perm, mask = shard_batch(np.arange(mask.shape[0]), mask, self.num_devices)
+            batch = jax.tree_util.tree_map(lambda x: x[perm], batch)
+        params, opt_state, stats = self._update(state.params, state.opt_state, batch, mask)
         self._record_step()
-        return new_state, stats
+        return TrainState(params, opt_state, state.step + 1), stats
 
     def batches(self, data: PyTree, steps: int | None = None) -> Iterator[tuple[PyTree, np.ndarray]]:
         """Yield ``(batch, mask)`` for the next ``steps`` sampler steps (default: one epoch) from host arrays."""

@@ -163,3 +163,12 @@ def test_noise_std_is_sigma_c_over_e(multi):
     assert multi["noise_steps_differ"]    # a fresh draw each step
     # negative control: per-device noise gives 2x, which this test would catch
     assert abs(multi["noise_wrong_per_device_std"] / expected - 2) < 0.05
+
+
+def test_privacy_engine_uses_all_devices_without_user_changes(multi):
+    # make_private on a 4-device host: the engine shards every batch itself; 3 steps equal a single-device
+    # reference with the same batches and noise key (float summation order only), and every step is accounted.
+    assert multi["engine_num_devices"] == 4
+    assert multi["engine_param_change"] > 1e-2
+    assert multi["engine_vs_single_device"] < 1e-5
+    assert multi["engine_steps_accounted"] == 3
