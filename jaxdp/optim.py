@@ -24,10 +24,14 @@ def dpsgd(
     nesterov: bool = False,
     *,
     secure: bool = False,
+    trainable: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
-    """DP-SGD (Abadi et al. 2016): ``(S + N(0,(sigma C)^2)) / E`` then ``optax.sgd``."""
+    """DP-SGD (Abadi et al. 2016): ``(S + N(0,(sigma C)^2)) / E`` then ``optax.sgd``.
+
+    ``trainable``: bool pytree prefix of params; frozen leaves get no noise (pair with ``optax.masked`` or
+    ``clipped_grad(trainable=...)`` so they also get no update)."""
     return optax.chain(
-        add_noise(noise_multiplier, l2_clip_norm, expected_batch_size, key, secure=secure),
+        add_noise(noise_multiplier, l2_clip_norm, expected_batch_size, key, secure=secure, trainable=trainable),
         optax.sgd(learning_rate, momentum=momentum, nesterov=nesterov),
     )
 
@@ -43,10 +47,11 @@ def dpadam(
     eps: float = 1e-8,
     *,
     secure: bool = False,
+    trainable: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
-    """DP-Adam: ``(S + N(0,(sigma C)^2)) / E`` then ``optax.adam``."""
+    """DP-Adam: ``(S + N(0,(sigma C)^2)) / E`` then ``optax.adam`` (``trainable`` as in :func:`dpsgd`)."""
     return optax.chain(
-        add_noise(noise_multiplier, l2_clip_norm, expected_batch_size, key, secure=secure),
+        add_noise(noise_multiplier, l2_clip_norm, expected_batch_size, key, secure=secure, trainable=trainable),
         optax.adam(learning_rate, b1=b1, b2=b2, eps=eps),
     )
 

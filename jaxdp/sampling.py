@@ -82,7 +82,7 @@ class PoissonSampler:
         self.max_batch_size = None if max_batch_size is None else _checks.positive_int(
             "max_batch_size", max_batch_size)
         self.step = 0
-        self.truncated_steps = 0
+        self._truncated: set[int] = set()
 
     @property
     def sampling(self) -> str:
@@ -114,7 +114,7 @@ class PoissonSampler:
         chosen = np.flatnonzero(rng.random(self.dataset_size) < self.sample_rate)
         if self.max_batch_size is not None and chosen.size > self.max_batch_size:
             chosen = np.sort(rng.choice(chosen, self.max_batch_size, replace=False))
-            self.truncated_steps += 1
+            self._truncated.add(int(step))
         size = self.padded_size(chosen.size)
         indices = np.zeros(size, np.int32)
         indices[:chosen.size] = chosen
@@ -128,12 +128,17 @@ class PoissonSampler:
             self.step += 1
             yield batch
 
+    @property
+    def truncated_steps(self) -> int:
+        """Number of distinct steps whose batch was truncated to ``max_batch_size``."""
+        return len(self._truncated)
+
     def state_dict(self) -> dict:
-        return {"step": self.step, "truncated_steps": self.truncated_steps}
+        return {"step": self.step, "truncated": sorted(self._truncated)}
 
     def load_state_dict(self, state: dict) -> None:
         self.step = int(state["step"])
-        self.truncated_steps = int(state.get("truncated_steps", 0))
+        self._truncated = set(int(t) for t in state.get("truncated", ()))
 
     def __repr__(self) -> str:
         return (f"PoissonSampler(dataset_size={self.dataset_size}, sample_rate={self.sample_rate}, "

@@ -100,7 +100,12 @@ def test_poisson_truncation_is_recorded():
     assert s.sampling == "truncated_poisson"
     sizes = _sizes(s, 200)
     assert sizes.max() == 45 and s.truncated_steps > 0
-    assert s.state_dict()["truncated_steps"] == s.truncated_steps
+    n = s.truncated_steps
+    s.sample(0), s.sample(0), [s.sample(t) for t in range(200)]  # re-drawing the same steps counts nothing new
+    assert s.truncated_steps == n
+    r = PoissonSampler(1000, 0.05, seed=6, max_batch_size=45)
+    r.load_state_dict(s.state_dict())
+    assert r.truncated_steps == n and r.step == s.step
     assert s.expected_batch_size == pytest.approx(50.0)
 
 

@@ -31,6 +31,8 @@ def tiny_config(tmp_path, **dp):
     (lambda c: c["training"].update(accountant="gdp"), "training.accountant"),
     (lambda c: c["training"]["dp"].update(epsilon=None), "training.dp.epsilon"),
     (lambda c: c["training"]["dp"].update(delta=1.5), "training.dp.delta"),
+    (lambda c: (c["training"].update(sampling="shuffle"), c["training"]["dp"].update(noise_multiplier=1.0)),
+     "training.dp.neighboring_relation"),
 ])
 def test_config_errors_name_the_key(tmp_path, mutate, key):
     cfg = tiny_config(tmp_path)

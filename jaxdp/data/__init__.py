@@ -46,8 +46,9 @@ def load_digits() -> Dataset:
 
 def load_npz(path: str | os.PathLike) -> Dataset:
     """An ``.npz`` with ``x_train, y_train, x_test, y_test`` (uint8 images are scaled by 255)."""
-    d = np.load(path)
-    missing = {"x_train", "y_train", "x_test", "y_test"} - set(d.files)
+    with np.load(path) as f:
+        d = {k: f[k] for k in f.files}
+    missing = {"x_train", "y_train", "x_test", "y_test"} - set(d)
     if missing:
         raise KeyError(f"{path}: the npz file lacks arrays {sorted(missing)}; it needs x_train, y_train, "
                        "x_test, y_test")
@@ -106,8 +107,8 @@ def load_dataset(name: str, **kwargs) -> Dataset:
     if name == "digits":
         return load_digits()
     if os.path.isdir(name):
-        files = {f.split("-")[0] + "-" + f.split("-")[1]: os.path.join(name, f) for f in os.listdir(name)
-                 if "idx" in f}
+        files = {"-".join(f.split("-")[:2]): os.path.join(name, f) for f in os.listdir(name)
+                 if "idx" in f and f.count("-") >= 1}
         try:
             return load_idx(files["train-images"], files["train-labels"], files["t10k-images"],
                             files["t10k-labels"], os.path.basename(name))

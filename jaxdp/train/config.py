@@ -27,6 +27,7 @@ Schema (``REQUIRED`` keys must be present, others have the defaults shown)::
         delta: 1e-5              # must be < 1/N
         max_grad_norm: 1.0
         noise_multiplier: null   # null = calibrate from epsilon
+        neighboring_relation: add_remove   # add_remove | replace_one (shuffle sampling needs replace_one)
     output:
       dir: runs/run              # metrics.json, checkpoint, config.yaml are written here
       checkpoint_every: 1        # epochs between checkpoints
@@ -51,7 +52,8 @@ SCHEMA: dict[str, Any] = {
     "training": {
         "epochs": REQUIRED, "batch_size": REQUIRED, "seed": REQUIRED, "accountant": "prv",
         "sampling": "poisson", "method": "auto", "microbatch_size": None,
-        "dp": {"enabled": True, "epsilon": 3.0, "delta": 1e-5, "max_grad_norm": 1.0, "noise_multiplier": None},
+        "dp": {"enabled": True, "epsilon": 3.0, "delta": 1e-5, "max_grad_norm": 1.0, "noise_multiplier": None,
+               "neighboring_relation": "add_remove"},
     },
     "output": {"dir": "runs/run", "checkpoint_every": 1, "progress": True, "telemetry_port": None,
                "pushgateway": None},
@@ -129,6 +131,16 @@ def _check_values(cfg: dict) -> None:
             num("training.dp.noise_multiplier", dp["noise_multiplier"], positive=False)
             if dp["epsilon"] is not None:
                 num("training.dp.epsilon", dp["epsilon"])
+    if dp["neighboring_relation"] not in ("add_remove", "replace_one"):
+        raise ConfigError("config key 'training.dp.neighboring_relation' must be add_remove or replace_one, "
+                          f"got {dp['neighboring_relation']!r}")
+    if dp["enabled"] and t["sampling"] == "shuffle" and dp["neighboring_relation"] != "replace_one":
+        raise ConfigError("config key 'training.dp.neighboring_relation' must be replace_one with "
+                          "training.sampling: shuffle (fixed-size batches have no add/remove-one analysis); "
+                          "or use sampling: poisson")
+    if dp["enabled"] and t["sampling"] == "shuffle" and dp["noise_multiplier"] is None:
+        raise ConfigError("config key 'training.dp.noise_multiplier' must be set with training.sampling: shuffle "
+                          "(calibration to a target epsilon is for Poisson sampling)")
     if t["microbatch_size"] is not None:
         num("training.microbatch_size", t["microbatch_size"], integer=True)
 

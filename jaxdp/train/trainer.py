@@ -119,7 +119,7 @@ class DPTrainer:
         t, dp = self.cfg["training"], self.cfg["training"]["dp"]
         optimizer = _optimizer(self.cfg)
         if self.dp:
-            self.engine = PrivacyEngine(accountant=t["accountant"])
+            self.engine = PrivacyEngine(accountant=t["accountant"], neighboring_relation=dp["neighboring_relation"])
             common = dict(loss_fn=self._loss, model=self.model, optimizer=optimizer, dataset_size=self.n,
                           batch_size=t["batch_size"], max_grad_norm=dp["max_grad_norm"], seed=self.seed,
                           method=t["method"], microbatch_size=t["microbatch_size"],
