@@ -25,6 +25,8 @@ import optax
 import torch
 import torch.nn.functional as F
 from opacus import GradSampleModule
+from opacus.accountants import PRVAccountant, RDPAccountant
+from opacus.accountants.analysis import rdp as opacus_rdp
 from opacus.optimizers import DPOptimizer, DPPerLayerOptimizer
 
 import jaxdp
@@ -449,3 +451,24 @@ def noise_samples(noise_multiplier: float, clip, expected_batch_size: float, see
     j_noise = np.concatenate([np.asarray(upd[n]).ravel() for n in names])
     c_total = math.sqrt(sum(c * c for c in clip)) if isinstance(clip, (list, tuple)) else clip
     return j_noise, o_noise, noise_multiplier * c_total / expected_batch_size
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Accounting (Opacus side)
+
+
+def opacus_rdp_eps(sigma, q, steps, delta, orders=None):
+    if orders is None:
+        acc = RDPAccountant()
+        acc.history = [(sigma, q, steps)]
+        return acc.get_epsilon(delta)
+    rdp = opacus_rdp.compute_rdp(q=q, noise_multiplier=sigma, steps=steps, orders=orders)
+    return opacus_rdp.get_privacy_spent(orders=orders, rdp=rdp, delta=delta)[0]
+
+
+def opacus_prv_interval(sigma, q, steps, delta, eps_error=0.01):
+    """(eps_lower, eps_estimate, eps_upper) of Opacus's PRV accountant; get_epsilon returns eps_upper."""
+    acc = PRVAccountant()
+    acc.history = [(sigma, q, steps)]
+    dprv = acc._get_dprv(eps_error=eps_error, delta_error=delta / 1000)
+    return tuple(float(x) for x in dprv.compute_epsilon(delta, delta / 1000, eps_error))

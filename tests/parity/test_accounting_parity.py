@@ -16,31 +16,14 @@ Opacus is imported unconditionally: `make test` installs it (the parity extra).
 import itertools
 
 import pytest
-from opacus.accountants import PRVAccountant, RDPAccountant
-from opacus.accountants.analysis import rdp as opacus_rdp
+from opacus.accountants import PRVAccountant
 from opacus.accountants.utils import get_noise_multiplier
 
 from jaxdp import accounting
+from parity_harness import opacus_prv_interval, opacus_rdp_eps
 
 GRID = list(itertools.product((0.8, 1.5), (0.004, 0.05), (100, 3000), (1e-5, 1e-6)))
 INTEGER_ORDERS = list(range(2, 64))
-
-
-def opacus_rdp_eps(sigma, q, steps, delta, orders=None):
-    if orders is None:
-        acc = RDPAccountant()
-        acc.history = [(sigma, q, steps)]
-        return acc.get_epsilon(delta)
-    rdp = opacus_rdp.compute_rdp(q=q, noise_multiplier=sigma, steps=steps, orders=orders)
-    return opacus_rdp.get_privacy_spent(orders=orders, rdp=rdp, delta=delta)[0]
-
-
-def opacus_prv_interval(sigma, q, steps, delta, eps_error=0.01):
-    """(eps_lower, eps_estimate, eps_upper) of Opacus's PRV accountant; get_epsilon returns eps_upper."""
-    acc = PRVAccountant()
-    acc.history = [(sigma, q, steps)]
-    dprv = acc._get_dprv(eps_error=eps_error, delta_error=delta / 1000)
-    return tuple(float(x) for x in dprv.compute_epsilon(delta, delta / 1000, eps_error))
 
 
 # Grid points where jaxdp's RDP epsilon differs from Opacus's by more than 1e-6 relative (measured):
