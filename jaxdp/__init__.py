@@ -40,7 +40,7 @@ _LAZY_ATTRS = {
 }
 _LAZY_MODULES = (
     "accounting", "audit", "data", "distributed", "engine", "ghost", "ledger", "lm", "models",
-    "report", "telemetry", "train", "validation", "adaptive", "virtual", "cli",
+    "report", "telemetry", "train", "validation", "adaptive", "virtual", "cli", "compat",
 )
 
 
