@@ -15,7 +15,7 @@ $(VENV)/.installed: pyproject.toml
 venv: $(VENV)/.installed
 
 demo: $(VENV)/.installed
-	$(PY) examples/quickstart.py
+	$(VENV)/bin/jaxdp compare --config jaxdp/configs/digits_dp.yaml --out runs/demo
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q

@@ -22,7 +22,7 @@ import optax
 from flax import linen as nn
 from flax import nnx
 
-from jaxdp import _checks, validation
+from jaxdp import _checks, compat, validation
 from jaxdp.clipping import ClipStats, clipped_grad, total_clip_norm
 from jaxdp.noise import add_noise
 from jaxdp.sampling import PoissonSampler, ShuffleSampler
@@ -269,6 +269,9 @@ class PrivacyEngine:
         n = _checks.positive_int("dataset_size", dataset_size)
         b = _checks.positive("batch_size", batch_size)
         q = _checks.sample_rate(b / n, "batch_size / dataset_size")
+        if opacus_compat and poisson_sampling:
+            # Opacus's DPDataLoader: q = 1 / ceil(N / B), normaliser int(N * q) (63 for B=64, N=60,000).
+            q = compat.sample_rate(n, int(round(b)), opacus_compat=True)
         sigma = _checks.non_negative("noise_multiplier", noise_multiplier)
         total_clip_norm(max_grad_norm)
         if seed is None and not self.secure_mode:
@@ -286,7 +289,8 @@ class PrivacyEngine:
         else:
             sampler = ShuffleSampler(n, int(round(b)), seed, secure=self.secure_mode)
         # Opacus divides by int(N * q) (e.g. 63 for batch 64 on 60,000 examples); jaxdp by q * N.
-        e = float(int(n * q)) if (opacus_compat and poisson_sampling) else sampler.expected_batch_size
+        e = compat.expected_batch_size(n, q, opacus_compat=opacus_compat) if poisson_sampling \
+            else sampler.expected_batch_size
         # Refuse now, before any data is touched, a sampling this accountant cannot account for (rule 5).
         probe = _accounting().Accountant(self.accountant.accountant,
                                          neighboring_relation=self.accountant.neighboring_relation)
