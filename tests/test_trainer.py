@@ -119,3 +119,15 @@ def test_compare_reports_both(tmp_path):
     assert s["epsilon"] <= 2.0
     assert s["accuracy_difference"] == pytest.approx(s["non_private_accuracy"] - s["dp_accuracy"])
     assert os.path.exists(tmp_path / "cmp" / "comparison.json")
+
+
+def test_audit_of_the_trained_checkpoint(tmp_path):
+    from jaxdp.audit.cli import audit_trained_model
+    cfg = tiny_config(tmp_path, enabled=False)
+    trainer = DPTrainer(cfg, log=False)
+    trainer.train()
+    res = audit_trained_model(str(tmp_path / "run"))
+    assert res["members"] == trainer.n and res["nonmembers"] == 360
+    assert 0.0 <= res["auc"] <= 1.0 and "train vs test" in res["summary"]
+    loaded = DPTrainer.load(str(tmp_path / "run"))
+    assert np.array_equal(loaded.per_example_losses("test"), trainer.per_example_losses("test"))

@@ -244,6 +244,21 @@ def run_audit(cfg: dict, attack: str, out_dir: str | None = None, metrics: dict 
     return _jsonable(result)
 
 
+def audit_trained_model(run_dir: str) -> dict:
+    """Loss-threshold membership inference on the model a `jaxdp train` run produced (its checkpoint):
+    members = its training set, non-members = the held-out test set. Returns AUC (DeLong CI), advantage,
+    TPR at low FPR and a summary line."""
+    from jaxdp.audit import metrics as audit_metrics
+    from jaxdp.train import DPTrainer
+
+    trainer = DPTrainer.load(run_dir)
+    r = audit_metrics.loss_threshold_attack(trainer.per_example_losses("train"), trainer.per_example_losses("test"))
+    d = _jsonable(r.to_dict(include_roc=False))
+    d["members"], d["nonmembers"] = trainer.n, len(trainer.dataset.y_test)
+    d["summary"] = f"trained model ({run_dir}), train vs test: " + r.summary()
+    return d
+
+
 def _handler(args: argparse.Namespace) -> int:
     if not args.config and not args.run:
         raise ValueError("give --config FILE (trainer or audit YAML) or --run RUN_DIR (from `jaxdp train`)")
@@ -258,9 +273,18 @@ def _handler(args: argparse.Namespace) -> int:
     if attack is None:
         raise ValueError(f"give --attack {{{','.join(ATTACKS)}}} (or audit.attack in the config)")
     out = args.out or (os.path.join(args.run, "audit") if args.run else None)
+    trained = None
+    if args.run and attack == "loss_threshold":
+        trained = audit_trained_model(args.run)
     res = run_audit(cfg, attack, out, metrics, dict(
         num_models=args.num_models, pool_size=args.pool_size, steps=args.steps, seed=args.seed,
         canary=args.canary, num_canaries=args.num_canaries))
+    if trained is not None:
+        res["trained_model"] = trained
+        res["summary"] = trained["summary"] + "\n" + res["summary"]
+        if res.get("json_path"):
+            with open(res["json_path"], "w") as f:
+                json.dump(_jsonable(res), f, indent=2)
     if args.json:
         print(json.dumps({k: v for k, v in res.items() if k != "attacks"} | (
             {"attacks": {n: {k: v for k, v in a.items() if k != "roc"} for n, a in res["attacks"].items()}}

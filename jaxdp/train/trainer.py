@@ -183,6 +183,29 @@ class DPTrainer:
             right += int(self._correct(params, jnp.asarray(x[i:i + chunk]), jnp.asarray(y[i:i + chunk])))
         return right / len(y)
 
+    def per_example_losses(self, split: str = "train", params=None) -> np.ndarray:
+        """Cross-entropy of every example of a split under the current (or given) parameters."""
+        params = self.state.params if params is None else params
+        x = self.dataset.x_test if split == "test" else self.dataset.x_train
+        y = self.dataset.y_test if split == "test" else self.dataset.y_train
+        if not hasattr(self, "_loss_jit"):
+            graphdef, rest = self.graphdef, self.rest
+            self._loss_jit = jax.jit(lambda p, xx, yy: models.cross_entropy(nnx.merge(graphdef, p, rest)(xx), yy))
+        out = [np.asarray(self._loss_jit(params, jnp.asarray(x[i:i + 512]), jnp.asarray(y[i:i + 512])))
+               for i in range(0, len(y), 512)]
+        return np.concatenate(out)
+
+    @classmethod
+    def load(cls, run_dir: str) -> "DPTrainer":
+        """The trainer of a finished (or interrupted) run directory, with its checkpointed state restored."""
+        cfg_path = os.path.join(run_dir, "config.yaml")
+        if not os.path.exists(cfg_path):
+            raise FileNotFoundError(f"{run_dir}: no config.yaml (not a `jaxdp train` run directory)")
+        trainer = cls(cfg_path, out_dir=run_dir, progress=False, log=False)
+        if not trainer._restore():
+            raise FileNotFoundError(f"{run_dir}: no checkpoint to load")
+        return trainer
+
     # -- privacy -------------------------------------------------------------------------------------------
     def get_privacy_spent(self) -> tuple[float, float | None]:
         """``(epsilon, delta)`` spent so far; ``(inf, None)`` for a non-private run."""
