@@ -213,7 +213,9 @@ class Ledger:
         ``create=False`` (the default) refuses a missing SQLite file or a database without ledger tables, so
         that a mistyped path never silently starts an empty ledger (which would protect nothing).
         """
-        return cls(open_store(url_or_path, create=create))
+        if create:
+            return cls.init(url_or_path)
+        return cls(open_store(url_or_path, create=False))
 
     @classmethod
     def init(cls, url_or_path: str | os.PathLike) -> "Ledger":
