@@ -194,6 +194,9 @@ class SqliteStore(Store):
             raise LedgerStoreError(f"{self.path} is not a readable SQLite ledger ({e}); the file was left "
                                    "untouched. Restore it from a backup or an export, or point --ledger "
                                    "elsewhere") from e
+        if not create:
+            with self.transaction(write=False) as tx:
+                self.check_schema(tx)
 
     @contextlib.contextmanager
     def transaction(self, write: bool) -> Iterator[_SqliteTx]:
