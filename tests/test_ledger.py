@@ -403,3 +403,12 @@ def test_cli_end_to_end(tmp_path, capsys, monkeypatch):
     assert rc == 1 and "FAILED" in out
     rc, _, err = _cli(capsys, "show", "--ledger", str(tmp_path / "missing.db"))
     assert rc == 2 and "no ledger at" in err
+
+
+def test_default_prv_accountant_reference_number(tmp_path):
+    """DESIGN.md reference: q = 256/60000, sigma = 1.1, 14063 steps, delta 1e-5 -> Opacus PRV epsilon ~2.392."""
+    led = Ledger.init(tmp_path / "l.db")
+    led.register_dataset("mnist", 3.0, DELTA)  # accountant="prv" by default
+    r = led.reserve("mnist", "a", [ev(14063, q=256 / 60000)])
+    assert r.epsilon_after["mnist"] == pytest.approx(2.392, abs=0.003)
+    assert led.spent("mnist").accountant == "prv"

@@ -20,7 +20,7 @@ from __future__ import annotations
 import functools
 import json
 import math
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable
 
 SAMPLINGS = ("poisson", "shuffle", "truncated_poisson", "none")
 _REQUIRED = {
@@ -72,8 +72,10 @@ def normalize_events(events: Any) -> list[dict]:
                     f = float(v)
                 except (TypeError, ValueError):
                     raise ValueError(f"event {i}: {k} must be a number, got {v!r}") from None
-                if not math.isfinite(f) or f <= 0:
-                    raise ValueError(f"event {i}: {k} must be a finite number > 0, got {v!r}")
+                low_ok = f >= 0 if k == "noise_multiplier" else f > 0  # sigma = 0: no noise (non-private)
+                if not math.isfinite(f) or not low_ok:
+                    raise ValueError(f"event {i}: {k} must be a finite number {'>=' if k == 'noise_multiplier' else '>'}"
+                                     f" 0, got {v!r}")
                 if k == "sample_rate" and f > 1:
                     raise ValueError(f"event {i}: sample_rate must lie in (0, 1], got {v!r}")
                 clean[k] = f
@@ -91,41 +93,13 @@ def canonical(obj: Any) -> str:
 
 
 def is_private(events: Iterable[dict]) -> bool:
-    """False when any event with steps > 0 is non-private (``sampling == "none"``)."""
-    return not any(e["sampling"] == "none" and e["steps"] > 0 for e in events)
+    """False when any event with steps > 0 is non-private (``sampling == "none"`` or noise multiplier 0)."""
+    return not any(e["steps"] > 0 and (e["sampling"] == "none" or e.get("noise_multiplier") == 0)
+                   for e in events)
 
 
 def _accountant_events(events: list[dict]) -> list[dict]:
     return [{k: v for k, v in e.items() if k not in _RECORD_ONLY} for e in events if e["steps"] > 0]
-
-
-def _events_epsilon_impl() -> Callable[..., float]:
-    try:
-        from jaxdp.accounting import events_epsilon  # the project's accountant (RDP / PLD / PRV)
-        return events_epsilon
-    except ImportError:
-        return _fallback_events_epsilon
-
-
-def _fallback_events_epsilon(events, delta, accountant="prv", neighboring_relation="add_remove") -> float:
-    """Poisson-only composition through dp-accounting, used only while ``jaxdp.accounting`` is absent."""
-    import dp_accounting
-    from dp_accounting import pld, rdp
-
-    rel = {"add_remove": dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE,
-           "replace_one": dp_accounting.NeighboringRelation.REPLACE_ONE}[neighboring_relation]
-    if accountant == "rdp":
-        acc = rdp.RdpAccountant(neighboring_relation=rel)
-    elif accountant in ("pld", "prv"):
-        acc = pld.PLDAccountant(neighboring_relation=rel, value_discretization_interval=1e-3)
-    else:
-        raise ValueError(f"unknown accountant {accountant!r}")
-    for e in events:
-        if e["sampling"] != "poisson":
-            raise NotImplementedError(f"{e['sampling']} events need jaxdp.accounting")
-        acc.compose(dp_accounting.PoissonSampledDpEvent(
-            e["sample_rate"], dp_accounting.GaussianDpEvent(e["noise_multiplier"])), e["steps"])
-    return float(acc.get_epsilon(delta))
 
 
 @functools.lru_cache(maxsize=4096)
@@ -135,7 +109,8 @@ def _cached_epsilon(events_json: str, delta: float, accountant: str, relation: s
         return 0.0
     if not is_private(events):
         return math.inf
-    return float(_events_epsilon_impl()(events, delta, accountant=accountant, neighboring_relation=relation))
+    from jaxdp.accounting import events_epsilon  # RDP / PLD / PRV on dp-accounting
+    return float(events_epsilon(events, delta, accountant=accountant, neighboring_relation=relation))
 
 
 def compose(events: list[dict], delta: float, accountant: str = "prv",
