@@ -341,13 +341,21 @@ def test_concurrent_reservations_never_overspend(tmp_path, request):
     procs = [subprocess.Popen([sys.executable, "-c", _WORKER, f"w{i}", str(tmp_path), json.dumps([run]), *urls],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
              for i in range(n)]
-    deadline = time.time() + 180
-    for j in range(len(urls)):
-        while not all((tmp_path / f"ready{j}-w{i}").exists() for i in range(n)):
-            assert time.time() < deadline and all(p.poll() is None for p in procs), [p.communicate() for p in procs]
-            time.sleep(0.005)
-        (tmp_path / f"go{j}").touch()
-    outs = [p.communicate(timeout=180) for p in procs]
+    try:
+        deadline = time.time() + 180
+        for j in range(len(urls)):
+            while not all((tmp_path / f"ready{j}-w{i}").exists() for i in range(n)):
+                if time.time() > deadline or any(p.poll() is not None for p in procs):
+                    for p in procs:
+                        p.kill()
+                    pytest.fail(f"a worker died or stalled before race {j}: {[p.communicate() for p in procs]}")
+                time.sleep(0.005)
+            (tmp_path / f"go{j}").touch()
+        outs = [p.communicate(timeout=180) for p in procs]
+    finally:
+        for p in procs:  # never leave a worker behind (e.g. after a timeout)
+            if p.poll() is None:
+                p.kill()
     assert all(p.returncode == 0 for p in procs), outs
     for j, led in enumerate(ledgers):
         results = sorted(o[0].split()[j] for o in outs)
