@@ -420,3 +420,14 @@ def test_default_prv_accountant_reference_number(tmp_path):
     r = led.reserve("mnist", "a", [ev(14063, q=256 / 60000)])
     assert r.epsilon_after["mnist"] == pytest.approx(2.392, abs=0.003)
     assert led.spent("mnist").accountant == "prv"
+
+
+def test_shuffle_events_on_a_replace_one_dataset(tmp_path):
+    """Shuffled fixed-size batches are accounted as such (RDP, replace-one), never as Poisson."""
+    led = Ledger.init(tmp_path / "l.db")
+    led.register_dataset("d", 10.0, DELTA, accountant="rdp", neighboring_relation="replace_one")
+    shuf = {"sampling": "shuffle", "noise_multiplier": 1.5, "batch_size": 100, "dataset_size": 10000, "steps": 200}
+    r = led.reserve("d", "s", [shuf])
+    assert r.epsilon_after["d"] == pytest.approx(compose(normalize_events([shuf]), DELTA, "rdp", "replace_one"))
+    with pytest.raises(ValueError, match="neighboring_relation"):
+        led.register_dataset("e", 1.0, DELTA, neighboring_relation="swap")

@@ -301,9 +301,10 @@ class Ledger:
             raise ValueError(f"delta must lie in (0, 1), got {delta!r}; use delta well below 1/dataset_size")
         if accountant not in ACCOUNTANTS:
             raise ValueError(f"accountant must be one of {ACCOUNTANTS}, got {accountant!r}")
-        # Fail now, not at the first reservation, if the accountant rejects the relation.
-        ev.compose([{"sampling": "poisson", "noise_multiplier": 1.0, "sample_rate": 0.01, "steps": 1}], delta,
-                   accountant, neighboring_relation)
+        from jaxdp.accounting import NEIGHBORING_RELATIONS
+        if neighboring_relation not in NEIGHBORING_RELATIONS:
+            raise ValueError(f"neighboring_relation must be one of {tuple(NEIGHBORING_RELATIONS)}, "
+                             f"got {neighboring_relation!r}")
         payload = {"dataset_id": dataset_id, "max_epsilon": max_epsilon, "delta": delta, "accountant": accountant,
                    "neighboring_relation": neighboring_relation, "note": note, **_who()}
         with self._store.transaction(write=True) as tx:
