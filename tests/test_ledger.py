@@ -108,7 +108,7 @@ def test_release_and_crashed_reservation_keeps_counting(url):
     assert s.epsilon == 0.0 and s.runs_released == 1
     assert led.run("crashed").release_reason == "OOM before the first step"
     led.reserve("d", "done", [ev(10)])
-    led.commit("d" and "done")
+    led.commit("done")
     with pytest.raises(LedgerError, match="committed run touched the data"):
         led.release("done", "oops")
     with pytest.raises(LedgerError, match="no reservation"):
@@ -264,6 +264,15 @@ def test_corrupt_or_missing_store_is_a_clear_error_and_untouched(tmp_path):
     sqlite3.connect(other).execute("CREATE TABLE t (x)")
     with pytest.raises(LedgerStoreError, match="not a jaxdp ledger"):
         Ledger.open(other)
+    # a ledger file cut in half (e.g. a failed copy): a clear error, the file untouched
+    cut = tmp_path / "cut.db"
+    _filled(str(cut))
+    data = cut.read_bytes()
+    cut.write_bytes(data[: len(data) // 2])
+    before = cut.read_bytes()
+    with pytest.raises(LedgerStoreError, match="cannot be read|not a readable|malformed"):
+        Ledger.open(cut).spent("d")
+    assert cut.read_bytes() == before
     # a row whose payload is not JSON (hash recomputed, so only the parse fails)
     p = str(tmp_path / "l.db")
     led = _filled(p)

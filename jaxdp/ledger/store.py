@@ -206,15 +206,25 @@ class SqliteStore(Store):
             raise LedgerStoreError(f"cannot open a transaction on {self.path}: {e}") from e
         try:
             yield _SqliteTx(self.conn)
+        except sqlite3.DatabaseError as e:
+            self._rollback()
+            raise LedgerStoreError(f"the ledger {self.path} cannot be read or written ({e}); nothing was written. "
+                                   "If it is corrupt, restore it from a backup or an export") from e
         except BaseException:
-            self.conn.execute("ROLLBACK")
+            self._rollback()
             raise
         else:
             try:
                 self.conn.execute("COMMIT")
             except sqlite3.DatabaseError as e:
-                self.conn.execute("ROLLBACK")
+                self._rollback()
                 raise LedgerStoreError(f"cannot commit to {self.path}: {e}") from e
+
+    def _rollback(self) -> None:
+        try:
+            self.conn.execute("ROLLBACK")
+        except sqlite3.DatabaseError:
+            pass  # no transaction left to roll back (SQLite already ended it)
 
     def create_schema(self) -> None:
         try:
