@@ -69,6 +69,7 @@ class RunRecord:
     release_reason: str | None = None
     user: str | None = None
     host: str | None = None
+    run_epsilon: dict = field(default_factory=dict)  # per charged dataset: this run's own epsilon, as recorded
 
     @property
     def charge_events(self) -> list[dict]:
@@ -177,10 +178,11 @@ class _State:
                     st.runs[p["run_id"]] = RunRecord(
                         p["run_id"], p["dataset_id"], list(p["charged"]), "reserved", p["events"], None,
                         p.get("model"), p.get("config_hash"), p.get("code_version"), p.get("parent_run_id"),
-                        r.ts, user=p.get("user"), host=p.get("host"))
+                        r.ts, user=p.get("user"), host=p.get("host"), run_epsilon=_floats(p.get("run_epsilon")))
                 elif r.kind == "commit":
                     run = st.runs[p["run_id"]]
                     run.status, run.actual_events, run.committed_at = "committed", p["events"], r.ts
+                    run.run_epsilon = _floats(p.get("run_epsilon"))
                 elif r.kind == "release":
                     run = st.runs[p["run_id"]]
                     run.status, run.released_at, run.release_reason = "released", r.ts, p["reason"]
@@ -344,11 +346,12 @@ class Ledger:
             charged = set(_lineage(st, parent_run_id)) if parent_run_id else set()
             if dataset_id in st.datasets:
                 charged.add(dataset_id)
-            eps_after, remaining_after = {}, {}
+            eps_after, remaining_after, run_eps = {}, {}, {}
             for d in sorted(charged):
                 b = st.datasets[d]
                 prior = st.prior_events(d)
                 eps = ev.compose(prior + events, b.delta, b.accountant, b.neighboring_relation)
+                run_eps[d] = ev.compose(events, b.delta, b.accountant, b.neighboring_relation)
                 eps_after[d], remaining_after[d] = eps, b.max_epsilon - eps
                 if not eps <= b.max_epsilon + _EPS_TOL:
                     refused.append({"dataset_id": d, "budget": b, "prior": prior, "epsilon_after": eps,
@@ -358,7 +361,7 @@ class Ledger:
                            "events": events, "model": model, "config_hash": config_hash,
                            "code_version": code_version, "parent_run_id": parent_run_id,
                            "parent_known": parent_run_id in st.runs if parent_run_id else None,
-                           "epsilon_after": eps_after, **_who()}
+                           "epsilon_after": eps_after, "run_epsilon": run_eps, **_who()}
                 row = self._store.append(tx, last, _now(), "reserve", dataset_id, run_id, canonical_payload(payload))
         if refused:  # the transaction is over: work out what would fit without holding the lock
             raise _budget_error(run_id, events, refused)
@@ -376,7 +379,7 @@ class Ledger:
             rows, last, st = self._locked_state(tx)
             run = _open_run(st, run_id, "commit")
             actual = run.planned_events if events_actual is None else ev.normalize_events(events_actual)
-            eps_after, over, exceeds = {}, [], False
+            eps_after, over, exceeds, run_eps = {}, [], False, {}
             for d in run.charged:
                 b = st.datasets[d]
                 prior = [e for r in st.charged_runs(d) if r.run_id != run_id for e in r.charge_events]
@@ -386,7 +389,8 @@ class Ledger:
                 run_planned = ev.compose(run.planned_events, b.delta, b.accountant, b.neighboring_relation)
                 run_actual = ev.compose(actual, b.delta, b.accountant, b.neighboring_relation)
                 exceeds = exceeds or run_actual > run_planned + _EPS_TOL
-            payload = {"run_id": run_id, "events": actual, "epsilon_after": eps_after,
+                run_eps[d] = run_actual
+            payload = {"run_id": run_id, "events": actual, "epsilon_after": eps_after, "run_epsilon": run_eps,
                        "exceeds_reservation": exceeds, "over_budget": over, **_who()}
             row = self._store.append(tx, last, _now(), "commit", run.dataset_id, run_id, canonical_payload(payload))
         return {"run_id": run_id, "seq": row.seq, "charged": run.charged, "events": actual,
@@ -465,6 +469,10 @@ class Ledger:
                 "unprotected_runs": [asdict(r) for r in st.runs.values() if not r.charged]}
 
 
+def _floats(d) -> dict:
+    return {k: (math.inf if v == "inf" else float(v)) for k, v in (d or {}).items()}
+
+
 def _check_id(name: str, value: Any) -> str:
     if not isinstance(value, str) or not value.strip():
         raise ValueError(f"{name} must be a non-empty string, got {value!r}")
@@ -505,7 +513,10 @@ def _summary(st: _State, dataset_id: str) -> BudgetSummary:
     eps_committed = comp([e for r in runs if r.status == "committed" for e in r.charge_events])
     per_run = []
     for r in runs:
-        per_run.append({"run_id": r.run_id, "status": r.status, "epsilon": comp(r.charge_events),
+        # each run's own epsilon as recorded at reserve/commit time (no accountant call); computed if absent
+        own = 0.0 if r.status == "released" else r.run_epsilon.get(dataset_id)
+        per_run.append({"run_id": r.run_id, "status": r.status,
+                        "epsilon": comp(r.charge_events) if own is None else own,
                         "steps": ev.total_steps(r.charge_events), "model": r.model, "parent_run_id": r.parent_run_id,
                         "inherited": r.dataset_id != dataset_id, "reserved_at": r.reserved_at,
                         "release_reason": r.release_reason})
