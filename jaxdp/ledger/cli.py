@@ -1,0 +1,306 @@
+"""``jaxdp ledger init|register|show|reserve|commit|release|verify|export`` (each with ``--json``).
+
+The ledger is ``--ledger PATH_OR_URL`` or, by default, the ``JAXDP_LEDGER`` environment variable.
+Exit status: 0 success, 1 refused (budget exceeded, verification failed), 2 usage or store error.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+
+ENV = "JAXDP_LEDGER"
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("ledger", help="privacy budget ledger: reserve, commit, verify",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="ledger_command", metavar="SUBCOMMAND")
+    p.set_defaults(func=lambda a: (p.print_help(), 2)[1])
+
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--ledger", default=os.environ.get(ENV),
+                        help=f"SQLite file, sqlite:///PATH or postgresql://URL (default: ${ENV})")
+    common.add_argument("--json", action="store_true", help="print one JSON object")
+
+    def budget_args(q, required):
+        q.add_argument("--dataset", required=required, help="dataset id to protect")
+        q.add_argument("--max-epsilon", type=float, required=required, help="total epsilon budget")
+        q.add_argument("--delta", type=float, required=required, help="delta of the budget")
+        q.add_argument("--accountant", default="prv", choices=["prv", "pld", "rdp"])
+        q.add_argument("--neighboring-relation", default="add_remove")
+        q.add_argument("--note", default=None)
+
+    q = sub.add_parser("init", parents=[common], help="create a ledger (and optionally register a dataset)")
+    budget_args(q, required=False)
+    q.set_defaults(func=_init)
+
+    q = sub.add_parser("register", parents=[common], help="protect a dataset with a budget")
+    budget_args(q, required=True)
+    q.set_defaults(func=_register)
+
+    q = sub.add_parser("show", parents=[common], help="budgets, spent (composed and plain sum), remaining, runs")
+    q.add_argument("--dataset", default=None)
+    q.set_defaults(func=_show)
+
+    def event_args(q):
+        q.add_argument("--events", default=None,
+                       help="events as JSON (a list of event dicts) or @FILE; or use the options below")
+        q.add_argument("--sampling", default="poisson", choices=["poisson", "shuffle", "truncated_poisson", "none"])
+        q.add_argument("--noise-multiplier", type=float)
+        q.add_argument("--sample-rate", type=float)
+        q.add_argument("--batch-size", type=int)
+        q.add_argument("--dataset-size", type=int)
+        q.add_argument("--max-batch-size", type=int)
+        q.add_argument("--steps", type=int)
+        q.add_argument("--epochs", type=float, help="instead of --steps: steps = ceil(epochs / q)")
+        q.add_argument("--l2-clip-norm", type=float)
+
+    q = sub.add_parser("reserve", parents=[common], help="reserve a run's planned mechanism before it starts")
+    q.add_argument("--dataset", required=True)
+    q.add_argument("--run-id", required=True)
+    event_args(q)
+    q.add_argument("--model")
+    q.add_argument("--config-hash")
+    q.add_argument("--code-version")
+    q.add_argument("--parent-run-id", help="the run whose model this run fine-tunes")
+    q.set_defaults(func=_reserve)
+
+    q = sub.add_parser("commit", parents=[common], help="record the steps a run actually took")
+    q.add_argument("--run-id", required=True)
+    q.add_argument("--events", default=None, help="actual events as JSON or @FILE (default: as reserved)")
+    q.add_argument("--steps", type=int, default=None, help="actual steps of a one-event reservation")
+    q.set_defaults(func=_commit)
+
+    q = sub.add_parser("release", parents=[common], help="free the reservation of a run that never touched data")
+    q.add_argument("--run-id", required=True)
+    q.add_argument("--reason", required=True, help="recorded in the ledger")
+    q.set_defaults(func=_release)
+
+    q = sub.add_parser("verify", parents=[common], help="check the hash chain (exit 1 if it fails)")
+    q.add_argument("--expect-head", default=None, help="a head hash kept elsewhere that must still be in the chain")
+    q.set_defaults(func=_verify)
+
+    q = sub.add_parser("export", parents=[common], help="everything as JSON (rows with hashes, state, report)")
+    q.add_argument("--output", "-o", default=None, help="write to this file instead of stdout")
+    q.set_defaults(func=_export)
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+def _open(args, create=False):
+    from jaxdp.ledger import Ledger
+    if not args.ledger:
+        raise ValueError(f"no ledger given: pass --ledger PATH_OR_URL or set {ENV}")
+    return Ledger.init(args.ledger) if create else Ledger.open(args.ledger)
+
+
+def _emit(args, obj: dict, text: str) -> None:
+    if args.json:
+        print(json.dumps(_clean(obj), indent=None, sort_keys=True))
+    else:
+        print(text)
+
+
+def _clean(v):
+    if isinstance(v, float) and not math.isfinite(v):
+        return "inf" if v > 0 else "-inf"
+    if isinstance(v, dict):
+        return {k: _clean(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_clean(x) for x in v]
+    return v
+
+
+def _fail(args, err: Exception, code: int) -> int:
+    from jaxdp.ledger import BudgetExceededError
+    if args.json:
+        obj = {"ok": False, "error": type(err).__name__, "message": str(err)}
+        if isinstance(err, BudgetExceededError):
+            obj["details"] = err.details
+        print(json.dumps(_clean(obj), sort_keys=True))
+    print(f"jaxdp ledger {args.ledger_command}: {type(err).__name__}: {err}", file=sys.stderr)
+    return code
+
+
+def _guard(fn):
+    def run(args) -> int:
+        from jaxdp.ledger import BudgetExceededError, LedgerError, LedgerIntegrityError, ReservationRequiredError
+        try:
+            return fn(args)
+        except (BudgetExceededError, LedgerIntegrityError, ReservationRequiredError) as e:
+            return _fail(args, e, 1)
+        except (LedgerError, ValueError, OSError) as e:
+            return _fail(args, e, 2)
+    return run
+
+
+def _load_events(text: str | None):
+    if text is None:
+        return None
+    if text.startswith("@"):
+        with open(text[1:]) as f:
+            text = f.read()
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--events is not valid JSON: {e}") from None
+
+
+def _events_from_args(args) -> list[dict]:
+    events = _load_events(args.events)
+    if events is not None:
+        return events
+    steps = args.steps
+    if steps is None and args.epochs is not None:
+        if args.sampling == "shuffle":
+            if not (args.batch_size and args.dataset_size):
+                raise ValueError("--epochs with shuffle sampling needs --batch-size and --dataset-size")
+            steps = math.ceil(args.epochs * args.dataset_size / args.batch_size)
+        else:
+            if not args.sample_rate:
+                raise ValueError("--epochs needs --sample-rate (steps = ceil(epochs / sample_rate))")
+            steps = math.ceil(args.epochs / args.sample_rate)
+    if steps is None:
+        raise ValueError("give --steps or --epochs (or --events JSON)")
+    e = {"sampling": args.sampling, "steps": steps}
+    for k in ("noise_multiplier", "sample_rate", "batch_size", "dataset_size", "max_batch_size", "l2_clip_norm"):
+        v = getattr(args, k)
+        if v is not None and args.sampling != "none":
+            e[k] = v
+    if args.sampling == "truncated_poisson" or args.sampling == "poisson":
+        e.pop("batch_size", None)
+        if args.sampling == "poisson":
+            e.pop("dataset_size", None)
+    return [e]
+
+
+def _fmt_eps(x) -> str:
+    return "inf" if not math.isfinite(x) else f"{x:.4f}"
+
+
+# ---------------------------------------------------------------------------------------------- commands
+@_guard
+def _init(args) -> int:
+    led = _open(args, create=True)
+    out = {"ok": True, "ledger": led.url}
+    text = f"ledger ready: {led.url}"
+    if args.dataset:
+        if args.max_epsilon is None or args.delta is None:
+            raise ValueError("registering --dataset needs --max-epsilon and --delta")
+        b = led.register_dataset(args.dataset, args.max_epsilon, args.delta, args.accountant,
+                                 neighboring_relation=args.neighboring_relation, note=args.note)
+        out["dataset"] = vars(b)
+        text += f"\nprotected {b.dataset_id!r}: epsilon {b.max_epsilon:g} at delta {b.delta:g} ({b.accountant})"
+    _emit(args, out, text)
+    return 0
+
+
+@_guard
+def _register(args) -> int:
+    led = _open(args)
+    b = led.register_dataset(args.dataset, args.max_epsilon, args.delta, args.accountant,
+                             neighboring_relation=args.neighboring_relation, note=args.note)
+    _emit(args, {"ok": True, "dataset": vars(b)},
+          f"protected {b.dataset_id!r}: epsilon {b.max_epsilon:g} at delta {b.delta:g} ({b.accountant})")
+    return 0
+
+
+@_guard
+def _show(args) -> int:
+    led = _open(args)
+    s = led.summary()
+    if args.dataset:
+        if args.dataset not in s["datasets"]:
+            raise ValueError(f"dataset {args.dataset!r} is not registered in {led.url}")
+        s["datasets"] = {args.dataset: s["datasets"][args.dataset]}
+    lines = [f"ledger {s['ledger']}  (head seq {s['head_seq']}, hash {s['head_hash']})"]
+    for d, b in s["datasets"].items():
+        eps = float(b["epsilon"]) if not isinstance(b["epsilon"], str) else math.inf
+        lines.append(f"\n{d}: budget epsilon {b['max_epsilon']:g} at delta {b['delta']:g} ({b['accountant']})")
+        lines.append(f"  spent (composed) {_fmt_eps(eps)}   plain sum {_fmt_eps(float(b['plain_sum']))}   "
+                     f"committed {_fmt_eps(float(b['epsilon_committed']))}   remaining "
+                     f"{_fmt_eps(float(b['remaining']))}")
+        lines.append(f"  runs: {b['runs_committed']} committed, {b['runs_reserved']} reserved (open), "
+                     f"{b['runs_released']} released")
+        for r in b["runs"]:
+            tag = " [fine-tune: inherited]" if r["inherited"] else ""
+            extra = f"  reason: {r['release_reason']}" if r["release_reason"] else ""
+            lines.append(f"    {r['run_id']:<24} {r['status']:<9} eps {_fmt_eps(float(r['epsilon']))}  "
+                         f"steps {r['steps']}  model {r['model']}{tag}{extra}")
+    if not s["datasets"]:
+        lines.append("no protected datasets (register one with `jaxdp ledger register`)")
+    _emit(args, s, "\n".join(lines))
+    return 0
+
+
+@_guard
+def _reserve(args) -> int:
+    led = _open(args)
+    res = led.reserve(args.dataset, args.run_id, _events_from_args(args), model=args.model,
+                      config_hash=args.config_hash, code_version=args.code_version,
+                      parent_run_id=args.parent_run_id)
+    text = f"reserved run {res.run_id!r}"
+    if res.charged:
+        text += " charged to " + ", ".join(f"{d!r} (composed epsilon {_fmt_eps(res.epsilon_after[d])}, remaining "
+                                           f"{_fmt_eps(res.remaining_after[d])})" for d in res.charged)
+    else:
+        text += f" (dataset {res.dataset_id!r} is not protected: recorded only)"
+    _emit(args, {"ok": True, **res.as_dict()}, text)
+    return 0
+
+
+@_guard
+def _commit(args) -> int:
+    led = _open(args)
+    events = _load_events(args.events)
+    if events is None and args.steps is not None:
+        run = led.run(args.run_id)
+        if run is None:
+            raise ValueError(f"run {args.run_id!r} has no reservation")
+        if len(run.planned_events) != 1:
+            raise ValueError("--steps needs a one-event reservation; give --events for several")
+        events = [dict(run.planned_events[0], steps=args.steps)]
+    out = led.commit(args.run_id, events)
+    text = f"committed run {out['run_id']!r}: " + ", ".join(
+        f"{d!r} now at epsilon {_fmt_eps(e)}" for d, e in out["epsilon_after"].items())
+    if out["exceeds_reservation"]:
+        text += "\nWARNING: the run took more than it reserved"
+    if out["over_budget"]:
+        text += f"\nWARNING: over budget on {out['over_budget']}"
+    _emit(args, {"ok": True, **out}, text)
+    return 0
+
+
+@_guard
+def _release(args) -> int:
+    led = _open(args)
+    out = led.release(args.run_id, args.reason)
+    _emit(args, {"ok": True, **out}, f"released run {out['run_id']!r} (reason recorded: {out['reason']})")
+    return 0
+
+
+@_guard
+def _verify(args) -> int:
+    led = _open(args)
+    rep = led.verify(expected_head=args.expect_head)
+    text = (f"OK: {rep['rows']} rows, chain intact, head seq {rep['head_seq']} hash {rep['head_hash']}"
+            if rep["ok"] else "FAILED:\n  " + "\n  ".join(rep["problems"]))
+    _emit(args, rep, text)
+    return 0 if rep["ok"] else 1
+
+
+@_guard
+def _export(args) -> int:
+    led = _open(args)
+    data = _clean(led.export())
+    text = json.dumps(data, indent=2, sort_keys=True)
+    if args.output:
+        with open(args.output, "w") as f:
+            f.write(text + "\n")
+        _emit(args, {"ok": True, "output": args.output, "rows": len(data["log"]), "verify": data["verify"]},
+              f"exported {len(data['log'])} rows to {args.output}")
+    else:
+        print(text if not args.json else json.dumps(data, sort_keys=True))
+    return 0

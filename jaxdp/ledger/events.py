@@ -1,0 +1,204 @@
+"""Mechanism events as the ledger records them, their composition, and what would still fit a budget.
+
+An *event* is one mechanism run on a dataset, as a plain JSON-able dict in the format of
+:func:`jaxdp.accounting.events_epsilon`::
+
+    {"sampling": "poisson", "noise_multiplier": s, "sample_rate": q, "steps": T}
+    {"sampling": "shuffle", "noise_multiplier": s, "batch_size": b, "dataset_size": n, "steps": T}
+    {"sampling": "truncated_poisson", "noise_multiplier": s, "sample_rate": q, "max_batch_size": m,
+     "dataset_size": n, "steps": T}
+    {"sampling": "none", "steps": T}          # non-private: epsilon = infinity
+
+plus, for the record only, ``"l2_clip_norm"`` (the accountant never sees it: the privacy guarantee is a function
+of the noise multiplier, the clip norm only scales the noise). The privacy unit is one example of the dataset.
+
+Composing all events charged to a dataset with the dataset's accountant gives the *spent* epsilon at the
+dataset's delta; the plain sum of each run's epsilon (basic composition, valid but loose) is shown beside it.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import math
+from typing import Any, Iterable
+
+SAMPLINGS = ("poisson", "shuffle", "truncated_poisson", "none")
+_REQUIRED = {
+    "poisson": ("noise_multiplier", "sample_rate", "steps"),
+    "shuffle": ("noise_multiplier", "batch_size", "dataset_size", "steps"),
+    "truncated_poisson": ("noise_multiplier", "sample_rate", "max_batch_size", "dataset_size", "steps"),
+    "none": ("steps",),
+}
+_INT_KEYS = ("steps", "batch_size", "dataset_size", "max_batch_size")
+_RECORD_ONLY = ("l2_clip_norm",)
+
+
+def normalize_events(events: Any) -> list[dict]:
+    """Validate events and return canonical copies (ints as int, floats as float, unknown keys refused).
+
+    Raises ``ValueError`` naming the event and the key that is missing or out of range.
+    """
+    if isinstance(events, dict):
+        events = [events]
+    if not isinstance(events, (list, tuple)) or not events:
+        raise ValueError("events must be a non-empty list of event dicts, e.g. "
+                         '[{"sampling": "poisson", "noise_multiplier": 1.1, "sample_rate": 0.004, "steps": 1000}]')
+    out = []
+    for i, ev in enumerate(events):
+        if not isinstance(ev, dict):
+            raise ValueError(f"event {i} must be a dict, got {type(ev).__name__}")
+        sampling = ev.get("sampling")
+        if sampling not in SAMPLINGS:
+            raise ValueError(f"event {i}: sampling must be one of {SAMPLINGS}, got {sampling!r}")
+        allowed = set(_REQUIRED[sampling]) | {"sampling", *_RECORD_ONLY}
+        missing = [k for k in _REQUIRED[sampling] if ev.get(k) is None]
+        if missing:
+            raise ValueError(f"event {i} ({sampling}): missing {missing}; a {sampling} event needs "
+                             f"{list(_REQUIRED[sampling])}")
+        unknown = sorted(set(ev) - allowed)
+        if unknown:
+            raise ValueError(f"event {i} ({sampling}): unknown keys {unknown}; allowed: {sorted(allowed)}")
+        clean: dict[str, Any] = {"sampling": sampling}
+        for k in sorted(allowed - {"sampling"}):
+            if ev.get(k) is None:
+                continue
+            v = ev[k]
+            if k in _INT_KEYS:
+                if isinstance(v, bool) or not float(v).is_integer() or int(v) < (0 if k == "steps" else 1):
+                    raise ValueError(f"event {i}: {k} must be an integer >= {0 if k == 'steps' else 1}, got {v!r}")
+                clean[k] = int(v)
+            else:
+                try:
+                    f = float(v)
+                except (TypeError, ValueError):
+                    raise ValueError(f"event {i}: {k} must be a number, got {v!r}") from None
+                low_ok = f >= 0 if k == "noise_multiplier" else f > 0  # sigma = 0: no noise (non-private)
+                if not math.isfinite(f) or not low_ok:
+                    raise ValueError(f"event {i}: {k} must be a finite number {'>=' if k == 'noise_multiplier' else '>'}"
+                                     f" 0, got {v!r}")
+                if k == "sample_rate" and f > 1:
+                    raise ValueError(f"event {i}: sample_rate must lie in (0, 1], got {v!r}")
+                clean[k] = f
+        if sampling in ("shuffle", "truncated_poisson"):
+            size_key = "batch_size" if sampling == "shuffle" else "max_batch_size"
+            if clean[size_key] > clean["dataset_size"]:
+                raise ValueError(f"event {i}: {size_key} {clean[size_key]} exceeds dataset_size {clean['dataset_size']}")
+        out.append(clean)
+    return out
+
+
+def canonical(obj: Any) -> str:
+    """Canonical JSON text (sorted keys, no spaces): the form that is hashed and cached."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False)
+
+
+def is_private(events: Iterable[dict]) -> bool:
+    """False when any event with steps > 0 is non-private (``sampling == "none"`` or noise multiplier 0)."""
+    return not any(e["steps"] > 0 and (e["sampling"] == "none" or e.get("noise_multiplier") == 0)
+                   for e in events)
+
+
+def _accountant_events(events: list[dict]) -> list[dict]:
+    return [{k: v for k, v in e.items() if k not in _RECORD_ONLY} for e in events if e["steps"] > 0]
+
+
+@functools.lru_cache(maxsize=4096)
+def _cached_epsilon(events_json: str, delta: float, accountant: str, relation: str) -> float:
+    events = json.loads(events_json)
+    if not events:
+        return 0.0
+    if not is_private(events):
+        return math.inf
+    from jaxdp.accounting import events_epsilon  # RDP / PLD / PRV on dp-accounting
+    return float(events_epsilon(events, delta, accountant=accountant, neighboring_relation=relation))
+
+
+def compose(events: list[dict], delta: float, accountant: str = "prv",
+            neighboring_relation: str = "add_remove") -> float:
+    """Epsilon at ``delta`` of all ``events`` composed with ``accountant`` (cached; 0 for no steps; inf if
+    any event with steps is non-private). Events must be normalized (:func:`normalize_events`)."""
+    merged = _merge(_accountant_events(events))
+    return _cached_epsilon(canonical(merged), float(delta), accountant, neighboring_relation)
+
+
+def _merge(events: list[dict]) -> list[dict]:
+    """Merge events that differ only in steps (T1 steps then T2 steps of one mechanism = T1 + T2 steps):
+    same composition, fewer accountant calls, and a cache key independent of how the runs were split."""
+    acc: dict[str, dict] = {}
+    for e in events:
+        key = canonical({k: v for k, v in e.items() if k != "steps"})
+        if key in acc:
+            acc[key]["steps"] += e["steps"]
+        else:
+            acc[key] = dict(e)
+    return sorted(acc.values(), key=canonical)
+
+
+def total_steps(events: list[dict]) -> int:
+    return sum(e["steps"] for e in events)
+
+
+def epochs_of(event: dict) -> float | None:
+    """Passes over the data that ``event``'s steps amount to (``steps * q`` or ``steps * b / n``)."""
+    if event["sampling"] in ("poisson", "truncated_poisson"):
+        return event["steps"] * event["sample_rate"]
+    if event["sampling"] == "shuffle":
+        return event["steps"] * event["batch_size"] / event["dataset_size"]
+    return None
+
+
+def suggest(prior: list[dict], planned: list[dict], max_epsilon: float, delta: float, accountant: str,
+            relation: str) -> dict:
+    """What would fit in the budget next to ``prior`` events: the planned run with fewer steps (same sigma),
+    or with a larger noise multiplier (same steps). Both by bisection on the composed epsilon.
+
+    Returns ``{"max_steps": [...per planned event], "max_epochs": [...], "fraction_of_steps": f,
+    "min_noise_multiplier": [...per event] or None}``; ``max_steps`` all 0 when nothing fits.
+    """
+    def eps_with(events):
+        return compose(prior + events, delta, accountant, relation)
+
+    out: dict[str, Any] = {}
+    if compose(prior, delta, accountant, relation) >= max_epsilon or not is_private(planned):
+        out.update(max_steps=[0] * len(planned), max_epochs=[0.0] * len(planned), fraction_of_steps=0.0,
+                   min_noise_multiplier=None)
+        return out
+
+    def scaled_steps(frac):
+        return [dict(e, steps=int(math.floor(e["steps"] * frac))) for e in planned]
+
+    lo, hi = 0.0, 1.0  # eps_with(scaled_steps(lo)) fits; hi does not (that is why we are here)
+    for _ in range(30):
+        mid = (lo + hi) / 2
+        if eps_with(scaled_steps(mid)) <= max_epsilon:
+            lo = mid
+        else:
+            hi = mid
+        if all(math.floor(e["steps"] * lo) == math.floor(e["steps"] * hi) for e in planned):
+            break
+    fit = scaled_steps(lo)
+    out["max_steps"] = [e["steps"] for e in fit]
+    out["max_epochs"] = [None if epochs_of(e) is None else round(epochs_of(e), 4) for e in fit]
+    out["fraction_of_steps"] = round(lo, 4)
+
+    def scaled_sigma(f):
+        return [dict(e, noise_multiplier=e["noise_multiplier"] * f) if "noise_multiplier" in e else e
+                for e in planned]
+
+    lo_f, hi_f = 1.0, 2.0
+    while eps_with(scaled_sigma(hi_f)) > max_epsilon and hi_f < 1e4:
+        lo_f, hi_f = hi_f, hi_f * 2
+    if eps_with(scaled_sigma(hi_f)) > max_epsilon:
+        out["min_noise_multiplier"] = None
+    else:
+        for _ in range(40):
+            mid = (lo_f + hi_f) / 2
+            if eps_with(scaled_sigma(mid)) <= max_epsilon:
+                hi_f = mid
+            else:
+                lo_f = mid
+            if hi_f / lo_f < 1 + 1e-3:
+                break
+        out["min_noise_multiplier"] = [None if "noise_multiplier" not in e else
+                                       math.ceil(e["noise_multiplier"] * 1e4) / 1e4 for e in scaled_sigma(hi_f)]
+    return out
