@@ -20,19 +20,28 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed test-deps
 	$(PY) -m pytest -q
 
-# PostgreSQL server binaries for the ledger's PostgreSQL tests (Debian's `postgresql` package; the tests start a
-# throwaway server themselves). Skip with JAXDP_SKIP_POSTGRES=1. See docs/ledger.md.
+# System packages the tests use: promtool (Debian's `prometheus`) for the alert-rule tests, and PostgreSQL server
+# binaries (Debian's `postgresql`) for the ledger's PostgreSQL tests (the tests start a throwaway server
+# themselves; skip those with JAXDP_SKIP_POSTGRES=1). See docs/telemetry.md and docs/ledger.md.
 test-deps:
+	@command -v promtool >/dev/null 2>&1 || \
+	  { S=$$([ "$$(id -u)" = 0 ] || echo sudo -n); echo "test-deps: installing prometheus (promtool) with apt-get"; \
+	    ( $$S apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$S apt-get install -y -qq --no-install-recommends prometheus >/dev/null ) || \
+	    echo "test-deps: could not install prometheus (promtool) with apt-get; install it yourself (the alert-rule tests will fail otherwise)"; }
 	@[ "$$JAXDP_SKIP_POSTGRES" = 1 ] || command -v pg_ctl >/dev/null 2>&1 || ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 || \
 	  { S=$$([ "$$(id -u)" = 0 ] || echo sudo -n); echo "test-deps: installing postgresql (apt-get)"; \
 	    ( $$S apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$S apt-get install -y -qq postgresql >/dev/null ) || \
 	    echo "test-deps: could not install postgresql with apt-get (needs root or sudo, network and a Debian/Ubuntu system); install it yourself or set JAXDP_SKIP_POSTGRES=1 (the PostgreSQL ledger tests will fail otherwise)"; }
 
-test-slow: $(VENV)/.installed
+test-slow: $(VENV)/.installed test-deps
 	$(PY) -m pytest -q -m slow
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/step_speed.py
+	$(PY) benchmarks/accounting_speed.py
+	$(PY) benchmarks/multi_device.py
+	$(PY) benchmarks/audit_shadow_speed.py
+	$(PY) benchmarks/parity_report.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache runs

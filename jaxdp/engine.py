@@ -249,6 +249,10 @@ class PrivacyEngine:
         target_epsilon: float | None = None,
         target_delta: float | None = None,
         opacus_compat: bool = False,
+        ledger: Any = None,
+        dataset_id: str | None = None,
+        run_id: str | None = None,
+        parent_run_id: str | None = None,
     ) -> PrivateTraining:
         """Wrap a model, a per-example loss and an optax optimiser into a :class:`PrivateTraining`.
 
@@ -265,6 +269,9 @@ class PrivacyEngine:
           poisson_sampling: False = shuffled fixed-size batches, accounted as such (not as Poisson).
           opacus_compat: divide by ``int(N * q)`` as Opacus does instead of ``q * N``.
           target_epsilon, target_delta: stop (PrivacyBudgetExhausted) at the step that would exceed epsilon.
+          ledger, dataset_id, run_id, parent_run_id: a privacy ledger (:mod:`jaxdp.ledger`, object or path;
+            default ``$JAXDP_LEDGER``): training on a protected dataset is refused unless ``run_id`` holds a
+            reservation charged to it (and, when fine-tuning, to the parent model's datasets).
         """
         n = _checks.positive_int("dataset_size", dataset_size)
         b = _checks.positive("batch_size", batch_size)
@@ -283,6 +290,14 @@ class PrivacyEngine:
                 raise ValueError("target_epsilon needs target_delta")
         if target_delta is not None:
             _check_delta(target_delta, n)
+        import os
+        ledger = ledger if ledger is not None else os.environ.get("JAXDP_LEDGER")
+        if ledger is not None and ledger is not False:  # False: the caller (e.g. DPTrainer) checks itself
+            from jaxdp.ledger import require_reservation
+            if dataset_id is None or run_id is None:
+                raise ValueError("with a privacy ledger, make_private needs dataset_id= and run_id= (the run's "
+                                 "reservation); see jaxdp.ledger")
+            require_reservation(ledger, dataset_id, run_id, private=True, parent_run_id=parent_run_id)
         pure, p, graph = self._prepare(loss_fn, model, variables, params, sample_input)
         if poisson_sampling:
             sampler = PoissonSampler(n, q, seed, max_batch_size=max_batch_size, secure=self.secure_mode)

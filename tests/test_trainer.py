@@ -131,3 +131,41 @@ def test_audit_of_the_trained_checkpoint(tmp_path):
     assert 0.0 <= res["auc"] <= 1.0 and "train vs test" in res["summary"]
     loaded = DPTrainer.load(str(tmp_path / "run"))
     assert np.array_equal(loaded.per_example_losses("test"), trainer.per_example_losses("test"))
+
+
+def test_ledger_enforcement(tmp_path, monkeypatch):
+    from jaxdp.ledger import Ledger, ReservationRequiredError
+    path = str(tmp_path / "ledger.db")
+    led = Ledger.open(path, create=True)
+    led.register_dataset("digits", max_epsilon=2.5, delta=1e-5, accountant="rdp")
+    # A non-private run on the protected dataset is refused before any step.
+    cfg = tiny_config(tmp_path, enabled=False)
+    cfg["ledger"] = {"path": path}
+    with pytest.raises(ReservationRequiredError, match="non-private"):
+        DPTrainer(cfg, log=False).train()
+    # A private run without reserving (reserve: false) is refused; with reserve it is charged and committed.
+    cfg = tiny_config(tmp_path)
+    cfg["ledger"] = {"path": path, "reserve": False}
+    with pytest.raises(ReservationRequiredError, match="no reservation"):
+        DPTrainer(cfg, out_dir=str(tmp_path / "r0"), log=False).train()
+    cfg["ledger"] = {"path": path}
+    trainer = DPTrainer(cfg, out_dir=str(tmp_path / "r1"), log=False)
+    trainer.train()
+    run = led.run(trainer.run_id)
+    assert run.status == "committed"
+    spent = led.spent("digits")
+    assert spent.epsilon == pytest.approx(trainer.get_privacy_spent()[0], rel=1e-6)
+    # A second epsilon-2 run composes (RDP) to about 2.9 > 2.5: refused, nothing is written.
+    from jaxdp.ledger import BudgetExceededError
+    with pytest.raises(BudgetExceededError):
+        DPTrainer(cfg, out_dir=str(tmp_path / "r2"), log=False).train()
+    # The engine refuses too (via $JAXDP_LEDGER) without a reservation for the run.
+    monkeypatch.setenv("JAXDP_LEDGER", path)
+    import jax.numpy as jnp
+    import optax
+    from jaxdp import PrivacyEngine
+    with pytest.raises(ReservationRequiredError):
+        PrivacyEngine(accountant="rdp").make_private(
+            loss_fn=lambda p, b: jnp.zeros(b["x"].shape[0]), params={"w": jnp.zeros(2)}, optimizer=optax.sgd(0.1),
+            dataset_size=100, batch_size=10, noise_multiplier=1.0, max_grad_norm=1.0, seed=0,
+            dataset_id="digits", run_id="unreserved")

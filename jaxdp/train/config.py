@@ -28,6 +28,12 @@ Schema (``REQUIRED`` keys must be present, others have the defaults shown)::
         max_grad_norm: 1.0
         noise_multiplier: null   # null = calibrate from epsilon
         neighboring_relation: add_remove   # add_remove | replace_one (shuffle sampling needs replace_one)
+    ledger:
+      path: null                 # privacy ledger (SQLite path or postgresql:// URL); default $JAXDP_LEDGER
+      dataset_id: null           # the dataset's id in the ledger (default: data.name)
+      run_id: null               # use this run id (e.g. one reserved with `jaxdp ledger reserve`)
+      reserve: true              # reserve the planned steps before the first step (else: must be reserved)
+      parent_run_id: null        # fine-tuning: the run that trained the starting model (charged to its data)
     output:
       dir: runs/run              # metrics.json, checkpoint, config.yaml are written here
       checkpoint_every: 1        # epochs between checkpoints
@@ -55,6 +61,7 @@ SCHEMA: dict[str, Any] = {
         "dp": {"enabled": True, "epsilon": 3.0, "delta": 1e-5, "max_grad_norm": 1.0, "noise_multiplier": None,
                "neighboring_relation": "add_remove"},
     },
+    "ledger": {"path": None, "dataset_id": None, "run_id": None, "reserve": True, "parent_run_id": None},
     "output": {"dir": "runs/run", "checkpoint_every": 1, "progress": True, "telemetry_port": None,
                "pushgateway": None},
 }

@@ -100,7 +100,7 @@ class DPTrainer:
         self.graphdef, self.params0, self.rest = nnx.split(self.model, nnx.Param, ...)
         self.metrics: list[dict] = []
         self.status = "not started"
-        self.run_id = uuid.uuid4().hex[:12]
+        self.run_id = cfg["ledger"]["run_id"] or uuid.uuid4().hex[:12]
         self.telemetry = None
         out = cfg["output"]
         if out["telemetry_port"] is not None or out["pushgateway"]:
@@ -123,7 +123,8 @@ class DPTrainer:
             common = dict(loss_fn=self._loss, model=self.model, optimizer=optimizer, dataset_size=self.n,
                           batch_size=t["batch_size"], max_grad_norm=dp["max_grad_norm"], seed=self.seed,
                           method=t["method"], microbatch_size=t["microbatch_size"],
-                          poisson_sampling=t["sampling"] == "poisson")
+                          poisson_sampling=t["sampling"] == "poisson",
+                          ledger=False)  # train() reserves in and checks against the ledger before step 1
             if dp["noise_multiplier"] is None:
                 self.private = self.engine.make_private_with_epsilon(
                     target_epsilon=dp["epsilon"], target_delta=self.delta, epochs=self.epochs, **common)
@@ -239,6 +240,42 @@ class DPTrainer:
             self.engine.accountant.__dict__.update(restored.__dict__)
         return True
 
+    # -- ledger --------------------------------------------------------------------------------------------
+    def _ledger_events(self, steps: int) -> list[dict]:
+        if not self.dp:
+            return [{"sampling": "none", "steps": steps}]
+        return [dict(e, l2_clip_norm=self.cfg["training"]["dp"]["max_grad_norm"]) for e in self.private.events(steps)]
+
+    def _ledger_open(self):
+        """Reserve (if configured) and check the run against the privacy ledger before the first step."""
+        lcfg = self.cfg["ledger"]
+        path = lcfg["path"] or os.environ.get("JAXDP_LEDGER")
+        if not path:
+            self.ledger = None
+            return
+        from jaxdp import ledger as ledger_lib
+        self.ledger = ledger_lib.Ledger.open(path)
+        self.dataset_id = lcfg["dataset_id"] or self.dataset.name
+        protected = self.ledger.is_protected(self.dataset_id) or bool(lcfg["parent_run_id"])
+        run = self.ledger.run(self.run_id) if hasattr(self.ledger, "run") else None
+        if protected and self.dp and lcfg["reserve"] and run is None:
+            self.ledger.reserve(self.dataset_id, self.run_id, self._ledger_events(self.total_steps),
+                                model=self.cfg["model"]["name"], config_hash=config_hash(self.cfg),
+                                code_version=ledger_lib.code_version(), parent_run_id=lcfg["parent_run_id"])
+        ledger_lib.require_reservation(self.ledger, self.dataset_id, self.run_id, private=self.dp,
+                                       parent_run_id=lcfg["parent_run_id"])
+        if self.telemetry is not None:
+            self.telemetry.record_ledger(protected=protected, reserved=True,
+                                         budget_remaining=self.ledger.remaining(self.dataset_id)
+                                         if self.ledger.is_protected(self.dataset_id) else None)
+
+    def _ledger_commit(self) -> None:
+        if getattr(self, "ledger", None) is None:
+            return
+        run = self.ledger.run(self.run_id)
+        if run is not None and run.status == "reserved":
+            self.ledger.commit(self.run_id, self._ledger_events(int(self.state.step)))
+
     # -- the loop ------------------------------------------------------------------------------------------
     def _write_outputs(self) -> dict:
         import yaml
@@ -278,6 +315,7 @@ class DPTrainer:
             return self._write_outputs()
         self.status = "running"
         os.makedirs(self.out_dir, exist_ok=True)
+        self._ledger_open()
         # Epoch k ends at step ceil(k / q) (Poisson) or k * steps_per_epoch (shuffle), so fractional steps
         # per epoch add up exactly to the planned total.
         n_epochs = math.ceil(self.epochs)
@@ -363,6 +401,8 @@ class DPTrainer:
         if int(self.state.step) >= self.total_steps:
             self.status = "finished"
         self._save()
+        if self.status in ("finished", "budget_exhausted"):
+            self._ledger_commit()
         return self._write_outputs()
 
 
