@@ -131,11 +131,12 @@ def guarantee_sentence(mp: Mapping[str, Any]) -> str:
     else:
         how = f"{sampling} sampling rate q={_g(mp['sample_rate'])}"
     relation = "add/remove-one" if mp.get("neighboring_relation", "add_remove") == "add_remove" else "replace-one"
-    return (f"Trained with {mp['mechanism']} ({how}, noise multiplier σ={_g(mp['noise_multiplier'])}, "
+    acc = str(mp.get("accountant") or "").upper()
+    return (f"Trained with DP-SGD ({how}, noise multiplier σ={_g(mp['noise_multiplier'])}, "
             f"clip norm C={_g(mp['max_grad_norm'])}, T={mp['steps']} steps, training set of "
-            f"{mp['training_set_size']} examples): for any one training example, ({_g(mp['epsilon'])}, "
-            f"{_g(mp['delta'])})-differential privacy under {relation} neighbouring datasets holds, i.e. "
-            f"ε={_g(mp['epsilon'])}, δ={_g(mp['delta'])} ({str(mp['accountant']).upper()} accountant).")
+            f"{mp['training_set_size']} examples): for any one training example, (ε={_g(mp['epsilon'])}, "
+            f"δ={_g(mp['delta'])})-differential privacy holds under {relation} neighbouring datasets "
+            f"({acc} accountant).")
 
 
 def build_model_privacy(run_dir: str | os.PathLike, *, audit: str | os.PathLike | None = None,

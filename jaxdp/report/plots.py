@@ -54,8 +54,14 @@ def epsilon_curve(metrics: Mapping[str, Any], points: int = 20) -> tuple[list[in
     if not metrics.get("dp") or total <= 0:
         return [], []
     grid = sorted({int(round(t)) for t in np.linspace(1, total, min(points, total))} | {total})
-    eps = [float(events_epsilon([_event(metrics, t)], metrics["delta"], accountant=metrics["accountant"]))
-           for t in grid]
+    from absl import logging as absl_logging  # dp-accounting's RDP logs one line per excluded order
+    level = absl_logging.get_verbosity()
+    absl_logging.set_verbosity(absl_logging.ERROR)
+    try:
+        eps = [float(events_epsilon([_event(metrics, t)], metrics["delta"], accountant=metrics["accountant"]))
+               for t in grid]
+    finally:
+        absl_logging.set_verbosity(level)
     return grid, eps
 
 
@@ -167,6 +173,10 @@ def plot_clipping(metrics: Mapping[str, Any], path: str | os.PathLike | None = N
     if metrics.get("max_grad_norm"):
         a2.axhline(metrics["max_grad_norm"], ls="--", color="0.3", lw=0.9, label=f"C={metrics['max_grad_norm']:g}")
     a2.set_yscale("log")
+    from matplotlib.ticker import FormatStrFormatter
+    a2.yaxis.set_major_formatter(FormatStrFormatter("%g"))
+    a2.yaxis.set_minor_formatter(FormatStrFormatter("%g"))
+    a2.tick_params(axis="y", which="minor", labelsize=7)
     a2.set_xlabel("epoch")
     a2.set_ylabel("mean per-example gradient norm")
     a2.set_title("Per-layer gradient norms (before clipping)", fontsize=10)
