@@ -31,6 +31,9 @@ def tiny_config(out, epochs=2, **dp):
     }
 
 
+pytestmark = pytest.mark.filterwarnings("ignore:.*examples were clipped")
+
+
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("report") / "run"
@@ -169,6 +172,16 @@ def test_plots_are_valid_pngs(tmp_path, metrics, sweep):
                        ("roc", plots.plot_roc({"a": {"fpr": [0, 0.5, 1], "tpr": [0, 0.7, 1]}}, aucs={"a": 0.6}))]:
         assert _is_png(data), name
     assert _is_png((tmp_path / "eps.png").read_bytes())
+
+
+def test_clipping_plot_per_group_and_non_private(sweep):
+    rows = [{"epoch": e, "clip_fraction": 0.5, "group_clip_fraction": {"all": 0.5, "conv": 0.4, "dense": 0.6},
+             "layer_grad_norm_mean": {"conv/kernel": 0.5 / e, "dense/kernel": 3.0 / e}} for e in (1, 2, 3)]
+    assert _is_png(plots.plot_clipping({"dp": True, "max_grad_norm": 1.0, "epochs": rows}))
+    with open(os.path.join(sweep["non_private"]["run_dir"], "metrics.json")) as f:
+        m = json.load(f)
+    assert plots.epsilon_curve(m) == ([], [])
+    assert _is_png(plots.plot_clipping(m)) and _is_png(plots.plot_epsilon_vs_steps(m))
 
 
 def test_html_report_is_self_contained(tmp_path, run_dir, sweep):

@@ -88,8 +88,10 @@ def plot_epsilon_vs_steps(metrics: Mapping[str, Any], path: str | os.PathLike | 
     else:
         ax.text(0.5, 0.5, "non-private run: ε = ∞ (no guarantee)", ha="center", va="center",
                 transform=ax.transAxes)
+        ax.set_xticks([])
+        ax.set_yticks([])
     ax.set_xlabel("training step")
-    ax.set_ylabel(f"ε (δ={metrics.get('delta') or 0:g})")
+    ax.set_ylabel(f"ε (δ={metrics['delta']:g})" if metrics.get("delta") else "ε")
     ax.set_title("Privacy spent during training", fontsize=10)
     ax.grid(alpha=0.3)
     return _finish(fig, path)
@@ -107,8 +109,14 @@ def plot_accuracy_vs_epsilon(sweep: Mapping[str, Any], path: str | os.PathLike |
                 label="DP-SGD")
         for r in runs:
             ax.annotate(f"σ={r['noise_multiplier']:.2f}", (r["epsilon"], r["final_test_accuracy"]),
-                        textcoords="offset points", xytext=(4, -10), fontsize=6, color="0.3")
+                        textcoords="offset points", xytext=(0, 7), ha="center", fontsize=6, color="0.3")
+        from matplotlib.ticker import FixedLocator, FormatStrFormatter, NullFormatter
         ax.set_xscale("log")
+        ax.xaxis.set_major_locator(FixedLocator([r["epsilon"] for r in runs]))
+        ax.xaxis.set_major_formatter(FormatStrFormatter("%.3g"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        lo, hi = runs[0]["epsilon"], runs[-1]["epsilon"]
+        ax.set_xlim(lo / 1.3, hi * 1.3)
     base = sweep.get("non_private")
     if base and base.get("final_test_accuracy") is not None:
         ax.axhline(base["final_test_accuracy"], ls="--", color="C3",
@@ -175,8 +183,14 @@ def plot_clipping(metrics: Mapping[str, Any], path: str | os.PathLike | None = N
     a2.set_yscale("log")
     from matplotlib.ticker import FormatStrFormatter
     a2.yaxis.set_major_formatter(FormatStrFormatter("%g"))
-    a2.yaxis.set_minor_formatter(FormatStrFormatter("%g"))
-    a2.tick_params(axis="y", which="minor", labelsize=7)
+    lo, hi = a2.get_ylim()
+    if hi / max(lo, 1e-30) < 10:  # label minor ticks only when the axis spans less than a decade
+        a2.yaxis.set_minor_formatter(FormatStrFormatter("%g"))
+        a2.tick_params(axis="y", which="minor", labelsize=7)
+    else:
+        from matplotlib.ticker import LogLocator, NullFormatter
+        a2.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        a2.yaxis.set_minor_formatter(NullFormatter())
     a2.set_xlabel("epoch")
     a2.set_ylabel("mean per-example gradient norm")
     a2.set_title("Per-layer gradient norms (before clipping)", fontsize=10)
