@@ -11,6 +11,7 @@ import yaml
 
 from jaxdp.cli import main
 from jaxdp.report import build_model_privacy, guarantee_sentence, write_model_card
+from jaxdp.report.modelcard import format_epsilon
 from jaxdp.report import plots
 from jaxdp.train import DPTrainer
 
@@ -79,9 +80,11 @@ def test_model_card_fields_equal_metrics(run_dir, metrics):
 
 def test_guarantee_sentence_contains_the_numbers(run_dir, metrics):
     s = build_model_privacy(run_dir)["guarantee"]
-    for v in (metrics["epsilon"], metrics["delta"], metrics["noise_multiplier"], metrics["sample_rate"],
-              metrics["max_grad_norm"]):
+    for v in (metrics["delta"], metrics["noise_multiplier"], metrics["sample_rate"], metrics["max_grad_norm"]):
         assert f"{v:.4g}" in s
+    eps_text = format_epsilon(metrics["epsilon"])
+    assert f"(ε={eps_text}, δ={metrics['delta']:.4g})" in s
+    assert float(eps_text) >= metrics["epsilon"] and float(eps_text) <= metrics["epsilon"] * 1.001
     assert f"T={metrics['steps']} steps" in s and "RDP accountant" in s and "Poisson" in s
     assert "add/remove-one" in s and "differential privacy" in s
 
@@ -91,6 +94,12 @@ def test_non_private_run_says_no_guarantee(sweep):
     assert card["private"] is False and card["epsilon"] is None
     assert "no privacy guarantee" in card["guarantee"].lower() and "ε=" not in card["guarantee"]
     assert guarantee_sentence({"private": False}) == card["guarantee"]
+
+
+@pytest.mark.parametrize("eps, text", [(2.0, "2"), (1.9999859, "2"), (2.00004, "2.001"), (0.123456, "0.1235"),
+                                       (3.0000000000000004, "3.001")])
+def test_epsilon_is_rounded_up(eps, text):
+    assert format_epsilon(eps) == text and float(text) >= eps
 
 
 def test_appending_keeps_other_keys_and_order(tmp_path, run_dir):

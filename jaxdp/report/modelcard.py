@@ -11,7 +11,6 @@ its value and its position, and the file is replaced atomically (write to a temp
 """
 from __future__ import annotations
 
-import glob
 import json
 import math
 import os
@@ -119,6 +118,17 @@ def _g(x: float | None, digits: int = 4) -> str:
     return "n/a" if x is None else f"{x:.{digits}g}"
 
 
+def format_epsilon(epsilon: float, digits: int = 4) -> str:
+    """``epsilon`` to ``digits`` significant digits, rounded UP, so a stated guarantee is never stronger than
+    the proven one (2.00004 reads "2.001", not "2")."""
+    if not math.isfinite(epsilon) or epsilon <= 0:
+        return f"{epsilon:g}"
+    scale = 10.0 ** (digits - 1 - math.floor(math.log10(epsilon)))
+    up = math.ceil(epsilon * scale) / scale
+    text = f"{up:.{digits}g}"
+    return text if float(text) >= epsilon else repr(epsilon)  # float noise: never state less than proven
+
+
 def guarantee_sentence(mp: Mapping[str, Any]) -> str:
     """One sentence stating the mechanism and the ``(epsilon, delta)`` it provably satisfies (or that there is none)."""
     if not mp.get("private"):
@@ -134,7 +144,7 @@ def guarantee_sentence(mp: Mapping[str, Any]) -> str:
     acc = str(mp.get("accountant") or "").upper()
     return (f"Trained with DP-SGD ({how}, noise multiplier σ={_g(mp['noise_multiplier'])}, "
             f"clip norm C={_g(mp['max_grad_norm'])}, T={mp['steps']} steps, training set of "
-            f"{mp['training_set_size']} examples): for any one training example, (ε={_g(mp['epsilon'])}, "
+            f"{mp['training_set_size']} examples): for any one training example, (ε={format_epsilon(mp['epsilon'])}, "
             f"δ={_g(mp['delta'])})-differential privacy holds under {relation} neighbouring datasets "
             f"({acc} accountant).")
 
@@ -216,6 +226,10 @@ def _atomic_write(path: str | os.PathLike, text: str) -> None:
             os.fsync(f.fileno())
         if os.path.exists(path):
             os.chmod(tmp, os.stat(path).st_mode & 0o7777)
+        else:  # mkstemp makes 0600 files; give a new file the usual permissions
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -242,5 +256,5 @@ def write_model_card(path: str | os.PathLike, section: Mapping[str, Any]) -> dic
     return card
 
 
-__all__ = ["SECTION", "load_metrics", "find_audit", "read_audit", "ledger_total", "guarantee_sentence",
+__all__ = ["SECTION", "format_epsilon", "load_metrics", "find_audit", "read_audit", "ledger_total", "guarantee_sentence",
            "build_model_privacy", "write_model_card"]
