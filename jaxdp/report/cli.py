@@ -68,7 +68,7 @@ def register(sub) -> None:
     p.add_argument("--model-card", help="model-card YAML to create or update (only its model_privacy key changes)")
     p.add_argument("--audit", help="audit_<attack>.json of `jaxdp audit` (default: found in DIR or DIR/audit)")
     p.add_argument("--ledger", help="privacy ledger (path or URL) for the dataset's total epsilon")
-    p.add_argument("--dataset-id", help="the dataset's id in the ledger")
+    p.add_argument("--dataset-id", help="the dataset's id in the ledger (default: the run's dataset name)")
     p.add_argument("--html", help="write the HTML report here")
     p.add_argument("--markdown", help="write the Markdown report here")
     p.add_argument("--sweep", help="sweep.json of `jaxdp sweep` to include (accuracy against epsilon)")

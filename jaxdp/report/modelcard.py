@@ -157,12 +157,13 @@ def build_model_privacy(run_dir: str | os.PathLike, *, audit: str | os.PathLike 
     Args:
       run_dir: a ``jaxdp train`` run directory (``metrics.json``).
       audit: an ``audit_<attack>.json``; default: found in ``run_dir`` or ``run_dir/audit``.
-      ledger, dataset_id: a privacy ledger and the dataset's id in it, for the dataset's total spent epsilon.
+      ledger, dataset_id: a privacy ledger and the dataset's id in it (default: the run's dataset name), for
+        the dataset's total spent epsilon (all runs charged to it, composed).
     """
     m = metrics if metrics is not None else load_metrics(run_dir)
     private = bool(m.get("dp"))
     aud = read_audit(find_audit(run_dir, audit))
-    led, led_why = ledger_total(ledger, dataset_id)
+    led, led_why = ledger_total(ledger, dataset_id or m.get("dataset"))
     mp: dict[str, Any] = {
         "private": private,
         "mechanism": "DP-SGD (per-example clipping + Gaussian noise)" if private else "none (non-private SGD)",
