@@ -176,6 +176,14 @@ def test_ledger_total_when_present(run_dir, tmp_path):
     # One run charged to the dataset: the ledger's composed total is this run's epsilon.
     assert card["ledger_dataset_epsilon"] == pytest.approx(m["epsilon"], rel=1e-6)
     assert not any("No privacy-ledger total" in c for c in card["caveats"])
+    # Without --ledger, the ledger named in the run's config.yaml is used.
+    import shutil
+    d = tmp_path / "run"
+    shutil.copytree(run_dir, d)
+    cfg = yaml.safe_load((d / "config.yaml").read_text())
+    cfg["ledger"] = {"path": str(tmp_path / "l.db"), "dataset_id": "digits"}
+    (d / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    assert build_model_privacy(str(d))["ledger_dataset_epsilon"] == pytest.approx(m["epsilon"], rel=1e-6)
 
 
 def test_epsilon_curve_matches_recorded_epochs(metrics):

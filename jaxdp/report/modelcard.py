@@ -113,6 +113,19 @@ def ledger_total(ledger_path: str | None, dataset_id: str | None) -> tuple[dict 
             "runs_reserved": s.runs_reserved}, None
 
 
+def _run_ledger(run_dir: str | os.PathLike, dataset_id: str | None) -> tuple[str | None, str | None]:
+    path = os.path.join(run_dir, "config.yaml")
+    if not os.path.isfile(path):
+        return None, dataset_id
+    import yaml
+    with open(path) as f:
+        cfg = yaml.safe_load(f) or {}
+    led = cfg.get("ledger") if isinstance(cfg, dict) else None
+    if not isinstance(led, dict) or not led.get("path"):
+        return None, dataset_id
+    return str(led["path"]), dataset_id or led.get("dataset_id")
+
+
 # -- the section -----------------------------------------------------------------------------------------------
 def _g(x: float | None, digits: int = 4) -> str:
     return "n/a" if x is None else f"{x:.{digits}g}"
@@ -157,12 +170,15 @@ def build_model_privacy(run_dir: str | os.PathLike, *, audit: str | os.PathLike 
     Args:
       run_dir: a ``jaxdp train`` run directory (``metrics.json``).
       audit: an ``audit_<attack>.json``; default: found in ``run_dir`` or ``run_dir/audit``.
-      ledger, dataset_id: a privacy ledger and the dataset's id in it (default: the run's dataset name), for
-        the dataset's total spent epsilon (all runs charged to it, composed).
+      ledger, dataset_id: a privacy ledger and the dataset's id in it, for the dataset's total spent epsilon
+        (all runs charged to it, composed). Default: the ``ledger.path`` / ``ledger.dataset_id`` of the run's
+        ``config.yaml`` when it has them, and the run's dataset name as the id.
     """
     m = metrics if metrics is not None else load_metrics(run_dir)
     private = bool(m.get("dp"))
     aud = read_audit(find_audit(run_dir, audit))
+    if ledger is None:  # the ledger the run itself was charged to (config.yaml's `ledger` section), if any
+        ledger, dataset_id = _run_ledger(run_dir, dataset_id)
     led, led_why = ledger_total(ledger, dataset_id or m.get("dataset"))
     mp: dict[str, Any] = {
         "private": private,
