@@ -1,0 +1,223 @@
+"""Report plots (PNG, matplotlib with the Agg backend; ``pip install 'jaxdp[plots]'``).
+
+Each ``plot_*`` function draws one figure from the JSON a run, an audit or a sweep wrote, returns the PNG
+bytes, and also writes them to ``path`` when one is given.
+"""
+from __future__ import annotations
+
+import io
+import math
+import os
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+
+def _plt():
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as e:  # pragma: no cover - exercised only without the extra
+        raise ImportError("plots need matplotlib: pip install 'jaxdp[plots]'") from e
+    return plt
+
+
+def _finish(fig, path: str | os.PathLike | None) -> bytes:
+    plt = _plt()
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    data = buf.getvalue()
+    if path is not None:
+        with open(path, "wb") as f:
+            f.write(data)
+    return data
+
+
+def _event(m: Mapping[str, Any], steps: int) -> dict:
+    """The dp-accounting event of ``steps`` steps of the run's mechanism (as the engine records it)."""
+    if m.get("sampling") == "shuffle":
+        return {"sampling": "shuffle", "noise_multiplier": m["noise_multiplier"],
+                "batch_size": int(round(m["expected_batch_size"])), "dataset_size": m["training_set_size"],
+                "steps": steps}
+    return {"sampling": "poisson", "noise_multiplier": m["noise_multiplier"], "sample_rate": m["sample_rate"],
+            "steps": steps}
+
+
+def epsilon_curve(metrics: Mapping[str, Any], points: int = 20) -> tuple[list[int], list[float]]:
+    """``(steps, epsilons)`` at ``points`` step counts from 1 to the run's steps, recomputed from the mechanism
+    (noise multiplier, sampling, sample rate) with the run's accountant at the run's delta."""
+    from jaxdp.accounting import events_epsilon
+    total = int(metrics.get("steps") or 0)
+    if not metrics.get("dp") or total <= 0:
+        return [], []
+    grid = sorted({int(round(t)) for t in np.linspace(1, total, min(points, total))} | {total})
+    from absl import logging as absl_logging  # dp-accounting's RDP logs one line per excluded order
+    level = absl_logging.get_verbosity()
+    absl_logging.set_verbosity(absl_logging.ERROR)
+    try:
+        eps = [float(events_epsilon([_event(metrics, t)], metrics["delta"], accountant=metrics["accountant"]))
+               for t in grid]
+    finally:
+        absl_logging.set_verbosity(level)
+    return grid, eps
+
+
+def plot_epsilon_vs_steps(metrics: Mapping[str, Any], path: str | os.PathLike | None = None,
+                          points: int = 20) -> bytes:
+    """Epsilon spent against training steps: the accountant's curve for the mechanism, the per-epoch epsilons
+    the trainer recorded (markers) and the target epsilon (dashed) when there was one."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5.5, 3.6), dpi=110)
+    steps, eps = epsilon_curve(metrics, points)
+    if steps:
+        ax.plot(steps, eps, "-", color="C0", label=f"{str(metrics['accountant']).upper()} accountant "
+                                                     f"(σ={metrics['noise_multiplier']:.3g}, "
+                                                     f"q={metrics['sample_rate']:.3g})")
+        rows = [r for r in metrics.get("epochs") or [] if r.get("epsilon") is not None]
+        if rows:
+            ax.plot([r["step"] for r in rows], [r["epsilon"] for r in rows], "o", color="C1",
+                    label="recorded at epoch ends")
+        if metrics.get("target_epsilon"):
+            ax.axhline(metrics["target_epsilon"], ls="--", color="0.4", lw=0.9,
+                       label=f"target ε={metrics['target_epsilon']:g}")
+        ax.set_ylim(bottom=0)
+        ax.legend(fontsize=7, loc="lower right")
+    else:
+        ax.text(0.5, 0.5, "non-private run: ε = ∞ (no guarantee)", ha="center", va="center",
+                transform=ax.transAxes)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    ax.set_xlabel("training step")
+    ax.set_ylabel(f"ε (δ={metrics['delta']:g})" if metrics.get("delta") else "ε")
+    ax.set_title("Privacy spent during training", fontsize=10)
+    ax.grid(alpha=0.3)
+    return _finish(fig, path)
+
+
+def plot_accuracy_vs_epsilon(sweep: Mapping[str, Any], path: str | os.PathLike | None = None) -> bytes:
+    """Final test accuracy against the epsilon actually spent, one point per private run of a sweep, with the
+    non-private baseline as a horizontal line (``sweep.json`` of :func:`jaxdp.report.sweep.run_sweep`)."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5.5, 3.6), dpi=110)
+    runs = [r for r in sweep.get("runs", []) if r.get("epsilon") is not None]
+    runs.sort(key=lambda r: r["epsilon"])
+    if runs:
+        ax.plot([r["epsilon"] for r in runs], [r["final_test_accuracy"] for r in runs], "o-", color="C0",
+                label="DP-SGD")
+        for r in runs:
+            ax.annotate(f"σ={r['noise_multiplier']:.2f}", (r["epsilon"], r["final_test_accuracy"]),
+                        textcoords="offset points", xytext=(0, 7), ha="center", fontsize=6, color="0.3")
+        from matplotlib.ticker import FixedLocator, FormatStrFormatter, NullFormatter
+        ax.set_xscale("log")
+        ax.xaxis.set_major_locator(FixedLocator([r["epsilon"] for r in runs]))
+        ax.xaxis.set_major_formatter(FormatStrFormatter("%.3g"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        lo, hi = runs[0]["epsilon"], runs[-1]["epsilon"]
+        ax.set_xlim(lo / 1.3, hi * 1.3)
+    base = sweep.get("non_private")
+    if base and base.get("final_test_accuracy") is not None:
+        ax.axhline(base["final_test_accuracy"], ls="--", color="C3",
+                   label=f"non-private ({base['final_test_accuracy']:.3f})")
+    ax.set_xlabel("ε spent (log scale)")
+    ax.set_ylabel("test accuracy")
+    ax.set_title(f"Accuracy against privacy (δ={sweep.get('delta', 0):g})", fontsize=10)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7, loc="lower right")
+    return _finish(fig, path)
+
+
+def plot_roc(roc: Mapping[str, Mapping[str, Sequence[float]]], path: str | os.PathLike | None = None,
+             aucs: Mapping[str, float] | None = None, title: str = "Membership inference ROC") -> bytes:
+    """Log-log ROC curves (TPR against FPR, 1e-4..1) of the audit's attacks; the diagonal is a random guess."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(4.6, 4.2), dpi=110)
+    lo = 1e-4
+    for name, r in roc.items():
+        fpr = np.clip(np.asarray(r["fpr"], float), lo, 1)
+        tpr = np.clip(np.asarray(r["tpr"], float), lo, 1)
+        auc = (aucs or {}).get(name)
+        ax.plot(fpr, tpr, label=name + (f" (AUC {auc:.3f})" if auc is not None else ""))
+    ax.plot([lo, 1], [lo, 1], "k--", lw=0.8, label="random guess")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlim(lo, 1)
+    ax.set_ylim(lo, 1)
+    ax.set_xlabel("false positive rate")
+    ax.set_ylabel("true positive rate")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=6, loc="lower right")
+    return _finish(fig, path)
+
+
+def plot_clipping(metrics: Mapping[str, Any], path: str | os.PathLike | None = None) -> bytes:
+    """Clipping over training, per epoch: left, the fraction of examples clipped (overall and per clipping
+    group; with flat clipping there is one group, ``all``); right, the mean per-example gradient norm of each
+    layer (log scale) against the clip norm C."""
+    plt = _plt()
+    rows = [r for r in metrics.get("epochs") or [] if r.get("clip_fraction") is not None]
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.6), dpi=110)
+    if not rows:
+        for a in (a1, a2):
+            a.text(0.5, 0.5, "no clipping statistics\n(non-private run)", ha="center", va="center",
+                   transform=a.transAxes)
+        return _finish(fig, path)
+    ep = [r["epoch"] for r in rows]
+    a1.plot(ep, [r["clip_fraction"] for r in rows], "o-", color="k", lw=2, label="overall")
+    groups = sorted({g for r in rows for g in (r.get("group_clip_fraction") or {})} - {"all"})
+    for g in groups:
+        a1.plot(ep, [(r.get("group_clip_fraction") or {}).get(g, math.nan) for r in rows], ".-", label=g)
+    a1.set_ylim(-0.02, 1.02)
+    a1.set_xlabel("epoch")
+    a1.set_ylabel("fraction of examples clipped")
+    a1.set_title("Clip fraction" + (" per clipping group" if groups else " (flat clipping)"), fontsize=10)
+    a1.grid(alpha=0.3)
+    a1.legend(fontsize=6)
+    layers = sorted({k for r in rows for k in (r.get("layer_grad_norm_mean") or {})})
+    for k in layers:
+        a2.plot(ep, [(r.get("layer_grad_norm_mean") or {}).get(k, math.nan) for r in rows], ".-", label=k)
+    if metrics.get("max_grad_norm"):
+        a2.axhline(metrics["max_grad_norm"], ls="--", color="0.3", lw=0.9, label=f"C={metrics['max_grad_norm']:g}")
+    a2.set_yscale("log")
+    from matplotlib.ticker import FormatStrFormatter
+    a2.yaxis.set_major_formatter(FormatStrFormatter("%g"))
+    lo, hi = a2.get_ylim()
+    if hi / max(lo, 1e-30) < 10:  # label minor ticks only when the axis spans less than a decade
+        a2.yaxis.set_minor_formatter(FormatStrFormatter("%g"))
+        a2.tick_params(axis="y", which="minor", labelsize=7)
+    else:
+        from matplotlib.ticker import LogLocator, NullFormatter
+        a2.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        a2.yaxis.set_minor_formatter(NullFormatter())
+    a2.set_xlabel("epoch")
+    a2.set_ylabel("mean per-example gradient norm")
+    a2.set_title("Per-layer gradient norms (before clipping)", fontsize=10)
+    a2.grid(alpha=0.3, which="both")
+    a2.legend(fontsize=6)
+    for a in (a1, a2):
+        a.xaxis.get_major_locator().set_params(integer=True)
+    return _finish(fig, path)
+
+
+def plot_training(metrics: Mapping[str, Any], path: str | os.PathLike | None = None) -> bytes:
+    """Training loss and test accuracy per epoch."""
+    plt = _plt()
+    rows = metrics.get("epochs") or []
+    fig, a1 = plt.subplots(figsize=(5.5, 3.4), dpi=110)
+    ep = [r["epoch"] for r in rows]
+    a1.plot(ep, [r["train_loss"] for r in rows], "o-", color="C0", label="train loss")
+    a1.set_xlabel("epoch")
+    a1.set_ylabel("train loss", color="C0")
+    a2 = a1.twinx()
+    a2.plot(ep, [r["test_accuracy"] for r in rows], "s-", color="C2", label="test accuracy")
+    a2.set_ylabel("test accuracy", color="C2")
+    a1.xaxis.get_major_locator().set_params(integer=True)
+    a1.set_title("Training curve", fontsize=10)
+    a1.grid(alpha=0.3)
+    return _finish(fig, path)
+
+
+__all__ = ["epsilon_curve", "plot_epsilon_vs_steps", "plot_accuracy_vs_epsilon", "plot_roc", "plot_clipping",
+           "plot_training"]
