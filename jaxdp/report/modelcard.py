@@ -58,6 +58,12 @@ def find_audit(run_dir: str | os.PathLike, audit_path: str | os.PathLike | None 
         if not os.path.isfile(audit_path):
             raise FileNotFoundError(f"--audit {audit_path}: no such file (an audit_<attack>.json of `jaxdp audit`)")
         return str(audit_path)
+    for where in (run_dir, os.path.join(run_dir, "audit")):  # an audit of this run's own checkpoint comes first
+        p = os.path.join(where, "audit_loss_threshold.json")
+        if os.path.isfile(p):
+            with open(p) as f:
+                if "trained_model" in json.load(f):
+                    return p
     for name in AUDIT_FILES:
         for where in (run_dir, os.path.join(run_dir, "audit")):
             p = os.path.join(where, name)
@@ -74,6 +80,17 @@ def read_audit(path: str | None) -> dict | None:
     with open(path) as f:
         a = json.load(f)
     attacks = a.get("attacks") or {}
+    trained = a.get("trained_model")
+    if trained:  # loss-threshold attack on the run's own checkpoint: members = training set, non-members = test
+        lb = a.get("epsilon_lower_bound")
+        if isinstance(lb, dict):
+            lb = lb.get("epsilon_lower_bound")
+        tpr = trained.get("tpr_at_fpr") or {}
+        return {"file": os.path.abspath(path), "attack": "loss_threshold (trained model, train vs test)",
+                "auc": float(trained["auc"]), "auc_ci95": trained.get("auc_ci95"),
+                "tpr_at_0.1%_fpr": tpr.get("0.001", tpr.get(0.001)),
+                "empirical_epsilon_lower_bound": lb if isinstance(lb, (int, float)) else None,
+                "roc": {n: r["roc"] for n, r in attacks.items() if "roc" in r}}
     if not attacks:
         # one_run audits have no AUC; keep the lower bound only.
         lb = a.get("epsilon_lower_bound")
