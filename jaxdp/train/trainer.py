@@ -44,7 +44,7 @@ class _Progress:
     """A one-line live progress bar on stderr: epoch, step, epsilon spent, accuracy."""
 
     def __init__(self, enabled: bool, total_steps: int) -> None:
-        self.enabled = enabled and total_steps > 0
+        self.enabled = enabled and total_steps > 0 and sys.stderr.isatty()  # no \r-spam in log files
         self.total = total_steps
         self.t0 = time.time()
 
