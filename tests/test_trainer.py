@@ -99,6 +99,10 @@ def test_clip_warnings(tmp_path):
     cfg["training"]["epochs"] = 1
     with pytest.warns(UserWarning, match="too low"):
         DPTrainer(cfg, log=False).train()
+    cfg = tiny_config(tmp_path, max_grad_norm=1e4, noise_multiplier=1e-3, epsilon=None)
+    cfg["training"]["epochs"] = 1
+    with pytest.warns(UserWarning, match="too high"):
+        DPTrainer(cfg, out_dir=str(tmp_path / "high"), log=False).train()
 
 
 def test_non_private_baseline_and_cli(tmp_path, capsys):

@@ -305,6 +305,23 @@ class DPTrainer:
         os.replace(tmp, os.path.join(self.out_dir, "metrics.json"))
         return summary
 
+    def _clip_warnings(self) -> None:
+        """Warn when the clip norm looks mis-set, judged on the epochs after the first (early gradients are
+        always large, so epoch 1 alone says little)."""
+        fracs = [r["clip_fraction"] for r in self.metrics if "clip_fraction" in r]
+        fracs = fracs[1:] if len(fracs) > 1 else fracs
+        if not fracs:
+            return
+        mean = float(np.mean(fracs))
+        if mean > CLIP_HIGH:
+            warnings.warn(f"{100 * mean:.0f}% of examples were clipped on average: max_grad_norm is probably too "
+                          "low (every update is scaled down and the signal-to-noise ratio suffers); try a larger "
+                          "max_grad_norm.", stacklevel=3)
+        elif mean < CLIP_LOW:
+            warnings.warn(f"only {100 * mean:.1f}% of examples were clipped on average: max_grad_norm is probably "
+                          "too high, so the noise (scaled by it) is larger than needed; try a smaller "
+                          "max_grad_norm.", stacklevel=3)
+
     def train(self, max_epochs: int | None = None) -> dict:
         """Run (or resume) training; returns the metrics summary also written to ``metrics.json``.
 
@@ -323,7 +340,6 @@ class DPTrainer:
         ends[-1] = self.total_steps
         progress = _Progress(self.cfg["output"]["progress"], self.total_steps)
         target = self.cfg["training"]["dp"]["epsilon"] if self.dp else None
-        warned = set()
         epochs_run = 0
         if self.log and resumed:
             print(f"resuming {self.out_dir} at step {int(self.state.step)}")
@@ -365,17 +381,6 @@ class DPTrainer:
                     row["clip_fraction"] = float(np.mean(clip_fracs))
                     row["group_clip_fraction"] = {k: float(np.mean(v)) for k, v in group_fracs.items()}
                     row["layer_grad_norm_mean"] = {k: float(np.mean(v)) for k, v in layer_norms.items()}
-                    if row["clip_fraction"] > CLIP_HIGH and "high" not in warned:
-                        warned.add("high")
-                        warnings.warn(f"{100 * row['clip_fraction']:.0f}% of examples were clipped in epoch {epoch}: "
-                                      "max_grad_norm is probably too low (gradients lose their direction "
-                                      "information less than their size, but the signal-to-noise ratio "
-                                      "suffers); try a larger max_grad_norm.", stacklevel=2)
-                    if row["clip_fraction"] < CLIP_LOW and "low" not in warned:
-                        warned.add("low")
-                        warnings.warn(f"only {100 * row['clip_fraction']:.1f}% of examples were clipped in epoch "
-                                      f"{epoch}: max_grad_norm is probably too high, so the noise (scaled by it) "
-                                      "is larger than needed; try a smaller max_grad_norm.", stacklevel=2)
                 self.metrics.append(row)
                 if self.telemetry is not None:
                     self.telemetry.record_epoch(epsilon=row["epsilon"], clip_fraction=row.get("clip_fraction"),
@@ -398,6 +403,7 @@ class DPTrainer:
         except _Stop:
             pass
         progress.close()
+        self._clip_warnings()
         if int(self.state.step) >= self.total_steps:
             self.status = "finished"
         self._save()
