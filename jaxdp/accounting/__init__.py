@@ -1,6 +1,7 @@
 """Privacy accounting: RDP, PLD and PRV accountants, noise calibration, TF Privacy's statement.
 
-Everything is built on Google's ``dp-accounting``; see :mod:`jaxdp.accounting.core` and ``docs/accounting.md``.
+Everything is built on Google's ``dp-accounting`` (plus the exact RDP of the Poisson-sampled Gaussian,
+:mod:`jaxdp.accounting.sgm_rdp`); see :mod:`jaxdp.accounting.core` and ``docs/accounting.md``.
 """
 from jaxdp.accounting.core import (  # noqa: F401
     ACCOUNTANTS, NEIGHBORING_RELATIONS, SAMPLINGS, Accountant, DeltaWarning, DpSgdPrivacy, PRVPrivacyAccountant,
@@ -9,3 +10,6 @@ from jaxdp.accounting.core import (  # noqa: F401
     to_dp_event, validate_event, warn_if_delta_too_large,
 )
 from jaxdp.accounting.core import __all__  # noqa: F401
+from jaxdp.accounting.sgm_rdp import ExactRdpAccountant, compute_rdp_poisson_gaussian  # noqa: F401
+
+__all__ = [*__all__, "ExactRdpAccountant", "compute_rdp_poisson_gaussian"]

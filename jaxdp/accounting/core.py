@@ -19,8 +19,11 @@ can be checkpointed, written to the budget ledger and re-accounted later with an
 
 Three accountants answer ``epsilon(delta)`` and ``delta(epsilon)`` for a list of events:
 
-* ``"rdp"``: :class:`dp_accounting.rdp.RdpAccountant` (Renyi DP, Mironov 2017; conversion to (eps, delta) of
-  Balle et al. 2020 / Canonne et al. 2020). Fast, loose by ~5-10 %.
+* ``"rdp"``: Renyi DP (Mironov 2017) with the EXACT RDP of the Poisson-subsampled Gaussian at integer and
+  fractional orders (Mironov, Talwar, Zhang 2019, section 3.3; :mod:`jaxdp.accounting.sgm_rdp`), on
+  :class:`dp_accounting.rdp.RdpAccountant` (which still accounts the other samplings) with its conversion to
+  (eps, delta) of Balle et al. 2020 / Canonne et al. 2020, the one Opacus uses. Orders: Opacus's 1.1 ... 10.9,
+  12 ... 63 plus 128, 256, 512, 1024. Equals Opacus's RDP epsilon; fast, loose by ~5-10 % against PLD.
 * ``"pld"``: :class:`dp_accounting.pld.PLDAccountant` (privacy loss distributions, Koskela et al. 2020,
   Doroshenko et al. 2022) with ``value_discretization_interval=1e-4``, pessimistic (connect-the-dots)
   discretisation: an upper bound up to floating-point error.
@@ -48,9 +51,9 @@ from dp_accounting import dp_event as dpe
 from dp_accounting import mechanism_calibration as mcal
 from dp_accounting import privacy_accountant as pa
 from dp_accounting.pld import pld_privacy_accountant
-from dp_accounting.rdp import rdp_privacy_accountant
 
 from jaxdp import _checks
+from jaxdp.accounting.sgm_rdp import OPACUS_ORDERS, ExactRdpAccountant
 
 ACCOUNTANTS = ("rdp", "pld", "prv")
 NEIGHBORING_RELATIONS = {
@@ -68,7 +71,7 @@ PRV_DELTA_ERROR_FRACTION = 1e-3
 #: Largest noise multiplier calibration searches; a target that needs more is reported as unreachable.
 MAX_NOISE_MULTIPLIER = 1e6
 #: Orders used by TF Privacy's ``compute_dp_sgd_privacy`` (and Opacus's default alphas).
-TF_PRIVACY_ORDERS = tuple([1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64)))
+TF_PRIVACY_ORDERS = OPACUS_ORDERS
 
 _FORMAT = "jaxdp.accounting/1"
 
@@ -213,7 +216,8 @@ def _refuse(event: dict, accountant: str, relation: str) -> str | None:
                 "max_batch_size); use accountant='pld' or 'prv' (dp-accounting's truncated subsampled Gaussian "
                 "PLD), or sample without truncation.")
     if s == "poisson" and relation == "replace_one" and accountant == "rdp":
-        return ("dp-accounting's RDP accountant analyses Poisson sampling only under add/remove; use "
+        return ("the RDP analysis of Poisson sampling (Mironov, Talwar, Zhang 2019) is for the add/remove "
+                "relation only; use "
                 "neighboring_relation='add_remove' (the default) or accountant='pld'/'prv'.")
     return None
 
@@ -271,10 +275,14 @@ class PRVPrivacyAccountant(pld_privacy_accountant.PLDAccountant):
 
 def make_dp_accountant(accountant: str = "prv", neighboring_relation: str = "add_remove",
                        ) -> pa.PrivacyAccountant:
-    """A fresh, empty ``dp_accounting`` accountant of the given kind."""
+    """A fresh, empty ``dp_accounting`` accountant of the given kind.
+
+    ``"rdp"`` gives an :class:`~jaxdp.accounting.sgm_rdp.ExactRdpAccountant` (a ``RdpAccountant`` subclass that
+    accounts Poisson-sampled and plain Gaussian events with the exact signed-series RDP).
+    """
     rel = NEIGHBORING_RELATIONS[_check_relation(neighboring_relation)]
     if _check_accountant(accountant) == "rdp":
-        return rdp_privacy_accountant.RdpAccountant(neighboring_relation=rel)
+        return ExactRdpAccountant(neighboring_relation=rel)
     if accountant == "pld":
         return pld_privacy_accountant.PLDAccountant(
             rel, value_discretization_interval=PLD_VALUE_DISCRETIZATION_INTERVAL)
@@ -668,7 +676,8 @@ def compute_dp_sgd_privacy(n: int, batch_size: int, noise_multiplier: float, epo
     """TF Privacy 0.9's ``compute_dp_sgd_privacy``: RDP epsilon of DP-SGD with Poisson sampling.
 
     ``q = batch_size / n``, ``steps = ceil(epochs * n / batch_size)``, RDP orders ``1.1, 1.2, ..., 10.9, 12,
-    ..., 63`` (TF Privacy's), conversion of Balle et al. 2020 as in dp-accounting. Returns epsilon, the optimal
+    ..., 63`` (TF Privacy's), the exact RDP of the Poisson-sampled Gaussian at each (as TF Privacy computes it),
+    conversion of Balle et al. 2020 as in dp-accounting and TF Privacy. Returns epsilon, the optimal
     order and a statement that also gives the epsilon that holds if batches were shuffled (each example once per
     epoch, in an arbitrary order) instead of Poisson-sampled.
     """
@@ -682,7 +691,7 @@ def compute_dp_sgd_privacy(n: int, batch_size: int, noise_multiplier: float, epo
     warn_if_delta_too_large(delta, n)
     q = batch_size / n
     steps = int(math.ceil(epochs * n / batch_size))
-    acc = rdp_privacy_accountant.RdpAccountant(list(TF_PRIVACY_ORDERS))
+    acc = ExactRdpAccountant(TF_PRIVACY_ORDERS)
     if steps and sigma > 0:
         acc.compose(dpe.SelfComposedDpEvent(dpe.PoissonSampledDpEvent(q, dpe.GaussianDpEvent(sigma)), steps))
         eps, order = acc.get_epsilon_and_optimal_order(delta)
@@ -692,7 +701,7 @@ def compute_dp_sgd_privacy(n: int, batch_size: int, noise_multiplier: float, epo
     else:
         eps, order, basic = 0.0, float("nan"), 0.0
     epochs_int = int(math.ceil(epochs))
-    once = rdp_privacy_accountant.RdpAccountant(list(TF_PRIVACY_ORDERS))
+    once = ExactRdpAccountant(TF_PRIVACY_ORDERS)
     if epochs_int and sigma > 0:
         once.compose(dpe.SelfComposedDpEvent(dpe.GaussianDpEvent(sigma), epochs_int))
         eps_once = float(once.get_epsilon(delta))

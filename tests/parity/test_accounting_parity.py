@@ -1,11 +1,11 @@
 """Accounting parity with Opacus 1.6 over a grid of (sigma, q, steps, delta).
 
-* RDP: Opacus and dp-accounting (behind jaxdp's "rdp") use the same orders (1.1..10.9 step 0.1, 12..63) and
-  the same RDP -> (eps, delta) conversion. At integer orders the per-order RDP is the same closed form, and
-  the epsilon agrees to 1e-6 relative. With all orders, jaxdp's epsilon equals Opacus's to 1e-6 relative on
-  10 of the 16 grid points; on the other 6 (larger q) dp-accounting's fractional-order series (absolute values
-  of the binomial terms, and non-convergence at alpha 1.1-1.3 for sigma 0.8, q 0.05) gives a larger epsilon,
-  by up to 3.4 % -- never a smaller one. Those are strict xfails, documented in docs/parity.md.
+* RDP: jaxdp's "rdp" computes the exact RDP of the Poisson-sampled Gaussian (signed series at fractional
+  orders, Mironov, Talwar, Zhang 2019, section 3.3), as Opacus does, on Opacus's orders (1.1..10.9 step 0.1,
+  12..63; jaxdp adds 128..1024, which only matter where Opacus's optimum is its largest order), with the same
+  RDP -> (eps, delta) conversion. Its epsilon must equal Opacus's to 1e-6 relative on the whole grid (measured:
+  <= 1.1e-11). dp-accounting's own fractional-order series (absolute values of the terms, and no convergence at
+  alpha 1.1-1.3 for sigma 0.8, q 0.05) is not used for Poisson sampling any more.
 * PRV: jaxdp's "prv" (Opacus semantics on dp-accounting's PLD numerics) must lie inside Opacus's own error
   interval: its estimate (ours - eps_error) within [eps_lower, eps_upper] of Opacus's discrete PRV, and the
   reported value within eps_error = 0.01 of Opacus's reported eps_upper.
@@ -26,38 +26,24 @@ GRID = list(itertools.product((0.8, 1.5), (0.004, 0.05), (100, 3000), (1e-5, 1e-
 INTEGER_ORDERS = list(range(2, 64))
 
 
-# Grid points where jaxdp's RDP epsilon differs from Opacus's by more than 1e-6 relative (measured):
-# dp-accounting's fractional-order series (|terms|, and no convergence at alpha 1.1-1.3 for sigma 0.8, q 0.05,
-# which drops those orders) gives a LARGER epsilon: +3.0e-4 / +3.8e-4 (sigma 0.8, q 0.05, 100 steps),
-# +3.4e-2 / +1.8e-2 (sigma 0.8, q 0.05, 3000 steps), +3.9e-5 / +1.0e-4 (sigma 1.5, q 0.05, 3000 steps).
-# Strict xfail: if jaxdp.accounting starts matching Opacus there, these turn into failures to be removed.
-_KNOWN_FRACTIONAL_GAP = {(0.8, 0.05, 100, 1e-5), (0.8, 0.05, 100, 1e-6), (0.8, 0.05, 3000, 1e-5),
-                         (0.8, 0.05, 3000, 1e-6), (1.5, 0.05, 3000, 1e-5), (1.5, 0.05, 3000, 1e-6)}
-_GAP_REASON = ("dp-accounting's fractional-order RDP series is a looser upper bound than Opacus's signed series "
-               "(jaxdp is conservative); see docs/parity.md")
-EQ_GRID = [pytest.param(*g, marks=pytest.mark.xfail(strict=True, reason=_GAP_REASON))
-           if g in _KNOWN_FRACTIONAL_GAP else g for g in GRID]
-
-
-@pytest.mark.parametrize("sigma,q,steps,delta", EQ_GRID)
+@pytest.mark.parametrize("sigma,q,steps,delta", GRID)
 def test_rdp_epsilon_equals_opacus_to_1e6(sigma, q, steps, delta):
     ours = accounting.compute_epsilon(sigma, q, steps, delta, accountant="rdp")
     assert ours == pytest.approx(opacus_rdp_eps(sigma, q, steps, delta), rel=1e-6)
 
 
 @pytest.mark.parametrize("sigma,q,steps,delta", GRID)
-def test_rdp_never_below_opacus_and_equal_at_integer_orders(sigma, q, steps, delta):
+def test_rdp_equal_to_opacus_at_integer_orders_with_dp_accounting(sigma, q, steps, delta):
     import dp_accounting as dpa
 
-    ours = accounting.compute_epsilon(sigma, q, steps, delta, accountant="rdp")
-    theirs = opacus_rdp_eps(sigma, q, steps, delta)
-    assert ours >= theirs * (1 - 1e-9), (ours, theirs)   # never less private than Opacus claims
-    assert ours <= theirs * 1.05, (ours, theirs)         # and the known gap stays below 5 %
-    # Integer orders 2..63: the same closed form in both libraries, 1e-6 relative (measured <= 2e-14).
+    # Integer orders 2..63: dp-accounting's closed form, Opacus's and ours agree (measured <= 2e-14).
     acc = dpa.rdp.RdpAccountant(INTEGER_ORDERS)
     acc.compose(dpa.PoissonSampledDpEvent(q, dpa.GaussianDpEvent(sigma)), steps)
-    assert acc.get_epsilon(delta) == pytest.approx(opacus_rdp_eps(sigma, q, steps, delta, INTEGER_ORDERS),
-                                                   rel=1e-6)
+    theirs = opacus_rdp_eps(sigma, q, steps, delta, INTEGER_ORDERS)
+    assert acc.get_epsilon(delta) == pytest.approx(theirs, rel=1e-6)
+    ours = accounting.ExactRdpAccountant(INTEGER_ORDERS).compose(
+        dpa.PoissonSampledDpEvent(q, dpa.GaussianDpEvent(sigma)), steps)
+    assert ours.get_epsilon(delta) == pytest.approx(theirs, rel=1e-6)
 
 
 def test_rdp_reference_point_equals_opacus_to_1e6_where_optimal_order_is_shared():
