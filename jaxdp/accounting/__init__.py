@@ -1,0 +1,11 @@
+"""Privacy accounting: RDP, PLD and PRV accountants, noise calibration, TF Privacy's statement.
+
+Everything is built on Google's ``dp-accounting``; see :mod:`jaxdp.accounting.core` and ``docs/accounting.md``.
+"""
+from jaxdp.accounting.core import (  # noqa: F401
+    ACCOUNTANTS, NEIGHBORING_RELATIONS, SAMPLINGS, Accountant, DeltaWarning, DpSgdPrivacy, PRVPrivacyAccountant,
+    calibrate_noise_multiplier, check_delta, check_epsilon, compose_events, compute_dp_sgd_privacy,
+    compute_epsilon, events_delta, events_epsilon, make_dp_accountant, merge_events, steps_for_epochs,
+    to_dp_event, validate_event, warn_if_delta_too_large,
+)
+from jaxdp.accounting.core import __all__  # noqa: F401
