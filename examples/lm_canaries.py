@@ -1,11 +1,12 @@
 """The Secret Sharer on a tiny GPT-2: canary exposure without DP and with DP-LoRA at epsilon = 8.
 
 1. Generate a small templated corpus (no downloads): a public one for pre-training, a private one for
-   fine-tuning into which random canaries "my account number is ____-_" are inserted 1, 4 and 16 times.
+   fine-tuning into which random canaries "my account number is ____-_" are inserted 1, 4 and 16 times
+   (4 different canaries for each count).
 2. Pre-train a tiny GPT-2 (byte-level, 2 layers, d = 64) on the public corpus (non-private).
 3. Fine-tune LoRA adapters on the private corpus twice: non-private, and DP (Poisson sampling, per-sequence
    clipping, noise calibrated to epsilon = 8 at delta = 1e-5 with the PRV accountant).
-4. For every canary (and one that was never inserted) compute the exact exposure
+4. For every canary (and 4 that were never inserted) compute the exact exposure
    ``log2 |R| - log2 rank`` over all |R| = 10^5 candidates, and the paper's skew-normal extrapolation.
 
     PYTHONPATH=. python examples/lm_canaries.py            # a few minutes on a 2-core CPU
@@ -47,10 +48,10 @@ def make_corpus(n: int, rng: np.random.Generator, fmt: CanaryFormat, n_numbers: 
     return out
 
 
-def run(*, seed: int = 0, n_private: int = 1000, repeats=(1, 4, 16), pretrain_steps: int = 300,
+def run(*, seed: int = 0, n_private: int = 1000, repeats=(1, 4, 16), per_group: int = 4, pretrain_steps: int = 200,
         epochs: float = 16.0, batch_size: int = 64, target_epsilon: float = 8.0, delta: float = 1e-5,
         lora_rank: int = 8, d_model: int = 64, n_layer: int = 2, lr_pre: float = 3e-3,
-        lr_ft: float = 1e-2, clip: float = 1.0, verbose: bool = True) -> dict:
+        lr_ft: float = 1e-2, lr_dp: float = 3e-3, clip: float = 1.0, verbose: bool = True) -> dict:
     from jaxdp.accounting import calibrate_noise_multiplier, compute_epsilon
 
     t_start = time.perf_counter()
@@ -62,10 +63,11 @@ def run(*, seed: int = 0, n_private: int = 1000, repeats=(1, 4, 16), pretrain_st
     # --- data -----------------------------------------------------------------------------------------
     public = make_corpus(3000, rng, fmt, n_numbers=300)
     private = make_corpus(n_private, rng, fmt)
-    canaries = {r: fmt.random_secret(rng) for r in repeats}
-    never = fmt.random_secret(rng)
-    for r, secret in canaries.items():
-        private += [fmt.fill(secret)] * r
+    canaries = {r: [fmt.random_secret(rng) for _ in range(per_group)] for r in repeats}
+    never = [fmt.random_secret(rng) for _ in range(per_group)]
+    for r, secrets in canaries.items():
+        for secret in secrets:
+            private += [fmt.fill(secret)] * r
     rng.shuffle(private)
     pub_tok, pub_mask = encode_batch(tok, public, max_len)
     prv_tok, prv_mask = encode_batch(tok, private, max_len)
@@ -104,7 +106,7 @@ def run(*, seed: int = 0, n_private: int = 1000, repeats=(1, 4, 16), pretrain_st
                        log_every=max(1, steps // 3) if verbose else 0)
     models["non-private LoRA"] = merge_lora(nonpriv.model)
     log(f"DP LoRA fine-tuning (epsilon = {eps:.2f})")
-    dp = finetune(lora_model(), prv_tok, prv_mask, steps=steps, learning_rate=lr_ft, seed=seed + 3,
+    dp = finetune(lora_model(), prv_tok, prv_mask, steps=steps, learning_rate=lr_dp, seed=seed + 3,
                   trainable=lora_filter, batch_size=batch_size, private=True, noise_multiplier=sigma,
                   l2_clip_norm=clip, key=jax.random.key(seed + 4), pad_to_multiple=32,
                   log_every=max(1, steps // 3) if verbose else 0)
@@ -115,15 +117,17 @@ def run(*, seed: int = 0, n_private: int = 1000, repeats=(1, 4, 16), pretrain_st
     sample = [fmt.random_secret(srng) for _ in range(2000)]
     results = {}
     for name, model in models.items():
-        fwd = nnx.jit(lambda m, x: m(x))
-        scores = all_candidate_scores(lambda x: fwd(model, x), tok, fmt, batch_size=1000)
-        sampled = sample_candidate_scores(lambda x: fwd(model, x), tok, fmt, sample, batch_size=1000)
+        scores = all_candidate_scores(model, tok, fmt, batch_size=1000)
+        sampled = sample_candidate_scores(model, tok, fmt, sample, batch_size=1000)
         row = {}
-        for label, secret in [*((f"inserted x{r}", s) for r, s in canaries.items()), ("never inserted", never)]:
-            score = scores[fmt.index(secret)]
-            row[label] = {"exposure": exposure(score, scores),
-                          "extrapolated": extrapolated_exposure(score, sampled),
-                          "log_perplexity_bits": float(score)}
+        groups = [*((f"inserted x{r}", s) for r, s in canaries.items()), ("never inserted", never)]
+        for label, secrets in groups:
+            sc = [float(scores[fmt.index(s)]) for s in secrets]
+            exact = [exposure(v, scores) for v in sc]
+            extra = [extrapolated_exposure(v, sampled) for v in sc]
+            row[label] = {"exposure": float(np.mean(exact)), "extrapolated": float(np.mean(extra)),
+                          "per_canary_exposure": exact, "per_canary_extrapolated": extra,
+                          "log_perplexity_bits": sc}
         results[name] = row
     out = {
         "config": dict(seed=seed, n_private=N, repeats=list(repeats), canary_format=fmt.prefix + fmt.pattern,
@@ -139,7 +143,8 @@ def run(*, seed: int = 0, n_private: int = 1000, repeats=(1, 4, 16), pretrain_st
     if verbose:
         labels = list(next(iter(results.values())).keys())
         print(f"\nexposure in bits (exact rank over |R| = {fmt.space_size}; max {math.log2(fmt.space_size):.1f};"
-              " skew-normal extrapolation in brackets)")
+              " skew-normal extrapolation in brackets;"
+              f" mean over {per_group} canaries per row)")
         print(f"{'model':24s}" + "".join(f"{lab:>22s}" for lab in labels))
         for name, row in results.items():
             print(f"{name:24s}" + "".join(
@@ -149,11 +154,14 @@ def run(*, seed: int = 0, n_private: int = 1000, repeats=(1, 4, 16), pretrain_st
 
 
 def main() -> None:
+    import logging
+
+    logging.getLogger("absl").setLevel(logging.ERROR)   # dp-accounting's RDP order warnings during calibration
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--epsilon", type=float, default=8.0)
     p.add_argument("--epochs", type=float, default=16.0)
-    p.add_argument("--pretrain-steps", type=int, default=300)
+    p.add_argument("--pretrain-steps", type=int, default=200)
     p.add_argument("--json", help="write the results to this JSON file")
     a = p.parse_args()
     out = run(seed=a.seed, target_epsilon=a.epsilon, epochs=a.epochs, pretrain_steps=a.pretrain_steps)

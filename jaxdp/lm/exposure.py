@@ -111,6 +111,16 @@ class CanaryFormat:
         return int(sum(self.alphabet.index(c) * base ** (self.length - 1 - i) for i, c in enumerate(secret)))
 
 
+def _as_logits_fn(logits_fn):
+    """Accept an NNX model (made pure with split/merge, so it can be traced inside ``jax.jit``) or a function."""
+    from flax import nnx
+
+    if isinstance(logits_fn, nnx.Module):
+        graphdef, state = nnx.split(logits_fn)
+        return lambda tokens: nnx.merge(graphdef, state)(tokens)
+    return logits_fn
+
+
 def _encode(tok, text: str) -> list[int]:
     return [tok.eos_id] + tok.encode(text)
 
@@ -132,8 +142,9 @@ def all_candidate_scores(logits_fn: Callable[[jax.Array], jax.Array], tok, fmt: 
 
     Uses one forward pass per candidate *without its last symbol*: the logits at the last position score all
     ``len(alphabet)`` completions at once, so the cost is ``|R| / len(alphabet)`` sequences.
-    ``logits_fn(tokens [B, T]) -> [B, T, V]``, e.g. ``jax.jit(model)``.
+    ``logits_fn``: a :class:`jaxdp.lm.GPT2` (or any NNX model), or a pure ``tokens [B, T] -> logits [B, T, V]``.
     """
+    logits_fn = _as_logits_fn(logits_fn)
     sym_ids = np.asarray(_check_single_tokens(tok, fmt))
     A, L = len(fmt.alphabet), fmt.length
     n_prefix = len(_encode(tok, fmt.prefix))
@@ -167,6 +178,7 @@ def all_candidate_scores(logits_fn: Callable[[jax.Array], jax.Array], tok, fmt: 
 def sample_candidate_scores(logits_fn, tok, fmt: CanaryFormat, secrets: Sequence[str], *,
                             batch_size: int = 1024) -> np.ndarray:
     """Log-perplexity (bits, after the prefix) of the given filled secrets (for the sampling approach)."""
+    logits_fn = _as_logits_fn(logits_fn)
     n_prefix = len(_encode(tok, fmt.prefix))
     seqs = np.asarray([_encode(tok, fmt.fill(s)) for s in secrets], np.int32)
     T = seqs.shape[1]
