@@ -2,11 +2,11 @@
 
 1. Generate a small templated corpus (no downloads): a public one for pre-training, a private one for
    fine-tuning into which random canaries "my account number is ____-_" are inserted 1, 4 and 16 times
-   (4 different canaries for each count).
+   (3 different canaries for each count).
 2. Pre-train a tiny GPT-2 (byte-level, 2 layers, d = 64) on the public corpus (non-private).
 3. Fine-tune LoRA adapters on the private corpus twice: non-private, and DP (Poisson sampling, per-sequence
    clipping, noise calibrated to epsilon = 8 at delta = 1e-5 with the PRV accountant).
-4. For every canary (and 4 that were never inserted) compute the exact exposure
+4. For every canary (and 3 that were never inserted) compute the exact exposure
    ``log2 |R| - log2 rank`` over all |R| = 10^5 candidates, and the paper's skew-normal extrapolation.
 
     PYTHONPATH=. python examples/lm_canaries.py            # a few minutes on a 2-core CPU
@@ -48,8 +48,8 @@ def make_corpus(n: int, rng: np.random.Generator, fmt: CanaryFormat, n_numbers: 
     return out
 
 
-def run(*, seed: int = 0, n_private: int = 1000, repeats=(1, 4, 16), per_group: int = 4, pretrain_steps: int = 200,
-        epochs: float = 16.0, batch_size: int = 64, target_epsilon: float = 8.0, delta: float = 1e-5,
+def run(*, seed: int = 0, n_private: int = 1000, repeats=(1, 4, 16), per_group: int = 3, pretrain_steps: int = 200,
+        epochs: float = 24.0, batch_size: int = 64, target_epsilon: float = 8.0, delta: float = 1e-5,
         lora_rank: int = 8, d_model: int = 64, n_layer: int = 2, lr_pre: float = 3e-3,
         lr_ft: float = 1e-2, lr_dp: float = 3e-3, clip: float = 1.0, verbose: bool = True) -> dict:
     from jaxdp.accounting import calibrate_noise_multiplier, compute_epsilon
@@ -91,7 +91,7 @@ def run(*, seed: int = 0, n_private: int = 1000, repeats=(1, 4, 16), per_group: 
     steps = math.ceil(epochs / q)
     sigma = calibrate_noise_multiplier(target_epsilon, delta, q, steps=steps, accountant="prv")
     eps = compute_epsilon(sigma, q, steps, delta, accountant="prv")
-    log(f"private corpus: {N} sequences ({sum(repeats)} canary copies); {steps} steps, q = {q:.4f}, "
+    log(f"private corpus: {N} sequences ({per_group * sum(repeats)} canary copies); {steps} steps, q = {q:.4f}, "
         f"sigma = {sigma:.3f} -> epsilon = {eps:.3f} at delta = {delta}")
 
     def lora_model():
@@ -160,7 +160,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--epsilon", type=float, default=8.0)
-    p.add_argument("--epochs", type=float, default=16.0)
+    p.add_argument("--epochs", type=float, default=24.0)
     p.add_argument("--pretrain-steps", type=int, default=200)
     p.add_argument("--json", help="write the results to this JSON file")
     a = p.parse_args()

@@ -215,7 +215,10 @@ def test_lm_clipped_sum_equals_per_example_reference():
         if ex_mask[i]:
             ref = jax.tree_util.tree_map(lambda r, gi: r + min(1.0, C / (n + 1e-6)) * gi, ref, g)
     assert min(norms[:3]) > C
-    for method in ("vmap", "auto"):
+    methods = ["vmap"]
+    if jaxdp.clipping._resolve_method("auto") is not jaxdp.clipping._resolve_method("vmap"):
+        methods.append("auto")   # ghost norms present: check them too (until then "auto" IS the vmap code)
+    for method in methods:
         summed, stats = jax.jit(jaxdp.clipped_grad(loss_fn, C, method=method, trainable=TRAINABLE))(
             params, batch, ex_mask)
         for a, b in zip(jax.tree_util.tree_leaves(summed["trainable"]), jax.tree_util.tree_leaves(ref)):
@@ -264,3 +267,22 @@ def test_candidate_enumeration_matches_direct_scoring():
     direct = sample_candidate_scores(fwd, tok, fmt, secrets, batch_size=64)
     assert [fmt.index(s) for s in secrets] == list(range(64))
     np.testing.assert_allclose(every, direct, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_canary_example_end_to_end():
+    """examples/lm_canaries.py (about 3-5 min on 2 cores): non-private LoRA exposes the 16x canaries far
+    more than DP-LoRA at epsilon 8. Bounds are loose against seed noise: the run with seed 0 gives a mean
+    exposure of about 9 bits non-private vs about 3 bits with DP (docs/lm.md)."""
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).parent.parent / "examples" / "lm_canaries.py"
+    spec = importlib.util.spec_from_file_location("lm_canaries", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = mod.run(seed=0, verbose=False)
+    ex = out["exposure"]
+    assert abs(out["config"]["epsilon"] - 8.0) < 1e-2
+    nonpriv, dp = ex["non-private LoRA"]["inserted x16"]["exposure"], ex["DP LoRA (eps=8)"]["inserted x16"]["exposure"]
+    assert nonpriv > 5.0 and nonpriv > dp + 2.0
