@@ -1,4 +1,5 @@
 """Tests for jaxdp.lm: GPT-2 loading, tokenizer, LoRA/freezing, per-sequence clipping, exposure."""
+import functools
 import json
 import math
 
@@ -18,8 +19,13 @@ from jaxdp.lm import (GPT2, GPT2Config, TRAINABLE, ByteTokenizer, CanaryFormat, 
 CFG = GPT2Config(vocab_size=257, n_positions=16, n_embd=16, n_layer=2, n_head=2)
 
 
-def tiny(seed=0):
+@functools.lru_cache(maxsize=None)
+def _tiny(seed):
     return GPT2(CFG, rngs=nnx.Rngs(seed))
+
+
+def tiny(seed=0):
+    return nnx.clone(_tiny(seed))   # a fresh copy (tests modify models in place); init runs once per seed
 
 
 def tokens(B=4, T=10, seed=0):
@@ -184,8 +190,11 @@ def test_dp_step_changes_only_trainable(which):
     assert leaves_equal(new["frozen"], params["frozen"])        # bit-for-bit unchanged
     for a, b in zip(jax.tree_util.tree_leaves(new["trainable"]), jax.tree_util.tree_leaves(params["trainable"])):
         assert not bool(jnp.array_equal(a, b))                  # every trainable leaf moved (noise alone would)
+    if which != "lora":
+        return
     # clipped_grad returns exact zeros on frozen leaves and only differentiates the trainable ones
-    summed, _ = jaxdp.clipped_grad(make_loss_fn(graphdef), 0.5, method="vmap", trainable=TRAINABLE)(params, batch)
+    summed, _ = jax.jit(jaxdp.clipped_grad(make_loss_fn(graphdef), 0.5, method="vmap", trainable=TRAINABLE))(
+        params, batch)
     assert all(bool(jnp.all(g == 0)) for g in jax.tree_util.tree_leaves(summed["frozen"]))
     assert any(bool(jnp.any(g != 0)) for g in jax.tree_util.tree_leaves(summed["trainable"]))
 
@@ -207,9 +216,10 @@ def test_lm_clipped_sum_equals_per_example_reference():
 
     ref = jax.tree_util.tree_map(jnp.zeros_like, params["trainable"])
     norms = []
+    one_grad = jax.jit(jax.grad(lambda t, one: loss_fn({"trainable": t, "frozen": params["frozen"]}, one)[0]))
     for i in range(4):
         one = jax.tree_util.tree_map(lambda a: a[i:i + 1], batch)
-        g = jax.grad(lambda t: loss_fn({"trainable": t, "frozen": params["frozen"]}, one)[0])(params["trainable"])
+        g = one_grad(params["trainable"], one)
         n = float(jnp.sqrt(sum(jnp.sum(l ** 2) for l in jax.tree_util.tree_leaves(g))))
         norms.append(n)
         if ex_mask[i]:
