@@ -6,8 +6,9 @@ tokens, per-sequence loss = mean token NLL. Rows alternate step by step in one p
 median of ``--steps`` timed steps after 2 warm-up steps; compile time reported separately.
 
 Memory: ``xla_bytes`` = XLA's memory analysis of the compiled JAX step (temp + arguments + outputs);
-``rss_step_mb`` = growth of the process's peak RSS (``getrusage``) over 3 steps, measured for each row in a
-fresh subprocess after its set-up (so it counts the step's transient buffers, not the framework itself).
+``rss_step_mb`` = peak of the process's current RSS (``/proc/self/statm``, sampled every ms) during 3 steps
+minus the RSS after set-up, measured for each row in a fresh subprocess (the step's buffers, not the
+framework; torch's set-up includes one step, so its first-step allocations are partly in the baseline).
 
     PYTHONPATH=. python benchmarks/lm_lora_speed.py --json benchmarks/results/lm_lora_speed.json
 """
@@ -74,7 +75,7 @@ def make_torch(row, a, data):
     import torch
     from transformers import GPT2Config as HFConfig, GPT2LMHeadModel
 
-    torch.set_num_threads(os.cpu_count())
+    torch.set_num_threads(a.torch_threads or os.cpu_count())
     torch.manual_seed(0)
     c = _cfg(a)
     model = GPT2LMHeadModel(HFConfig(**c, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
@@ -134,18 +135,38 @@ def make(row, a, data):
     return make_jax(row, a, data) if row.startswith("jax") else make_torch(row, a, data)
 
 
-def rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0   # Linux: KiB
+def rss_now_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 def memory_child(row, a) -> None:
+    """Current RSS sampled every millisecond during 3 steps; report the peak minus the RSS after set-up
+    (model built, JAX step compiled; torch's first step in make() excluded by re-measuring after gc)."""
+    import gc
+    import threading
+
     data = np.random.default_rng(0).integers(0, 256, (a.batch, a.seq_len))
     run, _ = make(row, a, data)
-    run()
-    before = rss_mb()
+    gc.collect()
+    before = rss_now_mb()
+    peak = [before]
+    done = threading.Event()
+
+    def poll():
+        while not done.is_set():
+            peak[0] = max(peak[0], rss_now_mb())
+            time.sleep(0.001)
+
+    th = threading.Thread(target=poll, daemon=True)
+    th.start()
     for _ in range(3):
         run()
-    print(json.dumps({"rss_step_mb": rss_mb() - before, "rss_peak_mb": rss_mb()}))
+    done.set()
+    th.join()
+    peak[0] = max(peak[0], rss_now_mb())
+    print(json.dumps({"rss_step_mb": peak[0] - before, "rss_peak_mb": peak[0],
+                      "ru_maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0}))
 
 
 def main() -> None:
@@ -156,6 +177,9 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--rows", default=",".join(ROWS))
+    p.add_argument("--torch-threads", type=int, default=0,
+                   help="torch intra-op threads (default: os.cpu_count(), DESIGN.md; on a shared, loaded machine "
+                        "1 avoids OpenMP spin contention that made torch ~10x slower in our runs)")
     p.add_argument("--no-memory", action="store_true", help="skip the per-row memory subprocesses")
     p.add_argument("--json")
     p.add_argument("--memory-child", help=argparse.SUPPRESS)
@@ -188,7 +212,7 @@ def main() -> None:
         if not a.no_memory:
             out = subprocess.run([sys.executable, __file__, "--memory-child", r, "--layers", str(a.layers),
                                   "--d-model", str(a.d_model), "--seq-len", str(a.seq_len),
-                                  "--batch", str(a.batch)], capture_output=True, text=True,
+                                  "--batch", str(a.batch), "--torch-threads", str(a.torch_threads)], capture_output=True, text=True,
                                  env={**os.environ, "PYTHONPATH": os.environ.get("PYTHONPATH", ".")})
             try:
                 results[r].update(json.loads(out.stdout.strip().splitlines()[-1]))
@@ -216,7 +240,7 @@ def main() -> None:
     out = dict(machine=dict(cpu_count=os.cpu_count(), platform=platform.platform(),
                             device_kind=jax.devices()[0].device_kind, backend=jax.default_backend()),
                versions=versions, config=dict(layers=a.layers, d_model=a.d_model, seq_len=a.seq_len,
-                                              batch=a.batch, vocab=257, lora_rank=8, lora_alpha=16,
+                                              batch=a.batch, vocab=257, torch_threads=a.torch_threads or os.cpu_count(), lora_rank=8, lora_alpha=16,
                                               lora_targets=["c_attn"], steps=a.steps),
                results=results, ratios=ratios)
     print(f"{'row':18s} {'median ms':>10s} {'tokens/s':>10s} {'compile s':>10s} {'XLA MB':>8s} {'RSS+ MB':>8s}")
