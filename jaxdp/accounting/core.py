@@ -227,8 +227,12 @@ def to_dp_event(event: dict) -> dpe.DpEvent:
         gauss = dpe.GaussianDpEvent(event["noise_multiplier"])
         inner = gauss if event["sample_rate"] == 1.0 else dpe.PoissonSampledDpEvent(event["sample_rate"], gauss)
     elif s == "shuffle":
+        # dp-accounting's RDP for sampling without replacement (Wang, Balle, Kasiviswanathan 2019) takes the noise
+        # relative to the REPLACE-ONE sensitivity of the released sum. Replacing one example moves a sum of
+        # gradients clipped to norm C by up to 2C, so the noise std sigma*C is (sigma/2) times that sensitivity.
+        # (Its PLD, by contrast, models replace-one as the shift from +C to -C itself, and takes sigma as is.)
         inner = dpe.SampledWithoutReplacementDpEvent(event["dataset_size"], event["batch_size"],
-                                                     dpe.GaussianDpEvent(event["noise_multiplier"]))
+                                                     dpe.GaussianDpEvent(event["noise_multiplier"] / 2.0))
     else:
         inner = dpe.TruncatedSubsampledGaussianDpEvent(
             dataset_size=event["dataset_size"], sampling_probability=event["sample_rate"],
@@ -278,10 +282,17 @@ def make_dp_accountant(accountant: str = "prv", neighboring_relation: str = "add
 
 
 def compose_events(events: Sequence[Mapping[str, Any]], accountant: str = "prv",
-                   neighboring_relation: str = "add_remove") -> pa.PrivacyAccountant:
-    """A ``dp_accounting`` accountant with all ``events`` composed; refuses events it cannot account."""
+                   neighboring_relation: str = "add_remove", *, dataset_size_offset: int = 0,
+                   ) -> pa.PrivacyAccountant:
+    """A ``dp_accounting`` accountant with all ``events`` composed; refuses events it cannot account.
+
+    ``dataset_size_offset`` is added to the ``dataset_size`` of truncated-Poisson events (see
+    :func:`_compose_variants`).
+    """
     acc = make_dp_accountant(accountant, neighboring_relation)
     for e in merge_events(events):
+        if e["sampling"] == "truncated_poisson" and dataset_size_offset:
+            e = {**e, "dataset_size": e["dataset_size"] + dataset_size_offset}
         reason = _refuse(e, accountant, neighboring_relation)
         if reason is not None:
             raise ValueError(reason)
@@ -296,20 +307,34 @@ def compose_events(events: Sequence[Mapping[str, Any]], accountant: str = "prv",
     return acc
 
 
+def _compose_variants(events: Sequence[Mapping[str, Any]], accountant: str, neighboring_relation: str,
+                      ) -> list[pa.PrivacyAccountant]:
+    """The composed accountants whose worst case is the guarantee.
+
+    dp-accounting's truncated-Poisson PLD takes the size ``n`` of the dataset that contains the protected
+    example. Under add/remove that is ``N`` (the example is removed from the training set) or ``N + 1`` (an
+    example is added to it), the same ``n`` at every step, so the guarantee is the worse of the two compositions.
+    Without truncated-Poisson events (or under replace-one) there is one composition.
+    """
+    events = merge_events(events)
+    variants = [compose_events(events, accountant, neighboring_relation)]
+    if neighboring_relation == "add_remove" and any(e["sampling"] == "truncated_poisson" for e in events):
+        variants.append(compose_events(events, accountant, neighboring_relation, dataset_size_offset=1))
+    return variants
+
+
 def events_epsilon(events: Sequence[Mapping[str, Any]], delta: float, accountant: str = "prv",
                    neighboring_relation: str = "add_remove") -> float:
     """Epsilon at ``delta`` of the composition of ``events`` (``inf`` if any step was non-private, 0 if none)."""
     delta = check_delta(delta)
-    acc = compose_events(events, accountant, neighboring_relation)
-    return _epsilon_of(acc, delta)
+    return max(_epsilon_of(a, delta) for a in _compose_variants(events, accountant, neighboring_relation))
 
 
 def events_delta(events: Sequence[Mapping[str, Any]], epsilon: float, accountant: str = "prv",
                  neighboring_relation: str = "add_remove") -> float:
     """Delta at ``epsilon`` of the composition of ``events`` (1 if any step was non-private, 0 if none)."""
     epsilon = check_epsilon(epsilon)
-    acc = compose_events(events, accountant, neighboring_relation)
-    return _delta_of(acc, epsilon)
+    return max(_delta_of(a, epsilon) for a in _compose_variants(events, accountant, neighboring_relation))
 
 
 def _is_empty(acc: pa.PrivacyAccountant) -> bool:
@@ -349,7 +374,7 @@ class Accountant:
         self.accountant = _check_accountant(accountant)
         self.neighboring_relation = _check_relation(neighboring_relation)
         self._history: list[dict] = []
-        self._cache: tuple[Any, pa.PrivacyAccountant] | None = None
+        self._cache: tuple[Any, list[pa.PrivacyAccountant]] | None = None
 
     # -- recording
     def step(self, noise_multiplier: float, sample_rate: float | None = None, num_steps: int = 1, *,
@@ -386,7 +411,14 @@ class Accountant:
         reason = _refuse(e, self.accountant, self.neighboring_relation)
         if reason is not None:
             raise ValueError(reason)
-        self._history = merge_events([*self._history, e])
+        if e["steps"] == 0:
+            return
+        last = self._history[-1] if self._history else None
+        if last is not None and {k: v for k, v in last.items() if k != "steps"} == {
+                k: v for k, v in e.items() if k != "steps"}:
+            last["steps"] += e["steps"]
+        else:
+            self._history.append(e)
 
     # -- views
     @property
@@ -403,19 +435,21 @@ class Accountant:
         return self.steps
 
     # -- queries
-    def _composed(self) -> pa.PrivacyAccountant:
+    def _composed(self) -> list[pa.PrivacyAccountant]:
         key = json.dumps(self._history, sort_keys=True)
         if self._cache is None or self._cache[0] != key:
-            self._cache = (key, compose_events(self._history, self.accountant, self.neighboring_relation))
+            self._cache = (key, _compose_variants(self._history, self.accountant, self.neighboring_relation))
         return self._cache[1]
 
     def get_epsilon(self, delta: float) -> float:
         """Epsilon of everything recorded, at ``delta`` (0 with no steps; ``inf`` after non-private steps)."""
-        return _epsilon_of(self._composed(), check_delta(delta))
+        delta = check_delta(delta)
+        return max(_epsilon_of(a, delta) for a in self._composed())
 
     def get_delta(self, epsilon: float) -> float:
         """Delta of everything recorded, at ``epsilon`` (0 with no steps; 1 after non-private steps)."""
-        return _delta_of(self._composed(), check_epsilon(epsilon))
+        epsilon = check_epsilon(epsilon)
+        return max(_delta_of(a, epsilon) for a in self._composed())
 
     def get_privacy_spent(self, delta: float) -> tuple[float, float]:
         return self.get_epsilon(delta), float(delta)
@@ -501,7 +535,7 @@ def calibrate_noise_multiplier(target_epsilon: float, target_delta: float, sampl
                                steps: int | None = None, epochs: float | None = None, accountant: str = "prv",
                                *, neighboring_relation: str = "add_remove", sampling: str = "poisson",
                                dataset_size: int | None = None, max_batch_size: int | None = None,
-                               tol: float = 1e-5) -> float:
+                               tol: float = 1e-5, _single_variant: bool = False) -> float:
     """The smallest noise multiplier whose epsilon at ``target_delta`` is at most ``target_epsilon``.
 
     Exactly one of ``steps`` or ``epochs`` (``steps = ceil(epochs / q)``). Brent's method through
@@ -522,6 +556,14 @@ def calibrate_noise_multiplier(target_epsilon: float, target_delta: float, sampl
     steps = _steps(steps)
     if steps == 0:
         raise ValueError("steps is 0: nothing is released, any noise multiplier (including 0) meets the target")
+    if sampling == "truncated_poisson" and neighboring_relation == "add_remove" and not _single_variant:
+        if dataset_size is None:
+            raise ValueError("truncated Poisson sampling needs dataset_size and max_batch_size")
+        # The guarantee is the worse of n = N and n = N + 1 (see _compose_variants): meet both.
+        return max(calibrate_noise_multiplier(
+            target_epsilon, target_delta, q, steps=steps, accountant=accountant,
+            neighboring_relation=neighboring_relation, sampling=sampling, dataset_size=n,
+            max_batch_size=max_batch_size, tol=tol, _single_variant=True) for n in (dataset_size, dataset_size + 1))
     batch_size = int(round(q * dataset_size)) if (sampling == "shuffle" and dataset_size) else None
 
     def make_event(sigma: float) -> dpe.DpEvent:
@@ -667,11 +709,12 @@ def compute_dp_sgd_privacy(n: int, batch_size: int, noise_multiplier: float, epo
         "This holds for example-level privacy with the add-or-remove-one relation, for Poisson sampling (each "
         f"example joins each batch independently with probability {q:.3g}), and protects every checkpoint, not "
         "only the final model.",
-        f"If batches were shuffled fixed-size batches instead, this epsilon does not apply: without "
-        f"amplification by sampling (each example used once per epoch, in any order) the RDP bound for "
-        f"{epochs_int} epochs is eps = {eps_once:.3g} at the same delta, and shuffling is believed, but not "
-        "proven, to lie between the two. jaxdp accounts shuffled batches only as sampling without replacement "
-        "under the replace-one relation (Accountant('rdp', neighboring_relation='replace_one')).",
+        "If batches were shuffled fixed-size batches instead of Poisson-sampled, the epsilon above is not "
+        "proven to hold, and it can be optimistic (Chua et al. 2024, 'How private are DP-SGD "
+        "implementations?'). What holds without amplification by sampling (each example used once per epoch, "
+        f"in any order) is eps = {eps_once:.3g} for {epochs_int} epochs at the same delta. jaxdp accounts "
+        "shuffled batches only as sampling without replacement under the replace-one relation "
+        "(Accountant('rdp', neighboring_relation='replace_one')).",
     ]
     return DpSgdPrivacy(epsilon=float(eps), order=float(order), steps=steps, sample_rate=q, delta=delta,
                         epsilon_basic_conversion=float(basic), epsilon_once_per_epoch=eps_once,

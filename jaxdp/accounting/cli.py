@@ -1,0 +1,138 @@
+"""``jaxdp epsilon`` and ``jaxdp calibrate``.
+
+Both describe DP-SGD over ``N`` examples with (expected) batch size ``B``: sample rate ``q = B / N`` and
+``steps = ceil(epochs / q)`` (each example seen ``epochs`` times in expectation), unless ``--steps`` is given.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+
+from jaxdp.accounting import core
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dataset-size", "-N", type=int, required=True, help="number of training examples N")
+    p.add_argument("--batch-size", "-B", type=int, required=True,
+                   help="(expected) batch size B; the sample rate is q = B / N")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--epochs", type=float, help="epochs E; steps = ceil(E / q)")
+    g.add_argument("--steps", type=int, help="number of steps (instead of --epochs)")
+    p.add_argument("--delta", type=float, required=True, help="target delta (should be < 1/N)")
+    p.add_argument("--accountant", choices=core.ACCOUNTANTS, default="prv",
+                   help="rdp (Renyi DP), pld (privacy loss distribution) or prv (Opacus's PRV upper bound; "
+                        "default)")
+    p.add_argument("--sampling", choices=("poisson", "shuffle"), default="poisson",
+                   help="batch selection: poisson (default) or shuffle (fixed-size batches without replacement; "
+                        "needs --accountant rdp --neighboring-relation replace_one)")
+    p.add_argument("--neighboring-relation", choices=tuple(core.NEIGHBORING_RELATIONS), default="add_remove",
+                   help="datasets the guarantee compares: add_remove (default) or replace_one")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+
+
+def _setting(args: argparse.Namespace) -> tuple[float, int]:
+    n, b = args.dataset_size, args.batch_size
+    if n is None or n <= 0:
+        raise ValueError(f"--dataset-size must be a positive integer, got {n}")
+    if b is None or b <= 0 or b > n:
+        raise ValueError(f"--batch-size must be an integer in [1, N={n}], got {b}")
+    q = b / n
+    steps = core.steps_for_epochs(args.epochs, q) if args.steps is None else args.steps
+    if steps < 0:
+        raise ValueError(f"--steps must be >= 0, got {steps}")
+    return q, steps
+
+
+def _table(rows: list[tuple[str, object]]) -> str:
+    width = max(len(k) for k, _ in rows)
+    out = []
+    for k, v in rows:
+        if isinstance(v, float):
+            v = f"{v:.6g}"
+        out.append(f"{k:<{width}}  {v}")
+    return "\n".join(out)
+
+
+def _emit(args: argparse.Namespace, result: dict, rows: list[tuple[str, object]]) -> None:
+    if args.json:
+        print(json.dumps(result, sort_keys=True, default=float))
+    else:
+        print(_table(rows))
+
+
+def _quiet_absl() -> None:
+    # dp-accounting logs one absl WARNING per RDP order it drops (large q); the result already accounts for it.
+    logging.getLogger("absl").setLevel(logging.ERROR)
+
+
+def _epsilon(args: argparse.Namespace) -> int:
+    _quiet_absl()
+    q, steps = _setting(args)
+    t0 = time.perf_counter()
+    eps = core.compute_epsilon(args.noise_multiplier, q, steps, args.delta, args.accountant,
+                               neighboring_relation=args.neighboring_relation, sampling=args.sampling,
+                               dataset_size=args.dataset_size, batch_size=args.batch_size)
+    seconds = time.perf_counter() - t0
+    result = {"epsilon": eps, "delta": args.delta, "steps": steps, "sample_rate": q, "epochs": args.epochs,
+              "noise_multiplier": args.noise_multiplier, "dataset_size": args.dataset_size,
+              "batch_size": args.batch_size, "accountant": args.accountant, "sampling": args.sampling,
+              "neighboring_relation": args.neighboring_relation, "seconds": seconds}
+    _emit(args, result, [("accountant", args.accountant), ("sampling", args.sampling),
+                         ("neighboring relation", args.neighboring_relation), ("dataset size N", args.dataset_size),
+                         ("batch size B", args.batch_size), ("sample rate q", q), ("steps", steps),
+                         ("noise multiplier", args.noise_multiplier), ("delta", args.delta), ("epsilon", eps)])
+    return 0
+
+
+def _calibrate(args: argparse.Namespace) -> int:
+    _quiet_absl()
+    q, steps = _setting(args)
+    t0 = time.perf_counter()
+    sigma = core.calibrate_noise_multiplier(args.target_epsilon, args.delta, q, steps=steps,
+                                            accountant=args.accountant,
+                                            neighboring_relation=args.neighboring_relation,
+                                            sampling=args.sampling, dataset_size=args.dataset_size)
+    eps = core.compute_epsilon(sigma, q, steps, args.delta, args.accountant,
+                               neighboring_relation=args.neighboring_relation, sampling=args.sampling,
+                               dataset_size=args.dataset_size, batch_size=args.batch_size)
+    seconds = time.perf_counter() - t0
+    result = {"noise_multiplier": sigma, "epsilon": eps, "target_epsilon": args.target_epsilon,
+              "delta": args.delta, "steps": steps, "sample_rate": q, "epochs": args.epochs,
+              "dataset_size": args.dataset_size, "batch_size": args.batch_size, "accountant": args.accountant,
+              "sampling": args.sampling, "neighboring_relation": args.neighboring_relation, "seconds": seconds}
+    _emit(args, result, [("accountant", args.accountant), ("sampling", args.sampling),
+                         ("neighboring relation", args.neighboring_relation), ("dataset size N", args.dataset_size),
+                         ("batch size B", args.batch_size), ("sample rate q", q), ("steps", steps),
+                         ("delta", args.delta), ("target epsilon", args.target_epsilon),
+                         ("noise multiplier", sigma), ("epsilon reached", eps)])
+    return 0
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "epsilon", help="epsilon of DP-SGD for a dataset size, batch size, noise multiplier and epochs",
+        description="Epsilon at --delta of DP-SGD: q = B/N, steps = ceil(epochs / q) (or --steps).")
+    _add_common(p)
+    p.add_argument("--noise-multiplier", "-s", type=float, required=True,
+                   help="noise std / clipping norm (sigma)")
+    p.set_defaults(func=_epsilon)
+
+    p = subparsers.add_parser(
+        "calibrate", help="smallest noise multiplier that meets a target epsilon",
+        description="Smallest noise multiplier with epsilon <= --target-epsilon at --delta "
+                    "(Brent's method via dp_accounting.calibrate_dp_mechanism).")
+    _add_common(p)
+    p.add_argument("--target-epsilon", "-e", type=float, required=True, help="target epsilon (> 0)")
+    p.set_defaults(func=_calibrate)
+
+
+def main(argv: list[str] | None = None) -> int:   # `python -m jaxdp.accounting.cli ...`
+    from jaxdp.cli import main as jaxdp_main
+    return jaxdp_main(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
