@@ -11,7 +11,7 @@ from flax import nnx
 
 import jaxdp
 from jaxdp.lm import (GPT2, GPT2Config, TRAINABLE, ByteTokenizer, CanaryFormat, all_candidate_scores,
-                      apply_lora, encode_batch, exposure, exposure_from_rank, extrapolated_exposure,
+                      apply_lora, encode_batch, exposure, exposure_from_rank, extrapolated_exposure, finetune,
                       last_k_filter, load_pretrained, load_tokenizer, lora_filter, make_dp_step, make_loss_fn,
                       merge_lora, rank_of, sample_candidate_scores, save_pretrained, sequence_nll,
                       split_trainable)
@@ -179,14 +179,22 @@ def test_dp_step_changes_only_trainable(which):
         assert names and all("lora_" in n for n in names)
     else:
         assert names and all(n.startswith(("h/1/", "ln_f/", "wte/")) for n in names)
-    step, tx = make_dp_step(graphdef, l2_clip_norm=0.5, noise_multiplier=1.0, expected_batch_size=4,
-                            learning_rate=1e-2, key=jax.random.key(0), method="auto")
-    opt_state = tx.init(params)
-    x = tokens(4, 8)
+    x = tokens(8, 8)
     batch = {"tokens": x, "mask": jnp.ones_like(x, bool)}
-    new = params
-    for _ in range(2):
-        new, opt_state, stats = step(new, opt_state, batch, jnp.array([True, True, True, False]))
+    if which == "lora":
+        step, tx = make_dp_step(graphdef, l2_clip_norm=0.5, noise_multiplier=1.0, expected_batch_size=4,
+                                learning_rate=1e-2, key=jax.random.key(0), method="auto")
+        opt_state = tx.init(params)
+        new = params
+        for _ in range(2):
+            new, opt_state, stats = step(new, opt_state, batch, jnp.array([True] * 7 + [False]))
+    else:   # through the finetune() loop: Poisson sampling (one padded shape of 8), noise, Adam
+        res = finetune(m, np.asarray(x), np.ones(x.shape, bool), steps=2, learning_rate=1e-2, seed=0,
+                       trainable=filt, batch_size=4, private=True, noise_multiplier=1.0, l2_clip_norm=0.5,
+                       key=jax.random.key(0), pad_to_multiple=8)
+        assert res.sampling == "poisson" and len(res.losses) == 2
+        _, new = split_trainable(res.model, filt)
+        assert leaves_equal(split_trainable(m, filt)[1], params)   # the input model is not modified
     assert leaves_equal(new["frozen"], params["frozen"])        # bit-for-bit unchanged
     for a, b in zip(jax.tree_util.tree_leaves(new["trainable"]), jax.tree_util.tree_leaves(params["trainable"])):
         assert not bool(jnp.array_equal(a, b))                  # every trainable leaf moved (noise alone would)
