@@ -1,0 +1,428 @@
+"""Per-example gradient norms without per-example gradients ("ghost norms") and book-keeping clipped sums.
+
+Why: ``vmap(grad)`` materialises one gradient per example, ``B * |params|`` floats, and turns every weight
+gradient (one big matrix product) into ``B`` small outer products. For a layer ``y = a W`` the per-example
+gradient is ``a^T g`` (``g = dL/dy``), so its squared norm is available without forming it
+(Goodfellow 2015; Li et al. 2021, "ghost clipping"):
+
+    2-D input  (a: [d], g: [p]):        ||a^T g||_F^2 = ||a||^2 ||g||^2
+    sequence   (A: [T, d], G: [T, p]):  ||A^T G||_F^2 = <A A^T, G G^T>          (cost T^2 (d + p))
+    embedding  (ids: [T], G: [T, p]):   ||sum_t e_{id_t} g_t^T||^2 = sum_{t,s} [id_t = id_s] <g_t, g_s>
+    convolution: the sequence formula on the unfolded input patches (A: [T = output positions, c_in k_h k_w]).
+
+The clipped sum is then formed by book-keeping (Bu et al. 2023): ``sum_i w_i A_i^T G_i = (w * A)^T G``,
+ONE matrix product per layer with the clip weights ``w_i`` folded into the stored activations, and no second
+backward pass. (A second backward pass of the weighted loss ``sum_i w_i L_i`` was measured as well and is
+slower on CPU, and it cannot take per-layer weights; see ``docs/speed.md``.)
+
+How the layers are found: the per-example loss is traced to a jaxpr once (at trace time, so it works for
+any pure ``loss_fn(params, batch)`` -- plain JAX, Flax Linen ``apply``, Flax NNX ``merge``), and every use of
+every trainable leaf is classified. A leaf is handled by a ghost norm when it is used exactly once, through
+norm-preserving reshapes (transpose / reshape / dtype conversion), as the weight operand of a
+``dot_general`` without batch dimensions, the kernel of a ``conv_general_dilated`` without feature groups, or
+the table of a row ``gather`` (an embedding lookup). Every other leaf -- biases and scales (cheap), tied
+weights, parameters used in loops, custom derivatives or any op not listed -- falls back to materialising
+per-example gradients for THAT leaf alone, inside the same backward pass. We chose jaxpr tracing over Flax
+method interception because it needs no knowledge of the model library, sees through ``jit``-wrapped
+helpers, and cannot miss a use of a parameter (a missed use would under-estimate a norm and break DP).
+
+The backward pass itself is the ordinary one, vmapped over examples, with a zero "probe" added to the output
+of each ghost layer: the gradient with respect to the probe is the output gradient ``g``; the activations are
+recorded on the way forward. The result equals ``vmap(grad)`` up to float rounding (tests: 1e-5).
+
+``method="ghost"`` always uses the ghost formula for the recognised layers; ``method="auto"`` chooses per layer
+between the ghost formula and materialising that layer's per-example gradient (sequence dense layers: ghost
+when ``2 T^2 <= d p``; convolutions and embeddings likewise with their unfolded sizes) and uses plain vmap when
+no layer is recognised.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.extend import core as jcore
+
+from jaxdp import clipping
+
+_CHAIN = frozenset({"transpose", "reshape", "convert_element_type", "squeeze", "copy", "copy_p"})
+_CALLS = frozenset({"jit", "pjit", "closed_call", "core_call"})
+_SITES = frozenset({"dot_general", "conv_general_dilated", "gather"})
+
+
+@dataclass(frozen=True)
+class _Derived:
+    """A value that is a norm-preserving reshape of trainable leaf ``leaf`` (``chain`` = the eqns applied)."""
+
+    leaf: int
+    chain: tuple = ()
+
+
+@dataclass
+class _Site:
+    kind: str          # "dot" | "conv" | "gather"
+    eqn: Any           # the consuming equation
+    pos: int           # operand position of the parameter
+    chain: tuple       # eqns from the leaf to the operand
+    out_shape: tuple
+    out_dtype: Any
+    act_shape: tuple   # per-example shape of the other operand (activation / indices)
+
+
+@dataclass
+class _Analysis:
+    sites: dict = field(default_factory=dict)   # leaf -> list[_Site]
+    bad: set = field(default_factory=set)       # leaves with an unrecognised use
+
+
+class _Eval:
+    """Evaluation context: adds probes to ghost sites and records their activations."""
+
+    def __init__(self, ghost: dict, probes: dict):
+        self.ghost = ghost      # leaf -> _Site
+        self.probes = probes    # leaf -> probe array (zeros) or None in analysis
+        self.acts: dict = {}
+
+
+def _read(env, v):
+    return v.val if isinstance(v, jcore.Literal) else env[v]
+
+
+def _bind(eqn, invals):
+    params = eqn.primitive.get_bind_params(eqn.params)
+    with eqn.ctx.manager:
+        out = eqn.primitive.bind(*invals, **params)
+    return out if eqn.primitive.multiple_results else [out]
+
+
+def _site_kind(eqn, pos: int, invals, dins) -> str | None:
+    """Which ghost formula applies when operand ``pos`` (a parameter) is consumed by ``eqn``, if any."""
+    name = eqn.primitive.name
+    others = [d for i, d in enumerate(dins) if i != pos]
+    if any(d is not None for d in others):
+        return None
+    if name == "dot_general" and len(dins) == 2:
+        (_, _), (lb, rb) = eqn.params["dimension_numbers"]
+        return "dot" if not lb and not rb else None
+    if name == "conv_general_dilated" and pos == 1:
+        p = eqn.params
+        return "conv" if p["feature_group_count"] == 1 and p["batch_group_count"] == 1 else None
+    if name == "gather" and pos == 0:
+        dn = eqn.params["dimension_numbers"]
+        operand, idx = invals
+        if (jnp.ndim(operand) == 2 and tuple(dn.collapsed_slice_dims) == (0,)
+                and tuple(dn.start_index_map) == (0,) and not tuple(dn.operand_batching_dims)
+                and tuple(dn.offset_dims) == (jnp.ndim(idx) - 1,) and jnp.shape(idx)[-1] == 1
+                and tuple(eqn.params["slice_sizes"]) == (1, jnp.shape(operand)[1])):
+            return "gather"
+    return None
+
+
+def _run(jaxpr, consts, args, dargs, ctx):
+    """Evaluate ``jaxpr``; ``dargs[i]`` tags inputs derived from parameters. Returns (outs, out tags)."""
+    env, denv = {}, {}
+    for v, c in zip(jaxpr.constvars, consts):
+        env[v] = c
+    for v, a, d in zip(jaxpr.invars, args, dargs):
+        env[v] = a
+        if d is not None:
+            denv[v] = d
+    for eqn in jaxpr.eqns:
+        invals = [_read(env, v) for v in eqn.invars]
+        dins = [None if isinstance(v, jcore.Literal) else denv.get(v) for v in eqn.invars]
+        douts = [None] * len(eqn.outvars)
+        name = eqn.primitive.name
+        if all(d is None for d in dins):
+            outs = _bind(eqn, invals)
+        elif name in _CALLS and ("jaxpr" in eqn.params or "call_jaxpr" in eqn.params):
+            inner = eqn.params.get("jaxpr", eqn.params.get("call_jaxpr"))
+            if isinstance(inner, jcore.ClosedJaxpr):
+                outs, douts = _run(inner.jaxpr, inner.consts, invals, dins, ctx)
+            else:
+                outs, douts = _run(inner, [], invals, dins, ctx)
+        elif name in _CHAIN and len(eqn.invars) == 1:
+            outs = _bind(eqn, invals)
+            douts = [_Derived(dins[0].leaf, dins[0].chain + (eqn,))]
+        elif name in _SITES:
+            derived = [i for i, d in enumerate(dins) if d is not None]
+            pos = derived[0]
+            kind = _site_kind(eqn, pos, invals, dins) if len(derived) == 1 else None
+            outs = _bind(eqn, invals)
+            if kind is None:
+                for d in dins:
+                    if d is not None:
+                        ctx_bad(ctx, d.leaf)
+            else:
+                d = dins[pos]
+                act = invals[1 - pos] if kind != "gather" else invals[1]
+                if isinstance(ctx, _Analysis):
+                    ctx.sites.setdefault(d.leaf, []).append(_Site(
+                        kind, eqn, pos, d.chain, tuple(outs[0].shape), outs[0].dtype, tuple(jnp.shape(act))))
+                elif d.leaf in ctx.ghost:
+                    ctx.acts[d.leaf] = act
+                    outs = [outs[0] + ctx.probes[d.leaf]]
+        else:
+            for d in dins:
+                if d is not None:
+                    ctx_bad(ctx, d.leaf)
+            outs = _bind(eqn, invals)
+        for v, o, d in zip(eqn.outvars, outs, douts):
+            if not isinstance(v, jcore.DropVar):
+                env[v] = o
+                if d is not None:
+                    denv[v] = d
+    outs = [_read(env, v) for v in jaxpr.outvars]
+    douts = [None if isinstance(v, jcore.Literal) else denv.get(v) for v in jaxpr.outvars]
+    return outs, douts
+
+
+def ctx_bad(ctx, leaf: int) -> None:
+    if isinstance(ctx, _Analysis):
+        ctx.bad.add(leaf)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Per-site algebra (batched over examples: leading axis B on activations and output gradients)
+
+
+def _apply_site(site: _Site, w, act):
+    """The site's op with parameter value ``w`` (before its chain) and activation ``act`` (one example)."""
+    v = w
+    for e in site.chain:
+        v = _bind(e, [v])[0]
+    operands = [act, act]
+    operands[site.pos] = v
+    return _bind(site.eqn, operands)[0]
+
+
+def _dot_mats(site: _Site, A, G):
+    """Reshape batched activation / output gradient of a dot site into [B, T, d_in] and [B, T, d_out]."""
+    (lc, rc), _ = site.eqn.params["dimension_numbers"]
+    act_contract = lc if site.pos == 1 else rc
+    a_nd = len(site.act_shape)
+    a_free = [i for i in range(a_nd) if i not in act_contract]
+    B = A.shape[0]
+    A2 = jnp.transpose(A, [0] + [i + 1 for i in a_free] + [i + 1 for i in act_contract])
+    T = math.prod(site.act_shape[i] for i in a_free)
+    A2 = A2.reshape(B, T, -1)
+    n_out = len(site.out_shape)
+    n_af = len(a_free)
+    if site.pos == 1:   # out = [a_free..., w_free...]
+        G2 = G
+    else:               # out = [w_free..., a_free...]
+        n_wf = n_out - n_af
+        G2 = jnp.transpose(G, [0] + list(range(n_wf + 1, n_out + 1)) + list(range(1, n_wf + 1)))
+    return A2, G2.reshape(B, T, -1)
+
+
+def _conv_mats(site: _Site, A, G):
+    p = site.eqn.params
+    w_shape = site.eqn.invars[1].aval.shape  # the kernel as the conv sees it (after the chain)
+    dn = p["dimension_numbers"]
+    lhs_spec, rhs_spec, out_spec = dn.lhs_spec, dn.rhs_spec, dn.out_spec
+    filt = tuple(w_shape[i] for i in rhs_spec[2:])
+    def patches(a):
+        return lax.conv_general_dilated_patches(
+            a, filt, p["window_strides"], p["padding"], lhs_dilation=p["lhs_dilation"],
+            rhs_dilation=p["rhs_dilation"], dimension_numbers=dn, precision=lax.Precision.HIGHEST)
+    P = jax.vmap(patches)(A)
+    perm = [0] + [out_spec[0] + 1] + [s + 1 for s in out_spec[2:]] + [out_spec[1] + 1]
+    B = A.shape[0]
+    P = jnp.transpose(P, perm).reshape(B, -1, P.shape[out_spec[1] + 1])
+    G2 = jnp.transpose(G, perm).reshape(B, P.shape[1], -1)
+    return P, G2
+
+
+def _gather_mats(site: _Site, n_rows: int, I, G):
+    B = I.shape[0]
+    idx = I.reshape(B, -1)
+    G2 = G.reshape(B, idx.shape[1], -1)
+    mode = site.eqn.params["mode"]
+    if mode == lax.GatherScatterMode.FILL_OR_DROP:
+        valid = (idx >= 0) & (idx < n_rows)
+        G2 = jnp.where(valid[..., None], G2, 0)
+    else:
+        idx = jnp.clip(idx, 0, n_rows - 1)
+    return idx, G2
+
+
+def _site_dims(site: _Site, w_shape) -> tuple[int, int]:
+    """(T, size of one example's materialised gradient) for the auto rule ``2 T^2 <= d p``."""
+    size = math.prod(w_shape)
+    if site.kind == "dot":
+        (lc, rc), _ = site.eqn.params["dimension_numbers"]
+        act_contract = lc if site.pos == 1 else rc
+        T = math.prod(s for i, s in enumerate(site.act_shape) if i not in act_contract)
+    elif site.kind == "conv":
+        out_spec = site.eqn.params["dimension_numbers"].out_spec
+        T = math.prod(site.out_shape[i] for i in [out_spec[0], *out_spec[2:]])
+    else:
+        T = math.prod(site.act_shape[:-1])
+    return T, size
+
+
+def _ghost_sq(site: _Site, w_shape, A, G):
+    hi = lax.Precision.HIGHEST
+    if site.kind == "gather":
+        idx, G2 = _gather_mats(site, w_shape[0], A, G)
+        same = (idx[:, :, None] == idx[:, None, :]).astype(G2.dtype)
+        gg = jnp.einsum("bti,bsi->bts", G2, G2, precision=hi)
+        return jnp.sum(same * gg, axis=(1, 2))
+    A2, G2 = _dot_mats(site, A, G) if site.kind == "dot" else _conv_mats(site, A, G)
+    if A2.shape[1] == 1:
+        return jnp.sum(jnp.square(A2[:, 0]), -1) * jnp.sum(jnp.square(G2[:, 0]), -1)
+    aa = jnp.einsum("bti,bsi->bts", A2, A2, precision=hi)
+    gg = jnp.einsum("bto,bso->bts", G2, G2, precision=hi)
+    return jnp.sum(aa * gg, axis=(1, 2))
+
+
+def _materialise(site: _Site, w, A, G):
+    """Per-example gradients [B, *w.shape] of one site (that layer only)."""
+    def one(a, g):
+        _, vjp = jax.vjp(lambda ww: _apply_site(site, ww, a), w)
+        return vjp(g)[0]
+    return jax.vmap(one)(A, G)
+
+
+def _bookkeep(site: _Site, w, A, G, weights):
+    """sum_i weights_i * (per-example gradient of w at this site), in one batched transpose."""
+    def batched(ww):
+        return jax.vmap(lambda a: _apply_site(site, ww, a))(A)
+    _, vjp = jax.vjp(batched, w)
+    wg = weights.astype(G.dtype).reshape((-1,) + (1,) * (G.ndim - 1)) * G
+    return vjp(wg)[0]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The implementation registered with jaxdp.clipping
+
+
+def _zero_dropped(x, keep):
+    return jnp.where(keep.reshape((-1,) + (1,) * (x.ndim - 1)), x, jnp.zeros((), x.dtype))
+
+
+def _plan(loss_fn, has_aux, leaves, treedef, b_leaves, b_def, policy):
+    """Trace the per-example loss and decide, per trainable leaf, how its per-example norm is computed.
+
+    Returns (closed jaxpr, aux treedef holder, ghost {leaf: site}, materialise {leaf}).
+    """
+    n = len(leaves)
+    aux_def: list = []
+
+    def single_flat(*flat):
+        p = jax.tree_util.tree_unflatten(treedef, list(flat[:n]))
+        ex1 = jax.tree_util.tree_unflatten(b_def, list(flat[n:]))
+        out = loss_fn(p, ex1)
+        losses, aux = out if has_aux else (out, None)
+        clipping._check_losses(losses, 1)
+        a_leaves, a_def = jax.tree_util.tree_flatten(jax.tree_util.tree_map(lambda a: a[0], aux))
+        aux_def[:] = [a_def]
+        return [losses[0]] + a_leaves
+
+    ex_avals = [jax.ShapeDtypeStruct((1,) + tuple(x.shape[1:]), x.dtype) for x in b_leaves]
+    closed = jax.make_jaxpr(single_flat)(*leaves, *ex_avals)
+    analysis = _Analysis()
+    jax.eval_shape(
+        lambda *flat: _run(closed.jaxpr, closed.consts, list(flat),
+                           [_Derived(i) for i in range(n)] + [None] * len(b_leaves), analysis)[0],
+        *leaves, *ex_avals)
+
+    ghost: dict[int, _Site] = {}
+    materialise: set[int] = set()
+    for i in range(n):
+        s = analysis.sites.get(i, [])
+        if i in analysis.bad or len(s) != 1 or not jnp.issubdtype(leaves[i].dtype, jnp.floating):
+            continue
+        ghost[i] = s[0]
+        if policy == "auto":
+            T, size = _site_dims(s[0], leaves[i].shape)
+            if T > 1 and 2 * T * T > size:
+                materialise.add(i)
+    return closed, aux_def, ghost, materialise
+
+
+def explain(loss_fn: Callable, params: Any, batch: Any, method: str = "auto", has_aux: bool = False
+            ) -> dict[str, str]:
+    """How each leaf's per-example norm is computed: ``"ghost"``, ``"materialise"`` (that layer only) or
+    ``"vmap"`` (fallback: unrecognised, shared or bias-like use). ``batch`` needs its leading batch axis."""
+    if method not in ("ghost", "auto"):
+        raise ValueError(f"explain() describes method 'ghost' or 'auto', got {method!r}")
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    b_leaves, b_def = jax.tree_util.tree_flatten(batch)
+    _, _, ghost, mat = _plan(loss_fn, has_aux, leaves, treedef, b_leaves, b_def, method)
+    if method == "auto" and (not ghost or len(mat) == len(ghost)):
+        ghost, mat = {}, set()
+    kinds = ["materialise" if i in mat else "ghost" if i in ghost else "vmap" for i in range(len(leaves))]
+    return dict(zip(clipping.leaf_names(params), kinds))
+
+
+def _make_impl(policy: str) -> Callable:
+    def impl(loss_fn, has_aux, params, batch, weight_fn):
+        leaves, treedef = jax.tree_util.tree_flatten(params)
+        b_leaves, b_def = jax.tree_util.tree_flatten(batch)
+        n = len(leaves)
+        closed, aux_def, ghost, materialise = _plan(loss_fn, has_aux, leaves, treedef, b_leaves, b_def, policy)
+        if not ghost or (policy == "auto" and len(materialise) == len(ghost)):
+            return clipping.vmap_impl(loss_fn, has_aux, params, batch, weight_fn)
+
+        fb = [i for i in range(n) if i not in ghost]
+
+        def per_example(fb_leaves, probes, ex):
+            ex1 = [x[None] for x in ex]
+            all_leaves = list(leaves)
+            for i, v in zip(fb, fb_leaves):
+                all_leaves[i] = v
+            ctx = _Eval(ghost, probes)
+            outs, _ = _run(closed.jaxpr, closed.consts, all_leaves + ex1,
+                           [_Derived(i) for i in range(n)] + [None] * len(ex1), ctx)
+            return outs[0], (outs[0], outs[1:], ctx.acts)
+
+        def one(ex, probes):
+            _, vjp, (loss, aux, acts) = jax.vjp(
+                lambda f, p: per_example(f, p, ex), [leaves[i] for i in fb], probes, has_aux=True)
+            g_fb, g_probes = vjp(jnp.ones_like(loss))
+            return g_fb, g_probes, loss, aux, acts
+
+        B = b_leaves[0].shape[0]
+        probes = {i: jnp.zeros((B,) + s.out_shape, s.out_dtype) for i, s in ghost.items()}
+        g_fb, g_probes, losses, aux_leaves, acts = jax.vmap(one)(b_leaves, probes)
+
+        sq: list = [None] * n
+        per_ex: dict[int, jax.Array] = {}
+        for i, g in zip(fb, g_fb):
+            per_ex[i] = g
+            sq[i] = jnp.sum(jnp.square(g.reshape(B, -1)), axis=1)
+        for i, site in ghost.items():
+            if i in materialise:
+                per_ex[i] = _materialise(site, leaves[i], acts[i], g_probes[i])
+                sq[i] = jnp.sum(jnp.square(per_ex[i].reshape(B, -1)), axis=1)
+            else:
+                sq[i] = _ghost_sq(site, leaves[i].shape, acts[i], g_probes[i])
+
+        weights = weight_fn(sq)
+        summed: list = [None] * n
+        for i in range(n):
+            w = weights[i]
+            keep = w != 0   # 0 * NaN would poison the sum: zero dropped examples' inputs first
+            if i in per_ex:
+                g = _zero_dropped(per_ex[i], keep)
+                summed[i] = jnp.tensordot(w.astype(g.dtype), g, axes=1)
+            else:
+                summed[i] = _bookkeep(ghost[i], leaves[i], _zero_dropped(acts[i], keep),
+                                      _zero_dropped(g_probes[i], keep), w)
+        aux = jax.tree_util.tree_unflatten(aux_def[0], aux_leaves) if has_aux else None
+        return jax.tree_util.tree_unflatten(treedef, summed), sq, losses, aux
+
+    impl.__name__ = f"{policy}_impl"
+    return impl
+
+
+ghost_impl = _make_impl("ghost")
+auto_impl = _make_impl("auto")
+clipping.register_method("ghost", ghost_impl)
+clipping.register_method("auto", auto_impl)
+
+__all__ = ["ghost_impl", "auto_impl", "explain"]
