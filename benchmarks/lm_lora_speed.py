@@ -26,7 +26,7 @@ import time
 
 import numpy as np
 
-ROWS = ("jax_nonprivate", "jax_dp_vmap", "jax_dp_auto", "torch_nonprivate", "opacus_dp")
+ROWS = ("jax_nonprivate", "jax_dp_vmap", "jax_dp_auto", "jax_dp_ghost", "torch_nonprivate", "opacus_dp")
 
 
 def _cfg(a):
@@ -193,7 +193,7 @@ def main() -> None:
     for r in rows:
         try:
             runners[r], info[r] = make(r, a, data)
-        except ImportError as e:
+        except (ImportError, NotImplementedError) as e:   # no torch/peft/opacus, or no jaxdp.ghost
             print(f"skipping {r}: {e}", file=sys.stderr)
     for r in runners:             # warm-up
         for _ in range(2):
@@ -220,13 +220,13 @@ def main() -> None:
                 print(f"memory measurement of {r} failed: {out.stderr[-500:]}", file=sys.stderr)
     ratios = {}
     if "jax_nonprivate" in results:
-        for r in ("jax_dp_vmap", "jax_dp_auto"):
+        for r in ("jax_dp_vmap", "jax_dp_auto", "jax_dp_ghost"):
             if r in results:
                 ratios[f"{r}/jax_nonprivate"] = results[r]["median_s"] / results["jax_nonprivate"]["median_s"]
     if "opacus_dp" in results and "torch_nonprivate" in results:
         ratios["opacus_dp/torch_nonprivate"] = results["opacus_dp"]["median_s"] / results["torch_nonprivate"]["median_s"]
     if "opacus_dp" in results:
-        for r in ("jax_dp_vmap", "jax_dp_auto"):
+        for r in ("jax_dp_vmap", "jax_dp_auto", "jax_dp_ghost"):
             if r in results:
                 ratios[f"{r}/opacus_dp"] = results[r]["median_s"] / results["opacus_dp"]["median_s"]
 

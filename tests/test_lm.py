@@ -235,7 +235,9 @@ def test_lm_clipped_sum_equals_per_example_reference():
     assert min(norms[:3]) > C
     methods = ["vmap"]
     if jaxdp.clipping._resolve_method("auto") is not jaxdp.clipping._resolve_method("vmap"):
-        methods.append("auto")   # ghost norms present: check them too (until then "auto" IS the vmap code)
+        # ghost norms present (jaxdp.ghost): "auto" materialises the small LoRA layers' per-example gradients
+        # inside the ghost backward pass, "ghost" forces the sequence formula <A A^T, G G^T> on every adapter.
+        methods += ["auto", "ghost"]
     for method in methods:
         summed, stats = jax.jit(jaxdp.clipped_grad(loss_fn, C, method=method, trainable=TRAINABLE))(
             params, batch, ex_mask)
