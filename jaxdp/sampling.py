@@ -50,7 +50,23 @@ def default_pad_multiple(dataset_size: int, sample_rate: float) -> int:
     return int(2 ** math.ceil(math.log2(max(8.0, 4.0 * sd))))
 
 
-class PoissonSampler:
+class _Sampler:
+    """Shared stepping: iterating yields one epoch of ``sample(step)`` and advances ``step``."""
+
+    step: int
+    steps_per_epoch: int
+
+    def sample(self, step: int) -> tuple[np.ndarray, np.ndarray]:
+        raise NotImplementedError
+
+    def __iter__(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        for _ in range(self.steps_per_epoch):
+            batch = self.sample(self.step)
+            self.step += 1
+            yield batch
+
+
+class PoissonSampler(_Sampler):
     """Poisson subsampling with fixed-shape, masked batches.
 
     Args:
@@ -122,12 +138,6 @@ class PoissonSampler:
         mask[:chosen.size] = True
         return indices, mask
 
-    def __iter__(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        for _ in range(self.steps_per_epoch):
-            batch = self.sample(self.step)
-            self.step += 1
-            yield batch
-
     @property
     def truncated_steps(self) -> int:
         """Number of distinct steps whose batch was truncated to ``max_batch_size``."""
@@ -146,7 +156,7 @@ class PoissonSampler:
                 f"secure={self.secure})")
 
 
-class ShuffleSampler:
+class ShuffleSampler(_Sampler):
     """Shuffled fixed-size batches (each epoch a fresh permutation). Labelled ``sampling = "shuffle"``.
 
     This is the sampling most non-private loaders use. Its privacy analysis differs from Poisson's: jaxdp
@@ -198,12 +208,6 @@ class ShuffleSampler:
         mask = np.zeros(self.batch_size, bool)
         mask[:chunk.size] = True
         return indices, mask
-
-    def __iter__(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        for _ in range(self.steps_per_epoch):
-            batch = self.sample(self.step)
-            self.step += 1
-            yield batch
 
     def state_dict(self) -> dict:
         return {"step": self.step}

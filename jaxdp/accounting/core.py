@@ -97,13 +97,7 @@ def check_delta(delta: Any, name: str = "delta") -> float:
 
 def check_epsilon(epsilon: Any, name: str = "epsilon") -> float:
     """``epsilon`` must be finite and > 0; returns it as a float."""
-    try:
-        e = float(epsilon)
-    except (TypeError, ValueError):
-        raise TypeError(f"{name} must be a number > 0, got {epsilon!r}") from None
-    if not (e > 0.0 and math.isfinite(e)):
-        raise ValueError(f"{name} must be a finite number > 0, got {epsilon!r}")
-    return e
+    return _checks.positive(name, epsilon)
 
 
 def warn_if_delta_too_large(delta: float, dataset_size: int | None, stacklevel: int = 3) -> None:

@@ -24,6 +24,15 @@ def plot_roc(results: Sequence[AttackResult], path: str | os.PathLike, title: st
     for r in results:
         ax.plot(r.fpr.clip(lo), r.tpr.clip(lo), label=f"{r.attack} (AUC {r.auc:.3f}, "
                 f"TPR@0.1% {r.tpr_at_fpr.get(0.001, float('nan')):.1%})")
+    style_roc_axes(ax, title, lo, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return str(path)
+
+
+def style_roc_axes(ax, title: str, lo: float = 1e-4, fontsize: int = 9) -> None:
+    """Log-log ROC axes from ``lo`` to 1 with the random-guess diagonal (shared by audit and report plots)."""
     ax.plot([lo, 1], [lo, 1], "k--", lw=0.8, label="random guess")
     ax.set_xscale("log")
     ax.set_yscale("log")
@@ -31,9 +40,5 @@ def plot_roc(results: Sequence[AttackResult], path: str | os.PathLike, title: st
     ax.set_ylim(lo, 1)
     ax.set_xlabel("false positive rate")
     ax.set_ylabel("true positive rate")
-    ax.set_title(title, fontsize=9)
+    ax.set_title(title, fontsize=fontsize)
     ax.legend(fontsize=6, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return str(path)

@@ -140,15 +140,8 @@ def plot_roc(roc: Mapping[str, Mapping[str, Sequence[float]]], path: str | os.Pa
         tpr = np.clip(np.asarray(r["tpr"], float), lo, 1)
         auc = (aucs or {}).get(name)
         ax.plot(fpr, tpr, label=name + (f" (AUC {auc:.3f})" if auc is not None else ""))
-    ax.plot([lo, 1], [lo, 1], "k--", lw=0.8, label="random guess")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlim(lo, 1)
-    ax.set_ylim(lo, 1)
-    ax.set_xlabel("false positive rate")
-    ax.set_ylabel("true positive rate")
-    ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=6, loc="lower right")
+    from jaxdp.audit.plot import style_roc_axes
+    style_roc_axes(ax, title, lo, fontsize=10)
     return _finish(fig, path)
 
 
