@@ -37,6 +37,7 @@ test-slow: $(VENV)/.installed test-deps
 	$(PY) -m pytest -q -m slow
 
 bench: $(VENV)/.installed
+	$(PY) -m pip install -q -e '.[bench]'
 	$(PY) benchmarks/step_speed.py
 	$(PY) benchmarks/accounting_speed.py
 	$(PY) benchmarks/multi_device.py
