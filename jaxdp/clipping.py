@@ -294,14 +294,6 @@ def clipped_grad(
 
         chunk = B if microbatch_size is None else min(microbatch_size, B)
         n_chunks = -(-B // chunk)
-        padded = n_chunks * chunk
-        if padded != B:
-            pad = padded - B
-            batch_p = jax.tree_util.tree_map(
-                lambda x: jnp.concatenate([x, jnp.repeat(x[:1], pad, axis=0)], axis=0), batch)
-            mask_p = jnp.concatenate([mask, jnp.zeros((pad,), bool)])
-        else:
-            batch_p, mask_p = batch, mask
 
         def run_chunk(b, m):
             out = {}
@@ -317,8 +309,7 @@ def clipped_grad(
                            for gs, c in zip(group_sq, groups.norms)]
                 out["total_sq"] = total_sq
                 out["finite"] = finite
-                out["group_clipped"] = jnp.stack(
-                    [(f < 1.0) & real for f in factors]) if factors else None
+                out["group_clipped"] = jnp.stack([(f < 1.0) & real for f in factors])
                 out["sq"] = sq
                 return [factors[gi] for gi in groups.leaf_group]
 
@@ -329,44 +320,67 @@ def clipped_grad(
             return summed, per_ex
 
         if n_chunks == 1:
-            summed, per_ex = run_chunk(batch_p, mask_p)
+            summed, per_ex = run_chunk(batch, mask)
         else:
-            def reshape(x):
-                return x.reshape((n_chunks, chunk) + x.shape[1:])
+            summed, per_ex = _chunked(run_chunk, train, batch, mask, B, chunk, n_chunks)
 
-            def body(acc, xs):
-                b, m = xs
-                s, pe = run_chunk(b, m)
-                return jax.tree_util.tree_map(jnp.add, acc, s), pe
-
-            zeros = jax.tree_util.tree_map(jnp.zeros_like, train)
-            summed, per_ex = jax.lax.scan(
-                body, zeros, (jax.tree_util.tree_map(reshape, batch_p), reshape(mask_p)))
-
-            def unshape(x, axis=0):
-                if axis == 0:
-                    return x.reshape((padded,) + x.shape[2:])
-                return jnp.moveaxis(x, 1, 0).reshape(x.shape[1], padded)  # group_clipped: [n, G, c]
-
-            per_ex = dict(
-                total_sq=unshape(per_ex["total_sq"]), finite=unshape(per_ex["finite"]),
-                group_clipped=jnp.moveaxis(per_ex["group_clipped"], 1, 0).reshape(len(groups.norms), padded),
-                sq=[unshape(s) for s in per_ex["sq"]], losses=unshape(per_ex["losses"]),
-                aux=jax.tree_util.tree_map(unshape, per_ex["aux"]))
-
-        def cut(x):
-            return x[..., :B]
-
-        stats = _make_stats(
-            mask, groups, train, cut(per_ex["total_sq"]), cut(per_ex["finite"]),
-            cut(per_ex["group_clipped"]), [cut(s) for s in per_ex["sq"]], cut(per_ex["losses"]),
-            None if per_ex["aux"] is None else jax.tree_util.tree_map(lambda a: a[:B], per_ex["aux"]))
+        stats = _make_stats(mask, groups, train, per_ex["total_sq"], per_ex["finite"], per_ex["group_clipped"],
+                            per_ex["sq"], per_ex["losses"], per_ex["aux"])
         full = jax.tree_util.tree_map(
             lambda s, f: jnp.zeros_like(f) if s is None else s,
             _fill(summed, train), frozen, is_leaf=lambda x: x is None)
         return full, stats
 
     return grad_fn
+
+
+def _chunked(run_chunk, train, batch, mask, B: int, chunk: int, n_chunks: int):
+    """Run ``run_chunk`` over ``ceil(B / chunk)`` chunks in a ``lax.fori_loop``, summing the clipped sums.
+
+    Memory: chunk ``i`` is a ``dynamic_slice`` of the ORIGINAL batch (no padded or reshaped copy of the
+    logical batch is made) and only the running sum plus ``[B]``-sized per-example statistics are carried, so
+    peak memory is that of one chunk plus one gradient-sized accumulator. The last chunk's start is clamped
+    to ``B - chunk``; the examples it shares with the previous chunk are masked out (weight 0, contributing
+    exactly nothing) and their statistics are not overwritten, so every example is counted exactly once.
+    """
+    offs = jnp.arange(chunk)
+
+    def take(i):
+        s0 = i * chunk
+        start = jnp.minimum(s0, B - chunk)
+        fresh = start + offs >= s0
+        b = jax.tree_util.tree_map(lambda x: jax.lax.dynamic_slice_in_dim(x, start, chunk, 0), batch)
+        m = jax.lax.dynamic_slice_in_dim(mask, start, chunk, 0) & fresh
+        return start, fresh, b, m
+
+    _, _, b0, m0 = take(0)
+    shapes = jax.eval_shape(lambda b, m: run_chunk(b, m)[1], b0, m0)
+
+    def axis_of(path) -> int:  # group_clipped is [G, chunk]; everything else has the example axis first
+        return 1 if getattr(path[0], "key", None) == "group_clipped" else 0
+
+    def alloc(path, sd):
+        ax = axis_of(path)
+        return jnp.zeros(sd.shape[:ax] + (B,) + sd.shape[ax + 1:], sd.dtype)
+
+    bufs = jax.tree_util.tree_map_with_path(alloc, shapes)
+
+    def body(i, carry):
+        acc, bufs = carry
+        start, fresh, b, m = take(i)
+        s, pe = run_chunk(b, m)
+
+        def put(path, buf, v):
+            ax = axis_of(path)
+            old = jax.lax.dynamic_slice_in_dim(buf, start, chunk, ax)
+            f = fresh.reshape((1,) * ax + (chunk,) + (1,) * (v.ndim - ax - 1))
+            return jax.lax.dynamic_update_slice_in_dim(buf, jnp.where(f, v, old), start, ax)
+
+        bufs = jax.tree_util.tree_map_with_path(put, bufs, pe)
+        return jax.tree_util.tree_map(jnp.add, acc, s), bufs
+
+    zeros = jax.tree_util.tree_map(jnp.zeros_like, train)
+    return jax.lax.fori_loop(0, n_chunks, body, (zeros, bufs))
 
 
 def _fill(summed: PyTree, train: PyTree) -> PyTree:
