@@ -30,7 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import jaxdp  # noqa: E402
 
 C, SIGMA, LR = 1.0, 1.0, 0.1
-SLOW_S, SLOW_STEPS = 1.5, 5   # rows slower than SLOW_S per step (vmap-style) are timed SLOW_STEPS times only
+SLOW_S, SLOW_STEPS = 1.5, 5
+BLOCK = 3                     # steps per row per round; the first of each block is not timed   # rows slower than SLOW_S per step (vmap-style) are timed SLOW_STEPS times only
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -322,21 +323,7 @@ def bench_model(name, steps, methods, use_torch):
                 fns[row] = f
         except Exception as e:  # noqa: BLE001
             print(f"{name}/opacus: {e!r}", file=sys.stderr)
-    times = {r: [] for r in fns}
-    slow = set()
-    for r, f in fns.items():       # warm-up
-        f()
-        t0 = time.perf_counter()
-        f()
-        if time.perf_counter() - t0 > SLOW_S:
-            slow.add(r)
-    for i in range(steps):          # alternate side by side
-        for r, f in fns.items():
-            if r in slow and i >= SLOW_STEPS:
-                continue
-            t0 = time.perf_counter()
-            f()
-            times[r].append(time.perf_counter() - t0)
+    times = _time_rows(fns, steps)
     base = float(np.median(times["jax non-private"]))
     tbase = float(np.median(times["torch non-private"])) if "torch non-private" in times else None
     opacus_best = min((float(np.median(times[r])) for r in times if r.startswith("opacus")), default=None)
@@ -345,21 +332,93 @@ def bench_model(name, steps, methods, use_torch):
         rows[r].update(median_s=med, examples_per_s=B / med, steps=len(times[r]),
                        ratio_vs_own_nonprivate=med / (tbase if r.startswith(("opacus", "torch")) else base),
                        opacus_best_over_this=(opacus_best / med) if opacus_best else None)
-    return {"batch_size": B, "rows": rows}
+    return {"batch_size": B, "rows": rows, "breakdown": breakdown(params, loss, batch, steps)}
 
 
-def virtual_memory(logical=4096, physical=256):
-    """XLA temp bytes of the DP clipped sum: one physical chunk vs a logical batch processed in chunks."""
-    params, loss, _ = mlp_model(jax.random.key(0), 1)
+def _time_rows(fns, steps):
+    """Median-ready step times per row, measured side by side in blocks.
+
+    Rounds alternate between rows (machine noise hits all rows alike). Within a round each row runs
+    ``BLOCK`` consecutive steps and only the last ``BLOCK - 1`` are timed: the first step after a switch between
+    frameworks pays for the other framework's thread pool still spinning (torch's OpenMP and XLA's pool both
+    busy-wait after work), which measured +40-70% on the first JAX step after an Opacus step on 2 cores.
+    Rows slower than ``SLOW_S`` per step are timed ``SLOW_STEPS`` times only.
+    """
+    times = {r: [] for r in fns}
+    slow = set()
+    for r, f in fns.items():       # warm-up
+        f()
+        t0 = time.perf_counter()
+        f()
+        if time.perf_counter() - t0 > SLOW_S:
+            slow.add(r)
+    rounds = -(-steps // (BLOCK - 1))
+    for i in range(rounds):
+        for r, f in fns.items():
+            if r in slow:
+                if len(times[r]) < SLOW_STEPS:
+                    t0 = time.perf_counter()
+                    f()
+                    times[r].append(time.perf_counter() - t0)
+                continue
+            f()                        # absorbs the switch
+            for _ in range(BLOCK - 1):
+                t0 = time.perf_counter()
+                f()
+                times[r].append(time.perf_counter() - t0)
+    return times
+
+
+def breakdown(params, loss, batch, steps):
+    """Where a DP step's time goes (JAX only, side by side): the plain gradient, the clipped per-example sum
+    (method auto) and the Gaussian noise draw for every parameter (threefry + inverse-erf, as ``add_noise``)."""
+    cg = jaxdp.clipped_grad(loss, C, method="auto")
+
+    def grad(p, b, key):
+        return jax.grad(lambda q: jnp.sum(loss(q, b)))(p)
+
+    def clipped(p, b, key):
+        return cg(p, b)[0]
+
+    def noise(p, b, key):
+        leaves, tdef = jax.tree.flatten(p)
+        ks = jax.random.split(key, len(leaves))
+        return jax.tree.unflatten(tdef, [jax.random.normal(k, g.shape) for g, k in zip(leaves, ks)])
+
+    key = jax.random.key(2)
+    fns = {}
+    for row, f in (("gradient", grad), ("clipped gradient (auto)", clipped), ("noise draw", noise)):
+        c = jax.jit(f).lower(params, batch, key).compile()
+        fns[row] = lambda c=c: jax.block_until_ready(c(params, batch, key))
+    med = {r: float(np.median(t)) for r, t in _time_rows(fns, steps).items()}
+    return {"median_s": med,
+            "clipped_over_gradient": med["clipped gradient (auto)"] / med["gradient"],
+            "noise_over_gradient": med["noise draw"] / med["gradient"]}
+
+
+def virtual_memory(models, logical=4096, physical=256):
+    """XLA memory of the clipped sum: one physical chunk vs a logical batch processed in physical chunks.
+
+    ``temp`` is XLA's temp allocation; ``temp+output`` adds the returned gradient (for one chunk the gradient
+    is written straight to the output, for a virtual batch the running sum is the output and each chunk's
+    sum is a temp, so a model whose parameters outweigh one chunk's activations pays one gradient more)."""
     out = {}
-    for label, B, mb in (("one chunk", physical, None), ("virtual", logical, physical)):
-        b = {"x": jnp.zeros((B, 784)), "y": jnp.zeros((B,), jnp.int32)}
-        f = jaxdp.clipped_grad(loss, C, microbatch_size=mb)
-        ma = jax.jit(f).lower(params, b).compile().memory_analysis()
-        out[label] = int(ma.temp_size_in_bytes)
-    out["ratio"] = out["virtual"] / out["one chunk"]
-    out.update(logical_batch=logical, physical_batch=physical, measure="XLA memory_analysis temp_size_in_bytes")
-    return out
+    for name in models:
+        make, _ = MODELS[name]
+        res = {}
+        for label, B, mb in (("one chunk", physical, None), ("virtual", logical, physical)):
+            params, loss, b = make(jax.random.key(0), B)
+            f = jaxdp.clipped_grad(loss, C, microbatch_size=mb)
+            ma = jax.jit(f).lower(params, b).compile().memory_analysis()
+            res[label] = {"temp_bytes": int(ma.temp_size_in_bytes), "output_bytes": int(ma.output_size_in_bytes)}
+        one, vir = res["one chunk"], res["virtual"]
+        res["temp_ratio"] = vir["temp_bytes"] / one["temp_bytes"]
+        res["temp_plus_output_ratio"] = ((vir["temp_bytes"] + vir["output_bytes"])
+                                         / (one["temp_bytes"] + one["output_bytes"]))
+        out[name] = res
+    return {"logical_batch": logical, "physical_batch": physical,
+            "measure": "XLA memory_analysis of jit(clipped_grad(..., microbatch_size)); arguments excluded",
+            "models": out}
 
 
 def versions():
@@ -385,18 +444,19 @@ def main(argv=None):
                           "device": str(jax.devices()[0].device_kind)},
               "versions": versions(),
               "config": {"clip_norm": C, "noise_multiplier": SIGMA, "steps": a.steps, "warmup": 2,
-                         "timing": "median of alternating steps, jax.block_until_ready; rows slower than "
+                         "timing": f"median; rounds alternate rows, each row runs {BLOCK} steps per round and the "
+                                   "first is not timed; jax.block_until_ready; rows slower than "
                                    f"{SLOW_S} s/step timed {SLOW_STEPS} times only (see rows[*].steps)",
                          "memory": "XLA memory_analysis temp+output bytes of the compiled step"},
               "models": {}}
     for name in a.models.split(","):
         result["models"][name] = bench_model(name, a.steps, a.methods.split(","), not a.no_torch)
         print_table({name: result["models"][name]})
-    result["virtual_batch_memory"] = virtual_memory()
+        print_breakdown(name, result["models"][name]["breakdown"])
+    result["virtual_batch_memory"] = virtual_memory(a.models.split(","))
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(result, indent=2))
-    print(f"virtual batch 4096 in chunks of 256: XLA temp memory {result['virtual_batch_memory']['ratio']:.3f}x "
-          "one chunk")
+    print_memory(result["virtual_batch_memory"])
     plot(result, a.plot or str(Path(a.out).with_suffix(".png")))
     print(f"wrote {a.out}")
 
@@ -412,6 +472,21 @@ def print_table(models):
             print(f"{name:12s} {r:26s} {v['median_s'] * 1e3:10.2f} {v['examples_per_s']:9.0f} "
                   f"{v['ratio_vs_own_nonprivate']:15.2f} {'' if ob is None else f'{ob:.2f}':>18s} "
                   f"{'' if cs is None else f'{cs:.2f}':>9s} {'' if pb is None else f'{pb / 2**20:.1f}':>8s}")
+
+
+def print_breakdown(name, bd):
+    m = bd["median_s"]
+    print(f"{name:12s} breakdown: gradient {m['gradient'] * 1e3:.2f} ms, clipped gradient (auto) "
+          f"{m['clipped gradient (auto)'] * 1e3:.2f} ms ({bd['clipped_over_gradient']:.2f}x), noise draw "
+          f"{m['noise draw'] * 1e3:.2f} ms ({bd['noise_over_gradient']:.2f}x the gradient)")
+
+
+def print_memory(vm):
+    print(f"virtual batch {vm['logical_batch']} in chunks of {vm['physical_batch']} vs one chunk (XLA memory):")
+    for name, r in vm["models"].items():
+        o = r["one chunk"]
+        print(f"  {name:12s} temp {o['temp_bytes'] / 2**20:8.2f} MB -> {r['virtual']['temp_bytes'] / 2**20:8.2f} MB "
+              f"({r['temp_ratio']:.3f}x); temp+output {r['temp_plus_output_ratio']:.3f}x")
 
 
 def plot(result, path):

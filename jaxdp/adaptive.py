@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxdp import _checks, clipping
+from jaxdp.noise import gaussian_like
 
 PyTree = Any
 
@@ -121,8 +122,8 @@ def adaptive_clipping(
         noisy_frac = (unclipped + sigma_b * jax.random.normal(count_key)) / e
         new_C = C * jnp.exp(-learning_rate * (noisy_frac - target_quantile))
         leaves, treedef = jax.tree_util.tree_flatten(summed)
-        keys = jax.random.split(grad_key, len(leaves))
-        noisy = [(g + sigma_eff * C * jax.random.normal(k, g.shape, g.dtype)) / e for g, k in zip(leaves, keys)]
+        noise = gaussian_like(grad_key, leaves, sigma_eff * C)
+        noisy = [(g + z) / e for g, z in zip(leaves, noise)]
         stats = {"clip_norm": C, "unclipped_fraction": noisy_frac, "per_example_norms": out["norms"],
                  "per_example_losses": losses, "aux": aux}
         new_state = AdaptiveClipState(new_C.astype(jnp.float32), state.count + 1, state.key)

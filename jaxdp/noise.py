@@ -8,7 +8,8 @@ returns
 with ``sigma`` the noise multiplier, ``C`` the L2 sensitivity of ``S`` (the clip norm; ``||(C_1..C_K)||_2`` for
 per-layer clipping) and ``E`` the PUBLIC expected batch size ``q * N`` -- never the realised Poisson batch size,
 which depends on the data and would leak (privacy rule 3). Noise is drawn once per call (= once per logical
-batch), with an independent key per leaf and per step (``fold_in(key, step)`` then one split per leaf).
+batch), with an independent key per step (``fold_in(key, step)``); all coordinates come from one flat draw
+(:func:`gaussian_like`), so every coordinate of every leaf is an independent Gaussian.
 
 Secure mode (``secure=True``) is for deployments that fear an attacker who reads the floating-point pattern of
 the noise (Mironov 2012; Holohan & Braghin 2021): every step takes fresh key material from the operating
@@ -52,13 +53,69 @@ def os_entropy_key() -> jax.Array:
     return jax.random.wrap_key_data(data)
 
 
-def _normal_like(key: jax.Array, x: jax.Array, std: float, secure: bool) -> jax.Array:
-    dtype = x.dtype if jnp.issubdtype(x.dtype, jnp.floating) else jnp.float32
-    gen_dtype = jnp.promote_types(dtype, jnp.float32)
-    if secure:
-        n = jax.random.normal(key, (4,) + x.shape, gen_dtype)
-        return (std * jnp.sum(n, axis=0) / 2.0).astype(dtype)
-    return (std * jax.random.normal(key, x.shape, gen_dtype)).astype(dtype)
+_FLAT_MULTIPLE = 4096  # the flat draw is padded to this: XLA:CPU's threefry/erf_inv loops vectorise and split
+_ROW = 1024            # counters laid out [n / (2 * _ROW), _ROW]: measured fastest on XLA:CPU
+
+
+def _standard_normal(key: jax.Array, n: int, dtype) -> jax.Array:
+    """``n`` i.i.d. N(0, 1) samples (``n`` a multiple of ``2 * _ROW``).
+
+    For a threefry key and float32 this is ``jax.random.normal``'s transform (23 random mantissa bits -> a
+    uniform ``u`` on ``(-1, 1)`` -> ``sqrt(2) * erfinv(u)``) applied to BOTH 32-bit output words of each
+    threefry-2x32 block: the counters ``(0, i)``, ``i < n / 2``, are distinct 64-bit PRF inputs, so the ``n``
+    words are as independent as jax's own. (JAX's default "partitionable" threefry evaluates one block per 32-bit
+    word and XORs the two halves; using both halves halves the hashing: measured 1.8x faster for 670k samples
+    on 2 CPU cores.) Other key implementations and dtypes use ``jax.random.normal``.
+    """
+    if (jnp.dtype(dtype) != jnp.float32 or str(jax.random.key_impl(key)) != "threefry2x32"
+            or n % (2 * _ROW)):
+        return jax.random.normal(key, (n,), dtype)
+    from jax.extend.random import threefry2x32_p
+
+    kd = jax.random.key_data(key)
+    c1 = jax.lax.iota(jnp.uint32, n // 2).reshape(-1, _ROW)
+    b1, b2 = threefry2x32_p.bind(kd[0], kd[1], jnp.zeros_like(c1), c1)
+    bits = jnp.concatenate([b1, b2]).reshape(-1)
+    one_two = jax.lax.bitcast_convert_type(
+        jax.lax.shift_right_logical(bits, jnp.uint32(32 - 23)) | jnp.uint32(0x3F800000), jnp.float32)
+    lo = np.nextafter(np.float32(-1.0), np.float32(0.0))
+    u = jnp.maximum(lo, (one_two - 1.0) * (np.float32(1.0) - lo) + lo)
+    return np.float32(np.sqrt(2.0)) * jax.lax.erf_inv(u)
+
+
+def gaussian_like(key: jax.Array, leaves: list, std: float, secure: bool = False,
+                  draw: list[bool] | None = None) -> list:
+    """i.i.d. ``N(0, std^2)`` noise shaped like each leaf (``None`` where ``draw[i]`` is False).
+
+    All coordinates of one generation dtype come from ONE flat ``jax.random.normal`` draw, sliced into the
+    leaves' shapes: the same distribution as one draw per leaf with split keys (every coordinate an
+    independent Gaussian), measured 1.5x faster on CPU (benchmarks/step_speed.py breakdown), because XLA's
+    threefry and inverse-erf loops are far slower on small or odd-sized arrays than on one large,
+    4096-aligned one. Secure mode draws 4 Gaussians per coordinate and returns ``(n_1+..+n_4)/2``.
+    """
+    draw = [True] * len(leaves) if draw is None else list(draw)
+    groups: dict = {}
+    for i, (x, d) in enumerate(zip(leaves, draw)):
+        if d:
+            dtype = x.dtype if jnp.issubdtype(x.dtype, jnp.floating) else jnp.float32
+            groups.setdefault(jnp.dtype(jnp.promote_types(dtype, jnp.float32)), []).append(i)
+    out: list = [None] * len(leaves)
+    keys = jax.random.split(key, max(len(groups), 1))
+    for k, (gen_dtype, idx) in zip(keys, sorted(groups.items(), key=lambda kv: kv[0].name)):
+        total = sum(int(np.prod(leaves[i].shape)) for i in idx)
+        padded = -(-max(total, 1) // _FLAT_MULTIPLE) * _FLAT_MULTIPLE
+        if secure:
+            flat = jnp.sum(_standard_normal(k, 4 * padded, gen_dtype).reshape(4, padded), axis=0) / 2.0
+        else:
+            flat = _standard_normal(k, padded, gen_dtype)
+        off = 0
+        for i in idx:
+            x = leaves[i]
+            n = int(np.prod(x.shape))
+            dtype = x.dtype if jnp.issubdtype(x.dtype, jnp.floating) else jnp.float32
+            out[i] = (std * flat[off:off + n].reshape(x.shape)).astype(dtype)
+            off += n
+    return out
 
 
 def _noise_params(noise_multiplier, l2_clip_norm, expected_batch_size):
@@ -82,12 +139,12 @@ def _noisy_update(updates, state: AddNoiseState, std: float, e: float, secure: b
         step_key = os_entropy_key()
     else:
         step_key = jax.random.fold_in(state.key, state.count)
-    keys = jax.random.split(step_key, max(len(leaves), 1))
     flags = _mask_flags(trainable, updates)
+    noise = gaussian_like(step_key, leaves, std, secure, [f and std > 0 for f in flags])
     out = []
-    for i, (g, train) in enumerate(zip(leaves, flags)):
-        if train and std > 0:
-            g = g + _normal_like(keys[i], g, std, secure)
+    for g, z in zip(leaves, noise):
+        if z is not None:
+            g = g + z
         out.append(g / jnp.asarray(e, dtype=g.dtype))
     new_state = AddNoiseState(count=optax.safe_increment(state.count), key=state.key)
     return jax.tree_util.tree_unflatten(treedef, out), new_state

@@ -206,3 +206,45 @@ def test_dpsgd_and_dpadam_are_noise_then_optimizer():
     upd, _ = tx.update(g, tx.init(params), params)
     for k in g:
         np.testing.assert_allclose(upd[k], -0.1 * noisy[k], rtol=1e-5, atol=1e-7)  # first step: trace = g
+
+
+def test_flat_two_word_sampler_is_standard_normal():
+    """jaxdp.noise._standard_normal (both threefry words, jax's uniform -> erfinv transform) against N(0, 1).
+
+    n = 2^21 samples, every check two-sided at ALPHA = 1e-6 for a correct sampler:
+    * mean: N(0, 1/n) -> |mean| < Z / sqrt(n);  variance: the chi-square bound of assert_std;
+    * Kolmogorov-Smirnov p-value > ALPHA (the whole CDF, 1-sample KS);
+    * tails: the count beyond |x| > 4 is Binomial(n, p4), p4 = 2 (1 - Phi(4)) = 6.3e-5 (mean 133): within
+      Z standard deviations (this catches a broken erfinv tail or a mantissa/uniform mapping error);
+    * the two halves (the two output words of the same threefry blocks) and neighbours are uncorrelated.
+    """
+    from jaxdp.noise import _standard_normal
+
+    n = 2 ** 21
+    x = np.asarray(jax.jit(lambda k: _standard_normal(k, n, jnp.float32))(jax.random.key(3)), np.float64)
+    assert x.shape == (n,) and np.all(np.isfinite(x))
+    assert abs(x.mean()) < Z / np.sqrt(n)
+    assert_std(x, 1.0)
+    assert stats.kstest(x, "norm").pvalue > ALPHA
+    p4 = 2 * stats.norm.sf(4.0)
+    tail = np.sum(np.abs(x) > 4.0)
+    assert abs(tail - n * p4) < Z * np.sqrt(n * p4 * (1 - p4)), tail
+    assert_uncorrelated(x[: n // 2], x[n // 2:])
+    assert_uncorrelated(x[:-1], x[1:])
+    # A different key gives independent samples; the same key the same samples.
+    y = np.asarray(_standard_normal(jax.random.key(4), n, jnp.float32))
+    assert_uncorrelated(x, y)
+    np.testing.assert_array_equal(np.asarray(_standard_normal(jax.random.key(3), n, jnp.float32)), x)
+
+
+def test_noise_leaves_come_from_one_flat_draw_with_exact_shapes_and_dtypes():
+    from jaxdp.noise import gaussian_like
+
+    leaves = [jnp.zeros((3, 5)), jnp.zeros((7,), jnp.bfloat16), jnp.zeros(()), jnp.zeros((2, 2))]
+    out = gaussian_like(jax.random.key(0), leaves, 2.0, draw=[True, True, True, False])
+    assert out[3] is None
+    for x, z in zip(leaves[:3], out[:3]):
+        assert z.shape == x.shape and z.dtype == x.dtype
+    # the float32 leaves are consecutive slices of the same flat draw: no coordinate is reused
+    flat = np.concatenate([np.ravel(out[0]), np.ravel(out[2])])
+    assert len(np.unique(flat)) == flat.size
