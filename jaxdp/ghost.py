@@ -31,9 +31,10 @@ of each ghost layer: the gradient with respect to the probe is the output gradie
 recorded on the way forward. The result equals ``vmap(grad)`` up to float rounding (tests: 1e-5).
 
 ``method="ghost"`` always uses the ghost formula for the recognised layers; ``method="auto"`` chooses per layer
-between the ghost formula and materialising that layer's per-example gradient (sequence dense layers: ghost
-when ``2 T^2 <= d p``; convolutions and embeddings likewise with their unfolded sizes) and uses plain vmap when
-no layer is recognised.
+between the ghost formula and materialising that layer's per-example gradient inside the vmapped backward pass
+(a cost rule, :func:`_prefer_materialise`: materialise when the ghost norm's ``T^2 (d + p)`` extra
+multiply-adds exceed a measured multiple of ``|W| = d p`` and ``B |W|`` floats fit in 256 MiB; ``T = 1``
+layers always use the ghost norm) and uses plain vmap when no recognised layer is left as a ghost layer.
 """
 from __future__ import annotations
 
@@ -250,7 +251,7 @@ def _gather_mats(site: _Site, n_rows: int, I, G):
 
 
 def _site_dims(site: _Site, w_shape) -> tuple[int, int]:
-    """(T, size of one example's materialised gradient) for the auto rule ``2 T^2 <= d p``."""
+    """(T, size of one example's materialised gradient) for the auto rule (:func:`_prefer_materialise`)."""
     size = math.prod(w_shape)
     if site.kind == "dot":
         (lc, rc), _ = site.eqn.params["dimension_numbers"]
@@ -262,6 +263,36 @@ def _site_dims(site: _Site, w_shape) -> tuple[int, int]:
     else:
         T = math.prod(site.act_shape[:-1])
     return T, size
+
+
+# Break-even of ghost extra multiply-adds / |W| per kind, measured on CPU (benchmarks/step_speed.py): a dense or
+# embedding layer's per-example gradient comes out of the vmapped backward cheaply; a convolution's needs a
+# per-example kernel-gradient convolution, which XLA:CPU runs slowly (MNIST CNN: conv2 at ratio 22 is faster
+# as a ghost norm, conv1 at ratio 3,000 faster materialised; the transformer's layers at ratios 16-64 faster
+# materialised).
+_KAPPA = {"dot": 2.0, "gather": 2.0, "conv": 64.0}
+_MATERIALISE_BYTES = 2 ** 28  # per leaf: B * |W| * 4 bytes of per-example gradients at most (256 MiB)
+
+
+def _prefer_materialise(site: _Site, w_shape, B: int) -> bool:
+    """The ``auto`` rule: materialise this layer's per-example gradients (inside the vmapped backward pass)
+    rather than use the ghost norm, when that is cheaper and fits in memory.
+
+    Per example, the ghost norm of a sequence layer costs ``T^2 (d + p)`` extra multiply-adds (the Gram
+    matrices; ``T^2 p`` for an embedding), on top of the book-keeping product, while materialising costs no
+    extra multiply-adds (the per-example products ``A_i^T G_i`` replace the batch product ``A^T G``) but
+    ``|W| = d p`` floats of memory and a few passes over them (norm, weighted sum). So: ghost when
+    ``T = 1`` (``||a||^2 ||g||^2`` is nearly free), materialise when ``T^2 (d + p) > _KAPPA[kind] d p`` and
+    ``B |W|`` floats fit in ``_MATERIALISE_BYTES``. Measured on CPU (benchmarks/step_speed.py): the 2-layer
+    transformer (T 64, d 128) and the MNIST CNN's convolutions materialise, the MLP, the embedding text
+    classifier (T 32, V 10,000) and every T = 1 layer use ghost norms.
+    """
+    T, size = _site_dims(site, w_shape)
+    if T <= 1 or B * size * 4 > _MATERIALISE_BYTES:
+        return False
+    d_out = max(1, math.prod(site.out_shape) // T)
+    ghost_macs = T * T * (d_out if site.kind == "gather" else size // d_out + d_out)
+    return ghost_macs > _KAPPA[site.kind] * size
 
 
 def _ghost_sq(site: _Site, w_shape, A, G):
@@ -277,14 +308,6 @@ def _ghost_sq(site: _Site, w_shape, A, G):
     aa = jnp.einsum("bti,bsi->bts", A2, A2, precision=hi)
     gg = jnp.einsum("bto,bso->bts", G2, G2, precision=hi)
     return jnp.sum(aa * gg, axis=(1, 2))
-
-
-def _materialise(site: _Site, w, A, G):
-    """Per-example gradients [B, *w.shape] of one site (that layer only)."""
-    def one(a, g):
-        _, vjp = jax.vjp(lambda ww: _apply_site(site, ww, a), w)
-        return vjp(g)[0]
-    return jax.vmap(one)(A, G)
 
 
 def _bookkeep(site: _Site, w, A, G, weights):
@@ -337,10 +360,8 @@ def _plan(loss_fn, has_aux, leaves, treedef, b_leaves, b_def, policy):
         if i in analysis.bad or len(s) != 1 or not jnp.issubdtype(leaves[i].dtype, jnp.floating):
             continue
         ghost[i] = s[0]
-        if policy == "auto":
-            T, size = _site_dims(s[0], leaves[i].shape)
-            if T > 1 and 2 * T * T > size:
-                materialise.add(i)
+        if policy == "auto" and _prefer_materialise(s[0], leaves[i].shape, b_leaves[0].shape[0]):
+            materialise.add(i)
     return closed, aux_def, ghost, materialise
 
 
@@ -367,6 +388,9 @@ def _make_impl(policy: str, second_pass: bool = False) -> Callable:
         closed, aux_def, ghost, materialise = _plan(loss_fn, has_aux, leaves, treedef, b_leaves, b_def, policy)
         if not ghost or (policy == "auto" and len(materialise) == len(ghost)):
             return clipping.vmap_impl(loss_fn, has_aux, params, batch, weight_fn)
+        # Layers to materialise are differentiated per example inside the same vmapped backward pass, like
+        # the fallback leaves (measured faster than recomputing A_i^T G_i from recorded activations).
+        ghost = {i: s for i, s in ghost.items() if i not in materialise}
 
         fb = [i for i in range(n) if i not in ghost]
 
@@ -396,11 +420,7 @@ def _make_impl(policy: str, second_pass: bool = False) -> Callable:
             per_ex[i] = g
             sq[i] = jnp.sum(jnp.square(g.reshape(B, -1)), axis=1)
         for i, site in ghost.items():
-            if i in materialise:
-                per_ex[i] = _materialise(site, leaves[i], acts[i], g_probes[i])
-                sq[i] = jnp.sum(jnp.square(per_ex[i].reshape(B, -1)), axis=1)
-            else:
-                sq[i] = _ghost_sq(site, leaves[i].shape, acts[i], g_probes[i])
+            sq[i] = _ghost_sq(site, leaves[i].shape, acts[i], g_probes[i])
 
         weights = weight_fn(sq)
         if second_pass:  # measured alternative (benchmarks only): grad of sum_i w_i L_i, flat weights only

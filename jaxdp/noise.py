@@ -220,4 +220,4 @@ def dp_aggregate(
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-__all__ = ["AddNoiseState", "add_noise", "dp_aggregate", "os_entropy_key"]
+__all__ = ["AddNoiseState", "add_noise", "dp_aggregate", "gaussian_like", "os_entropy_key"]

@@ -79,6 +79,26 @@ def test_auto_materialises_long_sequences_and_stays_exact():
     _assert_same(loss, p, b)
 
 
+def test_auto_mixes_materialised_sequence_layer_with_ghost_dense_layer():
+    """auto's cost rule: the sequence layer w (T 16, d = p = 4: T^2 (d + p) = 2048 > 2 |W| = 32) is
+    materialised inside the vmapped backward pass while the T = 1 layer o keeps its ghost norm; with a mask,
+    per-layer clipping and a NaN example, the result still equals vmap."""
+    p = _init(jax.random.key(5), {"w": (4, 4), "o": (4, 3)})
+
+    def loss(p, b):
+        h = jnp.tanh(b["x"] @ p["w"]).mean(1)                  # [B, 4]
+        return jnp.sum((h @ p["o"] - b["y"]) ** 2, -1)
+
+    x = jax.random.normal(jax.random.key(6), (6, 16, 4)).at[2].set(jnp.nan)
+    b = {"x": x, "y": jax.random.normal(jax.random.key(7), (6, 3))}
+    plan = ghost.explain(loss, p, b, "auto")
+    assert plan == {"o": "ghost", "w": "materialise"}, plan
+    mask = jnp.array([True, True, True, False, True, True])
+    _, st = _assert_same(loss, p, b, mask=mask)
+    assert int(st.num_nonfinite) == 1
+    _assert_same(loss, p, b, C={"w": 0.3, "o": 0.5}, methods=("auto",))
+
+
 def test_embedding_tied_weights_and_positional_params():
     p = _init(jax.random.key(3), {"E": (11, 6), "w": (6, 6), "pos": (4, 6), "F": (11, 6), "o": (6, 3)})
 
