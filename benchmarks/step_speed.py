@@ -259,6 +259,12 @@ def torch_steppers(name, batch):
 # JAX steps
 
 
+def _noise_per_leaf(key, leaves):
+    """N(0, (SIGMA C)^2) with ``jax.random.normal`` per leaf: what the jax-privacy row and a naive step do."""
+    ks = jax.random.split(key, len(leaves))
+    return [SIGMA * C * jax.random.normal(k, g.shape) for g, k in zip(leaves, ks)]
+
+
 def jax_steps(params, loss, batch, methods):
     def sgd(p, g):
         return jax.tree.map(lambda a, b: a - LR * b, p, g)
@@ -284,10 +290,8 @@ def jax_steps(params, loss, batch, methods):
         jp = jax_privacy.clipped_grad(lambda p, b: jnp.sum(loss(p, b)), l2_clip_norm=C, batch_argnums=1)
 
         def jpstep(p, b, key):
-            s = jp(p, b)
-            leaves, tdef = jax.tree.flatten(s)
-            ks = jax.random.split(key, len(leaves))
-            noisy = [(g + SIGMA * C * jax.random.normal(k, g.shape)) / B for g, k in zip(leaves, ks)]
+            leaves, tdef = jax.tree.flatten(jp(p, b))
+            noisy = [(g + z) / B for g, z in zip(leaves, _noise_per_leaf(key, leaves))]
             return sgd(p, jax.tree.unflatten(tdef, noisy))
         out["jax-privacy clipped_grad"] = jpstep
     except Exception as e:  # noqa: BLE001
@@ -385,10 +389,9 @@ def breakdown(params, loss, batch, steps):
         leaves, tdef = jax.tree.flatten(p)
         return jax.tree.unflatten(tdef, gaussian_like(key, leaves, SIGMA * C))
 
-    def noise_per_leaf(p, b, key):  # jax.random.normal per leaf (what jax-privacy and a naive step do)
+    def noise_per_leaf(p, b, key):
         leaves, tdef = jax.tree.flatten(p)
-        ks = jax.random.split(key, len(leaves))
-        return jax.tree.unflatten(tdef, [SIGMA * C * jax.random.normal(k, g.shape) for g, k in zip(leaves, ks)])
+        return jax.tree.unflatten(tdef, _noise_per_leaf(key, leaves))
 
     key = jax.random.key(2)
     fns = {}
