@@ -161,6 +161,7 @@ class PrivateTraining:
                 f"stopping: step {self.accountant.steps + 1} would take epsilon above the target "
                 f"{self.target_epsilon} (delta={self.target_delta}); {self.accountant.steps} steps were taken, "
                 f"epsilon spent = {self.get_epsilon():.4f}")
+        self._check_loss_shape(state.params, batch)
         if self.num_devices > 1:  # spread the real examples evenly over the devices (padding after them)
             from jaxdp.distributed import shard_batch
             mask = np.asarray(mask)
@@ -169,6 +170,27 @@ class PrivateTraining:
         params, opt_state, stats = self._update(state.params, state.opt_state, batch, mask)
         self._record_step()
         return TrainState(params, opt_state, state.step + 1), stats
+
+    def _check_loss_shape(self, params: PyTree, batch: PyTree) -> None:
+        """Refuse a loss that does not return one loss per example, naming the batch's real size B (the check
+        inside clipping sees one example at a time). Shapes only (``jax.eval_shape``), once per batch shape."""
+        leaves = jax.tree_util.tree_leaves(batch)
+        shapes = tuple(np.shape(x) for x in leaves)
+        checked = self.__dict__.setdefault("_loss_shapes_checked", set())
+        if not leaves or shapes in checked:
+            return
+        try:
+            out = jax.eval_shape(self.loss_fn, params, batch)
+        except Exception:  # noqa: BLE001 -- the step itself reports any other problem with the loss
+            return
+        losses = out[0] if isinstance(out, tuple) else out
+        b = shapes[0][0] if shapes[0] else None
+        if getattr(losses, "shape", None) != (b,):
+            raise ValueError(
+                f"loss_fn must return per-example losses of shape [B] = [{b}] for this batch of {b} rows (sampled examples plus padding), "
+                f"got shape {tuple(getattr(losses, 'shape', ()))}. Return the unreduced losses (no mean or sum over "
+                "the batch): clipping needs each example's loss.")
+        checked.add(shapes)
 
     def batches(self, data: PyTree, steps: int | None = None) -> Iterator[tuple[PyTree, np.ndarray]]:
         """Yield ``(batch, mask)`` for the next ``steps`` sampler steps (default: one epoch) from host arrays."""

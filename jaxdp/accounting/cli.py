@@ -80,11 +80,31 @@ def _epsilon(args: argparse.Namespace) -> int:
               "noise_multiplier": args.noise_multiplier, "dataset_size": args.dataset_size,
               "batch_size": args.batch_size, "accountant": args.accountant, "sampling": args.sampling,
               "neighboring_relation": args.neighboring_relation, "seconds": seconds}
+    statement = _statement(args) if args.statement else None
+    if statement is not None:
+        result["statement"] = statement
     _emit(args, result, [("accountant", args.accountant), ("sampling", args.sampling),
                          ("neighboring relation", args.neighboring_relation), ("dataset size N", args.dataset_size),
                          ("batch size B", args.batch_size), ("sample rate q", q), ("steps", steps),
                          ("noise multiplier", args.noise_multiplier), ("delta", args.delta), ("epsilon", eps)])
+    if statement is not None and not args.json:
+        print()
+        print(statement)
     return 0
+
+
+def _statement(args: argparse.Namespace) -> str:
+    """TF Privacy's ``compute_dp_sgd_privacy`` statement (RDP accountant, Poisson sampling, add/remove-one) for
+    the same N, B, sigma, epochs and delta (:func:`jaxdp.accounting.compute_dp_sgd_privacy`)."""
+    if args.epochs is None:
+        raise ValueError("--statement needs --epochs (TF Privacy's statement is stated in epochs), not --steps")
+    text = core.compute_dp_sgd_privacy(args.dataset_size, args.batch_size, args.noise_multiplier, args.epochs,
+                                       args.delta).statement
+    if (args.accountant, args.sampling, args.neighboring_relation) != ("rdp", "poisson", "add_remove"):
+        text += (f"\n(The statement uses TF Privacy's conventions -- RDP accountant, Poisson sampling, add/remove-one; "
+                 f"the table above uses --accountant {args.accountant}, --sampling {args.sampling}, "
+                 f"--neighboring-relation {args.neighboring_relation}.)")
+    return text
 
 
 def _calibrate(args: argparse.Namespace) -> int:
@@ -118,6 +138,9 @@ def register(subparsers) -> None:
     _add_common(p)
     p.add_argument("--noise-multiplier", "-s", type=float, required=True,
                    help="noise std / clipping norm (sigma)")
+    p.add_argument("--statement", action="store_true",
+                   help="also print TF Privacy's compute_dp_sgd_privacy statement (RDP, Poisson sampling, "
+                        "add/remove-one; what holds for shuffled batches; needs --epochs)")
     p.set_defaults(func=_epsilon)
 
     p = subparsers.add_parser(

@@ -122,7 +122,7 @@ def recipe_from_config(cfg: dict, attack: str, metrics: dict | None = None, over
     momentum = None
     if opt_name == "momentum":
         momentum = _first(cfg, ["optimizer.momentum", "training.optimizer.momentum"], 0.9)
-    seed = int(o.get("seed", _first(cfg, t("seed"), 0)))
+    seed = int(o.get("seed", _first(cfg, t("seed"), 0) or 0))  # a run whose seed was drawn from the OS: 0
 
     delta = float(metrics.get("delta") or _first(cfg, ["training.dp.delta", "dp.delta"], 1e-5))
     # A `jaxdp train` run's metrics.json states what the run used and claimed: it wins over the config.
@@ -187,7 +187,7 @@ def run_audit(cfg: dict, attack: str, out_dir: str | None = None, metrics: dict 
             sc, x, y, claimed_epsilon=info["claimed_epsilon"], delta=info["delta"], key=key, seed=info["seed"],
             canary=str(o.get("canary") or _first(cfg, ["audit.canary"], "gradient")),
             num_canaries=o.get("num_canaries") or _first(cfg, ["audit.num_canaries"], None),
-            coordinates=str(_first(cfg, ["audit.coordinates"], "data_free")),
+            coordinates=str(o.get("coordinates") or _first(cfg, ["audit.coordinates"], "data_free")),
             k_pos=_first(cfg, ["audit.k"], None), k_neg=_first(cfg, ["audit.k"], None),
             beta=float(_first(cfg, ["audit.beta"], 0.05)), accountant_epsilon=info["accountant_epsilon"])
         result.update(r.to_dict())
@@ -278,7 +278,7 @@ def _handler(args: argparse.Namespace) -> int:
         trained = audit_trained_model(args.run)
     res = run_audit(cfg, attack, out, metrics, dict(
         num_models=args.num_models, pool_size=args.pool_size, steps=args.steps, seed=args.seed,
-        canary=args.canary, num_canaries=args.num_canaries))
+        canary=args.canary, num_canaries=args.num_canaries, coordinates=args.coordinates))
     if trained is not None:
         res["trained_model"] = trained
         res["summary"] = trained["summary"] + "\n" + res["summary"]
@@ -315,4 +315,7 @@ def register(subparsers) -> None:
     p.add_argument("--seed", type=int, help="override the seed")
     p.add_argument("--canary", choices=("gradient", "input"), help="one_run canary type (default gradient)")
     p.add_argument("--num-canaries", type=int, help="one_run canaries (default: all data-free coordinates)")
+    p.add_argument("--coordinates", choices=("data_free", "random"),
+                   help="one_run gradient canaries: first-layer weights of always-zero features (data_free, "
+                        "default) or any coordinates (random: a weaker audit, for data without zero features)")
     p.set_defaults(func=_handler)

@@ -88,8 +88,9 @@ def make_gradient_canaries(params0, x: np.ndarray, num_canaries: int | None, rng
         zero_features = np.flatnonzero(np.max(np.abs(x), axis=0) == 0)
         pool = np.asarray(index_tree[0]["w"])[zero_features].astype(np.int64).ravel()
         if pool.size == 0:
-            raise ValueError("no data-free coordinates: no input feature is 0 in every example; "
-                             "use coordinates='random' or canary='input'")
+            raise ValueError("no data-free coordinates: no input feature is 0 in every example; use random "
+                             "coordinates (`jaxdp audit --coordinates random`, audit.coordinates: random, "
+                             "coordinates='random' in Python) or input canaries (`--canary input`, canary='input')")
     elif coordinates == "random":
         pool = np.arange(size)
     else:
@@ -97,7 +98,9 @@ def make_gradient_canaries(params0, x: np.ndarray, num_canaries: int | None, rng
     m = pool.size if num_canaries is None else int(num_canaries)
     if m > pool.size:
         raise ValueError(f"asked for {m} gradient canaries but only {pool.size} {coordinates} coordinates exist; "
-                         "ask for fewer, widen the first layer, or use coordinates='random'")
+                         f"ask for at most {pool.size} (`jaxdp audit --num-canaries {pool.size}`, num_canaries=...), "
+                         "widen the first layer, or use random coordinates (`--coordinates random`, "
+                         "coordinates='random')")
     return rng.choice(pool, size=m, replace=False)
 
 

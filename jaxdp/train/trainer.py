@@ -26,18 +26,33 @@ from jaxdp import models
 from jaxdp.engine import PrivacyBudgetExhausted, PrivacyEngine, TrainState
 from jaxdp.sampling import PoissonSampler, ShuffleSampler
 from jaxdp.train import checkpoint
-from jaxdp.train.config import config_hash, load_config, validate_config
+from jaxdp.train.config import config_hash, load_config, model_label, validate_config
 
 CLIP_HIGH, CLIP_LOW = 0.9, 0.01  # warn when more than 90% / fewer than 1% of examples are clipped
 
 
-def _optimizer(cfg: dict) -> optax.GradientTransformation:
-    o = cfg["optimizer"]
-    if o["name"] == "sgd":
-        return optax.sgd(o["learning_rate"])
-    if o["name"] == "momentum":
-        return optax.sgd(o["learning_rate"], momentum=o["momentum"])
-    return optax.adam(o["learning_rate"])
+def _optimizer(cfg: dict, total_steps: int = 1) -> optax.GradientTransformation:
+    from jaxdp.train.components import build_optimizer
+    return build_optimizer(cfg["optimizer"], total_steps)
+
+
+def _seed(cfg: dict, out_dir: str, resume: bool) -> tuple[int, str]:
+    """``(seed, source)``: the config's ``training.seed`` ("config"), else the seed an interrupted run in
+    ``out_dir`` drew ("os", read back from its checkpoint so that it resumes identically), else a fresh one from
+    the OS entropy source ("os"). A drawn seed is kept only in the checkpoint, never in metrics or config."""
+    if cfg["training"]["seed"] is not None:
+        return int(cfg["training"]["seed"]), "config"
+    meta = os.path.join(out_dir, "checkpoint", checkpoint.META)
+    if resume and os.path.isfile(meta):
+        try:
+            with open(meta) as f:
+                drawn = json.load(f).get("drawn_seed")
+        except (OSError, ValueError):
+            drawn = None
+        if drawn is not None:
+            return int(drawn), "os"
+    import secrets
+    return secrets.randbits(63), "os"
 
 
 class _Progress:
@@ -86,6 +101,8 @@ class DPTrainer:
             cfg["output"]["progress"] = bool(progress)
         self.cfg = cfg
         self.out_dir = cfg["output"]["dir"]
+        if os.path.exists(self.out_dir) and not os.path.isdir(self.out_dir):
+            raise ValueError(f"output directory {self.out_dir} is a file; give --out (or output.dir) a directory")
         self.log = log
         self.resume = resume
         t, dp = cfg["training"], cfg["training"]["dp"]
@@ -93,10 +110,22 @@ class DPTrainer:
         self.delta = float(dp["delta"]) if self.dp else None
         self.dataset = data_lib.load_dataset(cfg["data"]["name"], **cfg["data"]["options"])
         self.n = len(self.dataset.y_train)
-        self.seed = int(t["seed"])
+        if t["batch_size"] > self.n:
+            raise ValueError(f"config key 'training.batch_size' ({t['batch_size']:g}) is larger than the training "
+                             f"set ({self.n} examples in {cfg['data']['name']}); choose a batch_size below {self.n}")
+        self.seed, self.seed_source = _seed(cfg, self.out_dir, resume)
         self.epochs = t["epochs"]
-        self.model = models.create(cfg["model"]["name"], self.dataset.input_shape, self.dataset.num_classes,
-                                   seed=self.seed, **cfg["model"]["options"])
+        self.model_name = model_label(cfg)
+        if cfg["model"]["module"] is not None:
+            from jaxdp.train.components import build_user_model
+            base = os.path.dirname(os.path.abspath(config)) if isinstance(config, (str, os.PathLike)) else None
+            self.model = build_user_model(cfg["model"]["module"], cfg["model"]["kwargs"], self.dataset.input_shape,
+                                          self.dataset.num_classes, self.seed, base_dir=base)
+        else:
+            self.model = models.create(cfg["model"]["name"], self.dataset.input_shape, self.dataset.num_classes,
+                                       seed=self.seed, **cfg["model"]["options"])
+        models.check_model_input(self.model, self.dataset.input_shape, self.dataset.num_classes,
+                                 name=f"model {self.model_name!r}")
         self.graphdef, self.params0, self.rest = nnx.split(self.model, nnx.Param, ...)
         self.metrics: list[dict] = []
         self.status = "not started"
@@ -105,7 +134,7 @@ class DPTrainer:
         out = cfg["output"]
         if out["telemetry_port"] is not None or out["pushgateway"]:
             from jaxdp.telemetry import DPMetrics
-            self.telemetry = DPMetrics(cfg["model"]["name"], self.dataset.name, self.run_id,
+            self.telemetry = DPMetrics(self.model_name, self.dataset.name, self.run_id,
                                        port=out["telemetry_port"], pushgateway=out["pushgateway"])
         self._x_train = jnp.asarray(self.dataset.x_train)
         self._y_train = jnp.asarray(self.dataset.y_train)
@@ -117,7 +146,9 @@ class DPTrainer:
 
     def _setup(self) -> None:
         t, dp = self.cfg["training"], self.cfg["training"]["dp"]
-        optimizer = _optimizer(self.cfg)
+        planned = (PoissonSampler(self.n, t["batch_size"] / self.n, 0) if t["sampling"] == "poisson" else
+                   ShuffleSampler(self.n, int(round(t["batch_size"])), 0)).steps_for_epochs(self.epochs)
+        optimizer = _optimizer(self.cfg, planned)  # a schedule's "total_steps" is the planned number of steps
         if self.dp:
             self.engine = PrivacyEngine(accountant=t["accountant"], neighboring_relation=dp["neighboring_relation"])
             common = dict(loss_fn=self._loss, model=self.model, optimizer=optimizer, dataset_size=self.n,
@@ -219,6 +250,8 @@ class DPTrainer:
         meta = {"sampler": self.sampler.state_dict(), "metrics": self.metrics, "run_id": self.run_id,
                 "config_hash": config_hash(self.cfg), "status": self.status,
                 "accountant": self.engine.accountant.to_dict() if self.dp else None}
+        if self.seed_source == "os":
+            meta["drawn_seed"] = self.seed  # needed to resume identically; private like the checkpoint itself
         checkpoint.save(os.path.join(self.out_dir, "checkpoint"), self.state, meta)
 
     def _restore(self) -> bool:
@@ -260,7 +293,7 @@ class DPTrainer:
         run = self.ledger.run(self.run_id) if hasattr(self.ledger, "run") else None
         if protected and self.dp and lcfg["reserve"] and run is None:
             self.ledger.reserve(self.dataset_id, self.run_id, self._ledger_events(self.total_steps),
-                                model=self.cfg["model"]["name"], config_hash=config_hash(self.cfg),
+                                model=self.model_name, config_hash=config_hash(self.cfg),
                                 code_version=ledger_lib.code_version(), parent_run_id=lcfg["parent_run_id"])
         ledger_lib.require_reservation(self.ledger, self.dataset_id, self.run_id, private=self.dp,
                                        parent_run_id=lcfg["parent_run_id"])
@@ -286,7 +319,8 @@ class DPTrainer:
         t = self.cfg["training"]
         summary = {
             "run_id": self.run_id, "status": self.status, "dp": self.dp,
-            "dataset": self.dataset.name, "training_set_size": self.n, "model": self.cfg["model"]["name"],
+            "dataset": self.dataset.name, "training_set_size": self.n, "model": self.model_name,
+            "seed_source": self.seed_source,  # "config" (pinned by the user) or "os" (drawn, kept secret)
             "epsilon": eps if math.isfinite(eps) else None, "delta": delta,
             "target_epsilon": t["dp"]["epsilon"] if self.dp else None,
             "noise_multiplier": self.noise_multiplier,
@@ -328,11 +362,17 @@ class DPTrainer:
         ``max_epochs`` stops after that many epochs in this call (checkpointed), e.g. to resume later.
         """
         resumed = self._restore()
+        self.trained_steps = 0  # steps taken by this call (0: a finished run was only re-reported)
         if self.status in ("finished", "budget_exhausted"):
+            if self.log:
+                print(f"nothing was trained: {self.out_dir} already holds a {self.status} run "
+                      f"({int(self.state.step)} steps); use --fresh (resume=False) or another output directory "
+                      "to train again", file=sys.stderr)
             return self._write_outputs()
         self.status = "running"
+        self._ledger_open()  # may refuse (budget): before the run directory exists, so none is left behind
         os.makedirs(self.out_dir, exist_ok=True)
-        self._ledger_open()
+        step_at_start = int(self.state.step)
         # Epoch k ends at step ceil(k / q) (Poisson) or k * steps_per_epoch (shuffle), so fractional steps
         # per epoch add up exactly to the planned total.
         n_epochs = math.ceil(self.epochs)
@@ -407,6 +447,7 @@ class DPTrainer:
         if int(self.state.step) >= self.total_steps:
             self.status = "finished"
         self._save()
+        self.trained_steps = int(self.state.step) - step_at_start
         if self.status in ("finished", "budget_exhausted"):
             self._ledger_commit()
         return self._write_outputs()
