@@ -227,7 +227,9 @@ def test_html_report_is_self_contained(tmp_path, run_dir, sweep):
     assert len(imgs) == 4  # epsilon, training curve, clipping, sweep (no audit here)
     assert all(_is_png(base64.b64decode(b)) for b in imgs)
     assert "differential privacy" in text
-    assert md.read_text().count("](data:image/png;base64,") == 4
+    links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md.read_text())  # Markdown links its plots (no base64)
+    assert len(links) == 4 and all(l.startswith("r_files/") for l in links) and "base64" not in md.read_text()
+    assert all(_is_png((tmp_path / l).read_bytes()) for l in links)
     assert list(yaml.safe_load(card_path.read_text())) == ["name", "model_privacy"]
 
 
