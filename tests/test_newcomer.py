@@ -389,9 +389,9 @@ def test_epsilon_statement(capsys):
 
 
 def test_ledger_refusal_leaves_no_run_directory(tmp_path, capsys):
+    from jaxdp.ledger import Ledger
     led = str(tmp_path / "l.db")
-    assert main(["ledger", "init", "--ledger", led, "--dataset-id", "digits", "--max-epsilon", "0.5",
-                 "--delta", "1e-5"]) == 0
+    Ledger.init(led).register_dataset("digits", 0.5, 1e-5, "rdp")
     cfg = tiny(tmp_path / "run")  # epsilon 2 > the 0.5 budget
     cfg["ledger"] = {"path": led}
     rc = main(["train", "--config", write_cfg(tmp_path, cfg)])
