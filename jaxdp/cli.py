@@ -40,14 +40,18 @@ def build_parser() -> argparse.ArgumentParser:
 @contextlib.contextmanager
 def _plain_warnings():
     """Warnings as one line ``jaxdp: warning: MESSAGE`` on stderr, without the source line that raised them
-    (a user of the command line has no use for ``trainer.py:301: UserWarning`` and the code below it)."""
-    def show(message, category, filename, lineno, file=None, line=None):
+    (a user of the command line has no use for ``trainer.py:301: UserWarning`` and the code below it). Only the
+    format changes: filters and recorders (``pytest.warns``, ``-W error``) see the warnings as before."""
+    def fmt(message, category, filename, lineno, line=None):
         kind = "" if category is UserWarning else f" ({category.__name__})"
-        print(f"jaxdp: warning{kind}: {message}", file=file or sys.stderr)
+        return f"jaxdp: warning{kind}: {message}\n"
 
-    with warnings.catch_warnings():
-        warnings.showwarning = show
+    old = warnings.formatwarning
+    warnings.formatwarning = fmt
+    try:
         yield
+    finally:
+        warnings.formatwarning = old
 
 
 def _stdout_gone() -> int:

@@ -187,7 +187,8 @@ class PrivateTraining:
         b = shapes[0][0] if shapes[0] else None
         if getattr(losses, "shape", None) != (b,):
             raise ValueError(
-                f"loss_fn must return per-example losses of shape [B] = [{b}] for this batch of {b} rows (sampled examples plus padding), "
+                f"loss_fn must return per-example losses of shape [B] = [{b}] for this batch of {b} rows "
+                f"(sampled examples plus padding), "
                 f"got shape {tuple(getattr(losses, 'shape', ()))}. Return the unreduced losses (no mean or sum over "
                 "the batch): clipping needs each example's loss.")
         checked.add(shapes)

@@ -141,7 +141,8 @@ def check_model_input(model: nnx.Module, input_shape: Sequence[int], num_classes
     if shape != (2, int(num_classes)):
         raise ValueError(f"{name} must return logits of shape [B, {num_classes}] for a batch of shape "
                          f"[B, {', '.join(map(str, input_shape))}] ({num_classes} classes in the labels), "
-                         f"got {'a ' + type(out).__name__ if shape is None else f'shape {shape} for a batch of 2 examples'}")
+                         + ("got a " + type(out).__name__ if shape is None else
+                            f"got shape {shape} for a batch of 2 examples"))
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:

@@ -354,7 +354,11 @@ def test_warnings_are_one_line_without_source(monkeypatch, capsys):
         return 0
 
     monkeypatch.setattr(acli, "_epsilon", warn)
-    assert main(["epsilon", "-N", "10", "-B", "2", "--steps", "1", "--delta", "1e-5", "-s", "1"]) == 0
+    with warnings.catch_warnings():  # as outside pytest: the default printer, not pytest's recorder
+        warnings.simplefilter("always")
+        warnings.showwarning = lambda m, c, f, n, file=None, line=None: sys.stderr.write(
+            warnings.formatwarning(m, c, f, n, line))  # what Python's default printer does
+        assert main(["epsilon", "-N", "10", "-B", "2", "--steps", "1", "--delta", "1e-5", "-s", "1"]) == 0
     err = capsys.readouterr().err
     assert err == "jaxdp: warning: something to know\n"
 

@@ -25,7 +25,8 @@ def tiny_config(tmp_path, **dp):
 
 @pytest.mark.parametrize("mutate, key", [
     (lambda c: c["training"]["dp"].update(max_grad_nrom=1.0), "training.dp.max_grad_nrom"),
-    (lambda c: c["training"].pop("seed"), "training.seed"),
+    (lambda c: c["training"].pop("epochs"), "training.epochs"),  # (training.seed may be left out: drawn from the OS)
+    (lambda c: c["training"].update(seed=-1), "training.seed"),
     (lambda c: c.update(extra={}), "extra"),
     (lambda c: c["optimizer"].update(learning_rate=-1), "optimizer.learning_rate"),
     (lambda c: c["training"].update(accountant="gdp"), "training.accountant"),

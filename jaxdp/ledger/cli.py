@@ -14,6 +14,30 @@ import sys
 ENV = "JAXDP_LEDGER"
 
 
+_DESCRIPTIONS = {  # `jaxdp ledger SUBCOMMAND --help`
+    "init": ('Create the ledger store (an SQLite file or a PostgreSQL database) if it does not exist. With '
+             '--dataset-id, --max-epsilon and --delta it also protects that dataset with a total budget (as '
+             '`ledger register` does).'),
+    "register": ('Protect a dataset: from now on every private run on it must reserve its planned mechanism first, and'
+                 ' a reservation that would take the composed epsilon (all runs, composed with --accountant) above '
+                 '--max-epsilon at --delta is refused.'),
+    "show": ("Print each protected dataset's budget, the epsilon spent (composed over all runs, and the plain sum "
+             'for comparison), what remains, and its runs (committed, reserved = still open, released).'),
+    "reserve": ("Reserve a run's planned mechanism (noise multiplier, sampling, steps) against a dataset's budget "
+                'before the run touches the data; refused (exit 1) if it would exceed the budget. `jaxdp train` with '
+                'ledger.path reserves by itself.'),
+    "commit": ("Replace a run's reservation by what it actually ran (default: as reserved; --steps for a one-event "
+               'reservation, or --events). The committed events are charged from now on.'),
+    "release": ('Free the reservation of a run that NEVER touched the data (e.g. it crashed before its first step); '
+                'the reason is recorded. A run that took any step must be committed instead, or privacy is under-'
+                'counted.'),
+    "verify": ("Check the ledger's append-only hash chain (every row hashes its predecessor); with --expect-head "
+               'also that a head hash kept elsewhere is still in the chain. Exit 1 if anything fails.'),
+    "export": ('Export the whole ledger as JSON: every row with its hash, the derived state and the verification '
+               'report.'),
+}
+
+
 def register(subparsers) -> None:
     p = subparsers.add_parser("ledger", help="privacy budget ledger: reserve, commit, verify",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -34,17 +58,17 @@ def register(subparsers) -> None:
         q.add_argument("--note", default=None)
 
     q = sub.add_parser("init", parents=[common], help="create a ledger (and optionally register a dataset)",
-                       description='Create the ledger store (an SQLite file or a PostgreSQL database) if it does not exist. With --dataset-id, --max-epsilon and --delta it also protects that dataset with a total budget (as `ledger register` does).')
+                       description=_DESCRIPTIONS["init"])
     budget_args(q, required=False)
     q.set_defaults(func=_init)
 
     q = sub.add_parser("register", parents=[common], help="protect a dataset with a budget",
-                       description='Protect a dataset: from now on every private run on it must reserve its planned mechanism first, and a reservation that would take the composed epsilon (all runs, composed with --accountant) above --max-epsilon at --delta is refused.')
+                       description=_DESCRIPTIONS["register"])
     budget_args(q, required=True)
     q.set_defaults(func=_register)
 
     q = sub.add_parser("show", parents=[common], help="budgets, spent (composed and plain sum), remaining, runs",
-                       description="Print each protected dataset's budget, the epsilon spent (composed over all runs, and the plain sum for comparison), what remains, and its runs (committed, reserved = still open, released).")
+                       description=_DESCRIPTIONS["show"])
     _dataset_id_arg(q, required=False, help="show only this dataset")
     q.set_defaults(func=_show)
 
@@ -62,7 +86,7 @@ def register(subparsers) -> None:
         q.add_argument("--l2-clip-norm", type=float)
 
     q = sub.add_parser("reserve", parents=[common], help="reserve a run's planned mechanism before it starts",
-                       description="Reserve a run's planned mechanism (noise multiplier, sampling, steps) against a dataset's budget before the run touches the data; refused (exit 1) if it would exceed the budget. `jaxdp train` with ledger.path reserves by itself.")
+                       description=_DESCRIPTIONS["reserve"])
     _dataset_id_arg(q, required=True, help="the dataset the run trains on")
     q.add_argument("--run-id", required=True)
     event_args(q)
@@ -73,25 +97,25 @@ def register(subparsers) -> None:
     q.set_defaults(func=_reserve)
 
     q = sub.add_parser("commit", parents=[common], help="record the steps a run actually took",
-                       description="Replace a run's reservation by what it actually ran (default: as reserved; --steps for a one-event reservation, or --events). The committed events are charged from now on.")
+                       description=_DESCRIPTIONS["commit"])
     q.add_argument("--run-id", required=True)
     q.add_argument("--events", default=None, help="actual events as JSON or @FILE (default: as reserved)")
     q.add_argument("--steps", type=int, default=None, help="actual steps of a one-event reservation")
     q.set_defaults(func=_commit)
 
     q = sub.add_parser("release", parents=[common], help="free the reservation of a run that never touched data",
-                       description='Free the reservation of a run that NEVER touched the data (e.g. it crashed before its first step); the reason is recorded. A run that took any step must be committed instead, or privacy is under-counted.')
+                       description=_DESCRIPTIONS["release"])
     q.add_argument("--run-id", required=True)
     q.add_argument("--reason", required=True, help="recorded in the ledger")
     q.set_defaults(func=_release)
 
     q = sub.add_parser("verify", parents=[common], help="check the hash chain (exit 1 if it fails)",
-                       description="Check the ledger's append-only hash chain (every row hashes its predecessor); with --expect-head also that a head hash kept elsewhere is still in the chain. Exit 1 if anything fails.")
+                       description=_DESCRIPTIONS["verify"])
     q.add_argument("--expect-head", default=None, help="a head hash kept elsewhere that must still be in the chain")
     q.set_defaults(func=_verify)
 
     q = sub.add_parser("export", parents=[common], help="everything as JSON (rows with hashes, state, report)",
-                       description='Export the whole ledger as JSON: every row with its hash, the derived state and the verification report.')
+                       description=_DESCRIPTIONS["export"])
     q.add_argument("--output", "-o", default=None, help="write to this file instead of stdout")
     q.set_defaults(func=_export)
 

@@ -69,7 +69,8 @@ command resumes an interrupted run from its checkpoint; a finished run is not tr
 
 _COMPARE_DESCRIPTION = """\
 Train one YAML config twice -- privately (training.dp.enabled: true) and as a non-private baseline with the
-same model, data, optimiser (and seed, when training.seed pins one) -- and print the accuracy each reaches and the accuracy cost of privacy.
+same model, data, optimiser (and seed, when training.seed pins one) -- and print the accuracy each reaches
+and the accuracy cost of privacy.
 Outputs: OUT/dp/, OUT/non_private/ (run directories as for `jaxdp train`) and OUT/comparison.json."""
 
 

@@ -112,7 +112,8 @@ def _import(spec: str, base_dir: str | None):
             module = importlib.import_module(mod_name)
         except ImportError as e:
             raise ComponentError(f"config key 'model.module': cannot import {mod_name!r} ({e}); the module must "
-                                 "be importable from the config's folder, the working directory or PYTHONPATH") from None
+                                 "be importable from the config's folder, the working directory or "
+                                 "PYTHONPATH") from None
         finally:
             for d in added:
                 sys.path.remove(d)
