@@ -425,3 +425,20 @@ def test_seed_from_the_os_is_recorded_resumes_and_rerun_says_nothing_trained(tmp
     assert again.trained_steps == 0 and "nothing was trained" in capsys.readouterr().err
     pinned = DPTrainer(tiny(tmp_path / "p"), log=False)
     assert pinned.seed == 7 and pinned.seed_source == "config"
+
+
+# ------------------------------------------------------------------------------- 12. README figures from a script
+def test_readme_demo_and_audit_figures_come_from_the_script_output():
+    """The README states what `benchmarks/readme_figures.py` wrote (seed 0 and the range over seeds)."""
+    with open(os.path.join(REPO, "benchmarks", "results", "readme_figures.json")) as f:
+        fig = json.load(f)
+    with open(os.path.join(REPO, "README.md")) as f:
+        readme = f.read()
+    rng = {k: f"{r['min']:.3f}-{r['max']:.3f}" for k, r in fig["range"].items() if r.get("n")}
+    seed0 = next(r for r in fig["runs"] if r["seed"] == 0)
+    assert f"DP test\naccuracy {rng['dp_accuracy']}, non-private {rng['non_private_accuracy']}" in readme
+    assert f"| DP-SGD (Adam), PRV accountant | {seed0['dp_accuracy']:.4f} | {seed0['epsilon']:.3f} | " \
+           f"{seed0['noise_multiplier']:.3f} |" in readme
+    assert f"{seed0['trained_model_auc']:.3f} (0.489-0.557); seeds 0-2: {rng['trained_model_auc']}" in readme
+    assert f"one-run: {seed0['one_run_lower_bound']:.3f} (pass); seeds 0-2: {rng['one_run_lower_bound']}" in readme
+    assert len(fig["seeds"]) >= 3 and all(r["one_run_passed"] for r in fig["runs"])
