@@ -274,7 +274,7 @@ def _shift(key, ex):
     return {"x": jnp.roll(ex["x"].reshape(8, 8), s, axis=1).reshape(-1), "y": ex["y"]}
 
 
-@pytest.mark.parametrize("k", [1, 4])
+@pytest.mark.parametrize("k", [pytest.param(1, marks=pytest.mark.slow), 4])
 def test_augmentation_multiplicity_keeps_each_examples_contribution_below_c(k):
     data = _engine_data()
     batch = {"x": jnp.asarray(data["x"][:8]) * 20.0, "y": jnp.asarray(data["y"][:8])}   # large gradients
