@@ -317,3 +317,21 @@ def test_ema_update_warms_up_then_uses_decay():
     np.testing.assert_allclose(np.asarray(e1["a"]), 0.9, rtol=1e-6)
     e2 = ema_update(ema, p, 10_000, decay=0.99)    # d = 0.99
     np.testing.assert_allclose(np.asarray(e2["a"]), 0.01, rtol=1e-5)
+
+
+def test_trainer_runs_bandmf_and_records_the_mechanism(tmp_path):
+    import json
+    from jaxdp.train import DPTrainer
+    cfg = {"model": {"name": "logreg"}, "data": {"name": "digits"},
+           "optimizer": {"name": "sgd", "learning_rate": 1.0},
+           "training": {"epochs": 1, "batch_size": 64, "seed": 7, "accountant": "rdp", "mechanism": "bandmf",
+                        "bands": 4, "dp": {"enabled": True, "epsilon": 3.0, "delta": 1e-5, "max_grad_norm": 1.0}},
+           "output": {"dir": str(tmp_path / "run"), "progress": False}}
+    trainer = DPTrainer(cfg, log=False)
+    trainer.train()
+    m = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert (m["mechanism"], m["bands"], m["sampling"]) == ("bandmf", 4, "cyclic_poisson")
+    p = 4 * 64 / trainer.n
+    assert math.isclose(m["sample_rate"], p) and math.isclose(m["expected_batch_size"], 64)
+    eps = accounting.compute_epsilon(m["noise_multiplier"], p, math.ceil(m["steps"] / 4), 1e-5, accountant="rdp")
+    assert math.isclose(m["epsilon"], eps, rel_tol=1e-9) and eps <= 3.0
