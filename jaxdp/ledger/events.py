@@ -7,6 +7,8 @@ An *event* is one mechanism run on a dataset, as a plain JSON-able dict in the f
     {"sampling": "shuffle", "noise_multiplier": s, "batch_size": b, "dataset_size": n, "steps": T}
     {"sampling": "truncated_poisson", "noise_multiplier": s, "sample_rate": q, "max_batch_size": m,
      "dataset_size": n, "steps": T}
+    {"sampling": "cyclic_poisson", "mechanism": "bandmf", "bands": b, "noise_multiplier": s, "sample_rate": p,
+     "steps": T}                             # BandMF / cyclic Poisson: DP-SGD with rate p, ceil(T/b) steps
     {"sampling": "none", "steps": T}          # non-private: epsilon = infinity
 
 plus, for the record only, ``"l2_clip_norm"`` (the accountant never sees it: the privacy guarantee is a function
