@@ -223,6 +223,13 @@ class CyclicPoissonSampler(PoissonSampler):
         mask[:chosen.size] = True
         return indices, mask
 
+    def load_state_dict(self, state: dict) -> None:
+        if self.secure and int(state["step"]) > 0:
+            raise ValueError("a secure-mode CyclicPoissonSampler cannot resume a run: its partition came from the "
+                             "OS entropy source and is not stored, and a new partition would break the b-step "
+                             "separation the accounting relies on; restart the run, or use a (secret) seed")
+        super().load_state_dict(state)
+
     def __repr__(self) -> str:
         return (f"CyclicPoissonSampler(dataset_size={self.dataset_size}, sample_rate={self.sample_rate}, "
                 f"bands={self.bands}, pad_to_multiple={self.pad_to_multiple}, secure={self.secure})")

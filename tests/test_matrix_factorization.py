@@ -173,6 +173,10 @@ def test_cyclic_poisson_sampler_partitions_and_separates_participations():
     assert abs(np.mean(sizes) - p * n / b) < 4 * math.sqrt(p * (1 - p) * n / b / 40)
     assert np.array_equal(s.sample(5)[0], CyclicPoissonSampler(n, p, b, seed=3).sample(5)[0])   # reproducible
     assert s.steps_for_epochs(2) == math.ceil(2 * b / p)
+    secure = CyclicPoissonSampler(n, p, b, secure=True)
+    secure.load_state_dict({"step": 0})
+    with pytest.raises(ValueError, match="cannot resume"):   # a fresh partition would break the separation
+        secure.load_state_dict({"step": 5})
 
 
 @pytest.mark.parametrize("accountant", ["rdp", pytest.param("pld", marks=pytest.mark.slow)])
