@@ -41,8 +41,9 @@ multiplier ``sigma`` and ``ceil(T / b)`` steps (:class:`jaxdp.sampling.CyclicPoi
 the fresh draw, ``b x |params|`` at peak). The Toeplitz recursion has no horizon: running past the ``steps`` the
 strategy was optimised for stays private (the columns keep norm <= 1), it is only no longer optimal.
 
-Left out: the momentum / learning-rate-aware workloads, general (non-Toeplitz) banded strategies and BLT
-(buffered linear Toeplitz) strategies.
+``momentum=beta`` optimises for SGD with heavy-ball momentum instead (workload ``A_beta``, lower Toeplitz with
+``a_k = (1 - beta^(k+1)) / (1 - beta)``). Left out: learning-rate-schedule-aware workloads, general
+(non-Toeplitz) banded strategies and BLT (buffered linear Toeplitz) strategies.
 """
 from __future__ import annotations
 
@@ -74,39 +75,58 @@ def _inverse_series(c: np.ndarray, n: int) -> np.ndarray:
     return lfilter([1.0], np.asarray(c, float), impulse)
 
 
-def prefix_sum_error(coefficients: np.ndarray, steps: int) -> float:
+def _workload(v: np.ndarray, momentum: float) -> np.ndarray:
+    """``A_beta v`` for a Toeplitz column ``v``: SGD with heavy-ball momentum ``beta`` and a constant learning rate
+    moves the parameters by ``sum_s a_{t-s} g_s`` with ``a_k = (1 - beta^(k+1)) / (1 - beta)`` -- a momentum
+    filter ``1 / (1 - beta x)`` then a prefix sum. ``beta = 0`` is the prefix-sum workload."""
+    if momentum:
+        from scipy.signal import lfilter
+        v = lfilter([1.0], [1.0, -momentum], v)
+    return np.cumsum(v)
+
+
+def _check_momentum(momentum) -> float:
+    m = float(momentum)
+    if not 0.0 <= m < 1.0:
+        raise ValueError(f"momentum must lie in [0, 1), got {momentum!r}")
+    return m
+
+
+def prefix_sum_error(coefficients: np.ndarray, steps: int, momentum: float = 0.0) -> float:
     """``||A C^{-1}||_F^2`` for the column-normalised banded Toeplitz strategy with ``coefficients`` (``c_0..c_{b-1}``)
     over ``steps`` steps: the summed variance of the noise in all ``steps`` prefix sums, per unit noise std.
+    With ``momentum = beta`` the workload is SGD with heavy-ball momentum (:func:`_workload`).
 
-    DP-SGD (``coefficients = [1]``) gives ``steps * (steps + 1) / 2``.
+    DP-SGD (``coefficients = [1]``, no momentum) gives ``steps * (steps + 1) / 2``.
     """
     c = np.asarray(coefficients, float)
     n = _checks.positive_int("steps", steps)
-    s = np.cumsum(_inverse_series(c, n))
+    s = _workload(_inverse_series(c, n), _check_momentum(momentum))
     return float(np.dot(c, c) * np.dot(np.arange(n, 0, -1), s * s))
 
 
-def _loss_and_grad(theta: np.ndarray, n: int) -> tuple[float, np.ndarray]:
+def _loss_and_grad(theta: np.ndarray, n: int, momentum: float = 0.0) -> tuple[float, np.ndarray]:
     """``L(c)`` and its gradient in ``c_1..c_{b-1}`` (``c_0 = 1``)."""
     c = np.concatenate([[1.0], theta])
     w = np.arange(n, 0, -1, dtype=float)
     norm2 = float(np.dot(c, c))
     with np.errstate(over="ignore", invalid="ignore"):   # unstable c (roots inside the unit disc): r explodes
         r = _inverse_series(c, n)
-        s = np.cumsum(r)
+        s = _workload(r, momentum)
         f = float(np.dot(w, s * s))
     if not math.isfinite(f) or f * norm2 >= 1e300:
         return 1e300, np.zeros_like(theta)
-    g = np.cumsum((2.0 * w * s)[::-1])[::-1]          # dF/dr_j = sum_{m >= j} 2 w_m s_m
+    # dF/dr = M^T (2 w s) with M the (lower Toeplitz) workload operator: M^T = J M J (J reverses)
+    g = _workload((2.0 * w * s)[::-1], momentum)[::-1]
     rr = np.convolve(r, r)[:n]     # (r * r)_k; dr_m / dc_l = -(r * r)_{m - l} (direct sum: FFT loses precision)
     b = theta.size + 1
     df_dc = np.array([-np.dot(g[l:], rr[:n - l]) for l in range(1, b)])
     return norm2 * f, 2.0 * theta * f + norm2 * df_dc
 
 
-def _log_loss_and_grad(theta: np.ndarray, n: int) -> tuple[float, np.ndarray]:
+def _log_loss_and_grad(theta: np.ndarray, n: int, momentum: float = 0.0) -> tuple[float, np.ndarray]:
     """``log L`` (well scaled for L-BFGS: ``L`` grows like ``n^2`` and explodes outside the stable region)."""
-    f, g = _loss_and_grad(theta, n)
+    f, g = _loss_and_grad(theta, n, momentum)
     if f >= 1e300:
         return 700.0, np.zeros_like(theta)
     return math.log(f), g / f
@@ -121,31 +141,35 @@ def _sqrt_coefficients(b: int) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=64)
-def _optimal(steps: int, bands: int) -> tuple[float, ...]:
+def _optimal(steps: int, bands: int, momentum: float = 0.0) -> tuple[float, ...]:
     if bands == 1:
         return (1.0,)
     from scipy.optimize import minimize
     starts = [_sqrt_coefficients(bands)[1:]]
+    if momentum:   # also from the momentum-free optimum
+        starts.append(np.asarray(_optimal(steps, bands))[1:])
     best = None
     for x0 in starts:
-        res = minimize(_log_loss_and_grad, x0, args=(steps,), jac=True, method="L-BFGS-B",
+        res = minimize(_log_loss_and_grad, x0, args=(steps, momentum), jac=True, method="L-BFGS-B",
                        options={"maxiter": 2000, "gtol": 1e-10, "ftol": 1e-14})
-        val = _loss_and_grad(res.x, steps)[0]
+        val = _loss_and_grad(res.x, steps, momentum)[0]
         if best is None or val < best[0]:
             best = (val, res.x)
     return tuple([1.0, *map(float, best[1])])
 
 
-def optimal_banded_toeplitz(steps: int, bands: int) -> np.ndarray:
+def optimal_banded_toeplitz(steps: int, bands: int, momentum: float = 0.0) -> np.ndarray:
     """Toeplitz coefficients ``c_0 = 1, c_1, .., c_{b-1}`` of the b-banded strategy minimising
-    :func:`prefix_sum_error` over ``steps`` steps (cached per ``(steps, bands)``).
+    :func:`prefix_sum_error` over ``steps`` steps (cached per ``(steps, bands, momentum)``).
 
     The strategy matrix is ``C[t, s] = c_{t-s} / ||c||`` (max column norm 1); see :func:`strategy_matrix`.
-    ``bands`` is capped at ``steps`` (more bands than steps changes nothing).
+    ``bands`` is capped at ``steps`` (more bands than steps changes nothing). ``momentum = beta > 0`` optimises
+    for SGD with heavy-ball momentum ``beta`` (the workload-aware variant); the privacy is the same for any
+    coefficients (it depends only on the bands and the column norms).
     """
     n = _checks.positive_int("steps", steps)
     b = min(_checks.positive_int("bands", bands), n)
-    return np.array(_optimal(n, b))
+    return np.array(_optimal(n, b, _check_momentum(momentum)))
 
 
 def strategy_matrix(coefficients: np.ndarray, steps: int) -> np.ndarray:
@@ -215,7 +239,7 @@ class BandMFNoiseState(NamedTuple):
     history: PyTree
 
 
-def _coefficients(bands, steps, coefficients) -> np.ndarray:
+def _coefficients(bands, steps, coefficients, momentum=0.0) -> np.ndarray:
     if coefficients is not None:
         c = np.asarray(coefficients, float).reshape(-1)
         if c.size == 0 or not np.all(np.isfinite(c)) or c[0] == 0:
@@ -229,7 +253,7 @@ def _coefficients(bands, steps, coefficients) -> np.ndarray:
     if steps is None:
         raise ValueError("bandmf_noise needs steps= (the planned number of steps, the horizon the strategy is "
                          "optimised for) or explicit coefficients=")
-    return optimal_banded_toeplitz(steps, b)
+    return optimal_banded_toeplitz(steps, b, momentum)
 
 
 def bandmf_noise(
@@ -241,6 +265,7 @@ def bandmf_noise(
     bands: int | None = None,
     steps: int | None = None,
     coefficients: np.ndarray | None = None,
+    momentum: float = 0.0,
     secure: bool = False,
     trainable: PyTree | None = None,
 ) -> optax.GradientTransformationExtraArgs:
@@ -268,11 +293,13 @@ def bandmf_noise(
       steps: the planned number of steps; the strategy is optimised for this horizon
         (:func:`optimal_banded_toeplitz`, cached). Not needed with ``bands=1`` or explicit ``coefficients``.
       coefficients: explicit Toeplitz coefficients ``c_0..c_{b-1}`` (normalised by ``c_0``, then by ``||c||``).
+      momentum: optimise the strategy for SGD with this heavy-ball momentum (the optimiser that follows);
+        0 = plain SGD's prefix sums. Affects accuracy only, never privacy.
     """
     sigma = _checks.non_negative("noise_multiplier", noise_multiplier)
     clip = total_clip_norm(l2_clip_norm)
     e = _checks.positive("expected_batch_size", expected_batch_size)
-    c = _coefficients(bands, steps, coefficients)
+    c = _coefficients(bands, steps, coefficients, momentum)
     b = c.size
     base_key = None if secure else _checks.prng_key(key, "bandmf_noise")
     std = sigma * clip

@@ -339,3 +339,19 @@ def test_trainer_runs_bandmf_and_records_the_mechanism(tmp_path):
     assert math.isclose(m["sample_rate"], p) and math.isclose(m["expected_batch_size"], 64)
     eps = accounting.compute_epsilon(m["noise_multiplier"], p, math.ceil(m["steps"] / 4), 1e-5, accountant="rdp")
     assert math.isclose(m["epsilon"], eps, rel_tol=1e-9) and eps <= 3.0
+
+
+def test_momentum_workload_error_matches_dense_and_its_optimum_beats_the_prefix_sum_optimum():
+    n, beta = 40, 0.9
+    a = np.array([[(1 - beta ** (i - j + 1)) / (1 - beta) if i >= j else 0.0 for j in range(n)] for i in range(n)])
+    c = [1.0, 0.5, -0.2]
+    dense = np.linalg.norm(a @ np.linalg.inv(mf.strategy_matrix(c, n))) ** 2
+    assert math.isclose(mf.prefix_sum_error(c, n, momentum=beta), dense, rel_tol=1e-10)
+    th = np.array([0.5, -0.2])   # analytic gradient = finite differences
+    g = mf._loss_and_grad(th, n, beta)[1]
+    fd = [(mf._loss_and_grad(th + 1e-6 * e, n, beta)[0] - mf._loss_and_grad(th - 1e-6 * e, n, beta)[0]) / 2e-6
+          for e in np.eye(2)]
+    np.testing.assert_allclose(g, fd, rtol=1e-5)
+    plain, mom = mf.optimal_banded_toeplitz(n, 4), mf.optimal_banded_toeplitz(n, 4, momentum=beta)
+    assert mf.prefix_sum_error(mom, n, beta) < mf.prefix_sum_error(plain, n, beta)
+    assert mf.prefix_sum_error(mom, n, beta) < mf.prefix_sum_error([1.0], n, beta)
