@@ -9,7 +9,7 @@ import optax
 import pytest
 
 import jaxdp
-from jaxdp import accounting, models
+from jaxdp import accounting
 from jaxdp import matrix_factorization as mf
 from jaxdp.ledger import events as ledger_events
 from jaxdp.recipe import augmentation_keys, augmentation_multiplicity, ema_update

@@ -124,9 +124,9 @@ class DPTrainer:
                           batch_size=t["batch_size"], max_grad_norm=dp["max_grad_norm"], seed=self.seed,
                           method=t["method"], microbatch_size=t["microbatch_size"],
                           poisson_sampling=t["sampling"] == "poisson",
-                          ledger=False)
+                          ledger=False)  # train() reserves in and checks against the ledger before step 1
             if t["mechanism"] == "bandmf":   # banded MF noise + cyclic Poisson sampling (jaxdp.matrix_factorization)
-                common.update(mechanism="bandmf", bands=int(t["bands"]))  # train() reserves in and checks against the ledger before step 1
+                common.update(mechanism="bandmf", bands=int(t["bands"]))
             if dp["noise_multiplier"] is None:
                 self.private = self.engine.make_private_with_epsilon(
                     target_epsilon=dp["epsilon"], target_delta=self.delta, epochs=self.epochs, **common)
