@@ -32,9 +32,19 @@ from jaxdp.sampling import PoissonSampler, ShuffleSampler  # noqa: E402
 _LAZY_ATTRS = {
     "PrivacyEngine": "jaxdp.engine",
     "PrivateTraining": "jaxdp.engine",
+    "PrivacyBudgetExhausted": "jaxdp.engine",
     "validate": "jaxdp.validation",
     "fix": "jaxdp.validation",
     "ModelValidationError": "jaxdp.validation",
+    # Public errors, so `except jaxdp.PrivacyBudgetExhausted:` works without knowing the module layout.
+    "DataValidationError": "jaxdp.data",
+    "ConfigError": "jaxdp.train.config",
+    "LedgerError": "jaxdp.ledger",
+    "BudgetExceededError": "jaxdp.ledger",
+    "ReservationRequiredError": "jaxdp.ledger",
+    "LedgerIntegrityError": "jaxdp.ledger",
+    "LedgerStoreError": "jaxdp.ledger",
+    "DeltaWarning": "jaxdp.accounting",
     "adaptive_clipping": "jaxdp.adaptive",
     "virtual_batch_grad": "jaxdp.virtual",
 }

@@ -171,8 +171,14 @@ class PrivateTraining:
         return TrainState(params, opt_state, state.step + 1), stats
 
     def batches(self, data: PyTree, steps: int | None = None) -> Iterator[tuple[PyTree, np.ndarray]]:
-        """Yield ``(batch, mask)`` for the next ``steps`` sampler steps (default: one epoch) from host arrays."""
-        steps = self.sampler.steps_per_epoch if steps is None else steps
+        """Yield ``(batch, mask)`` for the next ``steps`` sampler steps (default: the rest of the current epoch)
+        from host arrays.
+
+        Epoch ``k`` ends at step ``sampler.steps_for_epochs(k)`` (``ceil(k / q)`` for Poisson sampling), the
+        definition ``epochs=`` of :meth:`PrivacyEngine.make_private_with_epsilon` plans with: looping
+        ``for epoch in range(E): for batch, mask in private.batches(data)`` takes exactly the planned steps.
+        """
+        steps = self.sampler.epoch_end(self.sampler.step) - self.sampler.step if steps is None else steps
         for _ in range(steps):
             idx, mask = self.sampler.sample(self.sampler.step)
             self.sampler.step += 1

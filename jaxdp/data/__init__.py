@@ -13,6 +13,12 @@ from typing import NamedTuple
 import numpy as np
 
 
+class DataValidationError(ValueError):
+    """The data cannot be trained on as given (non-finite features, labels that are not 0..K-1 integers, a
+    single class, shapes that do not fit the model); the message names the file, the array or column, and the
+    count of bad values, with what to do."""
+
+
 class Dataset(NamedTuple):
     x_train: np.ndarray
     y_train: np.ndarray
@@ -124,4 +130,4 @@ def load_dataset(name: str, **kwargs) -> Dataset:
     raise ValueError(f"dataset {name!r}: unsupported format; use 'digits', .npz, .csv or an IDX directory")
 
 
-__all__ = ["Dataset", "load_digits", "load_npz", "load_csv", "load_idx", "load_dataset"]
+__all__ = ["DataValidationError", "Dataset", "load_digits", "load_npz", "load_csv", "load_idx", "load_dataset"]
