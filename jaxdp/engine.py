@@ -42,6 +42,79 @@ class TrainState(NamedTuple):
     step: jax.Array
 
 
+class ExampleKeyedBatch(NamedTuple):
+    """A batch with one PRNG key per example, for stochastic layers (dropout) under per-example clipping.
+
+    ``keys`` is raw key data ``uint32 [B, 2]`` (an ordinary batch leaf: it is sliced, sharded and vmapped with
+    the examples). The engine builds it in :meth:`PrivateTraining.step`; the pure loss it makes from an NNX model
+    (or a ``loss_fn(params, batch, rng)``) runs each example with its own key, so example ``i``'s dropout mask
+    depends only on ``(seed, step, i)`` -- never on the other examples -- and is the same whichever clipping
+    method evaluates it (vmap, ghost, auto): the clip bound C holds per example.
+    """
+
+    batch: PyTree
+    keys: jax.Array
+
+
+_EXAMPLE_KEY_STREAM = 0x64726F70  # "drop": the per-example key stream, separate from noise and sampling
+
+
+def _has_rng_state(state: PyTree) -> bool:
+    leaves = jax.tree_util.tree_leaves(state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    return any(isinstance(v, (nnx.RngKey, nnx.RngCount)) for v in leaves)
+
+
+def _rekeyed(state: PyTree, key: jax.Array | None) -> PyTree:
+    """Fresh copies of the non-parameter variables of an NNX model, created in the current trace (so the model
+    may update them, e.g. an RngStream's counter), with every RNG stream re-seeded from ``key``: stream ``j``
+    gets ``fold_in(key, j)`` and a zero counter. ``key=None`` keeps the model's own keys."""
+    leaves, treedef = jax.tree_util.tree_flatten(state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    out, j = [], 0
+    for v in leaves:
+        if isinstance(v, nnx.RngKey) and key is not None:
+            out.append(v.replace(jax.random.fold_in(key, j)))
+            j += 1
+        elif isinstance(v, nnx.RngCount) and key is not None:
+            out.append(v.replace(jnp.zeros_like(v.value)))
+        elif isinstance(v, nnx.Variable):
+            out.append(v.replace(v.value))
+        else:
+            out.append(v)
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def _per_example(loss_one: Callable) -> Callable:
+    """``loss(params, ExampleKeyedBatch) -> [B]``: ``loss_one(params, example_as_batch_of_one, key) -> [1]``
+    vmapped over the examples and their keys."""
+
+    def loss(params, kb):
+        def one(kd, example):
+            out = loss_one(params, jax.tree_util.tree_map(lambda x: x[None], example), jax.random.wrap_key_data(kd))
+            if jnp.ndim(out) != 1 or jnp.shape(out)[0] != 1:
+                raise ValueError(f"loss_fn must return per-example losses of shape [B] (here [1]), got shape "
+                                 f"{jnp.shape(out)}: return the unreduced losses (no mean or sum over the batch)")
+            return out[0]
+        return jax.vmap(one)(kb.keys, kb.batch)
+
+    return loss
+
+
+def _wants_key(loss_fn: Callable) -> bool:
+    """Whether a params-style loss takes a third positional argument: ``loss_fn(params, batch, rng)``."""
+    import inspect
+    try:
+        params = inspect.signature(loss_fn).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return len(positional) >= 3
+
+
+@jax.jit(static_argnums=2)
+def _example_keys(base: jax.Array, step: jax.Array, size: int) -> jax.Array:
+    return jax.random.key_data(jax.random.split(jax.random.fold_in(base, step), size))
+
+
 def _accounting():
     from jaxdp import accounting  # imported lazily: accounting pulls in dp-accounting
     return accounting
@@ -76,6 +149,7 @@ class PrivateTraining:
         self.method = method
         self._params0 = params
         self._nnx_graph = nnx_graph
+        self._example_key = None  # set by make_private when the loss needs per-example keys (dropout)
         self.loss_fn = pure_loss
         self.grad_fn = clipped_grad(pure_loss, max_grad_norm, method=method, microbatch_size=microbatch_size,
                                     trainable=trainable)
@@ -161,6 +235,8 @@ class PrivateTraining:
                 f"stopping: step {self.accountant.steps + 1} would take epsilon above the target "
                 f"{self.target_epsilon} (delta={self.target_delta}); {self.accountant.steps} steps were taken, "
                 f"epsilon spent = {self.get_epsilon():.4f}")
+        if self._example_key is not None:  # stochastic layers: one key per example, from (seed, step, position)
+            batch = ExampleKeyedBatch(batch, _example_keys(self._example_key, state.step, int(np.shape(mask)[0])))
         if self.num_devices > 1:  # spread the real examples evenly over the devices (padding after them)
             from jaxdp.distributed import shard_batch
             mask = np.asarray(mask)
@@ -198,6 +274,23 @@ class PrivateTraining:
         return nnx.merge(graphdef, state.params, rest)
 
 
+def _keyed(loss_fn: Callable) -> Callable:
+    """A ``loss_fn(params, batch, rng)`` (e.g. Linen dropout: ``rngs={"dropout": rng}``) as a pure loss over
+    :class:`ExampleKeyedBatch`: each example gets its own key. Two-argument losses are returned unchanged."""
+    if not _wants_key(loss_fn):
+        return loss_fn
+    per_example = _per_example(loss_fn)
+
+    def pure(params, batch):
+        if not isinstance(batch, ExampleKeyedBatch):
+            raise ValueError("this loss_fn takes an rng (loss_fn(params, batch, rng)); call it through "
+                             "PrivateTraining.step, which gives every example its own key")
+        return per_example(params, batch)
+
+    pure.needs_example_keys = True
+    return pure
+
+
 class PrivacyEngine:
     """Make training differentially private, Opacus-style, for pure JAX, Flax NNX and Flax Linen.
 
@@ -216,21 +309,36 @@ class PrivacyEngine:
         if model is not None and isinstance(model, nnx.Module):
             validation.check(model)
             graphdef, p, rest = nnx.split(model, nnx.Param, ...)
+            if not _has_rng_state(rest):
+                def pure(pp, batch):
+                    return loss_fn(nnx.merge(graphdef, pp, rest), batch)
+
+                return pure, p, (graphdef, rest)
+
+            # Stochastic layers (nnx.Dropout, ...): the model's RNG streams are re-seeded per example from the
+            # keys PrivateTraining.step puts in the batch (ExampleKeyedBatch), inside the traced function.
+            def loss_one(pp, batch, key):
+                return loss_fn(nnx.merge(graphdef, pp, _rekeyed(rest, key)), batch)
+
+            per_example = _per_example(loss_one)
 
             def pure(pp, batch):
-                return loss_fn(nnx.merge(graphdef, pp, rest), batch)
+                if isinstance(batch, ExampleKeyedBatch):
+                    return per_example(pp, batch)
+                return loss_fn(nnx.merge(graphdef, pp, _rekeyed(rest, None)), batch)
 
+            pure.needs_example_keys = True
             return pure, p, (graphdef, rest)
         if model is not None and isinstance(model, nn.Module):
             if variables is None:
                 raise ValueError("a Linen model needs its variables: make_private(model=..., variables=...)")
             validation.check(model, variables, sample_input)
-            return loss_fn, variables["params"] if params is None else params, None
+            return _keyed(loss_fn), variables["params"] if params is None else params, None
         if model is not None:
             raise TypeError(f"model must be a Flax NNX or Linen module, got {type(model).__name__}")
         if params is None:
             raise ValueError("make_private needs params= (pure JAX) or model= (Flax NNX / Linen)")
-        return loss_fn, params, None
+        return _keyed(loss_fn), params, None
 
     def make_private(
         self,
@@ -320,11 +428,16 @@ class PrivacyEngine:
                    max_batch_size=getattr(sampler, "max_batch_size", None))
         key = None if self.secure_mode else jax.random.fold_in(jax.random.key(seed), 0x6E6F6973)  # "nois": noise stream
         planned = None if epochs is None else sampler.steps_for_epochs(epochs)
-        return PrivateTraining(
+        private = PrivateTraining(
             engine=self, pure_loss=pure, params=p, optimizer=optimizer, dataset_size=n, sampler=sampler,
             noise_multiplier=sigma, max_grad_norm=max_grad_norm, key=key, secure_mode=self.secure_mode,
             method=method, microbatch_size=microbatch_size, trainable=trainable, expected_batch_size=e,
             target_epsilon=target_epsilon, target_delta=target_delta, planned_steps=planned, nnx_graph=graph)
+        if getattr(pure, "needs_example_keys", False):  # dropout: per-example keys, a stream of their own
+            import secrets
+            private._example_key = (jax.random.key(secrets.randbits(63)) if self.secure_mode else
+                                    jax.random.fold_in(jax.random.key(seed), _EXAMPLE_KEY_STREAM))
+        return private
 
     def make_private_with_epsilon(self, *, target_epsilon: float, target_delta: float, epochs: float,
                                   dataset_size: int, batch_size: float, **kwargs) -> PrivateTraining:
@@ -366,4 +479,4 @@ def _check_delta(delta: float, n: int) -> None:
                       "e.g. 1/(10 N).", stacklevel=3)
 
 
-__all__ = ["PrivacyEngine", "PrivateTraining", "TrainState", "PrivacyBudgetExhausted"]
+__all__ = ["PrivacyEngine", "PrivateTraining", "TrainState", "PrivacyBudgetExhausted", "ExampleKeyedBatch"]
