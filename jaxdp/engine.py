@@ -211,6 +211,32 @@ class PrivateTraining:
             lo, hi = (mid, hi) if ok(mid) else (lo, mid)
         return done + lo
 
+    def plan_shortfall(self) -> str | None:
+        """``None`` if the planned steps (``epochs=``) fit within the target epsilon; otherwise a message with
+        the plan's epsilon and what would fit: the epochs the target allows, and the noise multiplier (or
+        target epsilon) that would let the whole plan run. Checked by :meth:`PrivacyEngine.make_private` (a
+        warning) and by ``jaxdp train`` (a refusal), before any step."""
+        if self.max_steps is None or self.planned_steps is None or self.max_steps >= self.planned_steps:
+            return None
+        s, done = self.sampler, self.accountant.steps
+        fit_steps = self.max_steps - done
+        fit_epochs = fit_steps / s.steps_per_epoch if s.sampling == "shuffle" else fit_steps * s.sample_rate
+        plan_eps = self._epsilon_after(self.planned_steps - done)
+        options = [f"epochs <= {fit_epochs:.4g} ({fit_steps} steps)",
+                   f"a target epsilon >= {plan_eps:.4f}"]
+        if s.sampling == "poisson" and done == 0:
+            try:
+                sigma = _accounting().calibrate_noise_multiplier(
+                    self.target_epsilon, self.target_delta, s.sample_rate, steps=self.planned_steps,
+                    accountant=self.accountant.accountant,
+                    neighboring_relation=self.accountant.neighboring_relation)
+                options.insert(1, f"noise_multiplier >= {sigma:.4f}")
+            except ValueError:
+                pass
+        return (f"the plan cannot finish: {self.planned_steps} steps at noise multiplier {self.noise_multiplier:g} "
+                f"spend epsilon {plan_eps:.4f} > target {self.target_epsilon:g} (delta={self.target_delta:g}); "
+                f"training would stop after {fit_steps} steps. What fits: " + ", or ".join(options))
+
     @property
     def steps_taken(self) -> int:
         return self.accountant.steps
@@ -367,6 +393,7 @@ class PrivacyEngine:
         dataset_id: str | None = None,
         run_id: str | None = None,
         parent_run_id: str | None = None,
+        allow_large_delta: bool = False,
     ) -> PrivateTraining:
         """Wrap a model, a per-example loss and an optax optimiser into a :class:`PrivateTraining`.
 
@@ -386,6 +413,8 @@ class PrivacyEngine:
           ledger, dataset_id, run_id, parent_run_id: a privacy ledger (:mod:`jaxdp.ledger`, object or path;
             default ``$JAXDP_LEDGER``): training on a protected dataset is refused unless ``run_id`` holds a
             reservation charged to it (and, when fine-tuning, to the parent model's datasets).
+          allow_large_delta: accept ``target_delta >= 1/N`` (refused by default: such a delta allows publishing
+            an example outright); recorded as ``private.allow_large_delta``.
         """
         n = _checks.positive_int("dataset_size", dataset_size)
         b = _checks.positive("batch_size", batch_size)
@@ -403,7 +432,7 @@ class PrivacyEngine:
             if target_delta is None:
                 raise ValueError("target_epsilon needs target_delta")
         if target_delta is not None:
-            _check_delta(target_delta, n)
+            _check_delta(target_delta, n, allow_large_delta)
         import os
         ledger = ledger if ledger is not None else os.environ.get("JAXDP_LEDGER")
         if ledger is not None and ledger is not False:  # False: the caller (e.g. DPTrainer) checks itself
@@ -433,6 +462,11 @@ class PrivacyEngine:
             noise_multiplier=sigma, max_grad_norm=max_grad_norm, key=key, secure_mode=self.secure_mode,
             method=method, microbatch_size=microbatch_size, trainable=trainable, expected_batch_size=e,
             target_epsilon=target_epsilon, target_delta=target_delta, planned_steps=planned, nnx_graph=graph)
+        private.allow_large_delta = bool(allow_large_delta)
+        shortfall = private.plan_shortfall()
+        if shortfall is not None:
+            import warnings
+            warnings.warn(shortfall + " (training stops at the target: PrivacyBudgetExhausted).", stacklevel=2)
         if getattr(pure, "needs_example_keys", False):  # dropout: per-example keys, a stream of their own
             import secrets
             private._example_key = (jax.random.key(secrets.randbits(63)) if self.secure_mode else
@@ -446,7 +480,7 @@ class PrivacyEngine:
         n = _checks.positive_int("dataset_size", dataset_size)
         q = _checks.sample_rate(_checks.positive("batch_size", batch_size) / n, "batch_size / dataset_size")
         _checks.positive("target_epsilon", target_epsilon)
-        _check_delta(target_delta, n)
+        _check_delta(target_delta, n, kwargs.get("allow_large_delta", False))
         _checks.positive("epochs", epochs)
         if kwargs.get("poisson_sampling", True) is False:
             raise ValueError("make_private_with_epsilon calibrates for Poisson sampling; use make_private with "
@@ -468,15 +502,8 @@ class PrivacyEngine:
         return self.accountant.get_epsilon(delta)
 
 
-def _check_delta(delta: float, n: int) -> None:
-    d = _checks.positive("delta", delta)
-    if d >= 1:
-        raise ValueError(f"delta must be < 1, got {delta}")
-    if d >= 1.0 / n:
-        import warnings
-        warnings.warn(f"delta={delta} is not below 1/N = {1.0 / n:.3g}: the rule is delta < 1/N (a mechanism "
-                      "that publishes one random example outright satisfies delta = 1/N). Use a smaller delta, "
-                      "e.g. 1/(10 N).", stacklevel=3)
+def _check_delta(delta: float, n: int, allow_large_delta: bool = False) -> None:
+    _checks.delta_for_dataset(delta, n, allow_large_delta=allow_large_delta)
 
 
 __all__ = ["PrivacyEngine", "PrivateTraining", "TrainState", "PrivacyBudgetExhausted", "ExampleKeyedBatch"]

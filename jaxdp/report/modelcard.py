@@ -235,6 +235,11 @@ def build_model_privacy(run_dir: str | os.PathLike, *, audit: str | os.PathLike 
         if m.get("status") not in (None, "finished"):
             caveats.append(f"The run's status is {m.get('status')!r}: epsilon is for the {m.get('steps')} steps "
                            "actually taken.")
+        n = m.get("training_set_size")
+        if m.get("delta_at_least_one_over_n") or (n and m.get("delta") is not None and m["delta"] >= 1.0 / n):
+            caveats.insert(0, f"delta = {m.get('delta')} is not below 1/N = 1/{n} (trained with "
+                              "training.dp.allow_large_delta): a mechanism that publishes one training example "
+                              "in the clear meets this guarantee, so it does not protect individual examples.")
     else:
         caveats.append("No epsilon is stated because none holds; train with training.dp.enabled: true for a "
                        "guarantee.")

@@ -24,7 +24,8 @@ Schema (``REQUIRED`` keys must be present, others have the defaults shown)::
       dp:
         enabled: true
         epsilon: 3.0             # target epsilon (with noise_multiplier null: calibrate to it)
-        delta: 1e-5              # must be < 1/N
+        delta: 1e-5              # must be < 1/N (refused otherwise)
+        allow_large_delta: false # experts only: accept delta >= 1/N (recorded in metrics.json and the card)
         max_grad_norm: 1.0
         noise_multiplier: null   # null = calibrate from epsilon
         neighboring_relation: add_remove   # add_remove | replace_one (shuffle sampling needs replace_one)
@@ -59,7 +60,7 @@ SCHEMA: dict[str, Any] = {
         "epochs": REQUIRED, "batch_size": REQUIRED, "seed": REQUIRED, "accountant": "prv",
         "sampling": "poisson", "method": "auto", "microbatch_size": None,
         "dp": {"enabled": True, "epsilon": 3.0, "delta": 1e-5, "max_grad_norm": 1.0, "noise_multiplier": None,
-               "neighboring_relation": "add_remove"},
+               "neighboring_relation": "add_remove", "allow_large_delta": False},
     },
     "ledger": {"path": None, "dataset_id": None, "run_id": None, "reserve": True, "parent_run_id": None},
     "output": {"dir": "runs/run", "checkpoint_every": 1, "progress": True, "telemetry_port": None,
@@ -129,6 +130,9 @@ def _check_values(cfg: dict) -> None:
         num("training.dp.delta", dp["delta"])
         if dp["delta"] >= 1:
             raise ConfigError(f"config key 'training.dp.delta' must be < 1, got {dp['delta']}")
+        if not isinstance(dp["allow_large_delta"], bool):
+            raise ConfigError("config key 'training.dp.allow_large_delta' must be true or false, "
+                              f"got {dp['allow_large_delta']!r}")
         if dp["noise_multiplier"] is None:
             if dp["epsilon"] is None:
                 raise ConfigError("config keys 'training.dp.epsilon' and 'training.dp.noise_multiplier' are both "

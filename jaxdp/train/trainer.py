@@ -119,19 +119,29 @@ class DPTrainer:
         t, dp = self.cfg["training"], self.cfg["training"]["dp"]
         optimizer = _optimizer(self.cfg)
         if self.dp:
+            from jaxdp import _checks   # refuse delta >= 1/N in the config's own terms (the engine re-checks)
+            _checks.delta_for_dataset(self.delta, self.n, allow_large_delta=dp["allow_large_delta"],
+                                      override="training.dp.allow_large_delta: true", warn=False)
             self.engine = PrivacyEngine(accountant=t["accountant"], neighboring_relation=dp["neighboring_relation"])
             common = dict(loss_fn=self._loss, model=self.model, optimizer=optimizer, dataset_size=self.n,
                           batch_size=t["batch_size"], max_grad_norm=dp["max_grad_norm"], seed=self.seed,
                           method=t["method"], microbatch_size=t["microbatch_size"],
-                          poisson_sampling=t["sampling"] == "poisson",
+                          poisson_sampling=t["sampling"] == "poisson", allow_large_delta=dp["allow_large_delta"],
                           ledger=False)  # train() reserves in and checks against the ledger before step 1
             if dp["noise_multiplier"] is None:
                 self.private = self.engine.make_private_with_epsilon(
                     target_epsilon=dp["epsilon"], target_delta=self.delta, epochs=self.epochs, **common)
             else:
-                self.private = self.engine.make_private(
-                    noise_multiplier=dp["noise_multiplier"], epochs=self.epochs, target_epsilon=dp["epsilon"],
-                    target_delta=self.delta, **common)
+                with warnings.catch_warnings():   # a plan that cannot finish is refused below, not warned about
+                    warnings.filterwarnings("ignore", message="the plan cannot finish")
+                    self.private = self.engine.make_private(
+                        noise_multiplier=dp["noise_multiplier"], epochs=self.epochs, target_epsilon=dp["epsilon"],
+                        target_delta=self.delta, **common)
+                shortfall = self.private.plan_shortfall()
+                if shortfall is not None:
+                    raise ValueError(shortfall.replace("epochs <=", "training.epochs <=")
+                                     .replace("noise_multiplier >=", "training.dp.noise_multiplier >=")
+                                     .replace("a target epsilon >=", "training.dp.epsilon >="))
             self.sampler = self.private.sampler
             self.noise_multiplier = self.private.noise_multiplier
             self._step = self.private.step
@@ -288,6 +298,7 @@ class DPTrainer:
             "run_id": self.run_id, "status": self.status, "dp": self.dp,
             "dataset": self.dataset.name, "training_set_size": self.n, "model": self.cfg["model"]["name"],
             "epsilon": eps if math.isfinite(eps) else None, "delta": delta,
+            "delta_at_least_one_over_n": bool(self.dp and delta is not None and delta >= 1.0 / self.n),
             "target_epsilon": t["dp"]["epsilon"] if self.dp else None,
             "noise_multiplier": self.noise_multiplier,
             "max_grad_norm": t["dp"]["max_grad_norm"] if self.dp else None,
