@@ -150,6 +150,7 @@ class PrivateTraining:
         self._params0 = params
         self._nnx_graph = nnx_graph
         self._example_key = None  # set by make_private when the loss needs per-example keys (dropout)
+        self._data_checked: tuple | None = None  # ids of the last data checked by batches()
         self.loss_fn = pure_loss
         self.grad_fn = clipped_grad(pure_loss, max_grad_norm, method=method, microbatch_size=microbatch_size,
                                     trainable=trainable)
@@ -280,11 +281,40 @@ class PrivateTraining:
         definition ``epochs=`` of :meth:`PrivacyEngine.make_private_with_epsilon` plans with: looping
         ``for epoch in range(E): for batch, mask in private.batches(data)`` takes exactly the planned steps.
         """
+        self._check_data(data)
         steps = self.sampler.epoch_end(self.sampler.step) - self.sampler.step if steps is None else steps
         for _ in range(steps):
             idx, mask = self.sampler.sample(self.sampler.step)
             self.sampler.step += 1
             yield jax.tree_util.tree_map(lambda x: x[idx], data), mask
+
+    def _check_data(self, data: PyTree) -> None:
+        """Before the first batch of a data set: it holds ``dataset_size`` examples (the sampler draws from
+        ``0..N-1`` and the accountant assumes ``N``), and for a ``{"x": ..., "y": ...}`` dict the features are
+        finite, integer labels are >= 0 and within the model's outputs, and the model accepts the examples."""
+        leaves = jax.tree_util.tree_leaves(data)
+        ident = tuple(id(leaf) for leaf in leaves)
+        if ident == self._data_checked:
+            return
+        from jaxdp.data import DataValidationError, check_features, check_labels
+        sizes = sorted({int(np.shape(leaf)[0]) if np.ndim(leaf) else 0 for leaf in leaves})
+        if sizes != [self.dataset_size]:
+            raise DataValidationError(
+                f"make_private(dataset_size={self.dataset_size}) but the data given to batches() has "
+                f"{' / '.join(map(str, sizes)) or 'no'} examples: the sampler would draw indices from "
+                f"0..{self.dataset_size - 1} (silently a subset, or an IndexError) and the accounting would be for "
+                "the wrong N. Pass dataset_size=len(data) (every leaf's leading axis).")
+        if isinstance(data, dict) and "x" in data:
+            x = np.asarray(data["x"])
+            check_features(x, "batches(data)", 'data["x"]')
+            y = np.asarray(data["y"]) if "y" in data else None
+            if y is not None and np.issubdtype(y.dtype, np.integer):
+                check_labels(y, "batches(data)", 'data["y"]')
+            if self._nnx_graph is not None:
+                graphdef, rest = self._nnx_graph
+                validation.check_model_fits_data(nnx.merge(graphdef, self._params0, _rekeyed(rest, None)), x, y,
+                                                 source='batches(data)')
+        self._data_checked = ident
 
     def get_epsilon(self, delta: float | None = None) -> float:
         delta = self.target_delta if delta is None else delta

@@ -178,4 +178,51 @@ def fix(model: Any) -> Any:
     return model
 
 
-__all__ = ["ValidationIssue", "ModelValidationError", "validate", "check", "fix"]
+def _shape_hint(shape: tuple) -> str:
+    if len(shape) == 1:
+        side = int(round(math.sqrt(shape[0])))
+        if side * side == shape[0]:
+            return (f" Convolutional models take images [N, H, W, C]: reshape the features to "
+                    f"[N, {side}, {side}, 1] (x.reshape(-1, {side}, {side}, 1)), or use a dense model (mlp, logreg).")
+        return " Convolutional models take images [N, H, W, C]; for flat features use a dense model (mlp, logreg)."
+    return ""
+
+
+def check_model_fits_data(model: Any, x: Any, y: Any = None, *, source: str = "the data",
+                          model_name: str | None = None) -> int | None:
+    """Check, before any training, that an NNX ``model`` accepts the examples of ``x`` and that integer labels
+    ``y`` lie within its outputs; return the number of outputs (``None`` if the output is not ``[B, K]``).
+
+    Runs the model abstractly (``jax.eval_shape``) on one example, so a shape mismatch is reported as expected
+    vs got instead of an error from inside a layer. Raises :class:`jaxdp.data.DataValidationError`.
+    """
+    import jax
+    import numpy as np
+
+    from jaxdp.data import DataValidationError, check_classes
+    name = model_name or type(model).__name__
+    x = np.asarray(x)
+    graphdef, state = nnx.split(model)
+    example = jax.ShapeDtypeStruct((1,) + x.shape[1:], np.float32)
+
+    def call(st, xx):  # fresh copies of the variables: RNG counters may be updated inside the trace
+        leaves, treedef = jax.tree_util.tree_flatten(st, is_leaf=lambda v: isinstance(v, nnx.Variable))
+        fresh = [v.replace(v.value) if isinstance(v, nnx.Variable) else v for v in leaves]
+        return nnx.merge(graphdef, jax.tree_util.tree_unflatten(treedef, fresh))(xx)
+
+    try:
+        out = jax.eval_shape(call, state, example)
+    except Exception as e:  # noqa: BLE001 -- any failure here is a data/model mismatch, reported as such
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise DataValidationError(
+            f"model {name} cannot take the examples of {source}: each example has shape {tuple(x.shape[1:])}."
+            f"{_shape_hint(tuple(x.shape[1:]))} ({type(e).__name__}: {first[:300]})") from None
+    k = int(out.shape[-1]) if getattr(out, "ndim", 0) == 2 else None
+    if k is not None and y is not None:
+        y = np.asarray(y)
+        if np.issubdtype(y.dtype, np.integer) and (y >= k).any():
+            check_classes(y, y[:0], source, num_classes=k)
+    return k
+
+
+__all__ = ["ValidationIssue", "ModelValidationError", "validate", "check", "fix", "check_model_fits_data"]

@@ -97,6 +97,9 @@ class DPTrainer:
         self.epochs = t["epochs"]
         self.model = models.create(cfg["model"]["name"], self.dataset.input_shape, self.dataset.num_classes,
                                    seed=self.seed, **cfg["model"]["options"])
+        from jaxdp.validation import check_model_fits_data   # shapes and classes, before anything is traced
+        check_model_fits_data(self.model, self.dataset.x_train[:1], self.dataset.y_train,
+                              source=f"{cfg['data']['name']} (x_train)", model_name=repr(cfg["model"]["name"]))
         self.graphdef, self.params0, self.rest = nnx.split(self.model, nnx.Param, ...)
         self.metrics: list[dict] = []
         self.status = "not started"
