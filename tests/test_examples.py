@@ -33,6 +33,7 @@ def test_cnn_images_example():
     assert r["steps"] == r["planned_steps"] and r["epsilon"] <= r["target_epsilon"]
 
 
+@pytest.mark.slow
 def test_linen_engine_example():
     r = _load("linen_engine").main(["--tiny"])
     assert r["steps"] == r["planned_steps"] and r["epsilon"] <= r["target_epsilon"]
