@@ -100,14 +100,15 @@ def _per_example(loss_one: Callable) -> Callable:
 
 
 def _wants_key(loss_fn: Callable) -> bool:
-    """Whether a params-style loss takes a third positional argument: ``loss_fn(params, batch, rng)``."""
+    """Whether a params-style loss takes a required third positional argument: ``loss_fn(params, batch, rng)``."""
     import inspect
     try:
         params = inspect.signature(loss_fn).parameters.values()
     except (TypeError, ValueError):
         return False
-    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    return len(positional) >= 3
+    required = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+                and p.default is p.empty]
+    return len(required) >= 3
 
 
 @jax.jit(static_argnums=2)
