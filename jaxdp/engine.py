@@ -332,6 +332,9 @@ class PrivacyEngine:
         if kwargs.get("poisson_sampling", True) is False:
             raise ValueError("make_private_with_epsilon calibrates for Poisson sampling; use make_private with "
                              "an explicit noise_multiplier for shuffled batches")
+        if kwargs.get("opacus_compat", False):
+            # calibrate for the rate the sampler will actually use (Opacus's 1 / ceil(N / B)), not B / N
+            q = compat.sample_rate(n, int(round(batch_size)), opacus_compat=True)
         sigma = self.calibrate(target_epsilon, target_delta, q, PoissonSampler(n, q, 0).steps_for_epochs(epochs))
         return self.make_private(noise_multiplier=sigma, dataset_size=n, batch_size=batch_size, epochs=epochs,
                                  target_epsilon=target_epsilon, target_delta=target_delta, **kwargs)
