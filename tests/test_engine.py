@@ -168,3 +168,21 @@ def test_opacus_compat_with_epsilon_calibrates_for_the_sampling_used():
         state, _ = private.step(state, batch, mask)
     assert abs(engine.get_epsilon(DELTA) - 3.0) < 1e-3
     assert private.budget_left == 0
+
+
+def test_per_layer_clip_norms_by_layer_name():
+    # A plain dict {layer: C_k} works for an NNX model (converted to an nnx.State prefix); an unknown or missing
+    # layer is refused with the list of the model's layers.
+    engine = jaxdp.PrivacyEngine(accountant="rdp")
+    model = models.create("mlp", (8, 8, 1), 10, seed=0, hidden=[16])
+    kw = dict(loss_fn=nnx_loss, model=model, optimizer=optax.sgd(0.1), dataset_size=N, batch_size=64,
+              noise_multiplier=1.0, seed=0)
+    with pytest.raises(ValueError, match=r"unknown group 'dense'.*\['head', 'layers'\]"):
+        engine.make_private(max_grad_norm={"dense": 1.0, "head": 1.0}, **kw)
+    with pytest.raises(ValueError, match=r"no clip norm for group\(s\) \['layers'\]"):
+        engine.make_private(max_grad_norm={"head": 1.0}, **kw)
+    with pytest.raises(ValueError, match=r"must be a finite number > 0"):
+        engine.make_private(max_grad_norm={"head": 0.0, "layers": 1.0}, **kw)
+    private = engine.make_private(max_grad_norm={"layers": 0.3, "head": 0.4}, **kw)
+    assert isinstance(private.max_grad_norm, nnx.State)
+    assert jaxdp.total_clip_norm(private.max_grad_norm) == pytest.approx(0.5)
