@@ -177,3 +177,18 @@ def test_engine_adaptive_option_accounts_the_composed_noise_multiplier():
         engine.make_private(loss_fn=lambda m, bb: None, model=model, optimizer=__import__("optax").sgd(0.5),
                             dataset_size=n, batch_size=64, noise_multiplier=1.0, max_grad_norm={"dense": 1.0},
                             seed=3, adaptive_clipping=True)
+
+
+def test_engine_adaptive_secure_mode_steps():
+    # secure_mode: no key; the gradient and the count noise come from the OS entropy source.
+    import optax
+    engine = jaxdp.PrivacyEngine(accountant="rdp", secure_mode=True)
+    p, b = _lin_data(np.linspace(0.1, 3.0, 64).astype(np.float32))
+    private = engine.make_private(loss_fn=_lin_loss, params=p, optimizer=optax.sgd(0.1), dataset_size=64,
+                                  batch_size=32, noise_multiplier=1.0, max_grad_norm=1.0, adaptive_clipping=True,
+                                  method="vmap")
+    state = private.init()
+    s1, _ = private.step(state, b, np.ones(64, bool))
+    s2, _ = private.step(state, b, np.ones(64, bool))
+    assert private.clip_norm(s1) != private.clip_norm(s2)           # fresh count noise each call
+    assert not np.allclose(s1.params["w"], s2.params["w"])

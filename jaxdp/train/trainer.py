@@ -421,6 +421,7 @@ class DPTrainer:
                     progress.close()
                     eps_s = f"epsilon {row['epsilon']:.3f}" if row["epsilon"] is not None else "epsilon inf (non-private)"
                     clip_s = f"  clipped {100 * row['clip_fraction']:.0f}%" if "clip_fraction" in row else ""
+                    clip_s += f"  C {row['clip_norm']:.3g}" if "clip_norm" in row else ""
                     print(f"epoch {epoch:3d}  loss {row['train_loss']:.4f}  test acc {acc:.4f}  {eps_s}{clip_s}  "
                           f"({row['seconds']:.1f}s)", flush=True)
                 epochs_run += 1
