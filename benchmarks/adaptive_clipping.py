@@ -37,7 +37,7 @@ SETTINGS = {
     "digits-mlp": dict(model="mlp", options={"hidden": [64]}, epochs=15, lr=1.0),
     "digits-cnn": dict(model="cnn_small", options={}, epochs=15, lr=1.0),
 }
-FIXED_C = (0.03, 0.1, 0.3, 1.0)
+FIXED_C = (0.03, 0.1, 0.3)   # C = 1 and 3 were worse on both settings in a 1-seed run
 B, EPS, DELTA, SIGMA_B_DIV = 64, 3.0, 1e-5, 20
 
 
@@ -71,8 +71,15 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    ap.add_argument("--unnormalized", nargs="*", default=["digits-cnn"], choices=list(SETTINGS),
+                    help="settings that also get the un-normalised adaptive row (issue 23's collapse)")
     ap.add_argument("--json", default=None, help="write the results here")
+    ap.add_argument("--cache", default=os.path.join("/tmp", "jaxdp_bench_xla_cache"),
+                    help="persistent XLA compilation cache (the seeds of one row compile the same programs)")
     args = ap.parse_args(argv)
+    if args.cache:
+        jax.config.update("jax_compilation_cache_dir", args.cache)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     n = len(load_digits().y_train)
     rows, t0 = [], time.time()
     for name in args.settings:
@@ -81,9 +88,10 @@ def main(argv=None) -> dict:
         steps = int(np.ceil(s["epochs"] / q - 1e-9))
         sigma = accounting.calibrate_noise_multiplier(EPS, DELTA, q, steps=steps, accountant="rdp")
         variants = [(f"fixed C={c:g}", c, None, s["lr"] / c) for c in FIXED_C]
-        variants += [("adaptive (normalize)", 1.0, {"target_quantile": 0.5, "learning_rate": 0.2}, s["lr"]),
-                     ("adaptive, normalize=False", 1.0,
-                      {"target_quantile": 0.5, "learning_rate": 0.2, "normalize": False}, s["lr"])]
+        variants += [("adaptive (normalize)", 1.0, {"target_quantile": 0.5, "learning_rate": 0.2}, s["lr"])]
+        if name in args.unnormalized:
+            variants += [("adaptive, normalize=False", 1.0,
+                          {"target_quantile": 0.5, "learning_rate": 0.2, "normalize": False}, s["lr"])]
         for label, clip, ada, lr in variants:
             res = [run(s, seed, sigma, clip=clip, adaptive=ada, lr=lr) for seed in args.seeds]
             accs = np.array([r["accuracy"] for r in res])

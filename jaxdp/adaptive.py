@@ -177,8 +177,6 @@ def adaptive_clipping(
                          "count_noise_std > noise_multiplier / 2 (default expected_batch_size / 20)")
     sigma_eff = effective_noise_multiplier(sigma, sigma_b)
     base_key = None if secure else _checks.prng_key(key, "adaptive_clipping")
-    grad_key = None if secure else jax.random.fold_in(base_key, _GRAD_STREAM)
-    count_key = None if secure else jax.random.fold_in(base_key, _COUNT_STREAM)
 
     # clip(g, C) = C * clip(g / C, 1): the loss is scaled by 1/C (passed in the batch, so that one jitted
     # clipped_grad serves every C) and clipped at 1. Each example's contribution to C * (scaled sum) has
@@ -193,7 +191,8 @@ def adaptive_clipping(
     grad_fn = clipped_grad(scaled_loss, 1.0, method, has_aux=has_aux, microbatch_size=microbatch_size,
                            trainable=trainable)
     # (sum + N(0, sigma_eff^2)) / E on the scaled sum, i.e. (G_t / C_t) / E: jaxdp's own noise transform.
-    noise_tx = add_noise(sigma_eff, 1.0, e, grad_key, secure=secure, trainable=trainable)
+    # (Its own init key is never used: every step passes AddNoiseState(count, key of the gradient stream).)
+    noise_tx = add_noise(sigma_eff, 1.0, e, None if secure else base_key, secure=secure, trainable=trainable)
 
     def init() -> AdaptiveClipState:
         return AdaptiveClipState(jnp.asarray(initial_clip_norm, jnp.float32), jnp.zeros((), jnp.int32), base_key)
@@ -206,10 +205,13 @@ def adaptive_clipping(
         real = jnp.ones((n,), bool) if mask is None else jnp.asarray(mask) != 0
         unclipped = jnp.sum(real & (cs.per_example_norms <= 1.0))          # NaN (dropped) counts as clipped
         centred = unclipped - 0.5 * cs.num_examples                          # sensitivity 1/2
+        # two independent streams from the state's key (not baked into the compiled step): gradient, count
+        grad_key = None if secure else jax.random.fold_in(state.key, _GRAD_STREAM)
         if secure:
             (z,) = gaussian_like(os_entropy_key(), [jnp.zeros((), jnp.float32)], 1.0, secure=True)
         else:
-            z = jax.random.normal(jax.random.fold_in(count_key, state.count), (), jnp.float32)
+            z = jax.random.normal(jax.random.fold_in(jax.random.fold_in(state.key, _COUNT_STREAM), state.count),
+                                  (), jnp.float32)
         frac = (centred + sigma_b * z) / e + 0.5
         new_C = (C * jnp.exp(-learning_rate * (frac - target_quantile))).astype(jnp.float32)
         update, _ = noise_tx.update(summed, AddNoiseState(state.count, grad_key))
