@@ -88,9 +88,10 @@ def main(argv=None) -> dict:
         steps = int(np.ceil(s["epochs"] / q - 1e-9))
         sigma = accounting.calibrate_noise_multiplier(EPS, DELTA, q, steps=steps, accountant="rdp")
         variants = [(f"fixed C={c:g}", c, None, s["lr"] / c) for c in FIXED_C]
-        variants += [("adaptive (normalize)", 1.0, {"target_quantile": 0.5, "learning_rate": 0.2}, s["lr"])]
+        variants += [("adaptive gamma=0.5", 1.0, {"target_quantile": 0.5, "learning_rate": 0.2}, s["lr"]),
+                     ("adaptive gamma=0.1", 1.0, {"target_quantile": 0.1, "learning_rate": 0.2}, s["lr"])]
         if name in args.unnormalized:
-            variants += [("adaptive, normalize=False", 1.0,
+            variants += [("adaptive gamma=0.5, normalize=False", 1.0,
                           {"target_quantile": 0.5, "learning_rate": 0.2, "normalize": False}, s["lr"])]
         for label, clip, ada, lr in variants:
             res = [run(s, seed, sigma, clip=clip, adaptive=ada, lr=lr) for seed in args.seeds]
@@ -105,21 +106,22 @@ def main(argv=None) -> dict:
                    "effective_noise_multiplier": res[0]["effective_noise_multiplier"]}
             rows.append(row)
             se = "" if row["accuracy_se"] is None else f" +- {row['accuracy_se']:.3f}"
-            print(f"{name:11s} {label:26s} acc {row['accuracy_mean']:.3f}{se:9s} eps {row['epsilon']:.3f} "
+            print(f"{name:11s} {label:36s} acc {row['accuracy_mean']:.3f}{se:9s} eps {row['epsilon']:.3f} "
                   f"C_final {row['final_clip_norm_mean']:7.3f} C_max {row['max_clip_norm']:7.3f}", flush=True)
     summary = []
     for name in args.settings:
         mine = [r for r in rows if r["setting"] == name]
         best = max((r for r in mine if r["variant"].startswith("fixed")), key=lambda r: r["accuracy_mean"])
-        ada = next(r for r in mine if r["variant"] == "adaptive (normalize)")
-        se = np.hypot(best["accuracy_se"] or 0.0, ada["accuracy_se"] or 0.0)
-        summary.append({"setting": name, "best_fixed": best["variant"], "best_fixed_accuracy": best["accuracy_mean"],
-                        "adaptive_accuracy": ada["accuracy_mean"],
-                        "difference": ada["accuracy_mean"] - best["accuracy_mean"], "difference_se": float(se)})
-    print("\nsetting      best fixed            acc     adaptive acc   diff (+- s.e.)")
+        for ada in (r for r in mine if r["variant"] in ("adaptive gamma=0.5", "adaptive gamma=0.1")):
+            se = np.hypot(best["accuracy_se"] or 0.0, ada["accuracy_se"] or 0.0)
+            summary.append({"setting": name, "best_fixed": best["variant"],
+                            "best_fixed_accuracy": best["accuracy_mean"], "adaptive": ada["variant"],
+                            "adaptive_accuracy": ada["accuracy_mean"],
+                            "difference": ada["accuracy_mean"] - best["accuracy_mean"], "difference_se": float(se)})
+    print("\nsetting      best fixed          acc    adaptive             acc    diff (+- s.e.)")
     for s in summary:
-        print(f"{s['setting']:11s}  {s['best_fixed']:18s} {s['best_fixed_accuracy']:.3f}   {s['adaptive_accuracy']:.3f}"
-              f"          {s['difference']:+.3f} (+- {s['difference_se']:.3f})")
+        print(f"{s['setting']:11s}  {s['best_fixed']:18s} {s['best_fixed_accuracy']:.3f}  {s['adaptive']:20s} "
+              f"{s['adaptive_accuracy']:.3f}  {s['difference']:+.3f} (+- {s['difference_se']:.3f})")
     out = {"machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(),
                        "device_kind": jax.devices()[0].device_kind},
            "versions": {"jaxdp": jaxdp.__version__, "jax": jax.__version__, "optax": optax.__version__},
