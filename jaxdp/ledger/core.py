@@ -70,6 +70,7 @@ class RunRecord:
     user: str | None = None
     host: str | None = None
     run_epsilon: dict = field(default_factory=dict)  # per charged dataset: this run's own epsilon, as recorded
+    pid: int | None = None  # process that made the reservation (on ``host``)
 
     @property
     def charge_events(self) -> list[dict]:
@@ -159,6 +160,10 @@ def code_version() -> str:
     return out
 
 
+class _Forged(Exception):
+    """A replayed row that the API would have refused."""
+
+
 class _State:
     def __init__(self) -> None:
         self.datasets: dict[str, DatasetBudget] = {}
@@ -166,30 +171,59 @@ class _State:
 
     @classmethod
     def from_rows(cls, rows: list[Row]) -> "_State":
+        """Replay the log. Every transition the API itself would refuse is refused here too (a correctly
+        hashed but forged row is still a forged row): one ``register`` per dataset; a run id is reserved once
+        and then committed or released once; commits and releases name an open reservation; a reservation is
+        charged only to datasets registered before it; ``init`` only as the first row."""
         st = cls()
         for r in rows:
             p = loads_payload(r)
             try:
                 if r.kind == "register":
-                    st.datasets[p["dataset_id"]] = DatasetBudget(
-                        p["dataset_id"], float(p["max_epsilon"]), float(p["delta"]), p["accountant"],
+                    d = p["dataset_id"]
+                    if d in st.datasets:
+                        raise _Forged(f"dataset {d!r} is registered a second time (first registered "
+                                      f"{st.datasets[d].registered_at}); a budget is registered once and never "
+                                      "changed")
+                    st.datasets[d] = DatasetBudget(
+                        d, float(p["max_epsilon"]), float(p["delta"]), p["accountant"],
                         p["neighboring_relation"], r.ts, p.get("note"))
                 elif r.kind == "reserve":
-                    st.runs[p["run_id"]] = RunRecord(
-                        p["run_id"], p["dataset_id"], list(p["charged"]), "reserved", p["events"], None,
+                    rid = p["run_id"]
+                    if rid in st.runs:
+                        raise _Forged(f"run id {rid!r} is reserved again (it is already {st.runs[rid].status}); "
+                                      "a run id is used once")
+                    unknown = [d for d in p["charged"] if d not in st.datasets]
+                    if unknown:
+                        raise _Forged(f"run {rid!r} is charged to {unknown}, which were not registered before it")
+                    st.runs[rid] = RunRecord(
+                        rid, p["dataset_id"], list(p["charged"]), "reserved", p["events"], None,
                         p.get("model"), p.get("config_hash"), p.get("code_version"), p.get("parent_run_id"),
-                        r.ts, user=p.get("user"), host=p.get("host"), run_epsilon=_floats(p.get("run_epsilon")))
-                elif r.kind == "commit":
-                    run = st.runs[p["run_id"]]
-                    run.status, run.actual_events, run.committed_at = "committed", p["events"], r.ts
-                    run.run_epsilon = _floats(p.get("run_epsilon"))
-                elif r.kind == "release":
-                    run = st.runs[p["run_id"]]
-                    run.status, run.released_at, run.release_reason = "released", r.ts, p["reason"]
+                        r.ts, user=p.get("user"), host=p.get("host"), run_epsilon=_floats(p.get("run_epsilon")),
+                        pid=p.get("pid"))
+                elif r.kind in ("commit", "release"):
+                    rid = p["run_id"]
+                    run = st.runs.get(rid)
+                    if run is None:
+                        raise _Forged(f"{r.kind} of run {rid!r}, which was never reserved")
+                    if run.status != "reserved":
+                        raise _Forged(f"{r.kind} of run {rid!r}, which is already {run.status} (a reservation is "
+                                      "committed or released once)")
+                    if r.kind == "commit":
+                        run.status, run.actual_events, run.committed_at = "committed", p["events"], r.ts
+                        run.run_epsilon = _floats(p.get("run_epsilon"))
+                    else:
+                        run.status, run.released_at, run.release_reason = "released", r.ts, p["reason"]
                 elif r.kind == "init":
-                    pass
+                    if r.seq != 1:
+                        raise _Forged("an init row after the first row")
                 else:
-                    raise KeyError(f"unknown row kind {r.kind!r}")
+                    raise _Forged(f"unknown row kind {r.kind!r}")
+                if r.kind != "init" and r.run_id is not None and r.run_id != p.get("run_id"):
+                    raise _Forged(f"the row's run_id column {r.run_id!r} differs from its payload's "
+                                  f"{p.get('run_id')!r}")
+            except _Forged as e:
+                raise LedgerIntegrityError(f"row seq {r.seq} ({r.kind}) breaks the run lifecycle: {e}") from None
             except (KeyError, TypeError, ValueError) as e:
                 raise LedgerIntegrityError(f"row seq {r.seq} ({r.kind}) cannot be read: {e!r}") from e
         return st
