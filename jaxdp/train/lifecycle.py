@@ -122,6 +122,7 @@ def resolve_identity(tr, resumed: bool, meta: dict | None, fresh: bool) -> dict:
                 "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
         write_run_file(out, info)
         fault_point("after_run_file")
+    tr.run_id = info["run_id"]
     return info
 
 
