@@ -35,6 +35,9 @@ def register(subparsers) -> None:
 
     q = sub.add_parser("init", parents=[common], help="create a ledger (and optionally register a dataset)")
     budget_args(q, required=False)
+    q.add_argument("--writer-role", default=None,
+                   help="PostgreSQL: grant this separate role read/append access only (trainers connect as it and "
+                        "cannot disable the append-only triggers)")
     q.set_defaults(func=_init)
 
     q = sub.add_parser("register", parents=[common], help="protect a dataset with a budget")
@@ -206,7 +209,10 @@ def _fmt_eps(x) -> str:
 # ---------------------------------------------------------------------------------------------- commands
 @_guard
 def _init(args) -> int:
-    led = _open(args, create=True)
+    from jaxdp.ledger import Ledger
+    if not args.ledger:
+        raise ValueError(f"no ledger given: pass --ledger PATH_OR_URL or set {ENV}")
+    led = Ledger.init(args.ledger, writer_role=args.writer_role)
     out = {"ok": True, "ledger": led.url}
     text = f"ledger ready: {led.url}"
     if args.dataset:
