@@ -272,3 +272,31 @@ def test_reserved_gauge_and_compare_with_a_telemetry_port(tmp_path):
         trainer_mod.DPTrainer._ledger_open = real
     assert os.path.exists(tmp_path / "cmp" / "comparison.json") and out["epsilon"] is not None
     assert seen[True] and all(ln.endswith(" 0.0") for ln in seen[True])
+
+
+# ------------------------------------------------------------------------------------ real kill -9 (slow)
+@pytest.mark.slow
+@pytest.mark.parametrize("point", ["after_run_file", "after_reserve", "after_checkpoint", "before_commit"])
+def test_sigkill_at_each_point_then_rerun(tmp_path, point, straight):
+    """`jaxdp train` killed with SIGKILL at a deterministic point, then re-run: one run id, committed with the
+    steps taken, no open reservation, bit-identical to the uninterrupted run (benchmarks/ledger_faults.py does
+    the same at random moments)."""
+    import signal
+    import subprocess
+    import sys
+
+    import yaml
+    path, led = new_ledger(tmp_path)
+    cfg_path = tmp_path / "c.yaml"
+    cfg_path.write_text(yaml.safe_dump(config(tmp_path, ledger=path)))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cmd = [sys.executable, "-m", "jaxdp", "train", "--config", str(cfg_path), "--no-progress", "--json"]
+    env = dict(os.environ, PYTHONPATH=root, JAX_PLATFORMS="cpu")
+    first = subprocess.run(cmd, env=dict(env, JAXDP_FAULT_INJECT=point), capture_output=True, text=True, cwd=root)
+    assert first.returncode == -signal.SIGKILL, first.stderr[-2000:]
+    second = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=root)
+    assert second.returncode == 0, second.stderr[-2000:]
+    (run,) = led.runs()
+    assert run.status == "committed" and sum(e["steps"] for e in run.actual_events) == straight.total_steps
+    t = DPTrainer.load(str(tmp_path / "run"))
+    assert all(np.array_equal(a, b) for a, b in zip(params(t), params(straight)))
