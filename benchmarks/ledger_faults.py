@@ -89,7 +89,11 @@ def main(argv=None) -> int:
     ap.add_argument("--points", action="store_true", help="also one trial per deterministic kill point")
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--summarize", action="store_true",
+                    help="only summarise the trials already in --workdir (e.g. of an interrupted benchmark)")
     args = ap.parse_args(argv)
+    if args.summarize:
+        return summarize(args.workdir)
     sys.path.insert(0, ROOT)
     import yaml
 
@@ -174,6 +178,41 @@ def main(argv=None) -> int:
     good = (all(r["resumable"] and r["identical"] for r in results) and not orphans and not extra
             and abs(spent.epsilon - eps_taken) < 1e-9)
     return 0 if good else 1
+
+
+def summarize(work: str) -> int:
+    """Figures from the trial directories and the ledger in ``work`` (no kills: resumable = the trial's
+    metrics.json says finished; killed-or-not is only in the benchmark's own log)."""
+    sys.path.insert(0, ROOT)
+    from jaxdp.ledger import Ledger
+    from jaxdp.ledger.events import compose, normalize_events
+    led = Ledger.open(os.path.join(work, "ledger.db"))
+    ref = final_arrays(os.path.join(work, "reference"))
+    dirs = sorted(d for d in os.listdir(work) if d.startswith("trial"))
+    resumable = identical = 0
+    ids, taken = set(), []
+    for d in ["reference"] + dirs:
+        mpath = os.path.join(work, d, "metrics.json")
+        m = json.load(open(mpath)) if os.path.exists(mpath) else None
+        if d != "reference" and m and m["status"] == "finished":
+            resumable += 1
+            identical += same(final_arrays(os.path.join(work, d)), ref)
+        if m:
+            ids.add(m["run_id"])
+            taken.append({"sampling": "poisson", "noise_multiplier": m["noise_multiplier"],
+                          "sample_rate": m["sample_rate"], "steps": m["steps"]})
+    runs = led.runs("digits")
+    orphans = [r.run_id for r in runs if r.status == "reserved"]
+    extra = [r.run_id for r in runs if r.run_id not in ids]
+    committed = sum(sum(e["steps"] for e in (r.actual_events or [])) for r in runs if r.status == "committed")
+    eps_taken = compose(normalize_events(taken), 1e-5, "rdp")
+    print(f"trials: {len(dirs)}; resumable: {resumable}/{len(dirs)}; bit-identical: {identical}/{len(dirs)}")
+    print(f"orphan reservations: {len(orphans)} {orphans if orphans else ''}; runs in the ledger: {len(runs)} "
+          f"(ids not belonging to a finished run: {len(extra)})")
+    print(f"steps committed: {committed}; steps taken (metrics.json): {sum(t['steps'] for t in taken)}")
+    print(f"ledger spend (composed, rdp): {led.spent('digits').epsilon:.6f}; composition of the steps taken: "
+          f"{eps_taken:.6f}; verify: {'ok' if led.verify()['ok'] else 'FAILED'}")
+    return 0
 
 
 if __name__ == "__main__":
