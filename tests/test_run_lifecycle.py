@@ -261,8 +261,8 @@ def test_reserved_gauge_and_compare_with_a_telemetry_port(tmp_path):
     seen = {}
     real = trainer_mod.DPTrainer._ledger_open
 
-    def scrape(self, complete=False):
-        real(self, complete)
+    def scrape(self, *a, **k):
+        real(self, *a, **k)
         body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
         seen[self.dp] = [ln for ln in body.splitlines() if ln.startswith("dp_training_ledger_reserved{")]
     trainer_mod.DPTrainer._ledger_open = scrape
