@@ -294,6 +294,7 @@ class DPTrainer:
             "sample_rate": self.sampler.sample_rate, "expected_batch_size": self.sampler.expected_batch_size,
             "steps": int(self.state.step), "planned_steps": self.total_steps,
             "sampling": self.sampler.sampling, "accountant": t["accountant"] if self.dp else None,
+            "neighboring_relation": t["dp"]["neighboring_relation"] if self.dp else None,
             "clipping_method": t["method"], "config_hash": config_hash(self.cfg),
             "jaxdp_version": __import__("jaxdp").__version__,
             "final_test_accuracy": self.metrics[-1]["test_accuracy"] if self.metrics else None,
