@@ -3,7 +3,7 @@
 Recipe (as in tests/test_audit_slow.py): 300 digits training examples, MLP with 64 tanh units, Poisson rate
 q = 0.2, 100 DP-SGD steps, SGD with momentum 0.9, clip norm C = 1, delta 1e-5, gradient canaries on data-free
 coordinates (their number chosen from the claim), beta 0.05. Rows: honest runs claiming epsilon 1 and 8 (noise
-calibrated by the PRV accountant), the noise switched off while claiming epsilon 1, the clipping switched off
+calibrated by the PRV accountant; and epsilon 3), the noise switched off while claiming epsilon 1, the clipping switched off
 (noise of epsilon 1 kept) while claiming epsilon 1, the latter also with canaries of norm C (the old default).
 
     PYTHONPATH=. python benchmarks/audit_verdicts.py --seeds 0 1 2 --out benchmarks/results/audit_verdicts.json
@@ -26,8 +26,10 @@ Q, STEPS, DELTA = 0.2, 100, 1e-5
 
 def rows():
     s1 = _accounting.calibrate_noise_multiplier(1.0, DELTA, Q, STEPS)
+    s3 = _accounting.calibrate_noise_multiplier(3.0, DELTA, Q, STEPS)
     s8 = _accounting.calibrate_noise_multiplier(8.0, DELTA, Q, STEPS)
-    return [("honest, epsilon 1", 1.0, s1, True, 10.0), ("honest, epsilon 8", 8.0, s8, True, 10.0),
+    return [("honest, epsilon 1", 1.0, s1, True, 10.0), ("honest, epsilon 3", 3.0, s3, True, 10.0),
+            ("honest, epsilon 8", 8.0, s8, True, 10.0),
             ("noise off, claims epsilon 1", 1.0, 0.0, True, 10.0),
             ("clipping off, claims epsilon 1", 1.0, s1, False, 10.0),
             ("clipping off, claims epsilon 1, canaries of norm C", 1.0, s1, False, 1.0)]

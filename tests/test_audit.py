@@ -21,7 +21,7 @@ def digits():
 # ------------------------------------------------------------------------------------------------ reference numbers
 
 def test_clopper_pearson_reference_number():
-    # DESIGN.md section 3: TP 500/1000, FP 10/1000, alpha 0.05 split over two tails, delta 1e-5 -> 3.2420.
+    # docs/privacy.md: TP 500/1000, FP 10/1000, alpha 0.05 split over two tails, delta 1e-5 -> 3.2420.
     eps = audit.epsilon_lower_bound_from_counts(500, 1000, 10, 1000, delta=1e-5, alpha=0.05)
     assert eps == pytest.approx(3.2420, abs=5e-5)
     lo, hi = audit.clopper_pearson_interval(500, 1000, 0.05)
@@ -29,7 +29,7 @@ def test_clopper_pearson_reference_number():
 
 
 def test_one_run_reference_number():
-    # DESIGN.md section 3: m 1000, r = v = 100, delta 0, beta 0.05 -> logit(0.05^(1/100)) = 3.4930.
+    # Reference numbers (docs/privacy.md): m 1000, r = v = 100, delta 0, beta 0.05 -> logit(0.05^(1/100)) = 3.4930.
     eps = audit.one_run_epsilon_lower_bound(1000, 100, 100, delta=0.0, beta=0.05)
     p = 0.05 ** (1 / 100)
     assert eps == pytest.approx(math.log(p / (1 - p)), abs=1e-5)
