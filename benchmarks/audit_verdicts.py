@@ -2,8 +2,8 @@
 
 Recipe (as in tests/test_audit_slow.py): 300 digits training examples, MLP with 64 tanh units, Poisson rate
 q = 0.2, 100 DP-SGD steps, SGD with momentum 0.9, clip norm C = 1, delta 1e-5, gradient canaries on data-free
-coordinates (their number chosen from the claim), beta 0.05. Rows: honest runs claiming epsilon 1 and 8 (noise
-calibrated by the PRV accountant; and epsilon 3), the noise switched off while claiming epsilon 1, the clipping switched off
+coordinates (their number chosen from the claim), beta 0.05. Rows: honest runs claiming epsilon 1, 3 and 8
+(noise calibrated by the PRV accountant), the noise switched off while claiming epsilon 1, the clipping switched off
 (noise of epsilon 1 kept) while claiming epsilon 1, the latter also with canaries of norm C (the old default).
 
     PYTHONPATH=. python benchmarks/audit_verdicts.py --seeds 0 1 2 --out benchmarks/results/audit_verdicts.json
@@ -57,7 +57,8 @@ def main() -> None:
                                                               "num_correct")}, seconds=round(time.time() - t, 1))
             print(json.dumps(rec), flush=True)
             out.append(rec)
-    print("\n| run | sigma | canaries (norm) | right / guesses, per seed | lower bound, per seed | ceiling | verdicts |")
+    print("\n| run | sigma | canaries (norm) | right / guesses, per seed | lower bound, per seed | ceiling "
+          "| verdicts |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for name, _, sigma, _, scale in rows():
         rs = [r for r in out if r["row"] == name]

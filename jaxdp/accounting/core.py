@@ -683,8 +683,9 @@ def compute_dp_sgd_privacy(n: int, batch_size: int, noise_multiplier: float, epo
     How it relates to TF Privacy's numbers: TF Privacy 0.9 has no function of this name (older releases had
     one); its ``compute_dp_sgd_privacy_statement`` halves sigma by default (``used_microbatching=True``: with
     microbatches of more than one example the add/remove sensitivity is 2 C), giving a larger epsilon. MNIST,
-    sigma 1.1, 60 epochs, B 256: 2.597 here and in TF Privacy without the halving, 16.42 with it. Pass
-    ``noise_multiplier / 2`` to reproduce the halved figure.
+    sigma 1.1, 60 epochs, B 256: 2.597 here and in TF Privacy without the halving, 16.42 in TF Privacy with it
+    (``noise_multiplier / 2`` here: 16.384, from the exact RDP at fractional orders where dp-accounting's series
+    is slightly above it).
     """
     n = _checks.positive_int("n", n)
     batch_size = _checks.positive_int("batch_size", batch_size)

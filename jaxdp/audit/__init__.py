@@ -2,8 +2,8 @@
 
 * Membership inference: :func:`loss_threshold_attack` (Yeom et al. 2018) and LiRA (Carlini et al. 2022,
   :func:`lira_attack`) with shadow models trained in parallel by ``jax.vmap`` (:func:`train_models`,
-  :func:`shadow_membership_experiment`). Metrics: AUC with a confidence interval (bootstrap over examples for pooled shadow-model scores,
-  DeLong for independent scores), advantage, TPR at 0.1% / 1% FPR,
+  :func:`shadow_membership_experiment`). Metrics: AUC with a confidence interval (bootstrap over examples for
+  pooled shadow-model scores, DeLong for independent scores), advantage, TPR at 0.1% / 1% FPR,
   ROC data and a log-log ROC plot (:func:`plot_roc`).
 * Empirical epsilon lower bounds: Clopper-Pearson from an attack's TPR/FPR
   (:func:`epsilon_lower_bound_from_counts`, :func:`epsilon_lower_bound_from_scores` with a correction for the

@@ -68,7 +68,7 @@ def epsilon_lower_bound_from_counts(true_positives: int, num_members: int, false
       alpha: total error probability, split evenly between the TPR and the FPR bound.
 
     Returns the bound (0 if the attack certifies nothing). Reference: TP 500/1000, FP 10/1000, delta 1e-5,
-    alpha 0.05 -> 3.2420 (docs/privacy.md, reference numbers).
+    alpha 0.05 -> 3.2420 (docs/privacy.md).
     """
     tpr_lo, _ = clopper_pearson_interval(true_positives, num_members, alpha)
     _, fpr_hi = clopper_pearson_interval(false_positives, num_nonmembers, alpha)
@@ -163,7 +163,7 @@ def one_run_epsilon_lower_bound(m: int, r: int, v: int, delta: float = DEFAULT_D
                                 tol: float = 1e-7) -> float:
     """Largest epsilon rejected at significance ``beta`` by ``v`` right out of ``r`` guesses on ``m`` canaries.
 
-    Reference: m = 1000, r = v = 100, delta 0, beta 0.05 -> logit(0.05^(1/100)) = 3.4930 (docs/privacy.md, reference numbers).
+    Reference: m = 1000, r = v = 100, delta 0, beta 0.05 -> logit(0.05^(1/100)) = 3.4930 (docs/privacy.md).
     """
     _check_prob("beta", beta)
     if one_run_p_value(m, r, v, 0.0, delta) >= beta:

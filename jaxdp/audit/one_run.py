@@ -17,7 +17,8 @@ Canaries:
 
 * ``"gradient"`` (white-box, strongest): canary ``j`` is an example whose gradient is a Dirac ``-c e_k`` on one
   flat parameter coordinate ``k_j``, of norm ``c = canary_scale * C`` (default 10 C: well above the clip norm,
-  so that a run without clipping lets 10x the signal through and fails) (see :mod:`jaxdp.audit.shadow`); the score is how far ``theta_k`` moved:
+  so that a run without clipping lets 10x the signal through and fails; see :mod:`jaxdp.audit.shadow`); the
+  score is how far ``theta_k`` moved:
   ``theta_T[k_j] - theta_0[k_j]``. By default the coordinates are first-layer weights of input features that are
   zero in every real example ("data-free" coordinates): real data never move them, so without noise an IN
   canary is told apart perfectly. This is the adversary DP-SGD's guarantee covers -- any example with any
