@@ -318,3 +318,17 @@ def test_shuffle_run_card_and_html_report(tmp_path):
     out = tmp_path / "r.html"
     assert main(["report", "--run", str(tmp_path / "run"), "--html", str(out), "--json"]) == 0
     assert "replace-one neighbouring datasets" in out.read_text()
+
+
+def test_audit_on_a_stand_in_model_is_a_caveat(tmp_path, run_dir):
+    # issue 23: `jaxdp audit` re-trains a CNN run's recipe on an MLP; the card must say so, not a JSON footnote.
+    import shutil
+    d = tmp_path / "run"
+    shutil.copytree(run_dir, d)
+    os.makedirs(d / "audit")
+    _fake_audit(d / "audit" / "audit_loss_threshold.json")
+    doc = json.loads((d / "audit" / "audit_loss_threshold.json").read_text())
+    doc["model_note"] = "NOTE: the run trained model 'cnn_small'; this audit re-trained its recipe on a stand-in"
+    (d / "audit" / "audit_loss_threshold.json").write_text(json.dumps(doc))
+    card = build_model_privacy(str(d))
+    assert doc["model_note"] in card["caveats"]
