@@ -106,6 +106,10 @@ def recipe_from_config(cfg: dict, attack: str, metrics: dict | None = None, over
                     [f"{pre}{k}" for pre in ("options.", "") for k in ("hidden", "hidden_sizes", "features", "widths",
                                                                          "width")], [128])
     hidden = tuple(int(h) for h in (hidden if isinstance(hidden, (list, tuple)) else [hidden]))
+    activation = str(_first(model if isinstance(model, dict) else {}, ["options.activation", "activation"], "tanh"))
+    if mname == "mlp" and substituted is None and activation.lower() != "tanh":
+        substituted = f"{name} ({activation})"
+        notes.append(f"config activation {activation!r}: the audit trainer's MLP uses tanh")
 
     t = lambda k: [f"training.{k}", k]  # noqa: E731  (keys may sit in `training` or at the top level)
     dp_enabled = bool(_first(cfg, ["training.dp.enabled", "dp.enabled"], False))
@@ -175,7 +179,7 @@ def recipe_from_config(cfg: dict, attack: str, metrics: dict | None = None, over
                 max_grad_norm=clip, clipping=clipping, delta=delta, claimed_epsilon=claimed,
                 accountant_epsilon=acc_eps, accountant=_accounting.accountant_name(), seed=seed, notes=notes,
                 run_steps=run_steps, run_sample_rate=run_q, run_claimed_epsilon=run_claim,
-                run_model=name, audited_model=f"{mname} {list(hidden)}" if mname == "mlp" else mname,
+                run_model=substituted or name, audited_model=f"{mname} {list(hidden)}" if mname == "mlp" else mname,
                 model_substituted=substituted is not None,
                 run_metrics={k: metrics[k] for k in ("epsilon", "delta", "noise_multiplier") if k in metrics})
     return sc, x, y, info
