@@ -255,9 +255,11 @@ def _combos():
     from jaxdp.accounting import events_epsilon
     ev = {"poisson": {"sampling": "poisson", "noise_multiplier": 1.0, "sample_rate": 0.1, "steps": 2},
           "shuffle": {"sampling": "shuffle", "noise_multiplier": 1.0, "batch_size": 10, "dataset_size": 100,
-                      "steps": 2}}
+                      "steps": 2},
+          "cyclic_poisson": {"sampling": "cyclic_poisson", "mechanism": "bandmf", "bands": 2, "noise_multiplier": 1.0,
+                             "sample_rate": 0.1, "steps": 2}}   # training.mechanism: bandmf
     out = []
-    for sampling in ("poisson", "shuffle"):
+    for sampling in ("poisson", "shuffle", "cyclic_poisson"):
         for acc in ("prv", "rdp", "pld"):
             for rel in ("add_remove", "replace_one"):
                 if sampling == "shuffle" and rel != "replace_one":
@@ -274,7 +276,8 @@ COMBOS = _combos()
 
 
 def test_combos_cover_what_the_trainer_allows():
-    assert len(COMBOS) == 6 and ("shuffle", "rdp", "replace_one") in COMBOS
+    assert len(COMBOS) == 11 and ("shuffle", "rdp", "replace_one") in COMBOS
+    assert ("cyclic_poisson", "pld", "replace_one") in COMBOS
     assert ("poisson", "prv", "replace_one") in COMBOS and ("poisson", "rdp", "add_remove") in COMBOS
 
 
@@ -282,7 +285,8 @@ def test_combos_cover_what_the_trainer_allows():
 def test_card_and_plot_take_the_mechanism_from_the_record(tmp_path, metrics, sampling, accountant, relation):
     from jaxdp.accounting import events_epsilon
     m = dict(metrics, sampling=sampling, accountant=accountant, neighboring_relation=relation, delta=1e-6,
-             steps=12, noise_multiplier=1.3)
+             steps=12, noise_multiplier=1.3, mechanism="bandmf" if sampling == "cyclic_poisson" else "dpsgd",
+             bands=3 if sampling == "cyclic_poisson" else None)
     m["epsilon"] = events_epsilon([plots._event(m, 12)], 1e-6, accountant=accountant, neighboring_relation=relation)
     (tmp_path / "metrics.json").write_text(json.dumps(m))
     card = build_model_privacy(str(tmp_path))

@@ -42,6 +42,12 @@ def _event(m: Mapping[str, Any], steps: int) -> dict:
         return {"sampling": "shuffle", "noise_multiplier": m["noise_multiplier"],
                 "batch_size": int(round(m["expected_batch_size"])), "dataset_size": m["training_set_size"],
                 "steps": steps}
+    if m.get("sampling") == "cyclic_poisson":
+        return {"sampling": "cyclic_poisson", "mechanism": m["mechanism"], "bands": m["bands"],
+                "noise_multiplier": m["noise_multiplier"], "sample_rate": m["sample_rate"], "steps": steps}
+    if m.get("sampling") != "poisson":
+        raise ValueError(f"the run's record names sampling {m.get('sampling')!r}, which the report cannot "
+                         "recompute; expected poisson, shuffle or cyclic_poisson")
     return {"sampling": "poisson", "noise_multiplier": m["noise_multiplier"], "sample_rate": m["sample_rate"],
             "steps": steps}
 
@@ -77,7 +83,9 @@ def plot_epsilon_vs_steps(metrics: Mapping[str, Any], path: str | os.PathLike | 
     steps, eps = epsilon_curve(metrics, points)
     if steps:
         how = (f"batch {int(round(metrics['expected_batch_size']))} of {metrics['training_set_size']}, shuffled"
-               if metrics.get("sampling") == "shuffle" else f"Poisson q={metrics['sample_rate']:.3g}")
+               if metrics.get("sampling") == "shuffle" else
+               f"cyclic Poisson, {metrics['bands']} bands, p={metrics['sample_rate']:.3g}"
+               if metrics.get("sampling") == "cyclic_poisson" else f"Poisson q={metrics['sample_rate']:.3g}")
         ax.plot(steps, eps, "-", color="C0", label=f"{str(metrics['accountant']).upper()} accountant "
                                                      f"(σ={metrics['noise_multiplier']:.3g}, {how}, "
                                                      f"{str(metrics['neighboring_relation']).replace('_', '/')})")
