@@ -348,6 +348,7 @@ class DPTrainer:
             "sample_rate": self.sampler.sample_rate, "expected_batch_size": self.sampler.expected_batch_size,
             "steps": int(self.state.step), "planned_steps": self.total_steps,
             "sampling": self.sampler.sampling, "accountant": t["accountant"] if self.dp else None,
+            "neighboring_relation": t["dp"]["neighboring_relation"] if self.dp else None,
             "mechanism": t["mechanism"] if self.dp else None, "bands": t["bands"] if self.dp else None,
             "clipping_method": t["method"], "config_hash": self.config_hash,
             "jaxdp_version": __import__("jaxdp").__version__,
