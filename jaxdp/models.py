@@ -114,6 +114,13 @@ def create(name: str, input_shape: Sequence[int], num_classes: int, *, seed: int
         return MODELS[name](tuple(input_shape), int(num_classes), rngs=nnx.Rngs(seed), **kwargs)
     except TypeError as e:
         raise ValueError(f"model {name!r}: bad option ({e})") from None
+    except ValueError as e:
+        if "unpack" not in str(e):
+            raise
+        from jaxdp.data import DataValidationError
+        from jaxdp.validation import _shape_hint
+        raise DataValidationError(f"model {name!r} takes images [H, W, C] per example; the data's examples have "
+                                  f"shape {tuple(input_shape)}.{_shape_hint(tuple(input_shape))}") from None
 
 
 _IMAGE_MODELS = ("cnn_small", "mnist_cnn")

@@ -21,7 +21,10 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--epochs", type=float, help="epochs E; steps = ceil(E / q)")
     g.add_argument("--steps", type=int, help="number of steps (instead of --epochs)")
-    p.add_argument("--delta", type=float, required=True, help="target delta (should be < 1/N)")
+    p.add_argument("--delta", type=float, required=True, help="target delta (must be < 1/N)")
+    p.add_argument("--allow-large-delta", action="store_true",
+                   help="experts only: accept delta >= 1/N (refused by default: such a delta is met by publishing "
+                        "one example in the clear)")
     p.add_argument("--accountant", choices=core.ACCOUNTANTS, default="prv",
                    help="rdp (Renyi DP), pld (privacy loss distribution) or prv (Opacus's PRV upper bound; "
                         "default)")
@@ -39,6 +42,9 @@ def _setting(args: argparse.Namespace) -> tuple[float, int]:
         raise ValueError(f"--dataset-size must be a positive integer, got {n}")
     if b is None or b <= 0 or b > n:
         raise ValueError(f"--batch-size must be an integer in [1, N={n}], got {b}")
+    from jaxdp import _checks
+    _checks.delta_for_dataset(args.delta, n, allow_large_delta=args.allow_large_delta,
+                              override="--allow-large-delta", warn=False)  # compute_epsilon warns
     q = b / n
     steps = core.steps_for_epochs(args.epochs, q) if args.steps is None else args.steps
     if steps < 0:
@@ -79,7 +85,8 @@ def _epsilon(args: argparse.Namespace) -> int:
     result = {"epsilon": eps, "delta": args.delta, "steps": steps, "sample_rate": q, "epochs": args.epochs,
               "noise_multiplier": args.noise_multiplier, "dataset_size": args.dataset_size,
               "batch_size": args.batch_size, "accountant": args.accountant, "sampling": args.sampling,
-              "neighboring_relation": args.neighboring_relation, "seconds": seconds}
+              "neighboring_relation": args.neighboring_relation, "seconds": seconds,
+              "allow_large_delta": args.allow_large_delta}
     statement = _statement(args) if args.statement else None
     if statement is not None:
         result["statement"] = statement

@@ -23,6 +23,8 @@ def _report(args: argparse.Namespace) -> int:
         written.append(args.model_card)
     if args.html or args.markdown:
         from jaxdp.report import html
+        # The plots recompute epsilon from the run's own mechanism: give them what the card read from the run.
+        metrics = {**metrics, **{k: card[k] for k in ("neighboring_relation",) if metrics.get(k) is None}}
         from jaxdp.report.sweep import load_sweep
         audit = modelcard.read_audit(modelcard.find_audit(args.run, args.audit))
         sweep = load_sweep(args.sweep) if args.sweep else None

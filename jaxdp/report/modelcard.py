@@ -99,6 +99,17 @@ def read_one_run_audit(path: str | None) -> dict | None:
 
 
 def read_audit(path: str | None) -> dict | None:
+    """:func:`_read_audit`, plus ``model_note`` when the audit trained a stand-in instead of the run's model."""
+    out = _read_audit(path)
+    if out is not None:
+        with open(path) as f:
+            note = json.load(f).get("model_note")
+        if note:
+            out["model_note"] = note
+    return out
+
+
+def _read_audit(path: str | None) -> dict | None:
     """Membership-inference summary of an ``audit_<attack>.json``: the strongest attack (largest AUC), its AUC and
     95% interval, its TPR at 0.1% FPR, the empirical epsilon lower bound, and the ROC curves (for the report)."""
     if path is None:
@@ -159,6 +170,30 @@ def ledger_total(ledger_path: str | None, dataset_id: str | None) -> tuple[dict 
             "runs_reserved": s.runs_reserved}, None
 
 
+def _run_config(run_dir: str | os.PathLike) -> dict:
+    path = os.path.join(run_dir, "config.yaml")
+    if not os.path.isfile(path):
+        return {}
+    import yaml
+    with open(path) as f:
+        cfg = yaml.safe_load(f) or {}
+    return cfg if isinstance(cfg, dict) else {}
+
+
+def run_mechanism(run_dir: str | os.PathLike, metrics: Mapping[str, Any]) -> dict:
+    """The mechanism of a run as the run recorded it: sampling, neighbouring relation, accountant, delta, steps.
+
+    ``metrics.json`` first; a key it lacks (the neighbouring relation of runs written before it was recorded)
+    is read from the run's own ``config.yaml``. Nothing is filled from a default: a key found in neither is
+    ``None`` and the model card says it was not recorded."""
+    dp = (_run_config(run_dir).get("training") or {}).get("dp") or {}
+    relation = metrics.get("neighboring_relation")
+    if relation is None and metrics.get("dp"):
+        relation = dp.get("neighboring_relation") if isinstance(dp, dict) else None
+    return {"sampling": metrics.get("sampling"), "neighboring_relation": relation if metrics.get("dp") else None,
+            "accountant": metrics.get("accountant"), "delta": metrics.get("delta"), "steps": metrics.get("steps")}
+
+
 def _run_ledger(run_dir: str | os.PathLike, dataset_id: str | None) -> tuple[str | None, str | None]:
     path = os.path.join(run_dir, "config.yaml")
     if not os.path.isfile(path):
@@ -206,8 +241,9 @@ def guarantee_sentence(mp: Mapping[str, Any]) -> str:
                f"{mp.get('bands')} groups at rate p={_g(mp['sample_rate'])}")
     else:
         how = f"{sampling} sampling rate q={_g(mp['sample_rate'])}"
-    relation = "add/remove-one" if mp.get("neighboring_relation", "add_remove") == "add_remove" else "replace-one"
-    acc = str(mp.get("accountant") or "").upper()
+    relation = {"add_remove": "add/remove-one", "replace_one": "replace-one"}.get(
+        mp.get("neighboring_relation"), "an unrecorded")
+    acc = str(mp.get("accountant") or "unrecorded").upper()
     name = "BandMF" if sampling == "cyclic_poisson" else "DP-SGD"
     return (f"Trained with {name} ({how}, noise multiplier σ={_g(mp['noise_multiplier'])}, "
             f"clip norm C={_g(mp['max_grad_norm'])}, T={mp['steps']} steps, training set of "
@@ -230,6 +266,7 @@ def build_model_privacy(run_dir: str | os.PathLike, *, audit: str | os.PathLike 
     """
     m = metrics if metrics is not None else load_metrics(run_dir)
     private = bool(m.get("dp"))
+    mech = run_mechanism(run_dir, m)
     aud = read_audit(find_audit(run_dir, audit))
     one_run = read_one_run_audit(find_one_run_audit(run_dir))
     if ledger is None:  # the ledger the run itself was charged to (config.yaml's `ledger` section), if any
@@ -244,17 +281,17 @@ def build_model_privacy(run_dir: str | os.PathLike, *, audit: str | os.PathLike 
         "library": "jaxdp",
         "library_version": m.get("jaxdp_version"),
         "epsilon": m.get("epsilon") if private else None,
-        "delta": m.get("delta") if private else None,
+        "delta": mech["delta"] if private else None,
         "target_epsilon": m.get("target_epsilon"),
-        "accountant": m.get("accountant"),
-        "neighboring_relation": "add_remove" if private else None,
+        "accountant": mech["accountant"],
+        "neighboring_relation": mech["neighboring_relation"],
         "max_grad_norm": m.get("max_grad_norm"),
         "noise_multiplier": m.get("noise_multiplier"),
         "clipping_method": m.get("clipping_method"),
-        "sampling": m.get("sampling"),
+        "sampling": mech["sampling"],
         "sample_rate": m.get("sample_rate"),
         "expected_batch_size": m.get("expected_batch_size"),
-        "steps": m.get("steps"),
+        "steps": mech["steps"],
         "epochs": len(m.get("epochs") or []),
         "training_set_size": m.get("training_set_size"),
         "dataset": m.get("dataset"),
@@ -278,6 +315,11 @@ def build_model_privacy(run_dir: str | os.PathLike, *, audit: str | os.PathLike 
         if m.get("status") not in (None, "finished"):
             caveats.append(f"The run's status is {m.get('status')!r}: epsilon is for the {m.get('steps')} steps "
                            "actually taken.")
+        n = m.get("training_set_size")
+        if m.get("delta_at_least_one_over_n") or (n and m.get("delta") is not None and m["delta"] >= 1.0 / n):
+            caveats.insert(0, f"delta = {m.get('delta')} is not below 1/N = 1/{n} (trained with "
+                              "training.dp.allow_large_delta): a mechanism that publishes one training example "
+                              "in the clear meets this guarantee, so it does not protect individual examples.")
     else:
         caveats.append("No epsilon is stated because none holds; train with training.dp.enabled: true for a "
                        "guarantee.")
@@ -285,6 +327,12 @@ def build_model_privacy(run_dir: str | os.PathLike, *, audit: str | os.PathLike 
         caveats.append(f"The one-run audit FAILED: its empirical epsilon lower bound "
                        f"{_g(one_run.get('epsilon_lower_bound'))} exceeds the epsilon it checked "
                        f"({_g(one_run.get('claimed_epsilon'))}); the stated guarantee is not supported.")
+    if private and mech["neighboring_relation"] is None:
+        caveats.append("The run did not record its neighbouring relation (add/remove-one or replace-one), so "
+                       "the guarantee above does not say which datasets count as neighbours; re-train with a "
+                       "current jaxdp to record it.")
+    if aud is not None and aud.get("model_note"):
+        caveats.append(aud["model_note"])
     if (aud is None or aud["auc"] is None) and one_run is None:
         caveats.append(CAVEAT_AUDIT)
     elif aud is not None and aud["auc"] is not None:
@@ -432,4 +480,4 @@ def write_model_card(path: str | os.PathLike, section: Mapping[str, Any]) -> dic
 
 __all__ = ["SECTION", "format_epsilon", "load_metrics", "find_audit", "read_audit", "find_one_run_audit",
            "read_one_run_audit", "ledger_total", "guarantee_sentence",
-           "build_model_privacy", "write_model_card"]
+           "build_model_privacy", "run_mechanism", "write_model_card"]

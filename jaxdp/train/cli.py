@@ -16,9 +16,15 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 def _train(args) -> int:
     from jaxdp.train import DPTrainer
-    trainer = DPTrainer(args.config, out_dir=args.out, progress=not args.no_progress, log=not args.json,
-                        resume=not args.fresh)
-    summary = trainer.train()
+    from jaxdp.train.lifecycle import interrupted_message
+    trainer = None
+    try:
+        trainer = DPTrainer(args.config, out_dir=args.out, progress=not args.no_progress, log=not args.json,
+                            resume=not args.fresh)
+        summary = trainer.train()
+    except KeyboardInterrupt:
+        print("\n" + interrupted_message(trainer), file=sys.stderr)
+        return 130
     if args.json:
         print(json.dumps({k: v for k, v in summary.items() if k != "epochs"}))
     else:
@@ -42,7 +48,12 @@ def _summary_line(summary: dict) -> str:
 
 def _compare(args) -> int:
     from jaxdp.train import compare
-    s = compare(args.config, out_dir=args.out, progress=not args.no_progress, log=not args.json)
+    try:
+        s = compare(args.config, out_dir=args.out, progress=not args.no_progress, log=not args.json)
+    except KeyboardInterrupt:
+        print("\njaxdp compare: interrupted; re-run the same command to resume both runs from their checkpoints",
+              file=sys.stderr)
+        return 130
     if args.json:
         print(json.dumps(s))
     else:

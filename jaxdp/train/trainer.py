@@ -11,7 +11,6 @@ import math
 import os
 import sys
 import time
-import uuid
 import warnings
 from typing import Any
 
@@ -25,7 +24,7 @@ from jaxdp import data as data_lib
 from jaxdp import models
 from jaxdp.engine import PrivacyBudgetExhausted, PrivacyEngine, TrainState
 from jaxdp.sampling import PoissonSampler, ShuffleSampler
-from jaxdp.train import checkpoint
+from jaxdp.train import checkpoint, lifecycle
 from jaxdp.train.config import config_hash, load_config, model_label, validate_config
 
 CLIP_HIGH, CLIP_LOW = 0.9, 0.01  # warn when more than 90% / fewer than 1% of examples are clipped
@@ -42,17 +41,33 @@ def _seed(cfg: dict, out_dir: str, resume: bool) -> tuple[int, str]:
     the OS entropy source ("os"). A drawn seed is kept only in the checkpoint, never in metrics or config."""
     if cfg["training"]["seed"] is not None:
         return int(cfg["training"]["seed"]), "config"
-    meta = os.path.join(out_dir, "checkpoint", checkpoint.META)
-    if resume and os.path.isfile(meta):
+    ckdir = os.path.join(out_dir, "checkpoint")
+    if resume and checkpoint.exists(ckdir):
+        drawn = None
         try:
-            with open(meta) as f:
-                drawn = json.load(f).get("drawn_seed")
-        except (OSError, ValueError):
+            found = checkpoint.list_checkpoints(ckdir)
+            if found:
+                drawn = checkpoint.read(found[0][1])[1].get("drawn_seed")
+            else:   # a checkpoint of an earlier version
+                with open(os.path.join(ckdir, checkpoint.META)) as f:
+                    drawn = json.load(f).get("drawn_seed")
+        except (OSError, ValueError, checkpoint.CheckpointError):
             drawn = None
         if drawn is not None:
             return int(drawn), "os"
     import secrets
     return secrets.randbits(63), "os"
+
+
+def _remove_new_run_dir(out_dir: str) -> None:
+    """Remove the directory a refused run created, if it holds nothing but the run.json written for it."""
+    try:
+        if set(os.listdir(out_dir)) <= {"run.json"}:
+            for name in os.listdir(out_dir):
+                os.remove(os.path.join(out_dir, name))
+            os.rmdir(out_dir)
+    except OSError:
+        pass
 
 
 class _Progress:
@@ -126,16 +141,16 @@ class DPTrainer:
                                        seed=self.seed, **cfg["model"]["options"])
         models.check_model_input(self.model, self.dataset.input_shape, self.dataset.num_classes,
                                  name=f"model {self.model_name!r}")
+        from jaxdp.validation import check_model_fits_data   # shapes and classes, before anything is traced
+        check_model_fits_data(self.model, self.dataset.x_train[:1], self.dataset.y_train,
+                              source=f"{cfg['data']['name']} (x_train)", model_name=repr(self.model_name))
         self.graphdef, self.params0, self.rest = nnx.split(self.model, nnx.Param, ...)
         self.metrics: list[dict] = []
         self.status = "not started"
-        self.run_id = cfg["ledger"]["run_id"] or uuid.uuid4().hex[:12]
-        self.telemetry = None
-        out = cfg["output"]
-        if out["telemetry_port"] is not None or out["pushgateway"]:
-            from jaxdp.telemetry import DPMetrics
-            self.telemetry = DPMetrics(self.model_name, self.dataset.name, self.run_id,
-                                       port=out["telemetry_port"], pushgateway=out["pushgateway"])
+        self.config_hash = config_hash(cfg)
+        # the run id is settled by train() (lifecycle.resolve_identity: run.json, ledger.run_id or derived)
+        self.run_id = cfg["ledger"]["run_id"] or lifecycle.derived_run_id(self.out_dir, self.config_hash)
+        self.telemetry = None  # started by train(), stopped when it returns
         self._x_train = jnp.asarray(self.dataset.x_train)
         self._y_train = jnp.asarray(self.dataset.y_train)
         self._setup()
@@ -150,11 +165,14 @@ class DPTrainer:
                    ShuffleSampler(self.n, int(round(t["batch_size"])), 0)).steps_for_epochs(self.epochs)
         optimizer = _optimizer(self.cfg, planned)  # a schedule's "total_steps" is the planned number of steps
         if self.dp:
+            from jaxdp import _checks   # refuse delta >= 1/N in the config's own terms (the engine re-checks)
+            _checks.delta_for_dataset(self.delta, self.n, allow_large_delta=dp["allow_large_delta"],
+                                      override="training.dp.allow_large_delta: true", warn=False)
             self.engine = PrivacyEngine(accountant=t["accountant"], neighboring_relation=dp["neighboring_relation"])
             common = dict(loss_fn=self._loss, model=self.model, optimizer=optimizer, dataset_size=self.n,
-                          batch_size=t["batch_size"], max_grad_norm=dp["max_grad_norm"], seed=self.seed,
+                          batch_size=t["batch_size"], seed=self.seed, **self._clipping(),
                           method=t["method"], microbatch_size=t["microbatch_size"],
-                          poisson_sampling=t["sampling"] == "poisson",
+                          poisson_sampling=t["sampling"] == "poisson", allow_large_delta=dp["allow_large_delta"],
                           ledger=False)  # train() reserves in and checks against the ledger before step 1
             if t["mechanism"] == "bandmf":   # banded MF noise + cyclic Poisson sampling (jaxdp.matrix_factorization)
                 common.update(mechanism="bandmf", bands=int(t["bands"]))
@@ -162,9 +180,16 @@ class DPTrainer:
                 self.private = self.engine.make_private_with_epsilon(
                     target_epsilon=dp["epsilon"], target_delta=self.delta, epochs=self.epochs, **common)
             else:
-                self.private = self.engine.make_private(
-                    noise_multiplier=dp["noise_multiplier"], epochs=self.epochs, target_epsilon=dp["epsilon"],
-                    target_delta=self.delta, **common)
+                with warnings.catch_warnings():   # a plan that cannot finish is refused below, not warned about
+                    warnings.filterwarnings("ignore", message="the plan cannot finish")
+                    self.private = self.engine.make_private(
+                        noise_multiplier=dp["noise_multiplier"], epochs=self.epochs, target_epsilon=dp["epsilon"],
+                        target_delta=self.delta, **common)
+                shortfall = self.private.plan_shortfall()
+                if shortfall is not None:
+                    raise ValueError(shortfall.replace("epochs <=", "training.epochs <=")
+                                     .replace("noise_multiplier >=", "training.dp.noise_multiplier >=")
+                                     .replace("a target epsilon >=", "training.dp.epsilon >="))
             self.sampler = self.private.sampler
             self.noise_multiplier = self.private.noise_multiplier
             self._step = self.private.step
@@ -202,6 +227,34 @@ class DPTrainer:
             return jnp.sum(jnp.argmax(nnx.merge(graphdef, params, rest)(x), -1) == y)
 
         self._correct = correct
+
+    def _clipping(self) -> dict:
+        """``max_grad_norm`` (a number, or the per-layer tree of ``training.dp.per_layer``) and
+        ``adaptive_clipping`` for the engine; bad group names are config errors that list the model's groups."""
+        dp = self.cfg["training"]["dp"]
+        out = {"max_grad_norm": dp["max_grad_norm"], "adaptive_clipping": dp["adaptive"] or None}
+        if dp["per_layer"] is not None:
+            from jaxdp.clip_groups import clip_norm_tree
+            from jaxdp.train.config import ConfigError
+            try:
+                out["max_grad_norm"] = clip_norm_tree(self.params0, dp["per_layer"], dp["max_grad_norm"])
+            except ValueError as e:
+                raise ConfigError(f"config key 'training.dp.per_layer': {e}") from None
+        return out
+
+    def _clip_record(self) -> dict:
+        """What metrics.json and the ledger record about clipping: ``max_grad_norm`` is the sensitivity of the
+        clipped sum (``||(C_1..C_K)||`` per layer; the initial C with adaptive clipping, whose C_t is per epoch)."""
+        from jaxdp.clipping import leaf_names, total_clip_norm
+        c = self.private.max_grad_norm
+        out = {"max_grad_norm": total_clip_norm(c)}
+        if not jax.tree_util.treedef_is_leaf(jax.tree_util.tree_structure(c)):
+            out["per_layer_clip_norms"] = dict(zip(leaf_names(c), map(float, jax.tree_util.tree_leaves(c))))
+        if self.private.adaptive is not None:
+            out["adaptive_clipping"] = dict(self.private.adaptive._asdict(), initial_clip_norm=float(c),
+                                            effective_noise_multiplier=self.private.effective_noise_multiplier,
+                                            count_noise_std=self.private.count_noise_std)
+        return out
 
     def _baseline_step(self, state, batch, mask):
         new_state, per_ex = self._nonprivate_step(state, batch, mask)
@@ -249,40 +302,57 @@ class DPTrainer:
 
     # -- checkpointing -------------------------------------------------------------------------------------
     def _save(self) -> None:
-        meta = {"sampler": self.sampler.state_dict(), "metrics": self.metrics, "run_id": self.run_id,
-                "config_hash": config_hash(self.cfg), "status": self.status,
+        step = int(self.state.step)
+        meta = {"step": step, "sampler": self.sampler.state_dict(), "metrics": self.metrics, "run_id": self.run_id,
+                "config_hash": self.config_hash, "status": self.status,
                 "accountant": self.engine.accountant.to_dict() if self.dp else None}
         if self.seed_source == "os":
             meta["drawn_seed"] = self.seed  # needed to resume identically; private like the checkpoint itself
-        checkpoint.save(os.path.join(self.out_dir, "checkpoint"), self.state, meta)
+        checkpoint.save(os.path.join(self.out_dir, "checkpoint"), self.state, meta, step=step)
+        lifecycle.fault_point("after_checkpoint")
+        lifecycle.note_checkpoint(self, step)
 
     def _restore(self) -> bool:
+        """Load the newest checkpoint (integrity-checked, then cross-checked: train state, sampler and
+        accountant must agree on the step). ``self._ckpt_meta`` keeps its metadata."""
+        self._ckpt_meta = None
         ckpt = os.path.join(self.out_dir, "checkpoint")
         if not (self.resume and checkpoint.exists(ckpt)):
             return False
         state, meta = checkpoint.load(ckpt, self.state)
-        if meta["config_hash"] != config_hash(self.cfg):
-            raise ValueError(f"{self.out_dir} holds a checkpoint of a different config; use another output.dir "
-                             "or delete the directory")
+        if meta.get("config_hash") != self.config_hash:
+            raise ValueError(f"{self.out_dir} holds a checkpoint of a different config; use another output.dir, "
+                             "or --fresh to move the old files aside")
         self.state = state
         self.sampler.load_state_dict(meta["sampler"])
         self.metrics = meta["metrics"]
         self.run_id = meta["run_id"]
-        self.status = meta.get("status", "running")
         if self.dp:
             from jaxdp.accounting import Accountant
             restored = Accountant.from_dict(meta["accountant"])
             self.engine.accountant.__dict__.update(restored.__dict__)
+        lifecycle.check_restored(self, meta)
+        self.status = "running"  # never trusted from the file: derived from the step counts (_complete)
+        self._ckpt_meta = meta
         return True
+
+    def _complete(self) -> bool:
+        """Nothing left to train: the planned steps are done. (A run stopped by its target epsilon goes through
+        the loop again: its next step is refused before touching data, which ends and commits it.)"""
+        if int(self.state.step) >= self.total_steps:
+            self.status = "finished"
+            return True
+        return False
 
     # -- ledger --------------------------------------------------------------------------------------------
     def _ledger_events(self, steps: int) -> list[dict]:
         if not self.dp:
             return [{"sampling": "none", "steps": steps}]
-        return [dict(e, l2_clip_norm=self.cfg["training"]["dp"]["max_grad_norm"]) for e in self.private.events(steps)]
+        return [dict(e, l2_clip_norm=self._clip_record()["max_grad_norm"]) for e in self.private.events(steps)]
 
-    def _ledger_open(self):
-        """Reserve (if configured) and check the run against the privacy ledger before the first step."""
+    def _ledger_open(self, complete: bool = False):
+        """Reconcile the run with the privacy ledger before anything else (see :mod:`jaxdp.train.lifecycle`):
+        adopt its open reservation, reserve the planned steps, or commit a complete run's steps."""
         lcfg = self.cfg["ledger"]
         path = lcfg["path"] or os.environ.get("JAXDP_LEDGER")
         if not path:
@@ -291,18 +361,13 @@ class DPTrainer:
         from jaxdp import ledger as ledger_lib
         self.ledger = ledger_lib.Ledger.open(path)
         self.dataset_id = lcfg["dataset_id"] or self.dataset.name
-        protected = self.ledger.is_protected(self.dataset_id) or bool(lcfg["parent_run_id"])
-        run = self.ledger.run(self.run_id) if hasattr(self.ledger, "run") else None
-        if protected and self.dp and lcfg["reserve"] and run is None:
-            self.ledger.reserve(self.dataset_id, self.run_id, self._ledger_events(self.total_steps),
-                                model=self.model_name, config_hash=config_hash(self.cfg),
-                                code_version=ledger_lib.code_version(), parent_run_id=lcfg["parent_run_id"])
-        ledger_lib.require_reservation(self.ledger, self.dataset_id, self.run_id, private=self.dp,
-                                       parent_run_id=lcfg["parent_run_id"])
+        is_protected = self.ledger.is_protected(self.dataset_id)
+        protected = is_protected or bool(lcfg["parent_run_id"])
+        run = lifecycle.reconcile(self, self.ledger, self.dataset_id, complete, protected)
         if self.telemetry is not None:
-            self.telemetry.record_ledger(protected=protected, reserved=True,
+            self.telemetry.record_ledger(protected=protected, reserved=run is not None and run.status == "reserved",
                                          budget_remaining=self.ledger.remaining(self.dataset_id)
-                                         if self.ledger.is_protected(self.dataset_id) else None)
+                                         if is_protected else None)
 
     def _ledger_commit(self) -> None:
         if getattr(self, "ledger", None) is None:
@@ -310,6 +375,8 @@ class DPTrainer:
         run = self.ledger.run(self.run_id)
         if run is not None and run.status == "reserved":
             self.ledger.commit(self.run_id, self._ledger_events(int(self.state.step)))
+            if self.telemetry is not None:
+                self.telemetry.record_ledger(protected=bool(run.charged), reserved=False)
 
     # -- the loop ------------------------------------------------------------------------------------------
     def _write_outputs(self) -> dict:
@@ -324,14 +391,16 @@ class DPTrainer:
             "dataset": self.dataset.name, "training_set_size": self.n, "model": self.model_name,
             "seed_source": self.seed_source,  # "config" (pinned by the user) or "os" (drawn, kept secret)
             "epsilon": eps if math.isfinite(eps) else None, "delta": delta,
+            "delta_at_least_one_over_n": bool(self.dp and delta is not None and delta >= 1.0 / self.n),
             "target_epsilon": t["dp"]["epsilon"] if self.dp else None,
             "noise_multiplier": self.noise_multiplier,
-            "max_grad_norm": t["dp"]["max_grad_norm"] if self.dp else None,
+            **(self._clip_record() if self.dp else {"max_grad_norm": None}),
             "sample_rate": self.sampler.sample_rate, "expected_batch_size": self.sampler.expected_batch_size,
             "steps": int(self.state.step), "planned_steps": self.total_steps,
             "sampling": self.sampler.sampling, "accountant": t["accountant"] if self.dp else None,
+            "neighboring_relation": t["dp"]["neighboring_relation"] if self.dp else None,
             "mechanism": t["mechanism"] if self.dp else None, "bands": t["bands"] if self.dp else None,
-            "clipping_method": t["method"], "config_hash": config_hash(self.cfg),
+            "clipping_method": t["method"], "config_hash": self.config_hash,
             "jaxdp_version": __import__("jaxdp").__version__,
             "final_test_accuracy": self.metrics[-1]["test_accuracy"] if self.metrics else None,
             "epochs": self.metrics,
@@ -347,7 +416,7 @@ class DPTrainer:
         always large, so epoch 1 alone says little)."""
         fracs = [r["clip_fraction"] for r in self.metrics if "clip_fraction" in r]
         fracs = fracs[1:] if len(fracs) > 1 else fracs
-        if not fracs:
+        if not fracs or (self.dp and self.private.adaptive is not None):  # adaptive: set by target_quantile
             return
         mean = float(np.mean(fracs))
         if mean > CLIP_HIGH:
@@ -364,16 +433,57 @@ class DPTrainer:
 
         ``max_epochs`` stops after that many epochs in this call (checkpointed), e.g. to resume later.
         """
+        if not self.resume:
+            moved = lifecycle.move_aside(self.out_dir)
+            if moved and self.log:
+                print(f"--fresh: the previous run's files were moved to {moved}")
+        out_existed = os.path.isdir(self.out_dir)
         resumed = self._restore()
+        lifecycle.resolve_identity(self, resumed, self._ckpt_meta, fresh=not self.resume)
+        self.resume = True  # from here on (e.g. a second train() call) this directory's checkpoint is ours
+        complete = self._complete()
         self.trained_steps = 0  # steps taken by this call (0: a finished run was only re-reported)
-        if self.status in ("finished", "budget_exhausted"):
-            if self.log:
-                print(f"nothing was trained: {self.out_dir} already holds a {self.status} run "
-                      f"({int(self.state.step)} steps); use --fresh (resume=False) or another output directory "
-                      "to train again", file=sys.stderr)
-            return self._write_outputs()
+        self._telemetry_start()
+        try:
+            try:
+                self._ledger_open(complete)  # reconcile with the ledger before anything else
+            except Exception:
+                if not out_existed:   # a refused new run leaves no run directory behind (only its run.json)
+                    _remove_new_run_dir(self.out_dir)
+                raise
+            if complete:
+                if self.log:
+                    print(f"nothing was trained: {self.out_dir} already holds run {self.run_id!r}, "
+                          f"{self.status.replace('_', ' ')} at step {int(self.state.step)}; use --fresh "
+                          "(resume=False) or another output directory to train again", file=sys.stderr)
+                return self._write_outputs()
+            return self._train_loop(resumed, max_epochs)
+        finally:
+            self._telemetry_stop()
+
+    def _telemetry_start(self) -> None:
+        """Start the run's telemetry (if configured). Telemetry never stops a run: a port in use or a missing
+        prometheus-client is reported in one warning line and training goes on without it."""
+        out = self.cfg["output"]
+        if self.telemetry is not None or (out["telemetry_port"] is None and not out["pushgateway"]):
+            return
+        try:
+            from jaxdp.telemetry import DPMetrics
+            self.telemetry = DPMetrics(self.model_name, self.dataset.name, self.run_id,
+                                       port=out["telemetry_port"], pushgateway=out["pushgateway"])
+        except (OSError, ImportError) as e:
+            warnings.warn(f"telemetry is off for this run: {e}", stacklevel=3)
+
+    def _telemetry_stop(self) -> None:
+        if self.telemetry is not None:
+            if self.telemetry.push_failures and self.log:
+                print(f"telemetry: {self.telemetry.push_failures} push(es) to {self.cfg['output']['pushgateway']} "
+                      "failed (training was not affected)", file=sys.stderr)
+            self.telemetry.close()
+            self.telemetry = None
+
+    def _train_loop(self, resumed: bool, max_epochs: int | None) -> dict:
         self.status = "running"
-        self._ledger_open()  # may refuse (budget): before the run directory exists, so none is left behind
         os.makedirs(self.out_dir, exist_ok=True)
         step_at_start = int(self.state.step)
         # Epoch k ends at step ceil(k / q) (Poisson) or k * steps_per_epoch (shuffle), so fractional steps
@@ -420,6 +530,8 @@ class DPTrainer:
                 row = {"epoch": epoch, "step": int(self.state.step), "train_loss": loss_sum / max(n_real, 1.0),
                        "test_accuracy": acc, "epsilon": eps if math.isfinite(eps) else None,
                        "seconds": time.time() - t0}
+                if self.dp and self.private.adaptive is not None:
+                    row["clip_norm"] = self.private.clip_norm(self.state)  # C_t: post-processing of releases
                 if clip_fracs:
                     row["clip_fraction"] = float(np.mean(clip_fracs))
                     row["group_clip_fraction"] = {k: float(np.mean(v)) for k, v in group_fracs.items()}
@@ -434,6 +546,7 @@ class DPTrainer:
                     progress.close()
                     eps_s = f"epsilon {row['epsilon']:.3f}" if row["epsilon"] is not None else "epsilon inf (non-private)"
                     clip_s = f"  clipped {100 * row['clip_fraction']:.0f}%" if "clip_fraction" in row else ""
+                    clip_s += f"  C {row['clip_norm']:.3g}" if "clip_norm" in row else ""
                     print(f"epoch {epoch:3d}  loss {row['train_loss']:.4f}  test acc {acc:.4f}  {eps_s}{clip_s}  "
                           f"({row['seconds']:.1f}s)", flush=True)
                 epochs_run += 1
@@ -452,6 +565,7 @@ class DPTrainer:
         self._save()
         self.trained_steps = int(self.state.step) - step_at_start
         if self.status in ("finished", "budget_exhausted"):
+            lifecycle.fault_point("before_commit")
             self._ledger_commit()
         return self._write_outputs()
 
@@ -469,11 +583,13 @@ def compare(config: dict | str, out_dir: str | None = None, progress: bool | Non
     dp_cfg["training"]["dp"]["enabled"] = True
     nodp_cfg = json.loads(json.dumps(cfg))
     nodp_cfg["training"]["dp"]["enabled"] = False
+    trainers = {name: DPTrainer(c, out_dir=os.path.join(base, name), progress=progress, log=log)
+                for name, c in (("dp", dp_cfg), ("non_private", nodp_cfg))}
+    lifecycle.refuse_unprivate_on_protected(trainers["non_private"])  # before anything is trained or charged
     results = {}
-    for name, c in (("dp", dp_cfg), ("non_private", nodp_cfg)):
+    for name, trainer in trainers.items():
         if log:
-            print(f"== {name.replace('_', '-')} run -> {os.path.join(base, name)}")
-        trainer = DPTrainer(c, out_dir=os.path.join(base, name), progress=progress, log=log)
+            print(f"== {name.replace('_', '-')} run -> {trainer.out_dir}")
         results[name] = trainer.train()
     dp_acc = results["dp"]["final_test_accuracy"]
     base_acc = results["non_private"]["final_test_accuracy"]
