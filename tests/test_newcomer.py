@@ -59,10 +59,9 @@ def tiny_csv(path, n=60, features=3, zero_free=True, seed=0):
 def test_fixed_sigma_too_small_for_target_prints_no_typeerror(tmp_path, capsys):
     cfg = tiny(tmp_path / "run")
     cfg["training"]["dp"].update(noise_multiplier=0.5, epsilon=0.1)  # step 1 already exceeds epsilon 0.1
-    rc = main(["train", "--config", write_cfg(tmp_path, cfg), "--no-progress"])
-    out, err = capsys.readouterr()
-    assert rc == 0 and "Traceback" not in err
-    assert "status=budget_exhausted steps=0 test accuracy=n/a" in out
+    # A plan that cannot finish is refused before training (issue 19 item 8): one line, exit 2, no TypeError.
+    one_line_error(capsys, ["train", "--config", write_cfg(tmp_path, cfg), "--no-progress"], "cannot finish")
+    assert not (tmp_path / "run").exists()
 
 
 def _fake_run(d, **metrics):
