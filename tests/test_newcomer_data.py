@@ -90,6 +90,7 @@ def test_npz_scale_option_and_flat_images_with_a_cnn(tmp_path):
     np.testing.assert_allclose(d.x_train, np.round(X * 255) / 255, rtol=1e-6)
     flat = _npz(tmp_path, "flat", RNG.random((60, 784)).astype(np.float32), Y)
     cfg = tiny_config(tmp_path, data=flat)
+    cfg["training"]["batch_size"] = 16   # below the 60 examples (a larger one is refused first)
     cfg["model"] = {"name": "mnist_cnn"}
     with pytest.raises(DataValidationError, match=r"shape \(784,\).*x\.reshape\(-1, 28, 28, 1\)"):
         DPTrainer(cfg, log=False)

@@ -189,7 +189,8 @@ def test_finished_run_rerun_trains_nothing(tmp_path, capsys):
     DPTrainer(cfg, log=False).train()
     again = DPTrainer(cfg, log=True)
     s = again.train()
-    assert s["status"] == "finished" and "nothing was trained" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert s["status"] == "finished" and "nothing was trained" in captured.out + captured.err
 
 
 def test_compare_with_a_ledger_refuses_before_training(tmp_path):

@@ -311,15 +311,16 @@ def load_idx(train_images, train_labels, test_images, test_labels, name: str = "
 def load_dataset(name: str, **kwargs) -> Dataset:
     """``"digits"`` (embedded), or a path to a ``.npz`` / ``.csv`` file, or a directory of MNIST IDX files.
 
-    ``kwargs`` are the loader's options (``data.options`` of a trainer config): only a CSV takes any
-    (:func:`load_csv`); an unknown option is an error naming it, never silently ignored."""
+    ``kwargs`` are the loader's options (``data.options`` of a trainer config): a CSV's (:func:`load_csv`) or an
+    npz's (:func:`load_npz`: ``scale``); an unknown option is an error naming it, never silently ignored."""
     kind = "csv" if str(name).endswith(".csv") else "digits" if name == "digits" else \
         "npz" if str(name).endswith(".npz") else "IDX directory"
-    allowed = [p for p in inspect.signature(load_csv).parameters if p != "path"] if kind == "csv" else []
+    loader = {"csv": load_csv, "npz": load_npz}.get(kind)
+    allowed = [p for p in inspect.signature(loader).parameters if p != "path"] if loader else []
     unknown = sorted(set(kwargs) - set(allowed))
     if unknown:
         raise ValueError(f"unknown data option(s) {unknown} for the {kind} dataset {name!r}; "
-                         + (f"a CSV takes {allowed}" if allowed else f"a {kind} dataset takes no options"))
+                         + (f"a {kind} dataset takes {allowed}" if allowed else f"a {kind} dataset takes no options"))
     if name == "digits":
         return load_digits()
     if os.path.isdir(name):
