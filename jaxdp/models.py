@@ -105,11 +105,14 @@ def create(name: str, input_shape: Sequence[int], num_classes: int, *, seed: int
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)}")
     if name in _IMAGE_MODELS and len(tuple(input_shape)) != 3:
-        raise ValueError(f"model {name!r} is a CNN for images [height, width, channels], but the data has "
-                         f"examples of shape {tuple(input_shape)}"
-                         + (" (a feature vector, e.g. from a CSV)" if len(tuple(input_shape)) == 1 else "")
-                         + f"; for such data use model: {{name: mlp}} or {{name: logreg}} "
-                         "(cnn_small is the default when a config has no model section)")
+        from jaxdp.data import DataValidationError
+        from jaxdp.validation import _shape_hint
+        shape = tuple(input_shape)
+        raise DataValidationError(
+            f"model {name!r} takes images [H, W, C] per example; the data's examples have shape {shape}"
+            + (" (a feature vector, e.g. from a CSV)" if len(shape) == 1 else "") + f".{_shape_hint(shape)} "
+            "For feature vectors use model: {name: mlp} or {name: logreg} (cnn_small is the default when a config "
+            "has no model section)")
     try:
         return MODELS[name](tuple(input_shape), int(num_classes), rngs=nnx.Rngs(seed), **kwargs)
     except TypeError as e:
