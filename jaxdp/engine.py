@@ -86,8 +86,20 @@ class PrivateTraining:
         self.max_steps = self._max_steps() if target_epsilon is not None else None
         # One step on one device or data-parallel over all local devices: each device clips and sums its
         # shard, the sums are psum-ed, and the noise is added ONCE to the global sum (jaxdp.distributed).
+        # Several processes (jax.distributed): the same, over every process's devices; each process passes
+        # only its rows of the global batch (see batches() / load_batch()).
         from jaxdp import distributed
-        self.num_devices = jax.local_device_count()
+        self.num_devices = jax.device_count()
+        self.num_processes = jax.process_count()
+        if self.num_processes > 1:
+            if secure_mode:
+                raise ValueError("secure_mode draws batches and noise from each process's own OS entropy, which "
+                                 "would differ between the processes; it is not supported with several processes")
+            distributed.check_same_on_all_processes(
+                [sampler.seed, sampler.sampling, sampler.sample_rate, dataset_size, self.noise_multiplier,
+                 repr(max_grad_norm), self.expected_batch_size, method,
+                 np.asarray(jax.random.key_data(key)).tolist()],
+                "the sampler seed, noise key or mechanism (sigma, C, q, N, E)")
         self._update = distributed.private_update(self.grad_fn, self.tx)
 
     # -- accounting ------------------------------------------------------------------------------------
@@ -161,22 +173,44 @@ class PrivateTraining:
                 f"stopping: step {self.accountant.steps + 1} would take epsilon above the target "
                 f"{self.target_epsilon} (delta={self.target_delta}); {self.accountant.steps} steps were taken, "
                 f"epsilon spent = {self.get_epsilon():.4f}")
-        if self.num_devices > 1:  # spread the real examples evenly over the devices (padding after them)
+        perm = None
+        if self.num_devices > 1 and self.num_processes == 1:  # spread the real examples evenly over the devices
             from jaxdp.distributed import shard_batch
             mask = np.asarray(mask)
-            perm, mask = shard_batch(np.arange(mask.shape[0]), mask, self.num_devices)
+            size = mask.shape[0]
+            perm, mask = shard_batch(np.arange(size), mask, self.num_devices)
             batch = jax.tree_util.tree_map(lambda x: x[perm], batch)
+        # several processes: batch and mask are this process's rows of the global layout (load_batch)
         params, opt_state, stats = self._update(state.params, state.opt_state, batch, mask)
+        if perm is not None:  # per-example stats back in the caller's batch order (padding rows: 0)
+            dest = jnp.asarray(np.where(mask, perm, size))
+            back = lambda a: jnp.zeros((size,) + a.shape[1:], a.dtype).at[dest].set(a, mode="drop")  # noqa: E731
+            stats = stats._replace(per_example_norms=back(stats.per_example_norms),
+                                   per_example_losses=back(stats.per_example_losses),
+                                   aux=jax.tree_util.tree_map(back, stats.aux))
         self._record_step()
         return TrainState(params, opt_state, state.step + 1), stats
 
+    def load_batch(self, indices: np.ndarray, mask: np.ndarray,
+                   load: Callable[[np.ndarray], PyTree]) -> tuple[PyTree, np.ndarray]:
+        """``(batch, mask)`` for :meth:`step` from the sampler's global ``(indices, mask)`` of one step.
+
+        One process: ``(load(indices), mask)``. Several processes: only this process's rows of the global
+        batch, laid out over all devices (:func:`jaxdp.distributed.local_batch`), so ``load`` is called with the
+        indices of this process's shard only."""
+        if self.num_processes > 1:
+            from jaxdp.distributed import local_batch
+            return local_batch(indices, mask, load)
+        return load(indices), mask
+
     def batches(self, data: PyTree, steps: int | None = None) -> Iterator[tuple[PyTree, np.ndarray]]:
-        """Yield ``(batch, mask)`` for the next ``steps`` sampler steps (default: one epoch) from host arrays."""
+        """Yield ``(batch, mask)`` for the next ``steps`` sampler steps (default: one epoch) from host arrays
+        (with several processes: this process's rows only, see :meth:`load_batch`)."""
         steps = self.sampler.steps_per_epoch if steps is None else steps
         for _ in range(steps):
             idx, mask = self.sampler.sample(self.sampler.step)
             self.sampler.step += 1
-            yield jax.tree_util.tree_map(lambda x: x[idx], data), mask
+            yield self.load_batch(idx, mask, lambda i: jax.tree_util.tree_map(lambda x: x[i], data))
 
     def get_epsilon(self, delta: float | None = None) -> float:
         delta = self.target_delta if delta is None else delta

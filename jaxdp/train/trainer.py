@@ -22,6 +22,7 @@ import optax
 from flax import nnx
 
 from jaxdp import data as data_lib
+from jaxdp import distributed
 from jaxdp import models
 from jaxdp.engine import PrivacyBudgetExhausted, PrivacyEngine, TrainState
 from jaxdp.sampling import PoissonSampler, ShuffleSampler
@@ -86,7 +87,8 @@ class DPTrainer:
             cfg["output"]["progress"] = bool(progress)
         self.cfg = cfg
         self.out_dir = cfg["output"]["dir"]
-        self.log = log
+        self.main = distributed.is_main_process()  # several processes: only process 0 logs and writes
+        self.log = log and self.main
         self.resume = resume
         t, dp = cfg["training"], cfg["training"]["dp"]
         self.dp = bool(dp["enabled"])
@@ -103,7 +105,7 @@ class DPTrainer:
         self.run_id = cfg["ledger"]["run_id"] or uuid.uuid4().hex[:12]
         self.telemetry = None
         out = cfg["output"]
-        if out["telemetry_port"] is not None or out["pushgateway"]:
+        if self.main and (out["telemetry_port"] is not None or out["pushgateway"]):
             from jaxdp.telemetry import DPMetrics
             self.telemetry = DPMetrics(cfg["model"]["name"], self.dataset.name, self.run_id,
                                        port=out["telemetry_port"], pushgateway=out["pushgateway"])
@@ -170,13 +172,19 @@ class DPTrainer:
 
         self._correct = correct
 
+    def _load_batch(self, idx: np.ndarray, mask: np.ndarray) -> tuple[dict, np.ndarray]:
+        """The step's batch: with several processes, only this process's rows of the global batch."""
+        def load(i):
+            return {"x": self._x_train[i], "y": self._y_train[i]}
+        return self.private.load_batch(idx, mask, load) if self.dp else (load(idx), mask)
+
     def _baseline_step(self, state, batch, mask):
         new_state, per_ex = self._nonprivate_step(state, batch, mask)
         return new_state, {"per_example_losses": per_ex}
 
     # -- evaluation ----------------------------------------------------------------------------------------
     def evaluate(self, params=None, split: str = "test") -> float:
-        params = self.state.params if params is None else params
+        params = distributed.host_local(self.state.params if params is None else params)  # local copy
         x = self.dataset.x_test if split == "test" else self.dataset.x_train
         y = self.dataset.y_test if split == "test" else self.dataset.y_train
         chunk, right = 512, 0
@@ -219,13 +227,19 @@ class DPTrainer:
         meta = {"sampler": self.sampler.state_dict(), "metrics": self.metrics, "run_id": self.run_id,
                 "config_hash": config_hash(self.cfg), "status": self.status,
                 "accountant": self.engine.accountant.to_dict() if self.dp else None}
-        checkpoint.save(os.path.join(self.out_dir, "checkpoint"), self.state, meta)
+        if self.main:  # the state is replicated: process 0's copy is everyone's
+            checkpoint.save(os.path.join(self.out_dir, "checkpoint"), self.state, meta)
 
     def _restore(self) -> bool:
         ckpt = os.path.join(self.out_dir, "checkpoint")
-        if not (self.resume and checkpoint.exists(ckpt)):
+        loaded = checkpoint.load(ckpt, self.state) if self.resume and checkpoint.exists(ckpt) else None
+        if distributed.process_count() > 1:  # all resume from the same checkpoint (output.dir must be shared)
+            distributed.check_same_on_all_processes(
+                loaded and [loaded[1]["sampler"], loaded[1]["metrics"]],
+                f"the checkpoint in {ckpt} (is output.dir on a filesystem every process sees?)")
+        if loaded is None:
             return False
-        state, meta = checkpoint.load(ckpt, self.state)
+        state, meta = loaded
         if meta["config_hash"] != config_hash(self.cfg):
             raise ValueError(f"{self.out_dir} holds a checkpoint of a different config; use another output.dir "
                              "or delete the directory")
@@ -280,8 +294,9 @@ class DPTrainer:
     def _write_outputs(self) -> dict:
         import yaml
         os.makedirs(self.out_dir, exist_ok=True)
-        with open(os.path.join(self.out_dir, "config.yaml"), "w") as f:
-            yaml.safe_dump(self.cfg, f, sort_keys=False)
+        if self.main:
+            with open(os.path.join(self.out_dir, "config.yaml"), "w") as f:
+                yaml.safe_dump(self.cfg, f, sort_keys=False)
         eps, delta = self.get_privacy_spent()
         t = self.cfg["training"]
         summary = {
@@ -299,10 +314,11 @@ class DPTrainer:
             "final_test_accuracy": self.metrics[-1]["test_accuracy"] if self.metrics else None,
             "epochs": self.metrics,
         }
-        tmp = os.path.join(self.out_dir, ".metrics.json.tmp")
-        with open(tmp, "w") as f:
-            json.dump(summary, f, indent=1)
-        os.replace(tmp, os.path.join(self.out_dir, "metrics.json"))
+        if self.main:
+            tmp = os.path.join(self.out_dir, ".metrics.json.tmp")
+            with open(tmp, "w") as f:
+                json.dump(summary, f, indent=1)
+            os.replace(tmp, os.path.join(self.out_dir, "metrics.json"))
         return summary
 
     def _clip_warnings(self) -> None:
@@ -332,13 +348,13 @@ class DPTrainer:
             return self._write_outputs()
         self.status = "running"
         os.makedirs(self.out_dir, exist_ok=True)
-        self._ledger_open()
+        distributed.on_main_process(self._ledger_open, "the privacy ledger check")
         # Epoch k ends at step ceil(k / q) (Poisson) or k * steps_per_epoch (shuffle), so fractional steps
         # per epoch add up exactly to the planned total.
         n_epochs = math.ceil(self.epochs)
         ends = [min(self.sampler.steps_for_epochs(k), self.total_steps) for k in range(1, n_epochs + 1)]
         ends[-1] = self.total_steps
-        progress = _Progress(self.cfg["output"]["progress"], self.total_steps)
+        progress = _Progress(self.cfg["output"]["progress"] and self.main, self.total_steps)
         target = self.cfg["training"]["dp"]["epsilon"] if self.dp else None
         epochs_run = 0
         if self.log and resumed:
@@ -352,13 +368,14 @@ class DPTrainer:
                 steps_this_epoch = ends[epoch - 1] - int(self.state.step)
                 for _ in range(steps_this_epoch):
                     idx, mask = self.sampler.sample(self.sampler.step)
-                    batch = {"x": self._x_train[idx], "y": self._y_train[idx]}
+                    batch, mask = self._load_batch(idx, mask)
                     try:
                         new_state, stats = self._step(self.state, batch, jnp.asarray(mask))
                     except PrivacyBudgetExhausted as e:
                         self.status = "budget_exhausted"
                         progress.close()
-                        print(f"jaxdp: {e}", file=sys.stderr)
+                        if self.main:
+                            print(f"jaxdp: {e}", file=sys.stderr)
                         raise _Stop() from None
                     self.state = new_state
                     self.sampler.step += 1
@@ -372,6 +389,7 @@ class DPTrainer:
                         for k, v in stats.group_clip_fraction.items():
                             group_fracs.setdefault(k, []).append(float(v))
                     progress.update(int(self.state.step), epoch, n_epochs, None, target, None)
+                loss_sum, n_real = distributed.process_sum(loss_sum, n_real)  # over all processes' rows
                 acc = self.evaluate()
                 eps, _ = self.get_privacy_spent()
                 row = {"epoch": epoch, "step": int(self.state.step), "train_loss": loss_sum / max(n_real, 1.0),
