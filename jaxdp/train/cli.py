@@ -14,10 +14,14 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 
 def _train(args) -> int:
+    from jaxdp.distributed import initialize_from_env
+    initialize_from_env()  # several processes when JAXDP_COORDINATOR etc. are set (see docs/distributed.md)
     from jaxdp.train import DPTrainer
     trainer = DPTrainer(args.config, out_dir=args.out, progress=not args.no_progress, log=not args.json,
                         resume=not args.fresh)
     summary = trainer.train()
+    if not trainer.main:  # several processes: process 0 reports
+        return 0
     if args.json:
         print(json.dumps({k: v for k, v in summary.items() if k != "epochs"}))
     else:
