@@ -25,7 +25,7 @@ from flax import nnx
 from jaxdp import _checks, compat, validation
 from jaxdp.clipping import ClipStats, clipped_grad, total_clip_norm
 from jaxdp.noise import add_noise
-from jaxdp.sampling import PoissonSampler, ShuffleSampler
+from jaxdp.sampling import CyclicPoissonSampler, PoissonSampler, ShuffleSampler
 
 PyTree = Any
 
@@ -61,7 +61,7 @@ class PrivateTraining:
                  dataset_size: int, sampler, noise_multiplier: float, max_grad_norm, key, secure_mode: bool,
                  method: str, microbatch_size: int | None, trainable, expected_batch_size: float,
                  target_epsilon: float | None, target_delta: float | None, planned_steps: int | None,
-                 nnx_graph: tuple | None) -> None:
+                 nnx_graph: tuple | None, noise_tx: Any = None, mechanism: str = "dpsgd") -> None:
         self.engine = engine
         self.accountant = engine.accountant
         self.sampler = sampler
@@ -74,14 +74,16 @@ class PrivateTraining:
         self.target_delta = target_delta
         self.planned_steps = planned_steps
         self.method = method
+        self.mechanism = mechanism   # "dpsgd" | "bandmf" (bands: self.sampler.bands)
         self._params0 = params
         self._nnx_graph = nnx_graph
         self.loss_fn = pure_loss
         self.grad_fn = clipped_grad(pure_loss, max_grad_norm, method=method, microbatch_size=microbatch_size,
                                     trainable=trainable)
         self.tx = optax.chain(
-            add_noise(self.noise_multiplier, max_grad_norm, self.expected_batch_size, key,
-                      secure=secure_mode, trainable=trainable),
+            noise_tx if noise_tx is not None else add_noise(
+                self.noise_multiplier, max_grad_norm, self.expected_batch_size, key, secure=secure_mode,
+                trainable=trainable),
             optimizer)
         self.max_steps = self._max_steps() if target_epsilon is not None else None
         # One step on one device or data-parallel over all local devices: each device clips and sums its
@@ -108,6 +110,9 @@ class PrivateTraining:
         if s.sampling == "shuffle":
             return {"sampling": "shuffle", "noise_multiplier": self.noise_multiplier,
                     "batch_size": s.batch_size, "dataset_size": s.dataset_size, "steps": steps}
+        if s.sampling == "cyclic_poisson":
+            return {"sampling": "cyclic_poisson", "mechanism": self.mechanism, "bands": s.bands,
+                    "noise_multiplier": self.noise_multiplier, "sample_rate": s.sample_rate, "steps": steps}
         if s.sampling == "truncated_poisson":
             return {"sampling": "truncated_poisson", "noise_multiplier": self.noise_multiplier,
                     "sample_rate": s.sample_rate, "max_batch_size": s.max_batch_size,
@@ -121,6 +126,9 @@ class PrivateTraining:
 
     def _record_step(self) -> None:
         s = self.sampler
+        if s.sampling == "cyclic_poisson":
+            self.accountant.record(self._event(1))
+            return
         self.accountant.step(self.noise_multiplier, s.sample_rate, 1, sampling=s.sampling,
                              dataset_size=s.dataset_size, batch_size=getattr(s, "batch_size", None),
                              max_batch_size=getattr(s, "max_batch_size", None))
@@ -287,6 +295,8 @@ class PrivacyEngine:
         dataset_id: str | None = None,
         run_id: str | None = None,
         parent_run_id: str | None = None,
+        mechanism: str = "dpsgd",
+        bands: int | None = None,
     ) -> PrivateTraining:
         """Wrap a model, a per-example loss and an optax optimiser into a :class:`PrivateTraining`.
 
@@ -306,6 +316,11 @@ class PrivacyEngine:
           ledger, dataset_id, run_id, parent_run_id: a privacy ledger (:mod:`jaxdp.ledger`, object or path;
             default ``$JAXDP_LEDGER``): training on a protected dataset is refused unless ``run_id`` holds a
             reservation charged to it (and, when fine-tuning, to the parent model's datasets).
+          mechanism, bands: ``"dpsgd"`` (default: independent noise, Poisson sampling) or ``"bandmf"``: b-banded
+            matrix-factorization noise (:func:`jaxdp.matrix_factorization.bandmf_noise`, state ``(b-1) x |params|``,
+            strategy optimised for the planned steps, so ``epochs`` is required) with cyclic Poisson sampling
+            over ``b = bands`` groups at rate ``p = b * batch_size / N`` (needs ``b * batch_size <= N``), accounted
+            as DP-SGD with rate ``p`` and ``ceil(T / b)`` steps. Needs a fresh engine (no earlier steps).
         """
         n = _checks.positive_int("dataset_size", dataset_size)
         b = _checks.positive("batch_size", batch_size)
@@ -332,27 +347,43 @@ class PrivacyEngine:
                 raise ValueError("with a privacy ledger, make_private needs dataset_id= and run_id= (the run's "
                                  "reservation); see jaxdp.ledger")
             require_reservation(ledger, dataset_id, run_id, private=True, parent_run_id=parent_run_id)
+        if mechanism not in ("dpsgd", "bandmf"):
+            raise ValueError(f"mechanism must be 'dpsgd' or 'bandmf', got {mechanism!r}")
+        if mechanism == "bandmf":
+            bands = _check_bandmf(n, b, q, bands, epochs, poisson_sampling, max_batch_size, opacus_compat,
+                                  self.accountant)
+        elif bands not in (None, 1):
+            raise ValueError("bands is for mechanism='bandmf'; DP-SGD has no bands")
         pure, p, graph = self._prepare(loss_fn, model, variables, params, sample_input)
-        if poisson_sampling:
+        if mechanism == "bandmf":
+            sampler = CyclicPoissonSampler(n, q * bands, bands, seed, secure=self.secure_mode)
+        elif poisson_sampling:
             sampler = PoissonSampler(n, q, seed, max_batch_size=max_batch_size, secure=self.secure_mode)
         else:
             sampler = ShuffleSampler(n, int(round(b)), seed, secure=self.secure_mode)
         # Opacus divides by int(N * q) (e.g. 63 for batch 64 on 60,000 examples); jaxdp by q * N.
-        e = compat.expected_batch_size(n, q, opacus_compat=opacus_compat) if poisson_sampling \
-            else sampler.expected_batch_size
+        e = compat.expected_batch_size(n, q, opacus_compat=opacus_compat) if (
+            poisson_sampling and mechanism == "dpsgd") else sampler.expected_batch_size
         # Refuse now, before any data is touched, a sampling this accountant cannot account for (rule 5).
         probe = _accounting().Accountant(self.accountant.accountant,
                                          neighboring_relation=self.accountant.neighboring_relation)
         probe.step(sigma, sampler.sample_rate, 1, sampling=sampler.sampling, dataset_size=n,
                    batch_size=getattr(sampler, "batch_size", None),
-                   max_batch_size=getattr(sampler, "max_batch_size", None))
+                   max_batch_size=getattr(sampler, "max_batch_size", None),
+                   bands=getattr(sampler, "bands", None), mechanism=mechanism)
         key = None if self.secure_mode else jax.random.fold_in(jax.random.key(seed), 0x6E6F6973)  # "nois": noise stream
         planned = None if epochs is None else sampler.steps_for_epochs(epochs)
+        noise_tx = None
+        if mechanism == "bandmf":
+            from jaxdp.matrix_factorization import bandmf_noise
+            noise_tx = bandmf_noise(sigma, max_grad_norm, e, key, bands=bands, steps=max(planned, 1),
+                                    secure=self.secure_mode, trainable=trainable)
         return PrivateTraining(
             engine=self, pure_loss=pure, params=p, optimizer=optimizer, dataset_size=n, sampler=sampler,
             noise_multiplier=sigma, max_grad_norm=max_grad_norm, key=key, secure_mode=self.secure_mode,
             method=method, microbatch_size=microbatch_size, trainable=trainable, expected_batch_size=e,
-            target_epsilon=target_epsilon, target_delta=target_delta, planned_steps=planned, nnx_graph=graph)
+            target_epsilon=target_epsilon, target_delta=target_delta, planned_steps=planned, nnx_graph=graph,
+            noise_tx=noise_tx, mechanism=mechanism)
 
     def make_private_with_epsilon(self, *, target_epsilon: float, target_delta: float, epochs: float,
                                   dataset_size: int, batch_size: float, **kwargs) -> PrivateTraining:
@@ -366,7 +397,14 @@ class PrivacyEngine:
         if kwargs.get("poisson_sampling", True) is False:
             raise ValueError("make_private_with_epsilon calibrates for Poisson sampling; use make_private with "
                              "an explicit noise_multiplier for shuffled batches")
-        sigma = self.calibrate(target_epsilon, target_delta, q, PoissonSampler(n, q, 0).steps_for_epochs(epochs))
+        steps = PoissonSampler(n, q, 0).steps_for_epochs(epochs)
+        if kwargs.get("mechanism", "dpsgd") == "bandmf":   # DP-SGD with rate b q and ceil(T / b) steps
+            bands = _check_bandmf(n, batch_size, q, kwargs.get("bands"), epochs, kwargs.get("poisson_sampling", True),
+                                  kwargs.get("max_batch_size"), kwargs.get("opacus_compat", False), self.accountant)
+            from jaxdp.accounting import cyclic_participations
+            q, steps = q * bands, cyclic_participations(CyclicPoissonSampler(n, q * bands, bands, 0)
+                                                        .steps_for_epochs(epochs), bands)
+        sigma = self.calibrate(target_epsilon, target_delta, q, steps)
         return self.make_private(noise_multiplier=sigma, dataset_size=n, batch_size=batch_size, epochs=epochs,
                                  target_epsilon=target_epsilon, target_delta=target_delta, **kwargs)
 
@@ -381,6 +419,23 @@ class PrivacyEngine:
     def get_epsilon(self, delta: float) -> float:
         """Epsilon spent so far by every private object of this engine, at ``delta``."""
         return self.accountant.get_epsilon(delta)
+
+
+def _check_bandmf(n, batch_size, q, bands, epochs, poisson_sampling, max_batch_size, opacus_compat, accountant):
+    """Validate ``mechanism='bandmf'`` arguments; returns ``bands``."""
+    b = _checks.positive_int("bands (mechanism='bandmf' needs bands=b, the number of bands)", bands)
+    if epochs is None:
+        raise ValueError("mechanism='bandmf' needs epochs= (the strategy is optimised for the planned steps)")
+    if not poisson_sampling or max_batch_size is not None or opacus_compat:
+        raise ValueError("mechanism='bandmf' uses cyclic Poisson sampling: leave poisson_sampling, max_batch_size "
+                         "and opacus_compat at their defaults")
+    if q * b > 1.0 + 1e-12:
+        raise ValueError(f"mechanism='bandmf' samples each of the bands={b} groups at rate bands * batch_size / N = "
+                         f"{q * b:.3g} > 1; use fewer bands or a smaller batch_size (bands * batch_size <= N)")
+    if accountant.steps:
+        raise ValueError("mechanism='bandmf' needs a fresh PrivacyEngine: its accounting counts participations in "
+                         "one cyclic schedule, which must not merge with earlier runs' steps")
+    return b
 
 
 def _check_delta(delta: float, n: int) -> None:

@@ -156,6 +156,85 @@ class PoissonSampler(_Sampler):
                 f"secure={self.secure})")
 
 
+class CyclicPoissonSampler(PoissonSampler):
+    """Cyclic Poisson sampling (Choquette-Choo et al. 2023): the data are split once into ``b`` groups; step ``t``
+    Poisson-samples group ``t mod b``, each of its examples independently with probability ``p``.
+
+    Every example therefore takes part only in steps ``b`` apart, at most ``ceil(T / b)`` times in ``T`` steps.
+    With b-banded matrix-factorization noise (:func:`jaxdp.matrix_factorization.bandmf_noise`) -- or independent
+    noise, ``b``'s special case -- the run is accounted as DP-SGD with sampling rate ``p`` and ``ceil(T / b)``
+    steps (event ``{"sampling": "cyclic_poisson", ...}`` in :mod:`jaxdp.accounting`). This assumes the steps are
+    taken in order, one batch per step, as iterating the sampler does.
+
+    Args:
+      dataset_size: ``N``.
+      sample_rate: ``p``, the probability that an example of the step's group is in the batch.
+      bands: ``b``, the number of groups (the cycle length; equal to BandMF's number of bands).
+      seed: int seed of the partition and of the sampling (required unless ``secure``); keep it secret.
+      pad_to_multiple, secure: as in :class:`PoissonSampler` (no truncation).
+
+    The groups are a uniformly random partition into sizes ``floor(N/b)`` or ``ceil(N/b)``; the public normaliser
+    is ``expected_batch_size = p * N / b``. An "epoch" (each example once in expectation) is ``ceil(b / p)`` steps.
+    """
+
+    def __init__(self, dataset_size: int, sample_rate: float, bands: int, seed: int | None = None, *,
+                 pad_to_multiple: int | None = None, secure: bool = False) -> None:
+        n = _checks.positive_int("dataset_size", dataset_size)
+        self.bands = _checks.positive_int("bands", bands)
+        if self.bands > n:
+            raise ValueError(f"bands={bands} is larger than dataset_size={dataset_size}: every group needs examples")
+        p = _checks.sample_rate(sample_rate)
+        if pad_to_multiple is None:
+            pad_to_multiple = default_pad_multiple(-(-n // self.bands), p)
+        super().__init__(n, p, seed, pad_to_multiple=pad_to_multiple, secure=secure)
+        _check_seed(seed, secure, "CyclicPoissonSampler")
+        # One fixed partition for the whole run (secure mode: drawn once from OS entropy, kept in memory).
+        perm = _rng(self.seed, 2, secure=self.secure).permutation(n)
+        self._groups = [np.sort(perm[g::self.bands]) for g in range(self.bands)]
+
+    sampling = "cyclic_poisson"
+
+    @property
+    def expected_batch_size(self) -> float:
+        """``p * N / b``: the public normaliser of the noisy sum."""
+        return self.sample_rate * self.dataset_size / self.bands
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return max(1, math.ceil(self.bands / self.sample_rate - 1e-9))
+
+    def steps_for_epochs(self, epochs: float) -> int:
+        """``ceil(epochs * b / p)`` steps: each example ``epochs`` times in expectation."""
+        return max(0, math.ceil(epochs * self.bands / self.sample_rate - 1e-9))
+
+    def group(self, step: int) -> np.ndarray:
+        """The examples of the group that step ``step`` samples from (``step mod b``)."""
+        return self._groups[int(step) % self.bands]
+
+    def sample(self, step: int) -> tuple[np.ndarray, np.ndarray]:
+        """The batch of global step ``step``: a Poisson sample (rate ``p``) of group ``step mod b``, padded."""
+        members = self.group(step)
+        rng = _rng(self.seed, 3, step, secure=self.secure)
+        chosen = members[rng.random(members.size) < self.sample_rate]
+        size = self.padded_size(chosen.size)
+        indices = np.zeros(size, np.int32)
+        indices[:chosen.size] = chosen
+        mask = np.zeros(size, bool)
+        mask[:chosen.size] = True
+        return indices, mask
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.secure and int(state["step"]) > 0:
+            raise ValueError("a secure-mode CyclicPoissonSampler cannot resume a run: its partition came from the "
+                             "OS entropy source and is not stored, and a new partition would break the b-step "
+                             "separation the accounting relies on; restart the run, or use a (secret) seed")
+        super().load_state_dict(state)
+
+    def __repr__(self) -> str:
+        return (f"CyclicPoissonSampler(dataset_size={self.dataset_size}, sample_rate={self.sample_rate}, "
+                f"bands={self.bands}, pad_to_multiple={self.pad_to_multiple}, secure={self.secure})")
+
+
 class ShuffleSampler(_Sampler):
     """Shuffled fixed-size batches (each epoch a fresh permutation). Labelled ``sampling = "shuffle"``.
 
@@ -216,4 +295,4 @@ class ShuffleSampler(_Sampler):
         self.step = int(state["step"])
 
 
-__all__ = ["PoissonSampler", "ShuffleSampler", "default_pad_multiple"]
+__all__ = ["PoissonSampler", "CyclicPoissonSampler", "ShuffleSampler", "default_pad_multiple"]

@@ -14,6 +14,14 @@ can be checkpointed, written to the budget ledger and re-accounted later with an
 ``{"sampling": "truncated_poisson", "noise_multiplier": s, "sample_rate": q, "max_batch_size": m,
 "dataset_size": n, "steps": T}``
     Poisson sampling whose batch is cut down to a uniformly random subset of ``m`` examples when larger.
+``{"sampling": "cyclic_poisson", "mechanism": m, "bands": b, "noise_multiplier": s, "sample_rate": p, "steps": T}``
+    Cyclic Poisson sampling (:class:`jaxdp.sampling.CyclicPoissonSampler`: ``b`` fixed groups, step ``t``
+    samples group ``t mod b`` with rate ``p``) with mechanism ``m`` = ``"bandmf"`` (b-banded matrix-factorization
+    noise, max column norm 1; :mod:`jaxdp.matrix_factorization`) or ``"dpsgd"`` (independent noise). Accounted as
+    DP-SGD with rate ``p`` and ``ceil(T / b)`` steps (Choquette-Choo et al. 2023, Theorem 4), for ``T`` CONSECUTIVE
+    steps of one cyclic schedule. :class:`Accountant` merges consecutive identical records (one run, recorded step
+    by step); :func:`merge_events` never merges cyclic events (two runs, each restarting its cycle, cost
+    ``ceil(T1/b) + ceil(T2/b)``).
 ``{"sampling": "none", "steps": T}``
     Steps that touched data without noise: epsilon is infinite.
 
@@ -60,7 +68,9 @@ NEIGHBORING_RELATIONS = {
     "add_remove": pa.NeighboringRelation.ADD_OR_REMOVE_ONE,
     "replace_one": pa.NeighboringRelation.REPLACE_ONE,
 }
-SAMPLINGS = ("poisson", "shuffle", "truncated_poisson", "none")
+SAMPLINGS = ("poisson", "shuffle", "truncated_poisson", "cyclic_poisson", "none")
+#: Noise mechanisms a cyclic-Poisson event may name (both accounted by the same theorem).
+CYCLIC_MECHANISMS = ("bandmf", "dpsgd")
 
 #: PLD discretisation used by "pld" and "prv" (dp-accounting's default; the DESIGN.md reference figures use it).
 PLD_VALUE_DISCRETIZATION_INTERVAL = 1e-4
@@ -165,6 +175,15 @@ def validate_event(event: Mapping[str, Any]) -> dict:
             raise ValueError(f"batch_size {b} is larger than dataset_size {n}")
         return {"sampling": "shuffle", "noise_multiplier": _noise(event["noise_multiplier"]), "batch_size": b,
                 "dataset_size": n, "steps": _steps(event["steps"])}
+    if sampling == "cyclic_poisson":
+        need("mechanism", "bands", "noise_multiplier", "sample_rate", "steps")
+        if event["mechanism"] not in CYCLIC_MECHANISMS:
+            raise ValueError(f"a cyclic_poisson event's mechanism must be one of {CYCLIC_MECHANISMS}, got "
+                             f"{event['mechanism']!r}")
+        return {"sampling": "cyclic_poisson", "mechanism": event["mechanism"],
+                "bands": _checks.positive_int("bands", event["bands"]),
+                "noise_multiplier": _noise(event["noise_multiplier"]),
+                "sample_rate": _checks.sample_rate(event["sample_rate"]), "steps": _steps(event["steps"])}
     need("noise_multiplier", "sample_rate", "max_batch_size", "dataset_size", "steps")
     return {"sampling": "truncated_poisson", "noise_multiplier": _noise(event["noise_multiplier"]),
             "sample_rate": _checks.sample_rate(event["sample_rate"]),
@@ -180,8 +199,8 @@ def merge_events(events: Iterable[Mapping[str, Any]]) -> list[dict]:
         e = validate_event(e)
         if e["steps"] == 0:
             continue
-        if out and {k: v for k, v in out[-1].items() if k != "steps"} == {k: v for k, v in e.items()
-                                                                         if k != "steps"}:
+        if out and e["sampling"] != "cyclic_poisson" and {k: v for k, v in out[-1].items() if k != "steps"} == {
+                k: v for k, v in e.items() if k != "steps"}:
             out[-1]["steps"] += e["steps"]
         else:
             out.append(e)
@@ -209,11 +228,16 @@ def _refuse(event: dict, accountant: str, relation: str) -> str | None:
         return ("the 'rdp' accountant has no analysis of truncated Poisson sampling (batches cut to "
                 "max_batch_size); use accountant='pld' or 'prv' (dp-accounting's truncated subsampled Gaussian "
                 "PLD), or sample without truncation.")
-    if s == "poisson" and relation == "replace_one" and accountant == "rdp":
+    if s in ("poisson", "cyclic_poisson") and relation == "replace_one" and accountant == "rdp":
         return ("the RDP analysis of Poisson sampling (Mironov, Talwar, Zhang 2019) is for the add/remove "
                 "relation only; use "
                 "neighboring_relation='add_remove' (the default) or accountant='pld'/'prv'.")
     return None
+
+
+def cyclic_participations(steps: int, bands: int) -> int:
+    """``ceil(steps / bands)``: the most steps one example takes part in under cyclic sampling with ``bands`` groups."""
+    return -(-int(steps) // int(bands))
 
 
 def to_dp_event(event: dict) -> dpe.DpEvent:
@@ -224,6 +248,12 @@ def to_dp_event(event: dict) -> dpe.DpEvent:
     elif s == "poisson":
         gauss = dpe.GaussianDpEvent(event["noise_multiplier"])
         inner = gauss if event["sample_rate"] == 1.0 else dpe.PoissonSampledDpEvent(event["sample_rate"], gauss)
+    elif s == "cyclic_poisson":
+        # Choquette-Choo et al. 2023, Theorem 4: T consecutive steps of b-banded MF (or independent noise) under
+        # cyclic Poisson sampling = DP-SGD with rate p and ceil(T / b) steps.
+        gauss = dpe.GaussianDpEvent(event["noise_multiplier"])
+        inner = gauss if event["sample_rate"] == 1.0 else dpe.PoissonSampledDpEvent(event["sample_rate"], gauss)
+        return dpe.SelfComposedDpEvent(inner, cyclic_participations(t, event["bands"]))
     elif s == "shuffle":
         # dp-accounting's RDP for sampling without replacement (Wang, Balle, Kasiviswanathan 2019) takes the noise
         # relative to the REPLACE-ONE sensitivity of the released sum. Replacing one example moves a sum of
@@ -381,12 +411,13 @@ class Accountant:
     # -- recording
     def step(self, noise_multiplier: float, sample_rate: float | None = None, num_steps: int = 1, *,
              sampling: str = "poisson", dataset_size: int | None = None, batch_size: int | None = None,
-             max_batch_size: int | None = None) -> None:
+             max_batch_size: int | None = None, bands: int | None = None, mechanism: str = "dpsgd") -> None:
         """Record ``num_steps`` DP-SGD steps with noise std ``noise_multiplier * C``.
 
         ``sampling`` is the batch selection actually used (the samplers' ``.sampling``): ``"poisson"`` needs
         ``sample_rate``; ``"shuffle"`` needs ``batch_size`` and ``dataset_size``; ``"truncated_poisson"`` needs
-        ``sample_rate``, ``max_batch_size`` and ``dataset_size``; ``"none"`` records non-private steps.
+        ``sample_rate``, ``max_batch_size`` and ``dataset_size``; ``"cyclic_poisson"`` needs ``sample_rate``,
+        ``bands`` and ``mechanism`` (consecutive steps of ONE cyclic schedule); ``"none"`` records non-private steps.
         Raises ``ValueError`` at once if this accountant cannot account the sampling (privacy rule 5).
         """
         if sampling == "poisson":
@@ -401,6 +432,9 @@ class Accountant:
             event = {"sampling": "truncated_poisson", "noise_multiplier": noise_multiplier,
                      "sample_rate": sample_rate, "max_batch_size": max_batch_size, "dataset_size": dataset_size,
                      "steps": num_steps}
+        elif sampling == "cyclic_poisson":
+            event = {"sampling": "cyclic_poisson", "mechanism": mechanism, "bands": bands,
+                     "noise_multiplier": noise_multiplier, "sample_rate": sample_rate, "steps": num_steps}
         elif sampling == "none":
             event = {"sampling": "none", "steps": num_steps}
         else:
@@ -729,4 +763,5 @@ __all__ = [
     "PRVPrivacyAccountant", "calibrate_noise_multiplier", "check_delta", "check_epsilon", "compose_events",
     "compute_dp_sgd_privacy", "compute_epsilon", "events_delta", "events_epsilon", "make_dp_accountant",
     "merge_events", "steps_for_epochs", "to_dp_event", "validate_event", "warn_if_delta_too_large",
+    "CYCLIC_MECHANISMS", "cyclic_participations",
 ]

@@ -7,6 +7,8 @@ An *event* is one mechanism run on a dataset, as a plain JSON-able dict in the f
     {"sampling": "shuffle", "noise_multiplier": s, "batch_size": b, "dataset_size": n, "steps": T}
     {"sampling": "truncated_poisson", "noise_multiplier": s, "sample_rate": q, "max_batch_size": m,
      "dataset_size": n, "steps": T}
+    {"sampling": "cyclic_poisson", "mechanism": "bandmf", "bands": b, "noise_multiplier": s, "sample_rate": p,
+     "steps": T}                             # BandMF / cyclic Poisson: DP-SGD with rate p, ceil(T/b) steps
     {"sampling": "none", "steps": T}          # non-private: epsilon = infinity
 
 plus, for the record only, ``"l2_clip_norm"`` (the accountant never sees it: the privacy guarantee is a function
@@ -22,14 +24,16 @@ import json
 import math
 from typing import Any, Iterable
 
-SAMPLINGS = ("poisson", "shuffle", "truncated_poisson", "none")
+SAMPLINGS = ("poisson", "shuffle", "truncated_poisson", "cyclic_poisson", "none")
 _REQUIRED = {
     "poisson": ("noise_multiplier", "sample_rate", "steps"),
     "shuffle": ("noise_multiplier", "batch_size", "dataset_size", "steps"),
     "truncated_poisson": ("noise_multiplier", "sample_rate", "max_batch_size", "dataset_size", "steps"),
+    "cyclic_poisson": ("mechanism", "bands", "noise_multiplier", "sample_rate", "steps"),
     "none": ("steps",),
 }
-_INT_KEYS = ("steps", "batch_size", "dataset_size", "max_batch_size")
+_INT_KEYS = ("steps", "batch_size", "dataset_size", "max_batch_size", "bands")
+_STR_KEYS = ("mechanism",)
 _RECORD_ONLY = ("l2_clip_norm",)
 
 
@@ -63,7 +67,12 @@ def normalize_events(events: Any) -> list[dict]:
             if ev.get(k) is None:
                 continue
             v = ev[k]
-            if k in _INT_KEYS:
+            if k in _STR_KEYS:
+                from jaxdp.accounting.core import CYCLIC_MECHANISMS
+                if v not in CYCLIC_MECHANISMS:
+                    raise ValueError(f"event {i}: {k} must be one of {CYCLIC_MECHANISMS}, got {v!r}")
+                clean[k] = str(v)
+            elif k in _INT_KEYS:
                 if isinstance(v, bool) or not float(v).is_integer() or int(v) < (0 if k == "steps" else 1):
                     raise ValueError(f"event {i}: {k} must be an integer >= {0 if k == 'steps' else 1}, got {v!r}")
                 clean[k] = int(v)
@@ -99,7 +108,19 @@ def is_private(events: Iterable[dict]) -> bool:
 
 
 def _accountant_events(events: list[dict]) -> list[dict]:
-    return [{k: v for k, v in e.items() if k not in _RECORD_ONLY} for e in events if e["steps"] > 0]
+    """Events as the accountant sees them. A cyclic-Poisson run (T consecutive steps, b groups) becomes its
+    equivalent Poisson event (rate p, ceil(T/b) steps) HERE, before :func:`_merge` adds up steps: two runs each
+    restart their cycle, so their participations add (ceil(T1/b) + ceil(T2/b)), not their steps."""
+    out = []
+    for e in events:
+        if e["steps"] <= 0:
+            continue
+        e = {k: v for k, v in e.items() if k not in _RECORD_ONLY}
+        if e["sampling"] == "cyclic_poisson":
+            e = {"sampling": "poisson", "noise_multiplier": e["noise_multiplier"], "sample_rate": e["sample_rate"],
+                 "steps": -(-e["steps"] // e["bands"])}
+        out.append(e)
+    return out
 
 
 @functools.lru_cache(maxsize=4096)
@@ -142,6 +163,8 @@ def epochs_of(event: dict) -> float | None:
     """Passes over the data that ``event``'s steps amount to (``steps * q`` or ``steps * b / n``)."""
     if event["sampling"] in ("poisson", "truncated_poisson"):
         return event["steps"] * event["sample_rate"]
+    if event["sampling"] == "cyclic_poisson":
+        return event["steps"] * event["sample_rate"] / event["bands"]
     if event["sampling"] == "shuffle":
         return event["steps"] * event["batch_size"] / event["dataset_size"]
     return None

@@ -168,11 +168,15 @@ def guarantee_sentence(mp: Mapping[str, Any]) -> str:
         how = f"Poisson sampling rate q={_g(mp['sample_rate'])}"
     elif sampling == "shuffle":
         how = f"shuffled fixed-size batches of {_g(mp['expected_batch_size'])}"
+    elif sampling == "cyclic_poisson":
+        how = (f"banded matrix-factorization noise with b={mp.get('bands')} bands, cyclic Poisson sampling of "
+               f"{mp.get('bands')} groups at rate p={_g(mp['sample_rate'])}")
     else:
         how = f"{sampling} sampling rate q={_g(mp['sample_rate'])}"
     relation = "add/remove-one" if mp.get("neighboring_relation", "add_remove") == "add_remove" else "replace-one"
     acc = str(mp.get("accountant") or "").upper()
-    return (f"Trained with DP-SGD ({how}, noise multiplier σ={_g(mp['noise_multiplier'])}, "
+    name = "BandMF" if sampling == "cyclic_poisson" else "DP-SGD"
+    return (f"Trained with {name} ({how}, noise multiplier σ={_g(mp['noise_multiplier'])}, "
             f"clip norm C={_g(mp['max_grad_norm'])}, T={mp['steps']} steps, training set of "
             f"{mp['training_set_size']} examples): for any one training example, (ε={format_epsilon(mp['epsilon'])}, "
             f"δ={_g(mp['delta'])})-differential privacy holds under {relation} neighbouring datasets "
@@ -199,7 +203,10 @@ def build_model_privacy(run_dir: str | os.PathLike, *, audit: str | os.PathLike 
     led, led_why = ledger_total(ledger, dataset_id or m.get("dataset"))
     mp: dict[str, Any] = {
         "private": private,
-        "mechanism": "DP-SGD (per-example clipping + Gaussian noise)" if private else "none (non-private SGD)",
+        "mechanism": (("BandMF (per-example clipping + banded matrix-factorization noise)"
+                       if m.get("mechanism") == "bandmf" else "DP-SGD (per-example clipping + Gaussian noise)")
+                      if private else "none (non-private SGD)"),
+        "bands": m.get("bands"),
         "library": "jaxdp",
         "library_version": m.get("jaxdp_version"),
         "epsilon": m.get("epsilon") if private else None,

@@ -19,6 +19,8 @@ Schema (``REQUIRED`` keys must be present, others have the defaults shown)::
       seed: REQUIRED             # batch selection, noise and initialisation; keep it secret
       accountant: prv            # prv | rdp | pld
       sampling: poisson          # poisson | shuffle (shuffle is accounted as fixed-size sampling)
+      mechanism: dpsgd           # dpsgd | bandmf (banded matrix-factorization noise, cyclic Poisson sampling)
+      bands: null                # bandmf: number of bands b (noise state b x |params|; needs b * batch_size <= N)
       method: auto               # clipping method: auto | vmap | ghost
       microbatch_size: null      # physical batch for per-example gradients (memory bound)
       dp:
@@ -57,7 +59,7 @@ SCHEMA: dict[str, Any] = {
     "optimizer": {"name": "sgd", "learning_rate": REQUIRED, "momentum": 0.9},
     "training": {
         "epochs": REQUIRED, "batch_size": REQUIRED, "seed": REQUIRED, "accountant": "prv",
-        "sampling": "poisson", "method": "auto", "microbatch_size": None,
+        "sampling": "poisson", "method": "auto", "microbatch_size": None, "mechanism": "dpsgd", "bands": None,
         "dp": {"enabled": True, "epsilon": 3.0, "delta": 1e-5, "max_grad_norm": 1.0, "noise_multiplier": None,
                "neighboring_relation": "add_remove"},
     },
@@ -150,6 +152,17 @@ def _check_values(cfg: dict) -> None:
                           "(calibration to a target epsilon is for Poisson sampling)")
     if t["microbatch_size"] is not None:
         num("training.microbatch_size", t["microbatch_size"], integer=True)
+    if t["mechanism"] not in ("dpsgd", "bandmf"):
+        raise ConfigError(f"config key 'training.mechanism' must be dpsgd or bandmf, got {t['mechanism']!r}")
+    if t["mechanism"] == "bandmf":
+        if t["bands"] is None:
+            raise ConfigError("config key 'training.bands' must be set (an integer >= 1) with mechanism: bandmf")
+        num("training.bands", t["bands"], integer=True)
+        if t["sampling"] != "poisson":
+            raise ConfigError("config key 'training.sampling' must be poisson with mechanism: bandmf (it uses "
+                              "cyclic Poisson sampling over `bands` groups)")
+    elif t["bands"] not in (None, 1):
+        raise ConfigError("config key 'training.bands' is for mechanism: bandmf; remove it or set mechanism")
 
 
 def _yaml_numbers(obj: Any) -> Any:

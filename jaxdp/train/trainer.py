@@ -127,6 +127,8 @@ class DPTrainer:
                           method=t["method"], microbatch_size=t["microbatch_size"],
                           poisson_sampling=t["sampling"] == "poisson",
                           ledger=False)  # train() reserves in and checks against the ledger before step 1
+            if t["mechanism"] == "bandmf":   # banded MF noise + cyclic Poisson sampling (jaxdp.matrix_factorization)
+                common.update(mechanism="bandmf", bands=int(t["bands"]))
             if dp["noise_multiplier"] is None:
                 self.private = self.engine.make_private_with_epsilon(
                     target_epsilon=dp["epsilon"], target_delta=self.delta, epochs=self.epochs, **common)
@@ -309,6 +311,7 @@ class DPTrainer:
             "sample_rate": self.sampler.sample_rate, "expected_batch_size": self.sampler.expected_batch_size,
             "steps": int(self.state.step), "planned_steps": self.total_steps,
             "sampling": self.sampler.sampling, "accountant": t["accountant"] if self.dp else None,
+            "mechanism": t["mechanism"] if self.dp else None, "bands": t["bands"] if self.dp else None,
             "clipping_method": t["method"], "config_hash": config_hash(self.cfg),
             "jaxdp_version": __import__("jaxdp").__version__,
             "final_test_accuracy": self.metrics[-1]["test_accuracy"] if self.metrics else None,
