@@ -98,8 +98,8 @@ class PrivateTraining:
                 raise ValueError("secure_mode draws batches and noise from each process's own OS entropy, which "
                                  "would differ between the processes; it is not supported with several processes")
             distributed.check_same_on_all_processes(
-                [sampler.seed, sampler.sampling, sampler.sample_rate, dataset_size, self.noise_multiplier,
-                 repr(max_grad_norm), self.expected_batch_size, method,
+                [getattr(sampler, "seed", None), sampler.sampling, sampler.sample_rate, dataset_size,
+                 self.noise_multiplier, repr(max_grad_norm), self.expected_batch_size, method, mechanism,
                  np.asarray(jax.random.key_data(key)).tolist()],
                 "the sampler seed, noise key or mechanism (sigma, C, q, N, E)")
         self._update = distributed.private_update(self.grad_fn, self.tx)
