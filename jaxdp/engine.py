@@ -61,7 +61,8 @@ class PrivateTraining:
                  dataset_size: int, sampler, noise_multiplier: float, max_grad_norm, key, secure_mode: bool,
                  method: str, microbatch_size: int | None, trainable, expected_batch_size: float,
                  target_epsilon: float | None, target_delta: float | None, planned_steps: int | None,
-                 nnx_graph: tuple | None, noise_tx: Any = None, mechanism: str = "dpsgd") -> None:
+                 nnx_graph: tuple | None, noise_tx: Any = None, mechanism: str = "dpsgd",
+                 adaptive: Any = None) -> None:
         self.engine = engine
         self.accountant = engine.accountant
         self.sampler = sampler
@@ -103,6 +104,34 @@ class PrivateTraining:
                  np.asarray(jax.random.key_data(key)).tolist()],
                 "the sampler seed, noise key or mechanism (sigma, C, q, N, E)")
         self._update = distributed.private_update(self.grad_fn, self.tx)
+        self._opt_init = self.tx.init
+        self.adaptive = None
+        if adaptive is not None:
+            self._setup_adaptive(adaptive, optimizer, key, secure_mode, microbatch_size, trainable)
+
+    def _setup_adaptive(self, config, optimizer, key, secure_mode, microbatch_size, trainable) -> None:
+        """Adaptive clipping (jaxdp.adaptive): the step clips at the current C_t held in the optimiser state,
+        noises the gradient with sigma_eff and the centred unclipped count with sigma_b; the accountant records
+        ``self.noise_multiplier``, the sigma that composes both releases."""
+        from jaxdp import adaptive
+        if self.num_devices > 1:
+            raise ValueError("adaptive clipping runs on one device; use fixed clipping for multi-device training")
+        self.adaptive = adaptive.AdaptiveClipConfig.from_any(config)
+        ada = adaptive.adaptive_clipping(
+            self.loss_fn, noise_multiplier=self.noise_multiplier, expected_batch_size=self.expected_batch_size,
+            key=key, initial_clip_norm=float(self.max_grad_norm), target_quantile=self.adaptive.target_quantile,
+            learning_rate=self.adaptive.learning_rate, count_noise_std=self.adaptive.count_noise_std,
+            normalize=self.adaptive.normalize, method=self.method, microbatch_size=microbatch_size,
+            trainable=trainable, secure=secure_mode)
+        self.effective_noise_multiplier = ada.effective_noise_multiplier
+        self.count_noise_std = ada.count_noise_std
+        self._opt_init, self._update = adaptive.private_update(ada, optimizer)
+
+    def clip_norm(self, state: TrainState) -> float:
+        """The clip norm the next step uses: ``C_t`` with adaptive clipping, else ``max_grad_norm``."""
+        if self.adaptive is None:
+            return float(total_clip_norm(self.max_grad_norm))
+        return float(state.opt_state.clip.clip_norm)
 
     # -- accounting ------------------------------------------------------------------------------------
     def _event(self, steps: int) -> dict:
@@ -169,7 +198,7 @@ class PrivateTraining:
     # -- training ----------------------------------------------------------------------------------------
     def init(self, params: PyTree | None = None) -> TrainState:
         params = self._params0 if params is None else params
-        return TrainState(params, self.tx.init(params), jnp.zeros([], jnp.int32))
+        return TrainState(params, self._opt_init(params), jnp.zeros([], jnp.int32))
 
     def step(self, state: TrainState, batch: PyTree, mask: jax.Array) -> tuple[TrainState, ClipStats]:
         """One private step on a sampled batch (with its padding mask); records the step in the accountant.
@@ -291,6 +320,7 @@ class PrivacyEngine:
         target_epsilon: float | None = None,
         target_delta: float | None = None,
         opacus_compat: bool = False,
+        adaptive_clipping: Any = None,
         ledger: Any = None,
         dataset_id: str | None = None,
         run_id: str | None = None,
@@ -312,6 +342,10 @@ class PrivacyEngine:
           epochs: planned epochs (sets the budget-stop search start; ``make_private_with_epsilon`` needs it).
           poisson_sampling: False = shuffled fixed-size batches, accounted as such (not as Poisson).
           opacus_compat: divide by ``int(N * q)`` as Opacus does instead of ``q * N``.
+          adaptive_clipping: ``True``, a dict or a :class:`jaxdp.adaptive.AdaptiveClipConfig`: the clip norm
+            starts at ``max_grad_norm`` (a number) and tracks a private quantile of the gradient norms
+            (Andrew et al. 2021; docs/adaptive.md). ``noise_multiplier`` stays the sigma the accountant records;
+            the gradient gets ``effective_noise_multiplier`` and the unclipped count ``count_noise_std``.
           target_epsilon, target_delta: stop (PrivacyBudgetExhausted) at the step that would exceed epsilon.
           ledger, dataset_id, run_id, parent_run_id: a privacy ledger (:mod:`jaxdp.ledger`, object or path;
             default ``$JAXDP_LEDGER``): training on a protected dataset is refused unless ``run_id`` holds a
@@ -330,6 +364,13 @@ class PrivacyEngine:
             q = compat.sample_rate(n, int(round(b)), opacus_compat=True)
         sigma = _checks.non_negative("noise_multiplier", noise_multiplier)
         total_clip_norm(max_grad_norm)
+        if adaptive_clipping is not None and adaptive_clipping is not False:
+            if mechanism != "dpsgd":
+                raise ValueError("adaptive_clipping is for mechanism='dpsgd' (its count release is accounted as "
+                                 "part of a DP-SGD step); use a fixed max_grad_norm with mechanism='bandmf'")
+            _check_adaptive(adaptive_clipping, max_grad_norm, b, sigma)
+        else:
+            adaptive_clipping = None
         if seed is None and not self.secure_mode:
             raise ValueError("make_private needs seed= (an int you keep secret) for batch selection and noise, "
                              "or PrivacyEngine(secure_mode=True) to use the OS entropy source")
@@ -355,6 +396,9 @@ class PrivacyEngine:
         elif bands not in (None, 1):
             raise ValueError("bands is for mechanism='bandmf'; DP-SGD has no bands")
         pure, p, graph = self._prepare(loss_fn, model, variables, params, sample_input)
+        if not jax.tree_util.treedef_is_leaf(jax.tree_util.tree_structure(max_grad_norm)):
+            from jaxdp.clip_groups import clip_norm_tree  # per-layer: check the group names, list the valid ones
+            max_grad_norm = clip_norm_tree(p, max_grad_norm)
         if mechanism == "bandmf":
             sampler = CyclicPoissonSampler(n, q * bands, bands, seed, secure=self.secure_mode)
         elif poisson_sampling:
@@ -383,7 +427,7 @@ class PrivacyEngine:
             noise_multiplier=sigma, max_grad_norm=max_grad_norm, key=key, secure_mode=self.secure_mode,
             method=method, microbatch_size=microbatch_size, trainable=trainable, expected_batch_size=e,
             target_epsilon=target_epsilon, target_delta=target_delta, planned_steps=planned, nnx_graph=graph,
-            noise_tx=noise_tx, mechanism=mechanism)
+            noise_tx=noise_tx, mechanism=mechanism, adaptive=adaptive_clipping)
 
     def make_private_with_epsilon(self, *, target_epsilon: float, target_delta: float, epochs: float,
                                   dataset_size: int, batch_size: float, **kwargs) -> PrivateTraining:
@@ -397,6 +441,9 @@ class PrivacyEngine:
         if kwargs.get("poisson_sampling", True) is False:
             raise ValueError("make_private_with_epsilon calibrates for Poisson sampling; use make_private with "
                              "an explicit noise_multiplier for shuffled batches")
+        if kwargs.get("opacus_compat", False):
+            # calibrate for the rate the sampler will actually use (Opacus's 1 / ceil(N / B)), not B / N
+            q = compat.sample_rate(n, int(round(batch_size)), opacus_compat=True)
         steps = PoissonSampler(n, q, 0).steps_for_epochs(epochs)
         if kwargs.get("mechanism", "dpsgd") == "bandmf":   # DP-SGD with rate b q and ceil(T / b) steps
             bands = _check_bandmf(n, batch_size, q, kwargs.get("bands"), epochs, kwargs.get("poisson_sampling", True),
@@ -419,6 +466,17 @@ class PrivacyEngine:
     def get_epsilon(self, delta: float) -> float:
         """Epsilon spent so far by every private object of this engine, at ``delta``."""
         return self.accountant.get_epsilon(delta)
+
+
+def _check_adaptive(config, max_grad_norm, expected_batch_size: float, sigma: float) -> None:
+    """Refuse, before any data is touched, an adaptive-clipping setting that cannot work."""
+    from jaxdp import adaptive
+    cfg = adaptive.AdaptiveClipConfig.from_any(config)
+    if not jax.tree_util.treedef_is_leaf(jax.tree_util.tree_structure(max_grad_norm)):
+        raise ValueError("adaptive clipping adapts one flat clip norm: give max_grad_norm as a number (the "
+                         "initial C), not a per-layer tree")
+    sigma_b = expected_batch_size / 20.0 if cfg.count_noise_std is None else cfg.count_noise_std
+    adaptive.effective_noise_multiplier(sigma, sigma_b)  # raises when 2 sigma_b <= sigma
 
 
 def _check_bandmf(n, batch_size, q, bands, epochs, poisson_sampling, max_batch_size, opacus_compat, accountant):

@@ -151,3 +151,38 @@ def test_opacus_compat_divides_by_int_n_q_and_errors():
     with pytest.warns(UserWarning, match="delta < 1/N"):
         engine.make_private(seed=0, target_epsilon=1.0, target_delta=0.02, **dict(kw, dataset_size=100,
                                                                                    batch_size=10))
+
+
+def test_opacus_compat_with_epsilon_calibrates_for_the_sampling_used():
+    # N = 5,000, B = 256: Opacus's loader samples at q = 1 / ceil(N / B) = 1/20, not B / N = 0.0512. The noise
+    # must be calibrated for q = 1/20 (and its 20 steps per epoch): the run then ends AT the target epsilon
+    # (calibrating for 0.0512 left it at ~2.96 of 3 with ~1 % too much noise).
+    engine = jaxdp.PrivacyEngine(accountant="rdp")
+    private = engine.make_private_with_epsilon(
+        loss_fn=lambda p, b: jnp.sum(b["x"] * p["w"], -1), params={"w": jnp.zeros(2)}, optimizer=optax.sgd(0.1),
+        dataset_size=5000, batch_size=256, target_epsilon=3.0, target_delta=DELTA, epochs=2, seed=0,
+        max_grad_norm=1.0, opacus_compat=True)
+    assert private.sample_rate == 1 / 20 and private.expected_batch_size == 250.0
+    state = private.init()
+    for batch, mask in private.batches({"x": np.ones((5000, 2), np.float32)}, 40):
+        state, _ = private.step(state, batch, mask)
+    assert abs(engine.get_epsilon(DELTA) - 3.0) < 1e-3
+    assert private.budget_left == 0
+
+
+def test_per_layer_clip_norms_by_layer_name():
+    # A plain dict {layer: C_k} works for an NNX model (converted to an nnx.State prefix); an unknown or missing
+    # layer is refused with the list of the model's layers.
+    engine = jaxdp.PrivacyEngine(accountant="rdp")
+    model = models.create("mlp", (8, 8, 1), 10, seed=0, hidden=[16])
+    kw = dict(loss_fn=nnx_loss, model=model, optimizer=optax.sgd(0.1), dataset_size=N, batch_size=64,
+              noise_multiplier=1.0, seed=0)
+    with pytest.raises(ValueError, match=r"unknown group 'dense'.*\['head', 'layers'\]"):
+        engine.make_private(max_grad_norm={"dense": 1.0, "head": 1.0}, **kw)
+    with pytest.raises(ValueError, match=r"no clip norm for group\(s\) \['layers'\]"):
+        engine.make_private(max_grad_norm={"head": 1.0}, **kw)
+    with pytest.raises(ValueError, match=r"must be a finite number > 0"):
+        engine.make_private(max_grad_norm={"head": 0.0, "layers": 1.0}, **kw)
+    private = engine.make_private(max_grad_norm={"layers": 0.3, "head": 0.4}, **kw)
+    assert isinstance(private.max_grad_norm, nnx.State)
+    assert jaxdp.total_clip_norm(private.max_grad_norm) == pytest.approx(0.5)

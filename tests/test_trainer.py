@@ -173,3 +173,60 @@ def test_ledger_enforcement(tmp_path, monkeypatch):
             loss_fn=lambda p, b: jnp.zeros(b["x"].shape[0]), params={"w": jnp.zeros(2)}, optimizer=optax.sgd(0.1),
             dataset_size=100, batch_size=10, noise_multiplier=1.0, max_grad_norm=1.0, seed=0,
             dataset_id="digits", run_id="unreserved")
+
+
+# --- issue 23: per-layer and adaptive clipping from the YAML config ---------------------------------------
+
+@pytest.mark.parametrize("dp, key", [
+    ({"per_layer": "half"}, "training.dp.per_layer"),
+    ({"per_layer": {"dense": -1.0}}, r"training.dp.per_layer.dense"),
+    ({"per_layer": {}}, "training.dp.per_layer"),
+    ({"adaptive": {"target_quantile": 1.5}}, "training.dp.adaptive.target_quantile"),
+    ({"adaptive": {"lr": 0.2}}, "training.dp.adaptive.lr"),
+    ({"adaptive": "yes"}, "training.dp.adaptive"),
+    ({"adaptive": True, "per_layer": "equal"}, "training.dp.adaptive"),
+])
+def test_clipping_config_errors_name_the_key(tmp_path, dp, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        validate_config(tiny_config(tmp_path, **dp))
+
+
+def test_per_layer_clipping_from_config(tmp_path):
+    # Unknown or missing group names are config errors that list the model's groups.
+    cfg = tiny_config(tmp_path, per_layer={"dense": 0.5, "head": 1.0}, noise_multiplier=1.0, epsilon=None)
+    cfg["model"] = {"name": "mlp", "options": {"hidden": [16]}}
+    with pytest.raises(ConfigError, match=r"unknown group 'dense'.*\['head', 'layers'\]"):
+        DPTrainer(cfg, log=False)
+    cfg["training"]["dp"]["per_layer"] = {"head": 1.0}
+    with pytest.raises(ConfigError, match=r"no clip norm for group\(s\) \['layers'\]"):
+        DPTrainer(cfg, log=False)
+    cfg["training"]["dp"]["per_layer"] = {"layers": 0.3, "head": 0.4}
+    cfg["training"]["epochs"] = 1
+    trainer = DPTrainer(cfg, log=False)
+    m = trainer.train()
+    assert m["per_layer_clip_norms"] == {"layers": 0.3, "head": 0.4}
+    assert m["max_grad_norm"] == pytest.approx(0.5)                   # the sensitivity ||(0.3, 0.4)||
+    assert set(m["epochs"][0]["group_clip_fraction"]) == {"layers", "head"}
+    # a rule splits max_grad_norm (here 1.0) so that the sensitivity stays max_grad_norm
+    from jaxdp.clip_groups import clip_norm_tree
+    from jaxdp.clipping import total_clip_norm
+    sizes = {"head": 16 * 10 + 10, "layers": 64 * 16 + 16}
+    tree = clip_norm_tree(trainer.params0, "by_size", 1.0)
+    assert total_clip_norm(tree) == pytest.approx(1.0)
+    assert tree["head"] == pytest.approx((sizes["head"] / sum(sizes.values())) ** 0.5)
+    assert total_clip_norm(clip_norm_tree(trainer.params0, "equal", 2.0)) == pytest.approx(2.0)
+
+
+def test_adaptive_clipping_from_config(tmp_path):
+    cfg = tiny_config(tmp_path, adaptive={"target_quantile": 0.5}, max_grad_norm=0.05, noise_multiplier=1.0,
+                      epsilon=None)
+    cfg["training"]["epochs"] = 1
+    trainer = DPTrainer(cfg, log=False)
+    m = trainer.train()
+    a = m["adaptive_clipping"]
+    assert a["target_quantile"] == 0.5 and a["learning_rate"] == 0.2 and a["normalize"] is True
+    assert a["count_noise_std"] == 256 / 20 and a["effective_noise_multiplier"] > m["noise_multiplier"] == 1.0
+    assert m["epochs"][0]["clip_norm"] > 0.05                       # C_t moved up from the initial 0.05
+    q = 256 / trainer.n
+    eps = accounting.compute_epsilon(1.0, q, m["steps"], 1e-5, accountant="rdp")
+    assert math.isclose(m["epsilon"], eps, rel_tol=1e-9)

@@ -27,8 +27,12 @@ Schema (``REQUIRED`` keys must be present, others have the defaults shown)::
         enabled: true
         epsilon: 3.0             # target epsilon (with noise_multiplier null: calibrate to it)
         delta: 1e-5              # must be < 1/N
-        max_grad_norm: 1.0
+        max_grad_norm: 1.0       # clip norm C (the total C with per_layer rules; the initial C with adaptive)
         noise_multiplier: null   # null = calibrate from epsilon
+        per_layer: null          # per-layer clipping: {layer: C_k, ...} naming every layer of the model, or a
+                                 # rule splitting max_grad_norm: equal (C/sqrt(K)) | by_size (C sqrt(d_k/d))
+        adaptive: null           # adaptive clipping: true, or {target_quantile: 0.5, learning_rate: 0.2,
+                                 # count_noise_std: null (= batch_size/20), normalize: true}; docs/adaptive.md
         neighboring_relation: add_remove   # add_remove | replace_one (shuffle sampling needs replace_one)
     ledger:
       path: null                 # privacy ledger (SQLite path or postgresql:// URL); default $JAXDP_LEDGER
@@ -61,7 +65,7 @@ SCHEMA: dict[str, Any] = {
         "epochs": REQUIRED, "batch_size": REQUIRED, "seed": REQUIRED, "accountant": "prv",
         "sampling": "poisson", "method": "auto", "microbatch_size": None, "mechanism": "dpsgd", "bands": None,
         "dp": {"enabled": True, "epsilon": 3.0, "delta": 1e-5, "max_grad_norm": 1.0, "noise_multiplier": None,
-               "neighboring_relation": "add_remove"},
+               "neighboring_relation": "add_remove", "per_layer": None, "adaptive": None},
     },
     "ledger": {"path": None, "dataset_id": None, "run_id": None, "reserve": True, "parent_run_id": None},
     "output": {"dir": "runs/run", "checkpoint_every": 1, "progress": True, "telemetry_port": None,
@@ -163,6 +167,50 @@ def _check_values(cfg: dict) -> None:
                               "cyclic Poisson sampling over `bands` groups)")
     elif t["bands"] not in (None, 1):
         raise ConfigError("config key 'training.bands' is for mechanism: bandmf; remove it or set mechanism")
+    if t["mechanism"] == "bandmf" and dp["adaptive"]:
+        raise ConfigError("config key 'training.dp.adaptive' is for mechanism: dpsgd; remove it or set mechanism")
+    _check_clipping(dp)
+
+
+def _check_clipping(dp: dict) -> None:
+    """``training.dp.per_layer`` and ``training.dp.adaptive`` (the group names are checked against the model
+    by the trainer, which knows them)."""
+    per_layer, ada = dp["per_layer"], dp["adaptive"]
+    if per_layer is not None:
+        if isinstance(per_layer, str):
+            if per_layer not in ("equal", "by_size"):
+                raise ConfigError("config key 'training.dp.per_layer' must be a mapping {layer: clip norm} or "
+                                  f"one of the rules equal, by_size; got {per_layer!r}")
+        elif isinstance(per_layer, dict) and per_layer:
+            for k, v in per_layer.items():
+                if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0:
+                    raise ConfigError(f"config key 'training.dp.per_layer.{k}' must be a number > 0, got {v!r}")
+        else:
+            raise ConfigError("config key 'training.dp.per_layer' must be a non-empty mapping {layer: clip norm} "
+                              f"or one of the rules equal, by_size; got {per_layer!r}")
+    if ada is None or ada is False:
+        return
+    if ada is True:
+        ada = {}
+    if not isinstance(ada, dict):
+        raise ConfigError(f"config key 'training.dp.adaptive' must be true, null or a mapping, got {ada!r}")
+    from jaxdp.adaptive import AdaptiveClipConfig
+    allowed = AdaptiveClipConfig._field_defaults
+    unknown = sorted(set(ada) - set(allowed))
+    if unknown:
+        raise ConfigError(f"unknown config key 'training.dp.adaptive.{unknown[0]}'; allowed here: {sorted(allowed)}")
+    for k in ("target_quantile", "learning_rate", "count_noise_std"):
+        v = ada.get(k, allowed[k])
+        if v is None and k == "count_noise_std":
+            continue
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0 or (k == "target_quantile" and v > 1):
+            bound = "in [0, 1]" if k == "target_quantile" else ">= 0"
+            raise ConfigError(f"config key 'training.dp.adaptive.{k}' must be a number {bound}, got {v!r}")
+    if not isinstance(ada.get("normalize", True), bool):
+        raise ConfigError(f"config key 'training.dp.adaptive.normalize' must be true or false, got {ada['normalize']!r}")
+    if per_layer is not None:
+        raise ConfigError("config keys 'training.dp.adaptive' and 'training.dp.per_layer' cannot be combined: "
+                          "adaptive clipping adapts one flat clip norm")
 
 
 def _yaml_numbers(obj: Any) -> Any:

@@ -123,7 +123,7 @@ class DPTrainer:
         if self.dp:
             self.engine = PrivacyEngine(accountant=t["accountant"], neighboring_relation=dp["neighboring_relation"])
             common = dict(loss_fn=self._loss, model=self.model, optimizer=optimizer, dataset_size=self.n,
-                          batch_size=t["batch_size"], max_grad_norm=dp["max_grad_norm"], seed=self.seed,
+                          batch_size=t["batch_size"], seed=self.seed, **self._clipping(),
                           method=t["method"], microbatch_size=t["microbatch_size"],
                           poisson_sampling=t["sampling"] == "poisson",
                           ledger=False)  # train() reserves in and checks against the ledger before step 1
@@ -179,6 +179,34 @@ class DPTrainer:
         def load(i):
             return {"x": self._x_train[i], "y": self._y_train[i]}
         return self.private.load_batch(idx, mask, load) if self.dp else (load(idx), mask)
+
+    def _clipping(self) -> dict:
+        """``max_grad_norm`` (a number, or the per-layer tree of ``training.dp.per_layer``) and
+        ``adaptive_clipping`` for the engine; bad group names are config errors that list the model's groups."""
+        dp = self.cfg["training"]["dp"]
+        out = {"max_grad_norm": dp["max_grad_norm"], "adaptive_clipping": dp["adaptive"] or None}
+        if dp["per_layer"] is not None:
+            from jaxdp.clip_groups import clip_norm_tree
+            from jaxdp.train.config import ConfigError
+            try:
+                out["max_grad_norm"] = clip_norm_tree(self.params0, dp["per_layer"], dp["max_grad_norm"])
+            except ValueError as e:
+                raise ConfigError(f"config key 'training.dp.per_layer': {e}") from None
+        return out
+
+    def _clip_record(self) -> dict:
+        """What metrics.json and the ledger record about clipping: ``max_grad_norm`` is the sensitivity of the
+        clipped sum (``||(C_1..C_K)||`` per layer; the initial C with adaptive clipping, whose C_t is per epoch)."""
+        from jaxdp.clipping import leaf_names, total_clip_norm
+        c = self.private.max_grad_norm
+        out = {"max_grad_norm": total_clip_norm(c)}
+        if not jax.tree_util.treedef_is_leaf(jax.tree_util.tree_structure(c)):
+            out["per_layer_clip_norms"] = dict(zip(leaf_names(c), map(float, jax.tree_util.tree_leaves(c))))
+        if self.private.adaptive is not None:
+            out["adaptive_clipping"] = dict(self.private.adaptive._asdict(), initial_clip_norm=float(c),
+                                            effective_noise_multiplier=self.private.effective_noise_multiplier,
+                                            count_noise_std=self.private.count_noise_std)
+        return out
 
     def _baseline_step(self, state, batch, mask):
         new_state, per_ex = self._nonprivate_step(state, batch, mask)
@@ -260,7 +288,7 @@ class DPTrainer:
     def _ledger_events(self, steps: int) -> list[dict]:
         if not self.dp:
             return [{"sampling": "none", "steps": steps}]
-        return [dict(e, l2_clip_norm=self.cfg["training"]["dp"]["max_grad_norm"]) for e in self.private.events(steps)]
+        return [dict(e, l2_clip_norm=self._clip_record()["max_grad_norm"]) for e in self.private.events(steps)]
 
     def _ledger_open(self):
         """Reserve (if configured) and check the run against the privacy ledger before the first step."""
@@ -307,7 +335,7 @@ class DPTrainer:
             "epsilon": eps if math.isfinite(eps) else None, "delta": delta,
             "target_epsilon": t["dp"]["epsilon"] if self.dp else None,
             "noise_multiplier": self.noise_multiplier,
-            "max_grad_norm": t["dp"]["max_grad_norm"] if self.dp else None,
+            **(self._clip_record() if self.dp else {"max_grad_norm": None}),
             "sample_rate": self.sampler.sample_rate, "expected_batch_size": self.sampler.expected_batch_size,
             "steps": int(self.state.step), "planned_steps": self.total_steps,
             "sampling": self.sampler.sampling, "accountant": t["accountant"] if self.dp else None,
@@ -329,7 +357,7 @@ class DPTrainer:
         always large, so epoch 1 alone says little)."""
         fracs = [r["clip_fraction"] for r in self.metrics if "clip_fraction" in r]
         fracs = fracs[1:] if len(fracs) > 1 else fracs
-        if not fracs:
+        if not fracs or (self.dp and self.private.adaptive is not None):  # adaptive: set by target_quantile
             return
         mean = float(np.mean(fracs))
         if mean > CLIP_HIGH:
@@ -398,6 +426,8 @@ class DPTrainer:
                 row = {"epoch": epoch, "step": int(self.state.step), "train_loss": loss_sum / max(n_real, 1.0),
                        "test_accuracy": acc, "epsilon": eps if math.isfinite(eps) else None,
                        "seconds": time.time() - t0}
+                if self.dp and self.private.adaptive is not None:
+                    row["clip_norm"] = self.private.clip_norm(self.state)  # C_t: post-processing of releases
                 if clip_fracs:
                     row["clip_fraction"] = float(np.mean(clip_fracs))
                     row["group_clip_fraction"] = {k: float(np.mean(v)) for k, v in group_fracs.items()}
@@ -412,6 +442,7 @@ class DPTrainer:
                     progress.close()
                     eps_s = f"epsilon {row['epsilon']:.3f}" if row["epsilon"] is not None else "epsilon inf (non-private)"
                     clip_s = f"  clipped {100 * row['clip_fraction']:.0f}%" if "clip_fraction" in row else ""
+                    clip_s += f"  C {row['clip_norm']:.3g}" if "clip_norm" in row else ""
                     print(f"epoch {epoch:3d}  loss {row['train_loss']:.4f}  test acc {acc:.4f}  {eps_s}{clip_s}  "
                           f"({row['seconds']:.1f}s)", flush=True)
                 epochs_run += 1
