@@ -20,6 +20,7 @@ Examples whose gradient is not finite (NaN/Inf) are dropped from the sum (factor
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, NamedTuple, Sequence
 
 import chex
@@ -174,8 +175,73 @@ def _check_losses(losses: jax.Array, batch_size: int) -> None:
             "Return the unreduced losses (no mean or sum over the batch): clipping needs each example's loss.")
 
 
+def acc_dtype(dtype: Any) -> Any:
+    """The dtype norms, clip factors and clipped sums are computed in: ``dtype`` promoted to at least float32."""
+    return jnp.promote_types(dtype, jnp.float32) if jnp.issubdtype(dtype, jnp.floating) else jnp.float32
+
+
+def sq_norms(g: jax.Array) -> jax.Array:
+    """Per-example squared L2 norms ``[B]`` of a leaf with leading axis ``B``, accumulated in >= float32."""
+    g = g.astype(acc_dtype(g.dtype))
+    return jnp.sum(jnp.square(g.reshape(g.shape[0], -1)), axis=1)
+
+
+def weighted_sum(weights: jax.Array, g: jax.Array) -> jax.Array:
+    """``sum_i w_i g_i`` over the leading axis, accumulated in >= float32 and rounded to ``g``'s dtype by
+    :func:`to_output`. Examples with weight 0 contribute exactly zero even when their gradient holds NaN/Inf
+    (``0 * NaN`` would poison the sum)."""
+    out_dtype, acc = g.dtype, acc_dtype(g.dtype)
+    keep = (weights != 0).reshape((-1,) + (1,) * (g.ndim - 1))
+    g = jnp.where(keep, g.astype(acc), jnp.zeros((), acc))
+    return to_output(jnp.tensordot(weights.astype(acc), g, axes=1), out_dtype)
+
+
+def output_scale(dtype: Any) -> float:
+    """Factor applied to a clipped sum before it is rounded to a parameter dtype coarser than float32.
+
+    Rounding a vector to a dtype with unit roundoff ``u`` (``2^-8`` for bfloat16, ``2^-11`` for float16) can
+    lengthen it by a factor up to ``1 + u``. Scaling the float32 sum by ``1 - u`` first keeps each example's
+    rounded contribution within ``C (1 - u)(1 + u) = C (1 - u^2) < C``. float32 and float64 outputs are not
+    scaled (their rounding, ``2^-24`` relative, is below the clip factor's own ``1e-6`` slack).
+    """
+    if not jnp.issubdtype(dtype, jnp.floating) or jnp.finfo(dtype).bits >= 32:
+        return 1.0
+    return 1.0 - float(jnp.finfo(dtype).eps) / 2.0
+
+
+def to_output(summed: jax.Array, dtype: Any) -> jax.Array:
+    """Round a >= float32 clipped sum to the parameter dtype under the rule of :func:`output_scale`."""
+    scale = output_scale(dtype)
+    if scale != 1.0:
+        summed = summed * jnp.asarray(scale, summed.dtype)
+    return summed.astype(dtype)
+
+
+def pin_low_precision(tree: PyTree) -> PyTree:
+    """Materialise the sub-float32 floating leaves of ``tree`` behind an optimisation barrier.
+
+    XLA may keep bfloat16/float16 intermediates in excess precision (``xla_allow_excess_precision``) and does
+    so per fusion: a value read by both the norm computation and the weighted sum could be rounded in one and
+    not in the other, and the sum would then hold a vector slightly longer than the norm that clipped it
+    (measured: 3.5e-6 relative). The barrier makes both read the same rounded buffer. float32 and wider leaves
+    are returned untouched (no cost)."""
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    low = [i for i, x in enumerate(leaves)
+           if jnp.issubdtype(x.dtype, jnp.floating) and jnp.finfo(x.dtype).bits < 32]
+    if not low:
+        return tree
+    pinned = jax.lax.optimization_barrier([leaves[i] for i in low])
+    for i, x in zip(low, pinned):
+        leaves[i] = x
+    return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
 def vmap_impl(loss_fn, has_aux, params, batch, weight_fn):
-    """Materialise per-example gradients with ``vmap(grad)``; exact for any differentiable loss."""
+    """Materialise per-example gradients with ``vmap(grad)``; exact for any differentiable loss.
+
+    Norms, weights and the weighted sum are computed in >= float32 whatever the parameter dtype, and the sum
+    is rounded to the parameter dtype by :func:`to_output`.
+    """
 
     def single(p, example):
         ex1 = jax.tree_util.tree_map(lambda x: x[None], example)
@@ -186,13 +252,10 @@ def vmap_impl(loss_fn, has_aux, params, batch, weight_fn):
         return losses[0], (losses[0], aux)
 
     grads, (losses, aux) = jax.vmap(jax.grad(single, has_aux=True), in_axes=(None, 0))(params, batch)
-    g_leaves, treedef = jax.tree_util.tree_flatten(grads)
-    sq = [jnp.sum(jnp.square(g.reshape(g.shape[0], -1)), axis=1) for g in g_leaves]
+    g_leaves, treedef = jax.tree_util.tree_flatten(pin_low_precision(grads))
+    sq = [sq_norms(g) for g in g_leaves]
     weights = weight_fn(sq)
-    summed = []
-    for g, w in zip(g_leaves, weights):
-        g = jnp.where((w != 0).reshape((-1,) + (1,) * (g.ndim - 1)), g, 0)  # 0 * NaN would poison the sum
-        summed.append(jnp.tensordot(w.astype(g.dtype), g, axes=1))
+    summed = [weighted_sum(w, g) for g, w in zip(g_leaves, weights)]
     return jax.tree_util.tree_unflatten(treedef, summed), sq, losses, aux
 
 
@@ -299,13 +362,18 @@ def clipped_grad(
             out = {}
 
             def weight_fn(sq):
-                group_sq = [jnp.zeros(m.shape, sq[0].dtype) for _ in groups.norms]
+                sq = [x.astype(acc_dtype(x.dtype)) for x in sq]
+                acc = functools.reduce(jnp.promote_types, [x.dtype for x in sq])
+                group_sq = [jnp.zeros(m.shape, acc) for _ in groups.norms]
                 for leaf_sq, gi in zip(sq, groups.leaf_group):
                     group_sq[gi] = group_sq[gi] + leaf_sq
                 total_sq = sum(group_sq)
-                finite = jnp.isfinite(total_sq)
+                # A squared norm that is NaN, infinite or negative is no norm: drop the example (weight 0)
+                # rather than let sqrt(NaN) or a 0 clamp become its clip factor (privacy rule: never trust it).
+                finite = jnp.isfinite(total_sq) & functools.reduce(
+                    jnp.logical_and, [gs >= 0 for gs in group_sq])
                 real = m & finite
-                factors = [jnp.where(real, clip_factor(jnp.sqrt(gs), c), 0.0)
+                factors = [jnp.where(real, clip_factor(jnp.sqrt(jnp.where(real, gs, 0)), c), 0.0)
                            for gs, c in zip(group_sq, groups.norms)]
                 out["total_sq"] = total_sq
                 out["finite"] = finite
@@ -427,11 +495,10 @@ def clip_per_example(grads: PyTree, l2_clip_norm: float, mask: jax.Array | None 
     mask = jnp.ones((B,), bool) if mask is None else (jnp.asarray(mask) != 0)
     if mask.shape != (B,):
         raise ValueError(f"mask must have shape [B] = ({B},), got {mask.shape}")
-    sq = sum(jnp.sum(jnp.square(g.reshape(B, -1)), axis=1) for g in leaves)
+    sq = sum(sq_norms(g) for g in leaves)
     norms = jnp.sqrt(sq)
     w = jnp.where(mask & jnp.isfinite(sq), clip_factor(norms, l2_clip_norm), 0.0)
-    out = [jnp.tensordot(w.astype(g.dtype), jnp.where((w != 0).reshape((-1,) + (1,) * (g.ndim - 1)), g, 0),
-                         axes=1) for g in leaves]
+    out = [weighted_sum(w, g) for g in leaves]
     return jax.tree_util.tree_unflatten(treedef, out), jnp.where(mask, norms, 0.0)
 
 

@@ -604,6 +604,22 @@ def process_sum(*values: float) -> tuple[float, ...]:
     return tuple(float(v) for v in sums)
 
 
+def broadcast_from_main(value: Any) -> Any:
+    """Process 0's ``value`` (anything JSON-able) on every process: e.g. the run id process 0 settled.
+
+    A collective: every process must call it at the same point. On one process ``value`` is returned as is."""
+    if jax.process_count() == 1:
+        return value
+    import json
+    from jax.experimental import multihost_utils
+    data = np.frombuffer(json.dumps(value).encode(), np.uint8).astype(np.int32) if is_main_process() else None
+    size = int(np.asarray(multihost_utils.broadcast_one_to_all(
+        np.asarray([0 if data is None else data.size], np.int32)))[0])
+    buf = data if data is not None else np.zeros(size, np.int32)
+    got = np.asarray(multihost_utils.broadcast_one_to_all(buf)).astype(np.uint8)
+    return json.loads(got.tobytes().decode())
+
+
 class OtherProcessFailed(ValueError):
     """Raised on every other process when a step that only process 0 performs (e.g. the ledger check) failed."""
 
@@ -631,4 +647,5 @@ def on_main_process(fn: Callable[[], Any], what: str) -> Any:
 __all__ = ["DATA_AXIS", "data_mesh", "shard_batch", "ShardedSampler", "process_rows", "global_batch", "data_parallel_clipped_grad",
            "private_update", "make_private_step", "local_device_count", "initialize_from_env", "process_index",
            "process_count", "is_main_process", "replicate", "host_local", "local_batch", "all_equal",
-           "check_same_on_all_processes", "any_process", "process_sum", "on_main_process", "OtherProcessFailed"]
+           "check_same_on_all_processes", "any_process", "process_sum", "broadcast_from_main", "on_main_process",
+           "OtherProcessFailed"]

@@ -262,7 +262,7 @@ def test_corrupt_or_missing_store_is_a_clear_error_and_untouched(tmp_path):
     assert junk.read_bytes() == before
     other = tmp_path / "other.db"
     sqlite3.connect(other).execute("CREATE TABLE t (x)")
-    with pytest.raises(LedgerStoreError, match="not a jaxdp ledger"):
+    with pytest.raises(LedgerStoreError, match="holds no ledger tables.*Do NOT run `jaxdp ledger init`"):
         Ledger.open(other)
     # a ledger file cut in half (e.g. a failed copy): a clear error, the file untouched
     cut = tmp_path / "cut.db"
@@ -302,7 +302,7 @@ def test_postgres_log_is_append_only(pg_url):
 
 
 def test_postgres_open_errors(pg_url, pg_server):
-    with pytest.raises(LedgerStoreError, match="not a jaxdp ledger"):
+    with pytest.raises(LedgerStoreError, match="holds no jaxdp ledger tables"):
         Ledger.open(pg_url)
     with pytest.raises(LedgerStoreError, match="cannot connect"):
         Ledger.open(f"postgresql://jaxdp@127.0.0.1:{pg_server['port']}/no_such_db")

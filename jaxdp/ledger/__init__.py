@@ -33,8 +33,10 @@ API for the trainer and :class:`~jaxdp.engine.PrivacyEngine` (enforcement hooks)
                                                # .epsilon_committed, runs_reserved/committed/released, .runs
     led.remaining("mnist") -> float
     led.lineage(run_id) -> [protected datasets the run's model was trained on, transitively]
-    led.verify(expected_head=None) -> {"ok", "rows", "head_hash", "problems"}
+    led.verify(expected_head=None) -> {"ok", "rows", "head_hash", "problems"}   # replays the run lifecycle too
     led.export() -> JSON-able dict
+    Ledger.restore(new_url_or_path, export_dict)   # rebuild a lost ledger from an export (rows verbatim)
+    Ledger.init(pg_url, writer_role="jaxdp_writer")  # PostgreSQL: trainers connect as a non-owner role
 
 Event dicts (the :func:`jaxdp.accounting.events_epsilon` format; ``l2_clip_norm`` is recorded, not
 accounted)::

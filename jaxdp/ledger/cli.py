@@ -35,6 +35,9 @@ def register(subparsers) -> None:
 
     q = sub.add_parser("init", parents=[common], help="create a ledger (and optionally register a dataset)")
     budget_args(q, required=False)
+    q.add_argument("--writer-role", default=None,
+                   help="PostgreSQL: grant this separate role read/append access only (trainers connect as it and "
+                        "cannot disable the append-only triggers)")
     q.set_defaults(func=_init)
 
     q = sub.add_parser("register", parents=[common], help="protect a dataset with a budget")
@@ -81,7 +84,15 @@ def register(subparsers) -> None:
 
     q = sub.add_parser("verify", parents=[common], help="check the hash chain (exit 1 if it fails)")
     q.add_argument("--expect-head", default=None, help="a head hash kept elsewhere that must still be in the chain")
+    q.add_argument("--head-file", default=None,
+                   help="a file outside the database holding the head kept at the last check: verify that it is "
+                        "still in the chain (detects truncation and rewrites), then store the new head in it")
     q.set_defaults(func=_verify)
+
+    q = sub.add_parser("restore", parents=[common],
+                       help="rebuild a lost ledger from an export into a new path or schema (rows copied verbatim)")
+    q.add_argument("--from", dest="source", required=True, help="the JSON written by `jaxdp ledger export`")
+    q.set_defaults(func=_restore)
 
     q = sub.add_parser("export", parents=[common], help="everything as JSON (rows with hashes, state, report)")
     q.add_argument("--output", "-o", default=None, help="write to this file instead of stdout")
@@ -120,7 +131,7 @@ def _fail(args, err: Exception, code: int) -> int:
         if isinstance(err, BudgetExceededError):
             obj["details"] = err.details
         print(json.dumps(_clean(obj), sort_keys=True))
-    print(f"jaxdp ledger {args.ledger_command}: {type(err).__name__}: {err}", file=sys.stderr)
+    print(f"jaxdp ledger {args.ledger_command}: {type(err).__name__}: {_safe(err)}", file=sys.stderr)
     return code
 
 
@@ -131,7 +142,7 @@ def _guard(fn):
             return fn(args)
         except (BudgetExceededError, LedgerIntegrityError, ReservationRequiredError) as e:
             return _fail(args, e, 1)
-        except (LedgerError, ValueError, OSError) as e:
+        except (LedgerError, ValueError, OSError, OverflowError, RecursionError, MemoryError) as e:
             return _fail(args, e, 2)
     return run
 
@@ -146,12 +157,18 @@ def _load_events(text: str | None):
         return json.loads(text)
     except json.JSONDecodeError as e:
         raise ValueError(f"--events is not valid JSON: {e}") from None
+    except RecursionError:
+        raise ValueError("--events is nested too deeply: give a JSON list of flat event objects") from None
 
 
 def _events_from_args(args) -> list[dict]:
     events = _load_events(args.events)
     if events is not None:
         return events
+    for k in ("noise_multiplier", "sample_rate", "epochs", "l2_clip_norm"):
+        v = getattr(args, k, None)
+        if v is not None and not math.isfinite(v):
+            raise ValueError(f"--{k.replace('_', '-')} must be a finite number, got {v}")
     steps = args.steps
     if steps is None and args.epochs is not None:
         if args.sampling == "shuffle":
@@ -162,6 +179,8 @@ def _events_from_args(args) -> list[dict]:
             if not args.sample_rate:
                 raise ValueError("--epochs needs --sample-rate (steps = ceil(epochs / sample_rate))")
             steps = math.ceil(args.epochs / args.sample_rate)
+    if args.epochs is not None and args.epochs <= 0:
+        raise ValueError(f"--epochs must be > 0, got {args.epochs}")
     if steps is None:
         raise ValueError("give --steps or --epochs (or --events JSON)")
     e = {"sampling": args.sampling, "steps": steps}
@@ -176,6 +195,13 @@ def _events_from_args(args) -> list[dict]:
     return [e]
 
 
+def _safe(x) -> str:
+    """Text from the ledger, printable: control characters (newlines, ANSI escapes) shown escaped, so that an
+    id or a reason can never forge lines of `show`."""
+    text = str(x)
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def _fmt_eps(x) -> str:
     return "inf" if not math.isfinite(x) else f"{x:.4f}"
 
@@ -183,7 +209,10 @@ def _fmt_eps(x) -> str:
 # ---------------------------------------------------------------------------------------------- commands
 @_guard
 def _init(args) -> int:
-    led = _open(args, create=True)
+    from jaxdp.ledger import Ledger
+    if not args.ledger:
+        raise ValueError(f"no ledger given: pass --ledger PATH_OR_URL or set {ENV}")
+    led = Ledger.init(args.ledger, writer_role=args.writer_role)
     out = {"ok": True, "ledger": led.url}
     text = f"ledger ready: {led.url}"
     if args.dataset:
@@ -226,9 +255,14 @@ def _show(args) -> int:
                      f"{b['runs_released']} released")
         for r in b["runs"]:
             tag = " [fine-tune: inherited]" if r["inherited"] else ""
-            extra = f"  reason: {r['release_reason']}" if r["release_reason"] else ""
-            lines.append(f"    {r['run_id']:<24} {r['status']:<9} eps {_fmt_eps(float(r['epsilon']))}  "
-                         f"steps {r['steps']}  model {r['model']}{tag}{extra}")
+            extra = f"  reason: {_safe(r['release_reason'])}" if r["release_reason"] else ""
+            lines.append(f"    {_safe(r['run_id']):<24} {r['status']:<9} eps {_fmt_eps(float(r['epsilon']))}  "
+                         f"steps {r['steps']}  model {_safe(r['model'])}{tag}{extra}")
+            if r["status"] == "reserved":
+                alive = {True: "alive", False: "NOT RUNNING (crashed or killed?)",
+                         None: "unknown (another host)" if r.get("pid") is not None else "unknown"}[r.get("alive")]
+                lines.append(f"      reserved {r['reserved_at']} by {_safe(r.get('user'))}@{_safe(r.get('host'))} "
+                             f"pid {r.get('pid')}: {alive}")
     if not s["datasets"]:
         lines.append("no protected datasets (register one with `jaxdp ledger register`)")
     _emit(args, s, "\n".join(lines))
@@ -284,10 +318,49 @@ def _release(args) -> int:
 @_guard
 def _verify(args) -> int:
     led = _open(args)
-    rep = led.verify(expected_head=args.expect_head)
-    text = (f"OK: {rep['rows']} rows, chain intact, head seq {rep['head_seq']} hash {rep['head_hash']}"
-            if rep["ok"] else "FAILED:\n  " + "\n  ".join(rep["problems"]))
+    expected, kept = args.expect_head, None
+    if args.head_file and os.path.exists(args.head_file):
+        with open(args.head_file) as f:
+            kept = json.load(f)
+        expected = expected or kept.get("head_hash")
+    rep = led.verify(expected_head=expected)
+    if rep["ok"] and kept is not None and rep["head_seq"] < int(kept.get("head_seq", 0)):
+        rep["ok"] = False
+        rep["problems"].append(f"the chain ends at seq {rep['head_seq']} but {args.head_file} kept seq "
+                               f"{kept['head_seq']}")
+    if rep["ok"] and args.head_file:
+        tmp = args.head_file + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump({"ledger": led.url, "head_seq": rep["head_seq"], "head_hash": rep["head_hash"]}, f)
+        os.replace(tmp, args.head_file)
+    if rep["ok"]:
+        text = (f"OK: {rep['rows']} rows, chain intact and every transition valid; head seq {rep['head_seq']} "
+                f"hash {rep['head_hash']}\n"
+                + (f"checked against the head kept in {args.head_file}; the new head is stored there"
+                   if kept is not None else f"the head is now kept in {args.head_file}" if args.head_file else
+                   "checked against " + expected if expected else
+                   "keep this head hash outside the database (a ticket, a commit, --head-file): plain verify cannot "
+                   "detect rows cut off the end together with the head record; `verify --expect-head HASH` can"))
+    else:
+        text = "FAILED:\n  " + "\n  ".join(_safe(p) for p in rep["problems"])
     _emit(args, rep, text)
+    return 0 if rep["ok"] else 1
+
+
+@_guard
+def _restore(args) -> int:
+    from jaxdp.ledger import Ledger
+    if not args.ledger:
+        raise ValueError("give the new ledger's --ledger PATH_OR_URL")
+    with open(args.source) as f:
+        try:
+            data = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{args.source} is not JSON ({e})") from None
+    led = Ledger.restore(args.ledger, data)
+    rep = led.verify()
+    _emit(args, {"ok": rep["ok"], **rep}, f"restored {rep['rows']} rows into {led.url}; head seq {rep['head_seq']} "
+          f"hash {rep['head_hash']}")
     return 0 if rep["ok"] else 1
 
 

@@ -18,9 +18,10 @@ from typing import Any
 
 from jaxdp.ledger import events as ev
 from jaxdp.ledger.store import (LedgerError, LedgerIntegrityError, LedgerStoreError, Row, Store, canonical_payload,
-                                loads_payload, open_store, verify_rows)
+                                init_meta, loads_payload, open_store, verify_rows)
 
 ACCOUNTANTS = ("prv", "pld", "rdp")
+_OPTIMISTIC_TRIES = 3  # reservations composed outside the write lock before one is composed under it
 _EPS_TOL = 1e-9  # composed epsilons are compared to the budget with this slack (floating-point noise only)
 
 
@@ -70,6 +71,7 @@ class RunRecord:
     user: str | None = None
     host: str | None = None
     run_epsilon: dict = field(default_factory=dict)  # per charged dataset: this run's own epsilon, as recorded
+    pid: int | None = None  # process that made the reservation (on ``host``)
 
     @property
     def charge_events(self) -> list[dict]:
@@ -159,6 +161,10 @@ def code_version() -> str:
     return out
 
 
+class _Forged(Exception):
+    """A replayed row that the API would have refused."""
+
+
 class _State:
     def __init__(self) -> None:
         self.datasets: dict[str, DatasetBudget] = {}
@@ -166,30 +172,59 @@ class _State:
 
     @classmethod
     def from_rows(cls, rows: list[Row]) -> "_State":
+        """Replay the log. Every transition the API itself would refuse is refused here too (a correctly
+        hashed but forged row is still a forged row): one ``register`` per dataset; a run id is reserved once
+        and then committed or released once; commits and releases name an open reservation; a reservation is
+        charged only to datasets registered before it; ``init`` only as the first row."""
         st = cls()
         for r in rows:
             p = loads_payload(r)
             try:
                 if r.kind == "register":
-                    st.datasets[p["dataset_id"]] = DatasetBudget(
-                        p["dataset_id"], float(p["max_epsilon"]), float(p["delta"]), p["accountant"],
+                    d = p["dataset_id"]
+                    if d in st.datasets:
+                        raise _Forged(f"dataset {d!r} is registered a second time (first registered "
+                                      f"{st.datasets[d].registered_at}); a budget is registered once and never "
+                                      "changed")
+                    st.datasets[d] = DatasetBudget(
+                        d, float(p["max_epsilon"]), float(p["delta"]), p["accountant"],
                         p["neighboring_relation"], r.ts, p.get("note"))
                 elif r.kind == "reserve":
-                    st.runs[p["run_id"]] = RunRecord(
-                        p["run_id"], p["dataset_id"], list(p["charged"]), "reserved", p["events"], None,
+                    rid = p["run_id"]
+                    if rid in st.runs:
+                        raise _Forged(f"run id {rid!r} is reserved again (it is already {st.runs[rid].status}); "
+                                      "a run id is used once")
+                    unknown = [d for d in p["charged"] if d not in st.datasets]
+                    if unknown:
+                        raise _Forged(f"run {rid!r} is charged to {unknown}, which were not registered before it")
+                    st.runs[rid] = RunRecord(
+                        rid, p["dataset_id"], list(p["charged"]), "reserved", p["events"], None,
                         p.get("model"), p.get("config_hash"), p.get("code_version"), p.get("parent_run_id"),
-                        r.ts, user=p.get("user"), host=p.get("host"), run_epsilon=_floats(p.get("run_epsilon")))
-                elif r.kind == "commit":
-                    run = st.runs[p["run_id"]]
-                    run.status, run.actual_events, run.committed_at = "committed", p["events"], r.ts
-                    run.run_epsilon = _floats(p.get("run_epsilon"))
-                elif r.kind == "release":
-                    run = st.runs[p["run_id"]]
-                    run.status, run.released_at, run.release_reason = "released", r.ts, p["reason"]
+                        r.ts, user=p.get("user"), host=p.get("host"), run_epsilon=_floats(p.get("run_epsilon")),
+                        pid=p.get("pid"))
+                elif r.kind in ("commit", "release"):
+                    rid = p["run_id"]
+                    run = st.runs.get(rid)
+                    if run is None:
+                        raise _Forged(f"{r.kind} of run {rid!r}, which was never reserved")
+                    if run.status != "reserved":
+                        raise _Forged(f"{r.kind} of run {rid!r}, which is already {run.status} (a reservation is "
+                                      "committed or released once)")
+                    if r.kind == "commit":
+                        run.status, run.actual_events, run.committed_at = "committed", p["events"], r.ts
+                        run.run_epsilon = _floats(p.get("run_epsilon"))
+                    else:
+                        run.status, run.released_at, run.release_reason = "released", r.ts, p["reason"]
                 elif r.kind == "init":
-                    pass
+                    if r.seq != 1:
+                        raise _Forged("an init row after the first row")
                 else:
-                    raise KeyError(f"unknown row kind {r.kind!r}")
+                    raise _Forged(f"unknown row kind {r.kind!r}")
+                if r.kind != "init" and r.run_id is not None and r.run_id != p.get("run_id"):
+                    raise _Forged(f"the row's run_id column {r.run_id!r} differs from its payload's "
+                                  f"{p.get('run_id')!r}")
+            except _Forged as e:
+                raise LedgerIntegrityError(f"row seq {r.seq} ({r.kind}) breaks the run lifecycle: {e}") from None
             except (KeyError, TypeError, ValueError) as e:
                 raise LedgerIntegrityError(f"row seq {r.seq} ({r.kind}) cannot be read: {e!r}") from e
         return st
@@ -220,15 +255,89 @@ class Ledger:
         return cls(open_store(url_or_path, create=False))
 
     @classmethod
-    def init(cls, url_or_path: str | os.PathLike) -> "Ledger":
-        """Create the ledger's tables (idempotent) and open it."""
-        led = cls(open_store(url_or_path, create=True))
-        with led._store.transaction(write=True) as tx:
-            rows, head = led._store.read_rows(tx)
-            if not rows:
-                led._store.append(tx, None, _now(), "init", None, None,
-                                  canonical_payload({"created_by": _who()}))
+    def init(cls, url_or_path: str | os.PathLike, *, writer_role: str | None = None) -> "Ledger":
+        """Create a ledger (tables, triggers and its first row in one transaction) and open it. On an existing
+        ledger: verify it and add any append-only trigger an older jaxdp did not create (idempotent).
+
+        Never re-initialises a store that has lost its ledger: an existing SQLite file that is empty (0 bytes)
+        or another database, and a ledger whose log is gone but whose head record remains, are refused with how
+        to restore them (an empty ledger would give every dataset its whole budget back).
+
+        ``writer_role`` (PostgreSQL): grant this separate role what trainers need (read, append, move the
+        head) and nothing else; connect trainers as that role so that they cannot disable the triggers.
+        """
+        store = open_store(url_or_path, create=True)
+        led = cls(store)
+        existed = False
+        try:
+            with store.transaction(write=True) as tx:
+                existed = store.has_ledger_tables(tx)
+                if existed:
+                    rows, head = store.read_rows(tx)
+                    problems = verify_rows(rows, head)
+                    if problems:
+                        raise LedgerIntegrityError(
+                            f"{store.url} is a ledger that fails verification ({problems[0]}); it was not "
+                            "re-initialised. Run `jaxdp ledger verify`; restore from a backup or an export")
+                else:
+                    refusal = store.refuse_init(tx)
+                    if refusal is not None:
+                        raise refusal
+                    for sql in store.ddl():
+                        tx.execute(sql, ())
+                    init_meta(tx)
+                    rows = []
+                if not rows:  # a new ledger (or one whose creation was interrupted before its first row)
+                    store.append(tx, None, _now(), "init", None, None, canonical_payload({"created_by": _who()}))
+            if existed:
+                store.install_triggers()
+            if writer_role:
+                store.grant_writer(writer_role)
+        except BaseException:
+            store.close()
+            raise
         return led
+
+    @classmethod
+    def restore(cls, url_or_path: str | os.PathLike, export: dict) -> "Ledger":
+        """Rebuild a lost ledger from a JSON export (:meth:`export`, `jaxdp ledger export`) into a new store: the
+        rows are copied verbatim (same seq, timestamps, payloads and hashes), so the restored chain verifies and
+        keeps its head hash. Refused unless the export's rows verify and replay, and unless the target holds no
+        ledger yet (a new SQLite path, or a PostgreSQL schema without ledger tables)."""
+        if not isinstance(export, dict) or export.get("format") != "jaxdp-ledger-export":
+            raise LedgerError("not a jaxdp ledger export (expected the JSON written by `jaxdp ledger export`)")
+        try:
+            rows = [Row(**r) for r in export["log"]]
+        except (KeyError, TypeError) as e:
+            raise LedgerError(f"the export's rows cannot be read ({e!r})") from None
+        if not rows:
+            raise LedgerError("the export holds no rows")
+        problems = verify_rows(rows, (rows[-1].seq, rows[-1].hash))
+        if problems:
+            raise LedgerIntegrityError(f"the export fails verification ({problems[0]}); not restored")
+        _State.from_rows(rows)  # the lifecycle replays too
+        store = open_store(url_or_path, create=True)
+        try:
+            with store.transaction(write=True) as tx:
+                if store.has_ledger_tables(tx):
+                    raise LedgerStoreError(f"{store.url} already holds a ledger; restore into a new path or schema")
+                refusal = store.refuse_init(tx)
+                if refusal is not None:
+                    raise LedgerStoreError(f"{store.url} exists and is not a ledger; restore into a new path")
+                for sql in store.ddl():
+                    tx.execute(sql, ())
+                init_meta(tx)
+                last = None
+                for r in rows:
+                    tx.execute("INSERT INTO ledger_log (seq, ts, kind, dataset_id, run_id, payload, prev_hash, hash) "
+                               "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                               (r.seq, r.ts, r.kind, r.dataset_id, r.run_id, r.payload, r.prev_hash, r.hash))
+                    last = r
+                tx.execute("INSERT INTO ledger_head (id, seq, hash) VALUES (1, ?, ?)", (last.seq, last.hash))
+        except BaseException:
+            store.close()
+            raise
+        return cls(store)
 
     @property
     def url(self) -> str:
@@ -337,16 +446,15 @@ class Ledger:
         dataset_id = _check_id("dataset_id", dataset_id)
         run_id = _check_id("run_id", run_id)
         events = ev.normalize_events(events)
-        refused: list[dict] = []
-        with self._store.transaction(write=True) as tx:
-            rows, last, st = self._locked_state(tx)
+
+        def decide(st: _State):
             if run_id in st.runs:
                 raise LedgerError(f"run id {run_id!r} is already in the ledger ({st.runs[run_id].status}); "
                                   "every run needs a new id")
             charged = set(_lineage(st, parent_run_id)) if parent_run_id else set()
             if dataset_id in st.datasets:
                 charged.add(dataset_id)
-            eps_after, remaining_after, run_eps = {}, {}, {}
+            eps_after, remaining_after, run_eps, refused = {}, {}, {}, []
             for d in sorted(charged):
                 b = st.datasets[d]
                 prior = st.prior_events(d)
@@ -356,13 +464,28 @@ class Ledger:
                 if not eps <= b.max_epsilon + _EPS_TOL:
                     refused.append({"dataset_id": d, "budget": b, "prior": prior, "epsilon_after": eps,
                                     "inherited": d != dataset_id})
-            if not refused:
-                payload = {"run_id": run_id, "dataset_id": dataset_id, "charged": sorted(charged),
-                           "events": events, "model": model, "config_hash": config_hash,
-                           "code_version": code_version, "parent_run_id": parent_run_id,
-                           "parent_known": parent_run_id in st.runs if parent_run_id else None,
-                           "epsilon_after": eps_after, "run_epsilon": run_eps, **_who()}
-                row = self._store.append(tx, last, _now(), "reserve", dataset_id, run_id, canonical_payload(payload))
+            return charged, eps_after, remaining_after, run_eps, refused
+
+        # Compose outside the write lock (the accountant can take seconds), then re-check under the lock: when
+        # no other writer appended meanwhile, every composition is a cache hit and the lock is held for
+        # milliseconds. A few retries when others did; the last attempt composes under the lock.
+        for attempt in range(_OPTIMISTIC_TRIES + 1):
+            rows_seen = self._read()[0]
+            decide(_State.from_rows(rows_seen))
+            with self._store.transaction(write=True) as tx:
+                rows, last, st = self._locked_state(tx)
+                if len(rows) != len(rows_seen) and attempt < _OPTIMISTIC_TRIES:
+                    continue  # someone appended while we composed: compose again outside the lock
+                charged, eps_after, remaining_after, run_eps, refused = decide(st)
+                if not refused:
+                    payload = {"run_id": run_id, "dataset_id": dataset_id, "charged": sorted(charged),
+                               "events": events, "model": model, "config_hash": config_hash,
+                               "code_version": code_version, "parent_run_id": parent_run_id,
+                               "parent_known": parent_run_id in st.runs if parent_run_id else None,
+                               "epsilon_after": eps_after, "run_epsilon": run_eps, **_who()}
+                    row = self._store.append(tx, last, _now(), "reserve", dataset_id, run_id,
+                                             canonical_payload(payload))
+                break
         if refused:  # the transaction is over: work out what would fit without holding the lock
             raise _budget_error(run_id, events, refused)
         return Reservation(run_id, dataset_id, sorted(charged), events, eps_after, remaining_after,
@@ -474,8 +597,17 @@ def _floats(d) -> dict:
 
 
 def _check_id(name: str, value: Any) -> str:
+    """Ids are printed by `show` and in messages: refuse control characters (newlines, ANSI escapes) that could
+    forge lines there, and absurd lengths."""
     if not isinstance(value, str) or not value.strip():
         raise ValueError(f"{name} must be a non-empty string, got {value!r}")
+    import unicodedata
+    bad = sorted({c for c in value if unicodedata.category(c) in ("Cc", "Cf", "Zl", "Zp")})
+    if bad:
+        raise ValueError(f"{name} {value!r} contains control characters {[hex(ord(c)) for c in bad]}; use "
+                         "printable characters only")
+    if len(value) > 256:
+        raise ValueError(f"{name} is {len(value)} characters long; at most 256")
     return value
 
 
@@ -489,6 +621,20 @@ def _lineage(st: _State, run_id: str) -> set[str]:
         out |= set(run.charged)
         run_id = run.parent_run_id
     return out
+
+
+def _process_alive(host: str | None, pid: int | None) -> bool | None:
+    """Whether the process that made a reservation still runs: True / False on this host, None (unknown) for
+    another host or an unrecorded pid. (A pid can be reused by an unrelated process: True is a hint.)"""
+    if host is None or pid is None or host != socket.gethostname():
+        return None
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return True if not isinstance(pid, bool) else None
+    return True
 
 
 def _open_run(st: _State, run_id: str, what: str) -> RunRecord:
@@ -519,6 +665,8 @@ def _summary(st: _State, dataset_id: str) -> BudgetSummary:
                         "epsilon": comp(r.charge_events) if own is None else own,
                         "steps": ev.total_steps(r.charge_events), "model": r.model, "parent_run_id": r.parent_run_id,
                         "inherited": r.dataset_id != dataset_id, "reserved_at": r.reserved_at,
+                        "user": r.user, "host": r.host, "pid": r.pid,
+                        "alive": _process_alive(r.host, r.pid) if r.status == "reserved" else None,
                         "release_reason": r.release_reason})
     plain = sum(p["epsilon"] for p in per_run if p["status"] != "released")
     count = lambda s: sum(r.status == s for r in runs)  # noqa: E731

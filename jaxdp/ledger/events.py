@@ -34,6 +34,12 @@ _REQUIRED = {
 }
 _INT_KEYS = ("steps", "batch_size", "dataset_size", "max_batch_size", "bands")
 _STR_KEYS = ("mechanism",)
+# Bounds on what one event may ask for. Composing 10^7 PRV steps takes tens of seconds and 10^9 minutes (10^18
+# exhausts memory); a noise multiplier of 10^6 already gives epsilon 0 to printing precision (10^300 overflows
+# the accountants). Larger requests are refused with this explanation instead of hanging or crashing.
+MAX_STEPS = 10_000_000
+MAX_NOISE_MULTIPLIER = 1e6
+MAX_EVENTS = 1000
 _RECORD_ONLY = ("l2_clip_norm",)
 
 
@@ -47,6 +53,8 @@ def normalize_events(events: Any) -> list[dict]:
     if not isinstance(events, (list, tuple)) or not events:
         raise ValueError("events must be a non-empty list of event dicts, e.g. "
                          '[{"sampling": "poisson", "noise_multiplier": 1.1, "sample_rate": 0.004, "steps": 1000}]')
+    if len(events) > MAX_EVENTS:
+        raise ValueError(f"{len(events)} events: at most {MAX_EVENTS} per run")
     out = []
     for i, ev in enumerate(events):
         if not isinstance(ev, dict):
@@ -75,6 +83,10 @@ def normalize_events(events: Any) -> list[dict]:
             elif k in _INT_KEYS:
                 if isinstance(v, bool) or not float(v).is_integer() or int(v) < (0 if k == "steps" else 1):
                     raise ValueError(f"event {i}: {k} must be an integer >= {0 if k == 'steps' else 1}, got {v!r}")
+                if k == "steps" and int(v) > MAX_STEPS:
+                    raise ValueError(f"event {i}: steps {int(v)} is more than the ledger accounts ({MAX_STEPS}); "
+                                     "a run this long cannot be composed in bounded time -- split it, or check "
+                                     "the number (epochs / sample rate?)")
                 clean[k] = int(v)
             else:
                 try:
@@ -87,6 +99,10 @@ def normalize_events(events: Any) -> list[dict]:
                                      f" 0, got {v!r}")
                 if k == "sample_rate" and f > 1:
                     raise ValueError(f"event {i}: sample_rate must lie in (0, 1], got {v!r}")
+                if k == "noise_multiplier" and f > MAX_NOISE_MULTIPLIER:
+                    raise ValueError(f"event {i}: noise_multiplier {v!r} is above {MAX_NOISE_MULTIPLIER:g}, where "
+                                     "epsilon is already 0 to printing precision; use at most "
+                                     f"{MAX_NOISE_MULTIPLIER:g}")
                 clean[k] = f
         if sampling in ("shuffle", "truncated_poisson"):
             size_key = "batch_size" if sampling == "shuffle" else "max_batch_size"
@@ -131,7 +147,11 @@ def _cached_epsilon(events_json: str, delta: float, accountant: str, relation: s
     if not is_private(events):
         return math.inf
     from jaxdp.accounting import events_epsilon  # RDP / PLD / PRV on dp-accounting
-    return float(events_epsilon(events, delta, accountant=accountant, neighboring_relation=relation))
+    try:
+        return float(events_epsilon(events, delta, accountant=accountant, neighboring_relation=relation))
+    except (OverflowError, MemoryError, RecursionError, FloatingPointError, ZeroDivisionError) as e:
+        raise ValueError(f"the {accountant} accountant cannot compose these events ({type(e).__name__}: {e}); "
+                         "nothing was recorded") from None
 
 
 def compose(events: list[dict], delta: float, accountant: str = "prv",

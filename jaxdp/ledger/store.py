@@ -103,6 +103,24 @@ _SQLITE_TRIGGERS = [
     "BEGIN SELECT RAISE(ABORT, 'ledger_log is append-only'); END",
     "CREATE TRIGGER IF NOT EXISTS ledger_log_no_delete BEFORE DELETE ON ledger_log "
     "BEGIN SELECT RAISE(ABORT, 'ledger_log is append-only'); END",
+    # INSERT OR REPLACE deletes the conflicting row without firing the DELETE trigger (unless
+    # recursive_triggers is on): a BEFORE INSERT trigger runs before conflict resolution, so only appending the
+    # next seq onto the current last row's hash is accepted -- no replace, no insert in the middle.
+    "CREATE TRIGGER IF NOT EXISTS ledger_log_append_at_end BEFORE INSERT ON ledger_log "
+    "WHEN NEW.seq IS NOT (SELECT COALESCE(MAX(seq), 0) + 1 FROM ledger_log) "
+    "OR NEW.prev_hash IS NOT COALESCE((SELECT hash FROM ledger_log ORDER BY seq DESC LIMIT 1), '" + "0" * 64 + "') "
+    "BEGIN SELECT RAISE(ABORT, 'ledger_log is append-only: rows are only appended after the last one'); END",
+    # the head record may only name the log's last row
+    "CREATE TRIGGER IF NOT EXISTS ledger_head_follows_log BEFORE UPDATE ON ledger_head "
+    "WHEN NEW.id IS NOT 1 OR NEW.seq IS NOT (SELECT MAX(seq) FROM ledger_log) "
+    "OR NEW.hash IS NOT (SELECT hash FROM ledger_log ORDER BY seq DESC LIMIT 1) "
+    "BEGIN SELECT RAISE(ABORT, 'ledger_head only names the last row of ledger_log'); END",
+    "CREATE TRIGGER IF NOT EXISTS ledger_head_insert_follows_log BEFORE INSERT ON ledger_head "
+    "WHEN NEW.id IS NOT 1 OR NEW.seq IS NOT (SELECT MAX(seq) FROM ledger_log) "
+    "OR NEW.hash IS NOT (SELECT hash FROM ledger_log ORDER BY seq DESC LIMIT 1) "
+    "BEGIN SELECT RAISE(ABORT, 'ledger_head only names the last row of ledger_log'); END",
+    "CREATE TRIGGER IF NOT EXISTS ledger_head_no_delete BEFORE DELETE ON ledger_head "
+    "BEGIN SELECT RAISE(ABORT, 'ledger_head cannot be deleted'); END",
 ]
 _PG_TRIGGERS = [
     "CREATE OR REPLACE FUNCTION jaxdp_ledger_append_only() RETURNS trigger AS $$ "
@@ -113,7 +131,27 @@ _PG_TRIGGERS = [
     "DROP TRIGGER IF EXISTS ledger_log_no_truncate ON ledger_log",
     "CREATE TRIGGER ledger_log_no_truncate BEFORE TRUNCATE ON ledger_log "
     "FOR EACH STATEMENT EXECUTE FUNCTION jaxdp_ledger_append_only()",
+    "CREATE OR REPLACE FUNCTION jaxdp_ledger_append_at_end() RETURNS trigger AS $$ "
+    "DECLARE last_seq BIGINT; last_hash TEXT; BEGIN "
+    "SELECT seq, hash INTO last_seq, last_hash FROM ledger_log ORDER BY seq DESC LIMIT 1; "
+    "IF NEW.seq IS DISTINCT FROM COALESCE(last_seq, 0) + 1 "
+    "OR NEW.prev_hash IS DISTINCT FROM COALESCE(last_hash, '" + "0" * 64 + "') THEN "
+    "RAISE EXCEPTION 'ledger_log is append-only: rows are only appended after the last one'; END IF; "
+    "RETURN NEW; END $$ LANGUAGE plpgsql",
+    "DROP TRIGGER IF EXISTS ledger_log_append_at_end ON ledger_log",
+    "CREATE TRIGGER ledger_log_append_at_end BEFORE INSERT ON ledger_log "
+    "FOR EACH ROW EXECUTE FUNCTION jaxdp_ledger_append_at_end()",
 ]
+
+LOCK_WAIT_S = 60.0  # a writer waits at most this long for the write lock, then fails with a clear error
+
+
+def lost_history_message(where: str, what: str) -> str:
+    """The advice for a store that exists but has lost its ledger (never: "run init")."""
+    return (f"{where} {what}: if it held a jaxdp ledger, that ledger's history is gone. Do NOT run "
+            "`jaxdp ledger init` on it -- an empty ledger would give every dataset its whole budget back. Restore "
+            "the ledger from a backup, or rebuild it from a JSON export with `jaxdp ledger restore --ledger "
+            "NEW_PATH_OR_URL --from EXPORT.json` (docs/ledger.md, \"Recovering a lost ledger\")")
 
 
 class Store:
@@ -124,22 +162,36 @@ class Store:
     def transaction(self, write: bool) -> contextlib.AbstractContextManager:  # pragma: no cover - interface
         raise NotImplementedError
 
-    def create_schema(self) -> None:  # pragma: no cover - interface
+    def ddl(self) -> list[str]:  # pragma: no cover - interface
         raise NotImplementedError
+
+    def refuse_init(self, tx) -> "LedgerStoreError | None":  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def install_triggers(self) -> None:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def grant_writer(self, role: str) -> None:
+        raise LedgerError("a separate writer role is a PostgreSQL feature; a SQLite ledger is protected by the "
+                          "file's permissions (see docs/ledger.md, threat model)")
 
     def close(self) -> None:  # pragma: no cover - interface
         pass
 
     # ------------------------------------------------------------------ shared logic
+    def has_ledger_tables(self, tx) -> bool:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def no_ledger_error(self, tx) -> LedgerStoreError:
+        return LedgerStoreError(lost_history_message(self.url, "holds no ledger tables"))
+
     def check_schema(self, tx) -> None:
-        try:
-            meta = dict(tx.execute("SELECT key, value FROM ledger_meta", ()))
-        except Exception as e:  # noqa: BLE001 - the driver's "no such table" differs per back end
-            raise LedgerStoreError(f"{self.url} is not a jaxdp ledger (no ledger tables: {e}); "
-                                   "create one with `jaxdp ledger init`") from e
+        if not self.has_ledger_tables(tx):
+            raise self.no_ledger_error(tx)
+        meta = dict(tx.execute("SELECT key, value FROM ledger_meta", ()))
         if meta.get("format") != FORMAT:
-            raise LedgerStoreError(f"{self.url} is not a jaxdp ledger (format {meta.get('format')!r}); "
-                                   "create one with `jaxdp ledger init`")
+            raise LedgerStoreError(f"{self.url} is not a jaxdp ledger (format {meta.get('format')!r}); it was "
+                                   "left untouched: point --ledger at the ledger")
         if meta.get("schema_version") != SCHEMA_VERSION:
             raise LedgerStoreError(f"{self.url}: ledger schema version {meta.get('schema_version')!r} is not "
                                    f"supported by this jaxdp (expects {SCHEMA_VERSION}); upgrade jaxdp")
@@ -178,6 +230,7 @@ class SqliteStore(Store):
         self.path = os.path.abspath(os.path.expanduser(path))
         self.url = f"sqlite:///{self.path}"
         exists = os.path.exists(self.path)
+        self.preexisting_size = os.path.getsize(self.path) if exists and os.path.isfile(self.path) else None
         if not exists and not create:
             raise LedgerStoreError(f"no ledger at {self.path}; create it with `jaxdp ledger init --ledger "
                                    f"{self.path}` (or Ledger.open(..., create=True))")
@@ -187,8 +240,8 @@ class SqliteStore(Store):
             raise LedgerStoreError(f"cannot read the ledger {self.path} (permission denied)")
         try:
             # isolation_level=None: we issue BEGIN ourselves (BEGIN IMMEDIATE for writers).
-            self.conn = sqlite3.connect(self.path, timeout=timeout, isolation_level=None)
-            self.conn.execute(f"PRAGMA busy_timeout = {int(timeout * 1000)}")
+            self.conn = sqlite3.connect(self.path, timeout=min(timeout, LOCK_WAIT_S), isolation_level=None)
+            self.conn.execute(f"PRAGMA busy_timeout = {int(min(timeout, LOCK_WAIT_S) * 1000)}")
             self.conn.execute("PRAGMA schema_version").fetchall()  # reads the header: fails on a non-database
         except sqlite3.DatabaseError as e:
             raise LedgerStoreError(f"{self.path} is not a readable SQLite ledger ({e}); the file was left "
@@ -202,6 +255,12 @@ class SqliteStore(Store):
     def transaction(self, write: bool) -> Iterator[_SqliteTx]:
         try:
             self.conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+        except sqlite3.OperationalError as e:
+            if "locked" in str(e) or "busy" in str(e):
+                raise LedgerStoreError(f"the ledger {self.path} is locked by another writer for more than "
+                                       f"{LOCK_WAIT_S:g} s; nothing was written. Try again (`jaxdp ledger show` "
+                                       "lists open reservations)") from e
+            raise LedgerStoreError(f"cannot open a transaction on {self.path}: {e}") from e
         except sqlite3.DatabaseError as e:
             raise LedgerStoreError(f"cannot open a transaction on {self.path}: {e}") from e
         try:
@@ -226,20 +285,40 @@ class SqliteStore(Store):
         except sqlite3.DatabaseError:
             pass  # no transaction left to roll back (SQLite already ended it)
 
-    def create_schema(self) -> None:
-        try:
-            with self.transaction(write=True) as tx:
-                for sql in _DDL + _SQLITE_TRIGGERS:
-                    tx.execute(sql, ())
-                _init_meta(tx)
-        except sqlite3.DatabaseError as e:
-            raise LedgerStoreError(f"cannot create a ledger in {self.path}: {e}") from e
+    def ddl(self) -> list[str]:
+        return _DDL + _SQLITE_TRIGGERS
+
+    def refuse_init(self, tx) -> LedgerStoreError | None:
+        """A file that existed before ``init`` and is not a ledger (0 bytes, or another database) is never
+        turned into an empty ledger: it may be a ledger whose history was lost."""
+        if self.preexisting_size is None:
+            return None
+        err = self.no_ledger_error(tx)
+        return LedgerStoreError(f"{err} To start a new ledger, give a path that does not exist yet.")
+
+    def has_ledger_tables(self, tx) -> bool:
+        return bool(tx.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'ledger_meta'", ()))
+
+    def no_ledger_error(self, tx) -> LedgerStoreError:
+        if self.preexisting_size == 0:
+            what = "is an empty (0-byte) file"
+        else:
+            n = tx.execute("SELECT COUNT(*) FROM sqlite_master WHERE type = 'table'", ())[0][0]
+            what = "holds no ledger tables" + (f" ({n} other table(s): is it another database?)" if n else "")
+        return LedgerStoreError(lost_history_message(self.path, what))
+
+    def install_triggers(self) -> None:
+        """(Re-)create the append-only triggers (idempotent; `jaxdp ledger init` on an existing ledger adds
+        the ones an older jaxdp did not create)."""
+        with self.transaction(write=True) as tx:
+            for sql in _SQLITE_TRIGGERS:
+                tx.execute(sql, ())
 
     def close(self) -> None:
         self.conn.close()
 
 
-def _init_meta(tx) -> None:
+def init_meta(tx) -> None:
     meta = dict(tx.execute("SELECT key, value FROM ledger_meta", ()))
     if not meta:
         tx.execute("INSERT INTO ledger_meta (key, value) VALUES (?, ?)", ("format", FORMAT))
@@ -273,35 +352,70 @@ class PostgresStore(Store):
 
     @contextlib.contextmanager
     def transaction(self, write: bool) -> Iterator[_PgTx]:
+        import time
         psycopg = self._psycopg
         try:
             with self.conn.transaction():
                 with self.conn.cursor() as cur:
                     tx = _PgTx(cur)
                     if write:
-                        # One writer at a time for the whole read-decide-append (released at commit/rollback).
-                        cur.execute("SELECT pg_advisory_xact_lock(%s)", (_PG_LOCK_KEY,))
+                        # One writer at a time for the whole read-decide-append (released at commit/rollback);
+                        # the wait is bounded (LOCK_WAIT_S), never forever.
+                        deadline = time.monotonic() + LOCK_WAIT_S
+                        while True:
+                            cur.execute("SELECT pg_try_advisory_xact_lock(%s)", (_PG_LOCK_KEY,))
+                            if cur.fetchone()[0]:
+                                break
+                            if time.monotonic() > deadline:
+                                raise LedgerStoreError(
+                                    f"the ledger {self.url} is locked by another writer for more than "
+                                    f"{LOCK_WAIT_S:g} s; nothing was written. Try again")
+                            time.sleep(0.05)
                     else:
                         cur.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
                     yield tx
-        except psycopg.OperationalError as e:
-            raise LedgerStoreError(f"ledger database {self.url}: {e}") from e
         except psycopg.errors.UndefinedTable as e:
-            raise LedgerStoreError(f"{self.url} is not a jaxdp ledger (no ledger tables); "
-                                   "create one with `jaxdp ledger init`") from e
+            raise LedgerStoreError(lost_history_message(self.url, "has lost (some of) its ledger tables")) from e
+        except psycopg.errors.IntegrityError as e:  # e.g. UniqueViolation: a row or head that should not exist
+            raise LedgerStoreError(f"ledger database {self.url} refused the write ({type(e).__name__}: {e}); "
+                                   "nothing was written. Run `jaxdp ledger verify`") from e
+        except psycopg.Error as e:
+            raise LedgerStoreError(f"ledger database {self.url}: {type(e).__name__}: {e}; nothing was "
+                                   "written") from e
 
-    def create_schema(self) -> None:
+    def ddl(self) -> list[str]:
+        return _DDL + _PG_TRIGGERS
+
+    def refuse_init(self, tx) -> LedgerStoreError | None:
+        return None  # a database or schema without ledger tables is how a new PostgreSQL ledger starts
+
+    def has_ledger_tables(self, tx) -> bool:
+        return bool(tx.execute("SELECT to_regclass('ledger_meta') IS NOT NULL", ())[0][0])
+
+    def no_ledger_error(self, tx) -> LedgerStoreError:
+        return LedgerStoreError(
+            f"{self.url} holds no jaxdp ledger tables. If this is a new database or schema, create a ledger with "
+            "`jaxdp ledger init`. If a ledger was here, its history is gone: do NOT run init then (an empty ledger "
+            "would give every dataset its whole budget back); restore it from a backup, or rebuild it from a JSON "
+            "export with `jaxdp ledger restore --from EXPORT.json` (docs/ledger.md, \"Recovering a lost ledger\")")
+
+    def install_triggers(self) -> None:
         with self.transaction(write=True) as tx:
-            for sql in _DDL + _PG_TRIGGERS:
+            for sql in _PG_TRIGGERS:
                 tx.execute(sql, ())
-            _init_meta(tx)
 
-    def check_schema(self, tx) -> None:
-        rows = tx.execute("SELECT to_regclass('ledger_meta') IS NOT NULL", ())
-        if not rows[0][0]:
-            raise LedgerStoreError(f"{self.url} is not a jaxdp ledger (no ledger tables); "
-                                   "create one with `jaxdp ledger init`")
-        super().check_schema(tx)
+    def grant_writer(self, role: str) -> None:
+        """Let ``role`` (a separate, non-owner role) use the ledger: read everything, append rows, move the head.
+        Run by the tables' owner. The writer role cannot ALTER, DROP, TRUNCATE or disable the triggers (only an
+        owner or superuser can), so the append-only rules hold against the role the trainers connect as."""
+        from psycopg import sql
+        r = sql.Identifier(role)
+        with self.transaction(write=True) as tx:
+            for stmt in (sql.SQL("REVOKE ALL ON ledger_log, ledger_head, ledger_meta FROM {}").format(r),
+                         sql.SQL("GRANT SELECT ON ledger_log, ledger_head, ledger_meta TO {}").format(r),
+                         sql.SQL("GRANT INSERT ON ledger_log TO {}").format(r),
+                         sql.SQL("GRANT INSERT, UPDATE ON ledger_head TO {}").format(r)):
+                tx.cur.execute(stmt)
 
     def close(self) -> None:
         self.conn.close()
@@ -330,8 +444,6 @@ def open_store(url_or_path: str | os.PathLike, create: bool = False) -> Store:
                                "postgresql://USER@HOST:PORT/DB")
     else:
         store = SqliteStore(s, create=create)
-    if create:
-        store.create_schema()
     return store
 
 

@@ -10,6 +10,12 @@ Metrics (gauges; labels in braces):
 * ``dp_training_accuracy_delta{model}``                    -- non-private minus private accuracy.
 * ``dp_training_ledger_reserved{model,dataset,run_id}``   -- 1 if the run holds a ledger reservation, else 0.
 * ``dp_dataset_protected{dataset}``                        -- 1 if the dataset is registered in the ledger.
+* ``dp_telemetry_push_failures{run_id}``                  -- pushes to the Pushgateway that failed so far.
+
+Telemetry never stops training: a push that fails (Pushgateway down, DNS, timeout) is logged (logger
+``jaxdp.telemetry``) and counted in :attr:`DPMetrics.push_failures`; the trainer also goes on without telemetry
+when its port is taken (a one-line warning). Constructing :class:`DPMetrics` directly with a taken port raises
+:class:`TelemetryError` (an ``OSError``) naming the port.
 
 Expose them on an HTTP endpoint (``port``) for Prometheus to scrape and/or push them to a Pushgateway
 (``pushgateway`` URL). The alert rules shipped in ``jaxdp/telemetry/alerts.yml`` (tested with
@@ -18,8 +24,15 @@ training run on a protected dataset without a ledger reservation.
 """
 from __future__ import annotations
 
+import logging
 import os
 from importlib import resources
+
+_log = logging.getLogger("jaxdp.telemetry")
+
+
+class TelemetryError(OSError):
+    """The metrics endpoint cannot be started (e.g. the port is taken)."""
 
 ALERT_RULES = "alerts.yml"
 
@@ -67,10 +80,17 @@ class DPMetrics:
                                      ["model", "dataset", "run_id"])
         self.dataset_protected = gauge("dp_dataset_protected", "1 if the dataset is registered in the ledger",
                                        ["dataset"])
+        self.push_failed = gauge("dp_telemetry_push_failures", "Pushes to the Pushgateway that failed", ["run_id"])
+        self.push_failures = 0
+        self.push_timeout = 5.0
         self._server = None
         self.port = None
         if port is not None:
-            self._server, _thread = pc.start_http_server(port, addr=addr, registry=self.registry)
+            try:
+                self._server, _thread = pc.start_http_server(port, addr=addr, registry=self.registry)
+            except OSError as e:
+                raise TelemetryError(f"cannot serve metrics on {addr}:{port} ({e.strerror or e}); choose another "
+                                     "telemetry port (0 picks a free one)") from None
             self.port = self._server.server_port
 
     # -- updates ---------------------------------------------------------------------------------------------
@@ -107,10 +127,20 @@ class DPMetrics:
         """The metrics in Prometheus text format."""
         return self._pc.generate_latest(self.registry).decode()
 
-    def push(self) -> None:
-        if self.pushgateway:
+    def push(self) -> bool:
+        """Push the gauges to the Pushgateway (if one is set). Never raises: a failure is logged and counted
+        (:attr:`push_failures`, gauge ``dp_telemetry_push_failures``). Returns whether the push succeeded."""
+        if not self.pushgateway:
+            return True
+        try:
             self._pc.push_to_gateway(self.pushgateway, job=self.job, registry=self.registry,
-                                     grouping_key={"run_id": self.run_id})
+                                     grouping_key={"run_id": self.run_id}, timeout=self.push_timeout)
+            return True
+        except Exception as e:  # noqa: BLE001 - telemetry must never fail the run (URLError, OSError, HTTP errors)
+            self.push_failures += 1
+            self.push_failed.labels(self.run_id).set(self.push_failures)
+            _log.warning("telemetry push to %s failed (%d so far): %s", self.pushgateway, self.push_failures, e)
+            return False
 
     def close(self) -> None:
         if self._server is not None:
@@ -119,4 +149,4 @@ class DPMetrics:
             self._server = None
 
 
-__all__ = ["DPMetrics", "alert_rules_path"]
+__all__ = ["DPMetrics", "TelemetryError", "alert_rules_path"]

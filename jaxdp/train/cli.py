@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -17,9 +18,15 @@ def _train(args) -> int:
     from jaxdp.distributed import initialize_from_env
     initialize_from_env()  # several processes when JAXDP_COORDINATOR etc. are set (see docs/distributed.md)
     from jaxdp.train import DPTrainer
-    trainer = DPTrainer(args.config, out_dir=args.out, progress=not args.no_progress, log=not args.json,
-                        resume=not args.fresh)
-    summary = trainer.train()
+    from jaxdp.train.lifecycle import interrupted_message
+    trainer = None
+    try:
+        trainer = DPTrainer(args.config, out_dir=args.out, progress=not args.no_progress, log=not args.json,
+                            resume=not args.fresh)
+        summary = trainer.train()
+    except KeyboardInterrupt:
+        print("\n" + interrupted_message(trainer), file=sys.stderr)
+        return 130
     if not trainer.main:  # several processes: process 0 reports
         return 0
     if args.json:
@@ -36,7 +43,12 @@ def _train(args) -> int:
 
 def _compare(args) -> int:
     from jaxdp.train import compare
-    s = compare(args.config, out_dir=args.out, progress=not args.no_progress, log=not args.json)
+    try:
+        s = compare(args.config, out_dir=args.out, progress=not args.no_progress, log=not args.json)
+    except KeyboardInterrupt:
+        print("\njaxdp compare: interrupted; re-run the same command to resume both runs from their checkpoints",
+              file=sys.stderr)
+        return 130
     if args.json:
         print(json.dumps(s))
     else:

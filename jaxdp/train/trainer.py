@@ -11,7 +11,6 @@ import math
 import os
 import sys
 import time
-import uuid
 import warnings
 from typing import Any
 
@@ -26,7 +25,7 @@ from jaxdp import distributed
 from jaxdp import models
 from jaxdp.engine import PrivacyBudgetExhausted, PrivacyEngine, TrainState
 from jaxdp.sampling import PoissonSampler, ShuffleSampler
-from jaxdp.train import checkpoint
+from jaxdp.train import checkpoint, lifecycle
 from jaxdp.train.config import config_hash, load_config, validate_config
 
 CLIP_HIGH, CLIP_LOW = 0.9, 0.01  # warn when more than 90% / fewer than 1% of examples are clipped
@@ -102,13 +101,10 @@ class DPTrainer:
         self.graphdef, self.params0, self.rest = nnx.split(self.model, nnx.Param, ...)
         self.metrics: list[dict] = []
         self.status = "not started"
-        self.run_id = cfg["ledger"]["run_id"] or uuid.uuid4().hex[:12]
-        self.telemetry = None
-        out = cfg["output"]
-        if self.main and (out["telemetry_port"] is not None or out["pushgateway"]):
-            from jaxdp.telemetry import DPMetrics
-            self.telemetry = DPMetrics(cfg["model"]["name"], self.dataset.name, self.run_id,
-                                       port=out["telemetry_port"], pushgateway=out["pushgateway"])
+        self.config_hash = config_hash(cfg)
+        # the run id is settled by train() (lifecycle.resolve_identity: run.json, ledger.run_id or derived)
+        self.run_id = cfg["ledger"]["run_id"] or lifecycle.derived_run_id(self.out_dir, self.config_hash)
+        self.telemetry = None  # started by train(), stopped when it returns
         self._x_train = jnp.asarray(self.dataset.x_train)
         self._y_train = jnp.asarray(self.dataset.y_train)
         self._setup()
@@ -254,13 +250,19 @@ class DPTrainer:
 
     # -- checkpointing -------------------------------------------------------------------------------------
     def _save(self) -> None:
-        meta = {"sampler": self.sampler.state_dict(), "metrics": self.metrics, "run_id": self.run_id,
-                "config_hash": config_hash(self.cfg), "status": self.status,
+        step = int(self.state.step)
+        meta = {"step": step, "sampler": self.sampler.state_dict(), "metrics": self.metrics, "run_id": self.run_id,
+                "config_hash": self.config_hash, "status": self.status,
                 "accountant": self.engine.accountant.to_dict() if self.dp else None}
         if self.main:  # the state is replicated: process 0's copy is everyone's
-            checkpoint.save(os.path.join(self.out_dir, "checkpoint"), self.state, meta)
+            checkpoint.save(os.path.join(self.out_dir, "checkpoint"), self.state, meta, step=step)
+            lifecycle.fault_point("after_checkpoint")
+            lifecycle.note_checkpoint(self, step)
 
     def _restore(self) -> bool:
+        """Load the newest checkpoint (integrity-checked, then cross-checked: train state, sampler and
+        accountant must agree on the step). ``self._ckpt_meta`` keeps its metadata."""
+        self._ckpt_meta = None
         ckpt = os.path.join(self.out_dir, "checkpoint")
         loaded = checkpoint.load(ckpt, self.state) if self.resume and checkpoint.exists(ckpt) else None
         if distributed.process_count() > 1:  # all resume from the same checkpoint (output.dir must be shared)
@@ -270,19 +272,29 @@ class DPTrainer:
         if loaded is None:
             return False
         state, meta = loaded
-        if meta["config_hash"] != config_hash(self.cfg):
-            raise ValueError(f"{self.out_dir} holds a checkpoint of a different config; use another output.dir "
-                             "or delete the directory")
+        if meta.get("config_hash") != self.config_hash:
+            raise ValueError(f"{self.out_dir} holds a checkpoint of a different config; use another output.dir, "
+                             "or --fresh to move the old files aside")
         self.state = state
         self.sampler.load_state_dict(meta["sampler"])
         self.metrics = meta["metrics"]
         self.run_id = meta["run_id"]
-        self.status = meta.get("status", "running")
         if self.dp:
             from jaxdp.accounting import Accountant
             restored = Accountant.from_dict(meta["accountant"])
             self.engine.accountant.__dict__.update(restored.__dict__)
+        lifecycle.check_restored(self, meta)
+        self.status = "running"  # never trusted from the file: derived from the step counts (_complete)
+        self._ckpt_meta = meta
         return True
+
+    def _complete(self) -> bool:
+        """Nothing left to train: the planned steps are done. (A run stopped by its target epsilon goes through
+        the loop again: its next step is refused before touching data, which ends and commits it.)"""
+        if int(self.state.step) >= self.total_steps:
+            self.status = "finished"
+            return True
+        return False
 
     # -- ledger --------------------------------------------------------------------------------------------
     def _ledger_events(self, steps: int) -> list[dict]:
@@ -290,8 +302,9 @@ class DPTrainer:
             return [{"sampling": "none", "steps": steps}]
         return [dict(e, l2_clip_norm=self._clip_record()["max_grad_norm"]) for e in self.private.events(steps)]
 
-    def _ledger_open(self):
-        """Reserve (if configured) and check the run against the privacy ledger before the first step."""
+    def _ledger_open(self, complete: bool = False):
+        """Reconcile the run with the privacy ledger before anything else (see :mod:`jaxdp.train.lifecycle`):
+        adopt its open reservation, reserve the planned steps, or commit a complete run's steps."""
         lcfg = self.cfg["ledger"]
         path = lcfg["path"] or os.environ.get("JAXDP_LEDGER")
         if not path:
@@ -300,18 +313,13 @@ class DPTrainer:
         from jaxdp import ledger as ledger_lib
         self.ledger = ledger_lib.Ledger.open(path)
         self.dataset_id = lcfg["dataset_id"] or self.dataset.name
-        protected = self.ledger.is_protected(self.dataset_id) or bool(lcfg["parent_run_id"])
-        run = self.ledger.run(self.run_id) if hasattr(self.ledger, "run") else None
-        if protected and self.dp and lcfg["reserve"] and run is None:
-            self.ledger.reserve(self.dataset_id, self.run_id, self._ledger_events(self.total_steps),
-                                model=self.cfg["model"]["name"], config_hash=config_hash(self.cfg),
-                                code_version=ledger_lib.code_version(), parent_run_id=lcfg["parent_run_id"])
-        ledger_lib.require_reservation(self.ledger, self.dataset_id, self.run_id, private=self.dp,
-                                       parent_run_id=lcfg["parent_run_id"])
+        is_protected = self.ledger.is_protected(self.dataset_id)
+        protected = is_protected or bool(lcfg["parent_run_id"])
+        run = lifecycle.reconcile(self, self.ledger, self.dataset_id, complete, protected)
         if self.telemetry is not None:
-            self.telemetry.record_ledger(protected=protected, reserved=True,
+            self.telemetry.record_ledger(protected=protected, reserved=run is not None and run.status == "reserved",
                                          budget_remaining=self.ledger.remaining(self.dataset_id)
-                                         if self.ledger.is_protected(self.dataset_id) else None)
+                                         if is_protected else None)
 
     def _ledger_commit(self) -> None:
         if getattr(self, "ledger", None) is None:
@@ -319,6 +327,8 @@ class DPTrainer:
         run = self.ledger.run(self.run_id)
         if run is not None and run.status == "reserved":
             self.ledger.commit(self.run_id, self._ledger_events(int(self.state.step)))
+            if self.telemetry is not None:
+                self.telemetry.record_ledger(protected=bool(run.charged), reserved=False)
 
     # -- the loop ------------------------------------------------------------------------------------------
     def _write_outputs(self) -> dict:
@@ -340,7 +350,7 @@ class DPTrainer:
             "steps": int(self.state.step), "planned_steps": self.total_steps,
             "sampling": self.sampler.sampling, "accountant": t["accountant"] if self.dp else None,
             "mechanism": t["mechanism"] if self.dp else None, "bands": t["bands"] if self.dp else None,
-            "clipping_method": t["method"], "config_hash": config_hash(self.cfg),
+            "clipping_method": t["method"], "config_hash": self.config_hash,
             "jaxdp_version": __import__("jaxdp").__version__,
             "final_test_accuracy": self.metrics[-1]["test_accuracy"] if self.metrics else None,
             "epochs": self.metrics,
@@ -374,12 +384,57 @@ class DPTrainer:
 
         ``max_epochs`` stops after that many epochs in this call (checkpointed), e.g. to resume later.
         """
+        # Several processes: process 0 alone moves files, writes run.json and talks to the ledger; each of
+        # these steps is a collective, so the others wait for it (and stop with it if it fails).
+        if not self.resume:
+            moved = distributed.on_main_process(lambda: lifecycle.move_aside(self.out_dir),
+                                                "moving the previous run's files aside")
+            if moved and self.log:
+                print(f"--fresh: the previous run's files were moved to {moved}")
         resumed = self._restore()
-        if self.status in ("finished", "budget_exhausted"):
-            return self._write_outputs()
+        distributed.on_main_process(
+            lambda: lifecycle.resolve_identity(self, resumed, self._ckpt_meta, fresh=not self.resume),
+            "the run directory check")
+        self.run_id = distributed.broadcast_from_main(self.run_id)  # process 0's run id (run.json) everywhere
+        self.resume = True  # from here on (e.g. a second train() call) this directory's checkpoint is ours
+        complete = self._complete()
+        self._telemetry_start()
+        try:
+            # reconcile with the ledger before anything else
+            distributed.on_main_process(lambda: self._ledger_open(complete), "the privacy ledger check")
+            if complete:
+                if self.log:
+                    print(f"{self.out_dir}: run {self.run_id!r} is already {self.status.replace('_', ' ')} at step "
+                          f"{int(self.state.step)}; nothing was trained")
+                return self._write_outputs()
+            return self._train_loop(resumed, max_epochs)
+        finally:
+            self._telemetry_stop()
+
+    def _telemetry_start(self) -> None:
+        """Start the run's telemetry (if configured). Telemetry never stops a run: a port in use or a missing
+        prometheus-client is reported in one warning line and training goes on without it."""
+        out = self.cfg["output"]
+        if not self.main or self.telemetry is not None or (out["telemetry_port"] is None and not out["pushgateway"]):
+            return  # several processes: process 0 alone exports
+        try:
+            from jaxdp.telemetry import DPMetrics
+            self.telemetry = DPMetrics(self.cfg["model"]["name"], self.dataset.name, self.run_id,
+                                       port=out["telemetry_port"], pushgateway=out["pushgateway"])
+        except (OSError, ImportError) as e:
+            warnings.warn(f"telemetry is off for this run: {e}", stacklevel=3)
+
+    def _telemetry_stop(self) -> None:
+        if self.telemetry is not None:
+            if self.telemetry.push_failures and self.log:
+                print(f"telemetry: {self.telemetry.push_failures} push(es) to {self.cfg['output']['pushgateway']} "
+                      "failed (training was not affected)", file=sys.stderr)
+            self.telemetry.close()
+            self.telemetry = None
+
+    def _train_loop(self, resumed: bool, max_epochs: int | None) -> dict:
         self.status = "running"
         os.makedirs(self.out_dir, exist_ok=True)
-        distributed.on_main_process(self._ledger_open, "the privacy ledger check")
         # Epoch k ends at step ceil(k / q) (Poisson) or k * steps_per_epoch (shuffle), so fractional steps
         # per epoch add up exactly to the planned total.
         n_epochs = math.ceil(self.epochs)
@@ -460,7 +515,8 @@ class DPTrainer:
             self.status = "finished"
         self._save()
         if self.status in ("finished", "budget_exhausted"):
-            self._ledger_commit()
+            lifecycle.fault_point("before_commit")
+            distributed.on_main_process(self._ledger_commit, "the privacy ledger commit")
         return self._write_outputs()
 
 
@@ -477,11 +533,13 @@ def compare(config: dict | str, out_dir: str | None = None, progress: bool | Non
     dp_cfg["training"]["dp"]["enabled"] = True
     nodp_cfg = json.loads(json.dumps(cfg))
     nodp_cfg["training"]["dp"]["enabled"] = False
+    trainers = {name: DPTrainer(c, out_dir=os.path.join(base, name), progress=progress, log=log)
+                for name, c in (("dp", dp_cfg), ("non_private", nodp_cfg))}
+    lifecycle.refuse_unprivate_on_protected(trainers["non_private"])  # before anything is trained or charged
     results = {}
-    for name, c in (("dp", dp_cfg), ("non_private", nodp_cfg)):
+    for name, trainer in trainers.items():
         if log:
-            print(f"== {name.replace('_', '-')} run -> {os.path.join(base, name)}")
-        trainer = DPTrainer(c, out_dir=os.path.join(base, name), progress=progress, log=log)
+            print(f"== {name.replace('_', '-')} run -> {trainer.out_dir}")
         results[name] = trainer.train()
     dp_acc = results["dp"]["final_test_accuracy"]
     base_acc = results["non_private"]["final_test_accuracy"]
