@@ -160,6 +160,8 @@ def main() -> None:
            "device_count": jax.device_count(), "local_device_count": jax.local_device_count()}
     if mode in ("train", "kill"):
         train(out, kill=mode == "kill")
+        # what DPTrainer uses to give every process the run id process 0 settled (run.json, --fresh)
+        out["broadcast"] = dist.broadcast_from_main({"run_id": f"run-of-process-{jax.process_index()}", "n": [1]})
     elif mode == "noise":  # jaxdp's step, then the negative control, in the same processes
         out["jaxdp"], out["every_process"] = {}, {}
         noise(out["jaxdp"], every_process=False)

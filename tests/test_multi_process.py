@@ -105,6 +105,12 @@ def test_update_bit_identical_on_every_process(engine_runs):
     assert len(set(p0["param_hashes"])) == 20
 
 
+def test_broadcast_from_main_gives_process_0s_value(engine_runs):
+    ref, (p0, p1) = engine_runs["ref"], engine_runs["two"]
+    want = {"run_id": "run-of-process-0", "n": [1]}
+    assert ref["broadcast"] == p0["broadcast"] == p1["broadcast"] == want
+
+
 def test_each_process_loads_only_its_shard(engine_runs):
     ref, (p0, p1) = engine_runs["ref"], engine_runs["two"]
     # the same global Poisson batch on both processes; each loaded half the rows, disjoint, together the batch
@@ -185,9 +191,17 @@ def _config(tmp: Path, ledger: str | None = None) -> str:
     return str(path)
 
 
+def _ckpt(run_dir: Path) -> tuple[dict, dict]:
+    """The arrays and metadata of the run's newest checkpoint (integrity-checked)."""
+    from jaxdp.train import checkpoint
+    found = checkpoint.list_checkpoints(str(run_dir / "checkpoint"))
+    assert found, f"no checkpoint in {run_dir}"
+    return checkpoint.read(found[0][1])
+
+
 def _ckpt_params(run_dir: Path) -> list[np.ndarray]:
-    z = np.load(run_dir / "checkpoint" / "checkpoint.npz")
-    return [z[k] for k in sorted(z.files, key=lambda k: int(k[1:]))]
+    arrays, _ = _ckpt(run_dir)
+    return [arrays[k] for k in sorted(arrays, key=lambda k: int(k[1:]))]
 
 
 @pytest.fixture(scope="module")
@@ -210,7 +224,7 @@ def train_runs(tmp_path_factory):
                                 JAXDP_TEST_DIE_AFTER_STEP="9"),
     }
     res = {k: finish(p, ok=k != "killed") for k, p in jobs.items()}
-    ckpt_after_kill = json.loads((base / "kill" / "run" / "checkpoint" / "checkpoint.json").read_text())
+    ckpt_after_kill = _ckpt(base / "kill" / "run")[1]
     resumed = finish(two_processes(["jaxdp", "train", "--config", cfg_kill, "--out", str(base / "kill" / "run")]))
     return {"base": base, "ledger": ledger, "res": res, "resumed": resumed, "ckpt_after_kill": ckpt_after_kill}
 
