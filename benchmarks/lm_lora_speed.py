@@ -2,7 +2,7 @@
 
 Same model (GPT-2 architecture, byte vocabulary 257, ``--layers`` x ``--d-model``), same LoRA (rank 8,
 alpha 16, on the fused ``c_attn``, no dropout), same fixed batch of ``--batch`` sequences of ``--seq-len``
-tokens, per-sequence loss = mean token NLL. Rows alternate step by step in one process (DESIGN.md section 6);
+tokens, per-sequence loss = mean token NLL. Rows alternate step by step in one process (docs/privacy.md);
 median of ``--steps`` timed steps after 2 warm-up steps; compile time reported separately.
 
 Memory: ``xla_bytes`` = XLA's memory analysis of the compiled JAX step (temp + arguments + outputs);
@@ -178,7 +178,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--rows", default=",".join(ROWS))
     p.add_argument("--torch-threads", type=int, default=0,
-                   help="torch intra-op threads (default: os.cpu_count(), DESIGN.md; on a shared, loaded machine "
+                   help="torch intra-op threads (default: os.cpu_count(), docs/privacy.md; on a shared, loaded machine "
                         "1 avoids OpenMP spin contention that made torch ~10x slower in our runs)")
     p.add_argument("--no-memory", action="store_true", help="skip the per-row memory subprocesses")
     p.add_argument("--json")

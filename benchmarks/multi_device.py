@@ -5,7 +5,7 @@ one subprocess per device count. They share the machine's cores, so this measure
 (shard_map, psum, padding, placement), not a speed-up. On a machine with GPUs the script also runs the step
 over every visible GPU (``--gpu``, automatic when ``jax.devices("gpu")`` is non-empty).
 
-In each subprocess, three steps alternate on the same inputs (DESIGN.md section 6): the non-private jitted SGD
+In each subprocess, three steps alternate on the same inputs (docs/privacy.md): the non-private jitted SGD
 step on one device (reference), the private step on a one-device mesh, and the private step on the n-device
 mesh. Median of ``--steps`` timed steps after 3 warm-up steps; compile time (first call) separately; peak RSS of
 the process from ``resource.getrusage`` (ru_maxrss, includes JAX's own footprint).

@@ -1,6 +1,6 @@
 """DP step time vs the non-private step: jaxdp (vmap / ghost / auto) against Opacus and jax-privacy.
 
-Protocol (DESIGN.md section 6): every contender runs on the same inputs in one process; the timed steps
+Protocol (docs/privacy.md): every contender runs on the same inputs in one process; the timed steps
 ALTERNATE between contenders (round robin) so machine noise hits all of them alike; median of ``--steps``
 timed steps after 2 warm-up steps; ``jax.block_until_ready`` on every result; compile time reported
 separately; torch uses ``torch.set_num_threads(os.cpu_count())``. Peak memory: XLA's memory analysis of the

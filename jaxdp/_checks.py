@@ -62,3 +62,29 @@ def prng_key(key: Any, who: str) -> jax.Array:
         if key.dtype == np.uint32 and key.shape == (2,):
             return jax.random.wrap_key_data(key)
     raise TypeError(f"{who}: key must be a jax PRNG key (jax.random.key(seed)) or an int seed, got {key!r}")
+
+
+def delta_for_dataset(delta: float, dataset_size: int, *, allow_large_delta: bool = False,
+                      override: str = "allow_large_delta=True", warn: bool = True) -> float:
+    """Return ``delta``; refuse (``ValueError``) ``delta >= 1/N`` unless ``allow_large_delta`` (then warn).
+
+    With ``delta >= 1/N`` a mechanism that publishes one random training example in the clear satisfies
+    (epsilon, delta)-DP for every epsilon, so such a guarantee says nothing about any one example. ``override``
+    names the expert switch in the caller's terms (keyword, config key or CLI flag).
+    """
+    d = positive("delta", delta)
+    if d >= 1:
+        raise ValueError(f"delta must be < 1, got {delta}")
+    n = int(dataset_size)
+    if n > 0 and d >= 1.0 / n:
+        msg = (f"delta = {delta:g} is not below 1/N = 1/{n} = {1.0 / n:.3g}: with delta >= 1/N a mechanism that "
+               "publishes one random training example in the clear satisfies the guarantee, so it protects "
+               f"nobody. Use a delta well below 1/N, e.g. 1/N^1.1 = {n ** -1.1:.2g}")
+        if not allow_large_delta:
+            raise ValueError(msg + f" (experts who accept this can pass {override}; it is recorded with the run).")
+        if not warn:
+            return d
+        import warnings
+        from jaxdp.accounting.core import DeltaWarning
+        warnings.warn(msg + f" ({override} given: recorded with the run).", DeltaWarning, stacklevel=3)
+    return d

@@ -7,8 +7,11 @@ object with ``--json``), diagnostics to stderr.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import os
 import sys
+import warnings
 
 _COMMAND_MODULES = (
     "jaxdp.accounting.cli",   # epsilon, calibrate
@@ -35,6 +38,43 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@contextlib.contextmanager
+def _plain_warnings():
+    """Warnings as one line ``jaxdp: warning: MESSAGE`` on stderr, without the source line that raised them
+    (a user of the command line has no use for ``trainer.py:301: UserWarning`` and the code below it). Only the
+    format changes: filters and recorders (``pytest.warns``, ``-W error``) see the warnings as before."""
+    def fmt(message, category, filename, lineno, line=None):
+        kind = "" if category is UserWarning else f" ({category.__name__})"
+        return f"jaxdp: warning{kind}: {message}\n"
+
+    old = warnings.formatwarning
+    warnings.formatwarning = fmt
+    try:
+        yield
+    finally:
+        warnings.formatwarning = old
+
+
+def _stdout_gone() -> int:
+    """The reader of stdout went away (``jaxdp ledger show | head``): stop quietly, as ``cat`` would.
+
+    stdout is pointed at /dev/null so that the interpreter's final flush does not raise again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass
+    return 141  # 128 + SIGPIPE, the status of a command killed by a broken pipe
+
+
+def _message(e: BaseException) -> str:
+    text = e.args[0] if isinstance(e, KeyError) and len(e.args) == 1 and isinstance(e.args[0], str) else str(e)
+    if isinstance(e, OSError) and e.filename and e.strerror:
+        text = f"{e.filename}: {e.strerror}"
+    return text
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -42,9 +82,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, KeyError) as e:
-        print(f"jaxdp {args.command}: error: {e}", file=sys.stderr)
+        with _plain_warnings():
+            status = int(args.func(args) or 0)
+        sys.stdout.flush()  # a broken pipe shows here for output still in the buffer
+        return status
+    except BrokenPipeError:
+        return _stdout_gone()
+    except (ValueError, KeyError, OSError) as e:  # FileNotFoundError, IsADirectoryError, ... are OSErrors
+        print(f"jaxdp {args.command}: error: {_message(e)}", file=sys.stderr)
         return 2
 
 

@@ -8,7 +8,7 @@ trainable parameters only), :func:`clipped_grad` returns the SUM
 (Opacus's clip factor; the norm is over all trainable leaves together, "flat" clipping). Adding or removing one
 example changes ``S`` by a vector of L2 norm at most ``C``: that is the sensitivity that the Gaussian noise of
 :func:`jaxdp.add_noise` is calibrated to. No noise is added here and nothing is divided: normalisation by the
-public expected batch size happens once, after the noise (privacy rules 2 and 3 in DESIGN.md).
+public expected batch size happens once, after the noise (privacy rules 2 and 3 in docs/privacy.md).
 
 Per-layer (group) clipping: when ``l2_clip_norm`` is a pytree that is a prefix of the params tree, every leaf
 ``C_k`` of it clips the parameters below it as one group with its own factor
@@ -33,7 +33,7 @@ from jaxdp import _checks
 PyTree = Any
 LossFn = Callable[..., Any]
 
-CLIP_EPS = 1e-6  # Opacus's constant in the clip factor; part of the public contract (DESIGN.md rule 1).
+CLIP_EPS = 1e-6  # Opacus's constant in the clip factor; part of the public contract (docs/privacy.md rule 1).
 METHODS = ("auto", "vmap", "ghost")
 
 

@@ -1,6 +1,6 @@
 """Compatibility with Opacus's conventions for the sample rate and the expected batch size.
 
-jaxdp's own convention (DESIGN.md rule 3) normalises the noisy clipped sum by the public expected batch size
+jaxdp's own convention (docs/privacy.md rule 3) normalises the noisy clipped sum by the public expected batch size
 
     E = q * N            (a real number; q = B / N for a nominal batch size B, so E = B)
 

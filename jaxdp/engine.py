@@ -42,6 +42,80 @@ class TrainState(NamedTuple):
     step: jax.Array
 
 
+class ExampleKeyedBatch(NamedTuple):
+    """A batch with one PRNG key per example, for stochastic layers (dropout) under per-example clipping.
+
+    ``keys`` is raw key data ``uint32 [B, 2]`` (an ordinary batch leaf: it is sliced, sharded and vmapped with
+    the examples). The engine builds it in :meth:`PrivateTraining.step`; the pure loss it makes from an NNX model
+    (or a ``loss_fn(params, batch, rng)``) runs each example with its own key, so example ``i``'s dropout mask
+    depends only on ``(seed, step, i)`` -- never on the other examples -- and is the same whichever clipping
+    method evaluates it (vmap, ghost, auto): the clip bound C holds per example.
+    """
+
+    batch: PyTree
+    keys: jax.Array
+
+
+_EXAMPLE_KEY_STREAM = 0x64726F70  # "drop": the per-example key stream, separate from noise and sampling
+
+
+def _has_rng_state(state: PyTree) -> bool:
+    leaves = jax.tree_util.tree_leaves(state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    return any(isinstance(v, (nnx.RngKey, nnx.RngCount)) for v in leaves)
+
+
+def _rekeyed(state: PyTree, key: jax.Array | None) -> PyTree:
+    """Fresh copies of the non-parameter variables of an NNX model, created in the current trace (so the model
+    may update them, e.g. an RngStream's counter), with every RNG stream re-seeded from ``key``: stream ``j``
+    gets ``fold_in(key, j)`` and a zero counter. ``key=None`` keeps the model's own keys."""
+    leaves, treedef = jax.tree_util.tree_flatten(state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    out, j = [], 0
+    for v in leaves:
+        if isinstance(v, nnx.RngKey) and key is not None:
+            out.append(v.replace(jax.random.fold_in(key, j)))
+            j += 1
+        elif isinstance(v, nnx.RngCount) and key is not None:
+            out.append(v.replace(jnp.zeros_like(v.value)))
+        elif isinstance(v, nnx.Variable):
+            out.append(v.replace(v.value))
+        else:
+            out.append(v)
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def _per_example(loss_one: Callable) -> Callable:
+    """``loss(params, ExampleKeyedBatch) -> [B]``: ``loss_one(params, example_as_batch_of_one, key) -> [1]``
+    vmapped over the examples and their keys."""
+
+    def loss(params, kb):
+        def one(kd, example):
+            out = loss_one(params, jax.tree_util.tree_map(lambda x: x[None], example), jax.random.wrap_key_data(kd))
+            if jnp.ndim(out) != 1 or jnp.shape(out)[0] != 1:
+                raise ValueError(f"loss_fn must return per-example losses of shape [B] (here [1]), got shape "
+                                 f"{jnp.shape(out)}: return the unreduced losses (no mean or sum over the batch)")
+            return out[0]
+        return jax.vmap(one)(kb.keys, kb.batch)
+
+    return loss
+
+
+def _wants_key(loss_fn: Callable) -> bool:
+    """Whether a params-style loss takes a required third positional argument: ``loss_fn(params, batch, rng)``."""
+    import inspect
+    try:
+        params = inspect.signature(loss_fn).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    required = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+                and p.default is p.empty]
+    return len(required) >= 3
+
+
+@jax.jit(static_argnums=2)
+def _example_keys(base: jax.Array, step: jax.Array, size: int) -> jax.Array:
+    return jax.random.key_data(jax.random.split(jax.random.fold_in(base, step), size))
+
+
 def _accounting():
     from jaxdp import accounting  # imported lazily: accounting pulls in dp-accounting
     return accounting
@@ -78,6 +152,8 @@ class PrivateTraining:
         self.mechanism = mechanism   # "dpsgd" | "bandmf" (bands: self.sampler.bands)
         self._params0 = params
         self._nnx_graph = nnx_graph
+        self._example_key = None  # set by make_private when the loss needs per-example keys (dropout)
+        self._data_checked: tuple | None = None  # ids of the last data checked by batches()
         self.loss_fn = pure_loss
         self.grad_fn = clipped_grad(pure_loss, max_grad_norm, method=method, microbatch_size=microbatch_size,
                                     trainable=trainable)
@@ -186,6 +262,33 @@ class PrivateTraining:
             lo, hi = (mid, hi) if ok(mid) else (lo, mid)
         return done + lo
 
+    def plan_shortfall(self) -> str | None:
+        """``None`` if the planned steps (``epochs=``) fit within the target epsilon; otherwise a message with
+        the plan's epsilon and what would fit: the epochs the target allows, and the noise multiplier (or
+        target epsilon) that would let the whole plan run. Checked by :meth:`PrivacyEngine.make_private` (a
+        warning) and by ``jaxdp train`` (a refusal), before any step."""
+        if self.max_steps is None or self.planned_steps is None or self.max_steps >= self.planned_steps:
+            return None
+        s, done = self.sampler, self.accountant.steps
+        fit_steps = self.max_steps - done
+        fit_epochs = fit_steps / s.steps_per_epoch if s.sampling == "shuffle" else \
+            fit_steps * s.expected_batch_size / s.dataset_size
+        plan_eps = self._epsilon_after(self.planned_steps - done)
+        options = [f"epochs <= {fit_epochs:.4g} ({fit_steps} steps)",
+                   f"a target epsilon >= {plan_eps:.4f}"]
+        if s.sampling == "poisson" and done == 0:
+            try:
+                sigma = _accounting().calibrate_noise_multiplier(
+                    self.target_epsilon, self.target_delta, s.sample_rate, steps=self.planned_steps,
+                    accountant=self.accountant.accountant,
+                    neighboring_relation=self.accountant.neighboring_relation)
+                options.insert(1, f"noise_multiplier >= {sigma:.4f}")
+            except ValueError:
+                pass
+        return (f"the plan cannot finish: {self.planned_steps} steps at noise multiplier {self.noise_multiplier:g} "
+                f"spend epsilon {plan_eps:.4f} > target {self.target_epsilon:g} (delta={self.target_delta:g}); "
+                f"training would stop after {fit_steps} steps. What fits: " + ", or ".join(options))
+
     @property
     def steps_taken(self) -> int:
         return self.accountant.steps
@@ -210,6 +313,9 @@ class PrivateTraining:
                 f"stopping: step {self.accountant.steps + 1} would take epsilon above the target "
                 f"{self.target_epsilon} (delta={self.target_delta}); {self.accountant.steps} steps were taken, "
                 f"epsilon spent = {self.get_epsilon():.4f}")
+        self._check_loss_shape(state.params, batch)
+        if self._example_key is not None:  # stochastic layers: one key per example, from (seed, step, position)
+            batch = ExampleKeyedBatch(batch, _example_keys(self._example_key, state.step, int(np.shape(mask)[0])))
         perm = None
         if self.num_devices > 1 and self.num_processes == 1:  # spread the real examples evenly over the devices
             from jaxdp.distributed import shard_batch
@@ -240,14 +346,71 @@ class PrivateTraining:
             return local_batch(indices, mask, load)
         return load(indices), mask
 
+    def _check_loss_shape(self, params: PyTree, batch: PyTree) -> None:
+        """Refuse a loss that does not return one loss per example, naming the batch's real size B (the check
+        inside clipping sees one example at a time). Shapes only (``jax.eval_shape``), once per batch shape."""
+        leaves = jax.tree_util.tree_leaves(batch)
+        shapes = tuple(np.shape(x) for x in leaves)
+        checked = self.__dict__.setdefault("_loss_shapes_checked", set())
+        if not leaves or shapes in checked:
+            return
+        try:
+            out = jax.eval_shape(self.loss_fn, params, batch)
+        except Exception:  # noqa: BLE001 -- the step itself reports any other problem with the loss
+            return
+        losses = out[0] if isinstance(out, tuple) else out
+        b = shapes[0][0] if shapes[0] else None
+        if getattr(losses, "shape", None) != (b,):
+            raise ValueError(
+                f"loss_fn must return per-example losses of shape [B] = [{b}] for this batch of {b} rows "
+                f"(sampled examples plus padding), "
+                f"got shape {tuple(getattr(losses, 'shape', ()))}. Return the unreduced losses (no mean or sum over "
+                "the batch): clipping needs each example's loss.")
+        checked.add(shapes)
+
     def batches(self, data: PyTree, steps: int | None = None) -> Iterator[tuple[PyTree, np.ndarray]]:
-        """Yield ``(batch, mask)`` for the next ``steps`` sampler steps (default: one epoch) from host arrays
-        (with several processes: this process's rows only, see :meth:`load_batch`)."""
-        steps = self.sampler.steps_per_epoch if steps is None else steps
+        """Yield ``(batch, mask)`` for the next ``steps`` sampler steps (default: the rest of the current epoch)
+        from host arrays.
+
+        Epoch ``k`` ends at step ``sampler.steps_for_epochs(k)`` (``ceil(k / q)`` for Poisson sampling), the
+        definition ``epochs=`` of :meth:`PrivacyEngine.make_private_with_epsilon` plans with: looping
+        ``for epoch in range(E): for batch, mask in private.batches(data)`` takes exactly the planned steps.
+        With several processes each batch is this process's rows only (see :meth:`load_batch`).
+        """
+        self._check_data(data)
+        steps = self.sampler.epoch_end(self.sampler.step) - self.sampler.step if steps is None else steps
         for _ in range(steps):
             idx, mask = self.sampler.sample(self.sampler.step)
             self.sampler.step += 1
             yield self.load_batch(idx, mask, lambda i: jax.tree_util.tree_map(lambda x: x[i], data))
+
+    def _check_data(self, data: PyTree) -> None:
+        """Before the first batch of a data set: it holds ``dataset_size`` examples (the sampler draws from
+        ``0..N-1`` and the accountant assumes ``N``), and for a ``{"x": ..., "y": ...}`` dict the features are
+        finite, integer labels are >= 0 and within the model's outputs, and the model accepts the examples."""
+        leaves = jax.tree_util.tree_leaves(data)
+        ident = tuple(id(leaf) for leaf in leaves)
+        if ident == self._data_checked:
+            return
+        from jaxdp.data import DataValidationError, check_features, check_labels
+        sizes = sorted({int(np.shape(leaf)[0]) if np.ndim(leaf) else 0 for leaf in leaves})
+        if sizes != [self.dataset_size]:
+            raise DataValidationError(
+                f"make_private(dataset_size={self.dataset_size}) but the data given to batches() has "
+                f"{' / '.join(map(str, sizes)) or 'no'} examples: the sampler would draw indices from "
+                f"0..{self.dataset_size - 1} (silently a subset, or an IndexError) and the accounting would be for "
+                "the wrong N. Pass dataset_size=len(data) (every leaf's leading axis).")
+        if isinstance(data, dict) and "x" in data:
+            x = np.asarray(data["x"])
+            check_features(x, "batches(data)", 'data["x"]')
+            y = np.asarray(data["y"]) if "y" in data else None
+            if y is not None and np.issubdtype(y.dtype, np.integer):
+                check_labels(y, "batches(data)", 'data["y"]')
+            if self._nnx_graph is not None:
+                graphdef, rest = self._nnx_graph
+                validation.check_model_fits_data(nnx.merge(graphdef, self._params0, _rekeyed(rest, None)), x, y,
+                                                 source='batches(data)')
+        self._data_checked = ident
 
     def get_epsilon(self, delta: float | None = None) -> float:
         delta = self.target_delta if delta is None else delta
@@ -261,6 +424,23 @@ class PrivateTraining:
             raise ValueError("model() is for Flax NNX models; use state.params with your apply function")
         graphdef, rest = self._nnx_graph
         return nnx.merge(graphdef, state.params, rest)
+
+
+def _keyed(loss_fn: Callable) -> Callable:
+    """A ``loss_fn(params, batch, rng)`` (e.g. Linen dropout: ``rngs={"dropout": rng}``) as a pure loss over
+    :class:`ExampleKeyedBatch`: each example gets its own key. Two-argument losses are returned unchanged."""
+    if not _wants_key(loss_fn):
+        return loss_fn
+    per_example = _per_example(loss_fn)
+
+    def pure(params, batch):
+        if not isinstance(batch, ExampleKeyedBatch):
+            raise ValueError("this loss_fn takes an rng (loss_fn(params, batch, rng)); call it through "
+                             "PrivateTraining.step, which gives every example its own key")
+        return per_example(params, batch)
+
+    pure.needs_example_keys = True
+    return pure
 
 
 class PrivacyEngine:
@@ -281,21 +461,36 @@ class PrivacyEngine:
         if model is not None and isinstance(model, nnx.Module):
             validation.check(model)
             graphdef, p, rest = nnx.split(model, nnx.Param, ...)
+            if not _has_rng_state(rest):
+                def pure(pp, batch):
+                    return loss_fn(nnx.merge(graphdef, pp, rest), batch)
+
+                return pure, p, (graphdef, rest)
+
+            # Stochastic layers (nnx.Dropout, ...): the model's RNG streams are re-seeded per example from the
+            # keys PrivateTraining.step puts in the batch (ExampleKeyedBatch), inside the traced function.
+            def loss_one(pp, batch, key):
+                return loss_fn(nnx.merge(graphdef, pp, _rekeyed(rest, key)), batch)
+
+            per_example = _per_example(loss_one)
 
             def pure(pp, batch):
-                return loss_fn(nnx.merge(graphdef, pp, rest), batch)
+                if isinstance(batch, ExampleKeyedBatch):
+                    return per_example(pp, batch)
+                return loss_fn(nnx.merge(graphdef, pp, _rekeyed(rest, None)), batch)
 
+            pure.needs_example_keys = True
             return pure, p, (graphdef, rest)
         if model is not None and isinstance(model, nn.Module):
             if variables is None:
                 raise ValueError("a Linen model needs its variables: make_private(model=..., variables=...)")
             validation.check(model, variables, sample_input)
-            return loss_fn, variables["params"] if params is None else params, None
+            return _keyed(loss_fn), variables["params"] if params is None else params, None
         if model is not None:
             raise TypeError(f"model must be a Flax NNX or Linen module, got {type(model).__name__}")
         if params is None:
             raise ValueError("make_private needs params= (pure JAX) or model= (Flax NNX / Linen)")
-        return loss_fn, params, None
+        return _keyed(loss_fn), params, None
 
     def make_private(
         self,
@@ -327,6 +522,7 @@ class PrivacyEngine:
         parent_run_id: str | None = None,
         mechanism: str = "dpsgd",
         bands: int | None = None,
+        allow_large_delta: bool = False,
     ) -> PrivateTraining:
         """Wrap a model, a per-example loss and an optax optimiser into a :class:`PrivateTraining`.
 
@@ -355,6 +551,8 @@ class PrivacyEngine:
             strategy optimised for the planned steps, so ``epochs`` is required) with cyclic Poisson sampling
             over ``b = bands`` groups at rate ``p = b * batch_size / N`` (needs ``b * batch_size <= N``), accounted
             as DP-SGD with rate ``p`` and ``ceil(T / b)`` steps. Needs a fresh engine (no earlier steps).
+          allow_large_delta: accept ``target_delta >= 1/N`` (refused by default: such a delta allows publishing
+            an example outright); recorded as ``private.allow_large_delta``.
         """
         n = _checks.positive_int("dataset_size", dataset_size)
         b = _checks.positive("batch_size", batch_size)
@@ -379,7 +577,7 @@ class PrivacyEngine:
             if target_delta is None:
                 raise ValueError("target_epsilon needs target_delta")
         if target_delta is not None:
-            _check_delta(target_delta, n)
+            _check_delta(target_delta, n, allow_large_delta)
         import os
         ledger = ledger if ledger is not None else os.environ.get("JAXDP_LEDGER")
         if ledger is not None and ledger is not False:  # False: the caller (e.g. DPTrainer) checks itself
@@ -422,12 +620,26 @@ class PrivacyEngine:
             from jaxdp.matrix_factorization import bandmf_noise
             noise_tx = bandmf_noise(sigma, max_grad_norm, e, key, bands=bands, steps=max(planned, 1),
                                     secure=self.secure_mode, trainable=trainable)
-        return PrivateTraining(
+        private = PrivateTraining(
             engine=self, pure_loss=pure, params=p, optimizer=optimizer, dataset_size=n, sampler=sampler,
             noise_multiplier=sigma, max_grad_norm=max_grad_norm, key=key, secure_mode=self.secure_mode,
             method=method, microbatch_size=microbatch_size, trainable=trainable, expected_batch_size=e,
             target_epsilon=target_epsilon, target_delta=target_delta, planned_steps=planned, nnx_graph=graph,
             noise_tx=noise_tx, mechanism=mechanism, adaptive=adaptive_clipping)
+        private.allow_large_delta = bool(allow_large_delta)
+        shortfall = private.plan_shortfall()
+        if shortfall is not None:
+            import warnings
+            warnings.warn(shortfall + " (training stops at the target: PrivacyBudgetExhausted).", stacklevel=2)
+        if getattr(pure, "needs_example_keys", False):  # dropout: per-example keys, a stream of their own
+            if private.num_processes > 1:  # keys follow batch positions, which are per process with several
+                raise ValueError("a loss with stochastic layers (dropout: per-example keys) is not supported with "
+                                 "several processes yet; train it in one process (several local devices work) "
+                                 "or remove the dropout")
+            import secrets
+            private._example_key = (jax.random.key(secrets.randbits(63)) if self.secure_mode else
+                                    jax.random.fold_in(jax.random.key(seed), _EXAMPLE_KEY_STREAM))
+        return private
 
     def make_private_with_epsilon(self, *, target_epsilon: float, target_delta: float, epochs: float,
                                   dataset_size: int, batch_size: float, **kwargs) -> PrivateTraining:
@@ -436,7 +648,7 @@ class PrivacyEngine:
         n = _checks.positive_int("dataset_size", dataset_size)
         q = _checks.sample_rate(_checks.positive("batch_size", batch_size) / n, "batch_size / dataset_size")
         _checks.positive("target_epsilon", target_epsilon)
-        _check_delta(target_delta, n)
+        _check_delta(target_delta, n, kwargs.get("allow_large_delta", False))
         _checks.positive("epochs", epochs)
         if kwargs.get("poisson_sampling", True) is False:
             raise ValueError("make_private_with_epsilon calibrates for Poisson sampling; use make_private with "
@@ -496,15 +708,8 @@ def _check_bandmf(n, batch_size, q, bands, epochs, poisson_sampling, max_batch_s
     return b
 
 
-def _check_delta(delta: float, n: int) -> None:
-    d = _checks.positive("delta", delta)
-    if d >= 1:
-        raise ValueError(f"delta must be < 1, got {delta}")
-    if d >= 1.0 / n:
-        import warnings
-        warnings.warn(f"delta={delta} is not below 1/N = {1.0 / n:.3g}: the rule is delta < 1/N (a mechanism "
-                      "that publishes one random example outright satisfies delta = 1/N). Use a smaller delta, "
-                      "e.g. 1/(10 N).", stacklevel=3)
+def _check_delta(delta: float, n: int, allow_large_delta: bool = False) -> None:
+    _checks.delta_for_dataset(delta, n, allow_large_delta=allow_large_delta)
 
 
-__all__ = ["PrivacyEngine", "PrivateTraining", "TrainState", "PrivacyBudgetExhausted"]
+__all__ = ["PrivacyEngine", "PrivateTraining", "TrainState", "PrivacyBudgetExhausted", "ExampleKeyedBatch"]

@@ -289,10 +289,11 @@ def _site_dims(site: _Site, w_shape) -> tuple[int, int]:
 # positions rarely meet the rounding-error bound's 2^-17 tolerance (measured E/s ~ 1e-4 on the MNIST CNN), and an
 # uncertified ghost norm costs the ghost formula PLUS the exact materialisation (clip_bound_cost.py).
 _KAPPA = {"dot": 2.0, "gather": 2.0, "conv": 0.0}
+_KAPPA_BARE = {"dot": 2.0, "gather": 2.0, "conv": 64.0}   # the rule before the bound (benchmarks only)
 _MATERIALISE_BYTES = 2 ** 28  # per leaf: B * |W| * 4 bytes of per-example gradients at most (256 MiB)
 
 
-def _prefer_materialise(site: _Site, w_shape, B: int) -> bool:
+def _prefer_materialise(site: _Site, w_shape, B: int, kappa: dict | None = None) -> bool:
     """The ``auto`` rule: materialise this layer's per-example gradients (inside the vmapped backward pass)
     rather than use the ghost norm, when that is cheaper and fits in memory.
 
@@ -310,7 +311,7 @@ def _prefer_materialise(site: _Site, w_shape, B: int) -> bool:
         return False
     d_out = max(1, math.prod(site.out_shape) // T)
     ghost_macs = T * T * (d_out if site.kind == "gather" else size // d_out + d_out)
-    return ghost_macs > _KAPPA[site.kind] * size
+    return ghost_macs > (_KAPPA if kappa is None else kappa)[site.kind] * size
 
 
 # Floating-point error bound of the ghost formula. A Gram-form norm sum_{t,s} <a_t,a_s><g_t,g_s> can cancel
@@ -484,7 +485,7 @@ def _zero_dropped(x, keep):
     return jnp.where(keep.reshape((-1,) + (1,) * (x.ndim - 1)), x, jnp.zeros((), x.dtype))
 
 
-def _plan(loss_fn, has_aux, leaves, treedef, b_leaves, b_def, policy):
+def _plan(loss_fn, has_aux, leaves, treedef, b_leaves, b_def, policy, kappa=None):
     """Trace the per-example loss and decide, per trainable leaf, how its per-example norm is computed.
 
     Returns (closed jaxpr, aux treedef holder, ghost {leaf: site}, materialise {leaf}).
@@ -517,7 +518,7 @@ def _plan(loss_fn, has_aux, leaves, treedef, b_leaves, b_def, policy):
         if i in analysis.bad or len(s) != 1 or not jnp.issubdtype(leaves[i].dtype, jnp.floating):
             continue
         ghost[i] = s[0]
-        if policy == "auto" and _prefer_materialise(s[0], leaves[i].shape, b_leaves[0].shape[0]):
+        if policy == "auto" and _prefer_materialise(s[0], leaves[i].shape, b_leaves[0].shape[0], kappa):
             materialise.add(i)
     return closed, aux_def, ghost, materialise
 
@@ -542,7 +543,8 @@ def _make_impl(policy: str, second_pass: bool = False, certify: bool = True) -> 
         leaves, treedef = jax.tree_util.tree_flatten(params)
         b_leaves, b_def = jax.tree_util.tree_flatten(batch)
         n = len(leaves)
-        closed, aux_def, ghost, materialise = _plan(loss_fn, has_aux, leaves, treedef, b_leaves, b_def, policy)
+        closed, aux_def, ghost, materialise = _plan(loss_fn, has_aux, leaves, treedef, b_leaves, b_def, policy,
+                                                    None if certify else _KAPPA_BARE)
         if not ghost or (policy == "auto" and len(materialise) == len(ghost)):
             return clipping.vmap_impl(loss_fn, has_aux, params, batch, weight_fn)
         # Layers to materialise are differentiated per example inside the same vmapped backward pass, like

@@ -37,6 +37,12 @@ class LogReg(nnx.Module):
 class MLP(nnx.Module):
     def __init__(self, input_shape: Sequence[int], num_classes: int, *, hidden: Sequence[int] = (128,),
                  activation: str = "tanh", rngs: nnx.Rngs):
+        if isinstance(hidden, bool) or not isinstance(hidden, (list, tuple)) or \
+                not all(isinstance(h, int) and not isinstance(h, bool) and h > 0 for h in hidden):
+            raise ValueError(f"mlp option 'hidden' must be a list of layer sizes, e.g. hidden: [{hidden}] for one "
+                             f"hidden layer of {hidden} units, got {hidden!r}" if isinstance(hidden, int) else
+                             f"mlp option 'hidden' must be a list of positive layer sizes, e.g. [128, 64], "
+                             f"got {hidden!r}")
         sizes = [math.prod(input_shape), *hidden]
         self.layers = nnx.List([nnx.Linear(a, b, rngs=rngs) for a, b in zip(sizes[:-1], sizes[1:])])
         self.head = nnx.Linear(sizes[-1], num_classes, rngs=rngs)
@@ -98,10 +104,52 @@ def create(name: str, input_shape: Sequence[int], num_classes: int, *, seed: int
     """Build a registered model; ``kwargs`` are the model's own options (e.g. ``hidden`` for ``mlp``)."""
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)}")
+    if name in _IMAGE_MODELS and len(tuple(input_shape)) != 3:
+        raise ValueError(f"model {name!r} is a CNN for images [height, width, channels], but the data has "
+                         f"examples of shape {tuple(input_shape)}"
+                         + (" (a feature vector, e.g. from a CSV)" if len(tuple(input_shape)) == 1 else "")
+                         + f"; for such data use model: {{name: mlp}} or {{name: logreg}} "
+                         "(cnn_small is the default when a config has no model section)")
     try:
         return MODELS[name](tuple(input_shape), int(num_classes), rngs=nnx.Rngs(seed), **kwargs)
     except TypeError as e:
         raise ValueError(f"model {name!r}: bad option ({e})") from None
+    except ValueError as e:
+        if "unpack" not in str(e):
+            raise
+        from jaxdp.data import DataValidationError
+        from jaxdp.validation import _shape_hint
+        raise DataValidationError(f"model {name!r} takes images [H, W, C] per example; the data's examples have "
+                                  f"shape {tuple(input_shape)}.{_shape_hint(tuple(input_shape))}") from None
+
+
+_IMAGE_MODELS = ("cnn_small", "mnist_cnn")
+
+
+def check_model_input(model: nnx.Module, input_shape: Sequence[int], num_classes: int, name: str = "the model") -> None:
+    """Refuse, before any training step is traced, a model that cannot take examples of ``input_shape`` or whose
+    output is not ``[B, num_classes]`` logits; the message says what the data has and what the model did.
+
+    Only shapes are computed (``jax.eval_shape`` on a copy of the model's state): no data, no compile."""
+    graphdef, state = nnx.split(model)
+    x = jax.ShapeDtypeStruct((2, *tuple(input_shape)), jnp.float32)
+
+    def apply(st, xx):
+        return nnx.merge(graphdef, st)(xx)
+
+    try:
+        out = jax.eval_shape(apply, state, x)
+    except Exception as e:  # noqa: BLE001 -- any failure here is a shape/type mismatch of the user's model
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{name} cannot take the data: examples have shape {tuple(input_shape)} (a batch is "
+                         f"[B, {', '.join(map(str, input_shape))}]) and the model failed on it with "
+                         f"{type(e).__name__}: {first}") from None
+    shape = getattr(out, "shape", None)
+    if shape != (2, int(num_classes)):
+        raise ValueError(f"{name} must return logits of shape [B, {num_classes}] for a batch of shape "
+                         f"[B, {', '.join(map(str, input_shape))}] ({num_classes} classes in the labels), "
+                         + ("got a " + type(out).__name__ if shape is None else
+                            f"got shape {shape} for a batch of 2 examples"))
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
@@ -110,4 +158,4 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
     return -jnp.take_along_axis(logp, labels[:, None].astype(jnp.int32), axis=1)[:, 0]
 
 
-__all__ = ["LogReg", "MLP", "CNNSmall", "MnistCNN", "MODELS", "create", "cross_entropy"]
+__all__ = ["LogReg", "MLP", "CNNSmall", "MnistCNN", "MODELS", "create", "check_model_input", "cross_entropy"]

@@ -51,7 +51,13 @@ def default_pad_multiple(dataset_size: int, sample_rate: float) -> int:
 
 
 class _Sampler:
-    """Shared stepping: iterating yields one epoch of ``sample(step)`` and advances ``step``."""
+    """Shared stepping: iterating yields the rest of the current epoch of ``sample(step)`` and advances ``step``.
+
+    Epoch ``k`` (1-based) ends at step ``steps_for_epochs(k)``: the same definition the planner, the budget
+    (``make_private_with_epsilon(epochs=...)``) and the trainer use, so ``E`` epochs of iteration take exactly
+    ``steps_for_epochs(E)`` steps. (For Poisson sampling with a non-integer ``1/q`` epochs therefore alternate
+    between ``floor(1/q)`` and ``ceil(1/q)`` steps.)
+    """
 
     step: int
     steps_per_epoch: int
@@ -59,8 +65,22 @@ class _Sampler:
     def sample(self, step: int) -> tuple[np.ndarray, np.ndarray]:
         raise NotImplementedError
 
+    def steps_for_epochs(self, epochs: float) -> int:
+        raise NotImplementedError
+
+    def epoch_end(self, step: int) -> int:
+        """The step at which the epoch containing ``step`` ends: the smallest ``steps_for_epochs(k) > step``."""
+        step = int(step)
+        # Start from a lower bound on the (1-based) epoch number, then walk to the exact one.
+        k = max(1, int(step / self.steps_per_epoch), int(step * self.expected_batch_size / self.dataset_size) - 1)
+        while k > 1 and self.steps_for_epochs(k - 1) > step:
+            k -= 1
+        while self.steps_for_epochs(k) <= step:
+            k += 1
+        return self.steps_for_epochs(k)
+
     def __iter__(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        for _ in range(self.steps_per_epoch):
+        for _ in range(self.epoch_end(self.step) - self.step):
             batch = self.sample(self.step)
             self.step += 1
             yield batch
@@ -81,7 +101,9 @@ class PoissonSampler(_Sampler):
 
     ``sample(step)`` returns ``(indices, mask)``: int32 indices of shape ``[P]`` (``P`` a multiple of
     ``pad_to_multiple``), padding index 0, and a bool mask that is False on padding.
-    Iterating the sampler yields one epoch (``steps_per_epoch = ceil(1/q)`` steps) and advances ``step``.
+    Iterating the sampler yields one epoch and advances ``step``; epoch ``k`` ends at step ``ceil(k / q)``
+    (:meth:`steps_for_epochs`), so an epoch has ``floor(1/q)`` or ``ceil(1/q)`` steps and ``E`` epochs take
+    exactly ``steps_for_epochs(E)`` steps. ``steps_per_epoch = ceil(1/q)`` is the longest epoch.
     """
 
     def __init__(self, dataset_size: int, sample_rate: float, seed: int | None = None, *,

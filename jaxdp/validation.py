@@ -36,17 +36,35 @@ class ValidationIssue:
         return f"{self.path} ({self.layer}): {self.problem} Fix: {self.fix}"
 
 
-def _groups(channels: int) -> int:
-    return math.gcd(32, int(channels))
+def _groups(channels: int) -> int | None:
+    """GroupNorm groups replacing a BatchNorm over ``channels`` features: ``gcd(32, C)`` (Opacus's choice) unless
+    that leaves one feature per group, then the most groups (<= 32) with at least two features each; ``None``
+    for ``C = 1``.
+
+    A group of one feature is normalised by its own mean and variance: for a Dense layer's ``[B, C]`` output
+    (no spatial axes) that is ``(x - x) / sqrt(0 + eps) = 0``, a constant model (Dense(32) + BatchNorm would get
+    32 groups of one feature)."""
+    c = int(channels)
+    g = math.gcd(32, c)
+    if c // g >= 2:
+        return g
+    fits = [d for d in range(1, min(32, c // 2) + 1) if c % d == 0]
+    return max(fits) if fits else None
 
 
 def _issue(path: str, layer: str, channels: int | None) -> ValidationIssue:
-    groups = f"num_groups={_groups(channels)}" if channels else "num_groups=gcd(32, channels)"
-    return ValidationIssue(
-        path or "<root>", layer,
-        "batch normalisation uses the mean and variance of the whole batch, so one example's gradient "
-        "depends on the others and the clipping bound no longer limits its influence.",
-        f"replace it with GroupNorm({groups}) (jaxdp.fix does this for NNX models), LayerNorm, or remove it.")
+    problem = ("batch normalisation uses the mean and variance of the whole batch, so one example's gradient "
+               "depends on the others and the clipping bound no longer limits its influence.")
+    if not channels:
+        fix = ("replace it with GroupNorm(num_groups=gcd(32, channels), at least 2 channels per group) "
+               "(jaxdp.fix does this for NNX models), LayerNorm, or remove it.")
+    elif _groups(channels) is None:
+        fix = ("remove it: it normalises a single feature, and a per-example GroupNorm or LayerNorm of one "
+               "feature is constant.")
+    else:
+        fix = (f"replace it with GroupNorm(num_groups={_groups(channels)}) (jaxdp.fix does this for NNX "
+               "models), LayerNorm, or remove it.")
+    return ValidationIssue(path or "<root>", layer, problem, fix)
 
 
 def _linen_issues(model: nn.Module, variables: Any, sample_input: Any = None) -> list[ValidationIssue]:
@@ -106,7 +124,11 @@ def check(model: Any, variables: Any = None, sample_input: Any = None) -> None:
 
 
 def fix(model: Any) -> Any:
-    """Replace every ``nnx.BatchNorm`` by ``nnx.GroupNorm(num_groups=gcd(32, C))`` in place; return the model.
+    """Replace every ``nnx.BatchNorm`` by ``nnx.GroupNorm`` in place; return the model.
+
+    ``num_groups = gcd(32, C)`` (Opacus's choice) unless that would leave one feature per group -- a constant
+    output after a Dense layer -- then the most groups with at least two features each (with a warning); a
+    BatchNorm over a single feature is refused (:class:`ModelValidationError`) with the reason.
 
     The new GroupNorm keeps the BatchNorm's learned scale and bias. Linen modules cannot be rewritten from
     outside: a :class:`ModelValidationError` says which layers to change in the code.
@@ -114,7 +136,8 @@ def fix(model: Any) -> Any:
     if isinstance(model, nn.Module):
         raise ModelValidationError(
             "jaxdp.fix cannot rewrite a Flax Linen module (its submodules are created inside __call__). "
-            "In your module's code replace nn.BatchNorm(...) with nn.GroupNorm(num_groups=gcd(32, channels)) "
+            "In your module's code replace nn.BatchNorm(...) with nn.GroupNorm(num_groups=gcd(32, channels), at least "
+            "2 channels per group: a group of one feature after a Dense layer is constant) "
             "(or nn.LayerNorm), drop the 'batch_stats' collection, and re-initialise; or port the model to NNX "
             "and call jaxdp.fix on it.")
     if not isinstance(model, nnx.Module):
@@ -127,7 +150,20 @@ def fix(model: Any) -> Any:
             parent = parent[key] if isinstance(parent, (list, dict, nnx.List, nnx.Dict)) or \
                 not hasattr(parent, str(key)) else getattr(parent, str(key))
         c = node.num_features
-        gn = nnx.GroupNorm(c, num_groups=_groups(c), epsilon=node.epsilon, rngs=nnx.Rngs(0))
+        g = _groups(c)
+        where = "/".join(map(str, path))
+        if g is None:
+            raise ModelValidationError(
+                f"jaxdp.fix cannot replace {where} (BatchNorm over {c} feature): a per-example normalisation of "
+                "a single feature (GroupNorm or LayerNorm) is constant, which would make the layer's output its "
+                "bias. Remove the layer (or normalise over more features) and call jaxdp.fix again.")
+        if g != math.gcd(32, c):
+            import warnings
+            warnings.warn(
+                f"jaxdp.fix: {where} has {c} features; GroupNorm(num_groups=gcd(32, {c}) = {math.gcd(32, c)}) "
+                f"would normalise each feature alone (a constant output after a Dense layer), so it gets "
+                f"num_groups={g} ({c // g} features per group).", stacklevel=2)
+        gn = nnx.GroupNorm(c, num_groups=g, epsilon=node.epsilon, rngs=nnx.Rngs(0))
         if node.scale is not None and gn.scale is not None:
             gn.scale.value = node.scale.value
         if node.bias is not None and gn.bias is not None:
@@ -142,4 +178,51 @@ def fix(model: Any) -> Any:
     return model
 
 
-__all__ = ["ValidationIssue", "ModelValidationError", "validate", "check", "fix"]
+def _shape_hint(shape: tuple) -> str:
+    if len(shape) == 1:
+        side = int(round(math.sqrt(shape[0])))
+        if side * side == shape[0]:
+            return (f" Convolutional models take images [N, H, W, C]: reshape the features to "
+                    f"[N, {side}, {side}, 1] (x.reshape(-1, {side}, {side}, 1)), or use a dense model (mlp, logreg).")
+        return " Convolutional models take images [N, H, W, C]; for flat features use a dense model (mlp, logreg)."
+    return ""
+
+
+def check_model_fits_data(model: Any, x: Any, y: Any = None, *, source: str = "the data",
+                          model_name: str | None = None) -> int | None:
+    """Check, before any training, that an NNX ``model`` accepts the examples of ``x`` and that integer labels
+    ``y`` lie within its outputs; return the number of outputs (``None`` if the output is not ``[B, K]``).
+
+    Runs the model abstractly (``jax.eval_shape``) on one example, so a shape mismatch is reported as expected
+    vs got instead of an error from inside a layer. Raises :class:`jaxdp.data.DataValidationError`.
+    """
+    import jax
+    import numpy as np
+
+    from jaxdp.data import DataValidationError, check_classes
+    name = model_name or type(model).__name__
+    x = np.asarray(x)
+    graphdef, state = nnx.split(model)
+    example = jax.ShapeDtypeStruct((1,) + x.shape[1:], np.float32)
+
+    def call(st, xx):  # fresh copies of the variables: RNG counters may be updated inside the trace
+        leaves, treedef = jax.tree_util.tree_flatten(st, is_leaf=lambda v: isinstance(v, nnx.Variable))
+        fresh = [v.replace(v.value) if isinstance(v, nnx.Variable) else v for v in leaves]
+        return nnx.merge(graphdef, jax.tree_util.tree_unflatten(treedef, fresh))(xx)
+
+    try:
+        out = jax.eval_shape(call, state, example)
+    except Exception as e:  # noqa: BLE001 -- any failure here is a data/model mismatch, reported as such
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise DataValidationError(
+            f"model {name} cannot take the examples of {source}: each example has shape {tuple(x.shape[1:])}."
+            f"{_shape_hint(tuple(x.shape[1:]))} ({type(e).__name__}: {first[:300]})") from None
+    k = int(out.shape[-1]) if getattr(out, "ndim", 0) == 2 else None
+    if k is not None and y is not None:
+        y = np.asarray(y)
+        if np.issubdtype(y.dtype, np.integer) and (y >= k).any():
+            check_classes(y, y[:0], source, num_classes=k)
+    return k
+
+
+__all__ = ["ValidationIssue", "ModelValidationError", "validate", "check", "fix", "check_model_fits_data"]

@@ -1,4 +1,4 @@
-"""jaxdp.accounting: reference numbers (DESIGN.md section 3, Opacus's tests), edge cases, bad input, calibration.
+"""jaxdp.accounting: reference numbers (docs/privacy.md, Opacus's tests), edge cases, bad input, calibration.
 
 Independent of torch/opacus (those comparisons live in tests/parity/test_accounting_opacus.py). PLD/PRV
 evaluations cost ~0.5 s each, so every expensive figure is computed once per module in a fixture.
@@ -29,7 +29,7 @@ def mnist():
     return {a: acct.compute_epsilon(MNIST_SIGMA, MNIST_Q, MNIST_STEPS, DELTA, a) for a in acct.ACCOUNTANTS}
 
 
-# ----------------------------------------------------------------------------- DESIGN.md section 3 numbers
+# ----------------------------------------------------------------------------- docs/privacy.md reference numbers
 
 
 def test_mnist_rdp_reference(mnist):
@@ -61,6 +61,28 @@ def test_mnist_tf_privacy_statement():
     assert "shuffled" in res.statement and f"{res.epsilon_once_per_epoch:.3g}" in res.statement
     # Without amplification, 60 Gaussian mechanisms with sigma 1.1 are far less private than Poisson DP-SGD.
     assert res.epsilon_once_per_epoch > 10 * res.epsilon
+
+
+def test_tf_privacy_orders_are_the_ones_tf_privacy_uses():
+    # TF Privacy 0.9's statement composes into a default dp_accounting RdpAccountant: its orders include 11 and
+    # 128..1024, which Opacus's default alphas do not.
+    from dp_accounting.rdp import rdp_privacy_accountant as rdp
+    assert acct.core.TF_PRIVACY_ORDERS == tuple(float(o) for o in rdp.DEFAULT_RDP_ORDERS)
+    assert 11.0 in acct.core.TF_PRIVACY_ORDERS and 128.0 in acct.core.TF_PRIVACY_ORDERS
+    # sigma 40, one full-batch step: the optimal order is 128 (epsilon 0.0846); at most order 63: 0.1226.
+    tf = dpa.rdp.RdpAccountant()
+    tf.compose(dpa.GaussianDpEvent(40.0))
+    tf_eps, tf_order = tf.get_epsilon_and_optimal_order(DELTA)
+    res = acct.compute_dp_sgd_privacy(n=1000, batch_size=1000, noise_multiplier=40.0, epochs=1, delta=DELTA)
+    assert res.order == tf_order == 128.0 and res.epsilon == pytest.approx(tf_eps, rel=1e-9)
+    assert res.epsilon == pytest.approx(0.0846, abs=5e-5)
+    # TF Privacy's statement halves sigma by default (used_microbatching=True): MNIST 16.42 there (dp-accounting's
+    # RDP at fractional orders, above the exact value near the optimal order 2.2), 16.384 with jaxdp's exact RDP.
+    half = acct.compute_dp_sgd_privacy(n=60000, batch_size=256, noise_multiplier=0.55, epochs=60, delta=DELTA)
+    assert half.epsilon == pytest.approx(16.384, abs=5e-4) and half.order == 2.2
+    tf = dpa.rdp.RdpAccountant()
+    tf.compose(dpa.SelfComposedDpEvent(dpa.PoissonSampledDpEvent(256 / 60000, dpa.GaussianDpEvent(0.55)), 14063))
+    assert tf.get_epsilon(DELTA) == pytest.approx(16.420, abs=5e-4)
 
 
 def test_opacus_rdp_test_value():

@@ -72,11 +72,16 @@ def test_cli_errors(capsys):
     assert rc == 2 and "batch-size" in err
 
 
-def test_cli_delta_warning(capsys):
+def test_cli_delta_at_least_one_over_n_is_refused_unless_overridden(capsys):
+    for cmd in (["epsilon", "-s", "1"], ["calibrate", "-e", "3"]):
+        rc, out, err = run(capsys, *cmd, "-N", "100", "-B", "10", "--epochs", "1", "--delta", "0.05",
+                           "--accountant", "rdp", "--json")
+        assert rc == 2 and out == "" and "not below 1/N" in err and "--allow-large-delta" in err
     with pytest.warns(acct.DeltaWarning, match=r"delta < 1/N"):
         rc, out, _ = run(capsys, "epsilon", "-N", "100", "-B", "10", "--epochs", "1", "-s", "1",
-                         "--delta", "0.05", "--accountant", "rdp", "--json")
-    assert rc == 0 and json.loads(out)["epsilon"] > 0
+                         "--delta", "0.05", "--accountant", "rdp", "--json", "--allow-large-delta")
+    res = json.loads(out)
+    assert rc == 0 and res["epsilon"] > 0 and res["allow_large_delta"] is True
 
 
 def test_shuffle_cli_rdp_replace_one(capsys):

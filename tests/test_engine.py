@@ -148,9 +148,18 @@ def test_opacus_compat_divides_by_int_n_q_and_errors():
         engine.make_private(seed=0, **dict(kw, noise_multiplier=-1.0))
     with pytest.raises(ValueError, match=r"\(0, 1\]"):
         engine.make_private(seed=0, **dict(kw, batch_size=70000))
-    with pytest.warns(UserWarning, match="delta < 1/N"):
+    # delta >= 1/N is refused (issue 19 item 8); an expert override warns and is recorded
+    with pytest.raises(ValueError, match=r"not below 1/N.*allow_large_delta=True"):
         engine.make_private(seed=0, target_epsilon=1.0, target_delta=0.02, **dict(kw, dataset_size=100,
                                                                                    batch_size=10))
+    with pytest.raises(ValueError, match="allow_large_delta"):
+        engine.make_private_with_epsilon(seed=0, target_epsilon=1.0, target_delta=0.01, epochs=1,
+                                         **{k: v for k, v in dict(kw, dataset_size=100, batch_size=10).items()
+                                            if k != "noise_multiplier"})
+    with pytest.warns(UserWarning, match="not below 1/N"):
+        p = engine.make_private(seed=0, target_epsilon=1.0, target_delta=0.02, allow_large_delta=True,
+                                **dict(kw, dataset_size=100, batch_size=10))
+    assert p.allow_large_delta is True
 
 
 def test_opacus_compat_with_epsilon_calibrates_for_the_sampling_used():

@@ -423,7 +423,7 @@ def test_cli_end_to_end(tmp_path, capsys, monkeypatch):
 
 
 def test_default_prv_accountant_reference_number(tmp_path):
-    """DESIGN.md reference: q = 256/60000, sigma = 1.1, 14063 steps, delta 1e-5 -> Opacus PRV epsilon ~2.392."""
+    """Reference (docs/privacy.md): q = 256/60000, sigma = 1.1, 14063 steps, delta 1e-5 -> Opacus PRV epsilon ~2.392."""
     led = Ledger.init(tmp_path / "l.db")
     led.register_dataset("mnist", 3.0, DELTA)  # accountant="prv" by default
     r = led.reserve("mnist", "a", [ev(14063, q=256 / 60000)])

@@ -227,7 +227,9 @@ def test_html_report_is_self_contained(tmp_path, run_dir, sweep):
     assert len(imgs) == 4  # epsilon, training curve, clipping, sweep (no audit here)
     assert all(_is_png(base64.b64decode(b)) for b in imgs)
     assert "differential privacy" in text
-    assert md.read_text().count("](data:image/png;base64,") == 4
+    links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md.read_text())  # Markdown links its plots (no base64)
+    assert len(links) == 4 and all(l.startswith("r_files/") for l in links) and "base64" not in md.read_text()
+    assert all(_is_png((tmp_path / l).read_bytes()) for l in links)
     assert list(yaml.safe_load(card_path.read_text())) == ["name", "model_privacy"]
 
 
@@ -247,3 +249,92 @@ def test_sweep_structure(sweep):
 def test_report_cli_errors(tmp_path, capsys):
     assert main(["report", "--run", str(tmp_path / "missing")]) == 2
     assert "metrics.json" in capsys.readouterr().err
+
+
+# -- issue 17: the mechanism in the card, the report and the plots is the run's own --------------------------
+def _combos():
+    """Every sampling x accountant x relation the trainer accepts (its config check and the accountant's)."""
+    from jaxdp.accounting import events_epsilon
+    ev = {"poisson": {"sampling": "poisson", "noise_multiplier": 1.0, "sample_rate": 0.1, "steps": 2},
+          "shuffle": {"sampling": "shuffle", "noise_multiplier": 1.0, "batch_size": 10, "dataset_size": 100,
+                      "steps": 2},
+          "cyclic_poisson": {"sampling": "cyclic_poisson", "mechanism": "bandmf", "bands": 2, "noise_multiplier": 1.0,
+                             "sample_rate": 0.1, "steps": 2}}   # training.mechanism: bandmf
+    out = []
+    for sampling in ("poisson", "shuffle", "cyclic_poisson"):
+        for acc in ("prv", "rdp", "pld"):
+            for rel in ("add_remove", "replace_one"):
+                if sampling == "shuffle" and rel != "replace_one":
+                    continue   # refused by the trainer's config check
+                try:
+                    events_epsilon([ev[sampling]], 1e-5, accountant=acc, neighboring_relation=rel)
+                except ValueError:
+                    continue   # refused by the accountant (no analysis of that combination)
+                out.append((sampling, acc, rel))
+    return out
+
+
+COMBOS = _combos()
+
+
+def test_combos_cover_what_the_trainer_allows():
+    assert len(COMBOS) == 11 and ("shuffle", "rdp", "replace_one") in COMBOS
+    assert ("cyclic_poisson", "pld", "replace_one") in COMBOS
+    assert ("poisson", "prv", "replace_one") in COMBOS and ("poisson", "rdp", "add_remove") in COMBOS
+
+
+@pytest.mark.parametrize("sampling,accountant,relation", COMBOS)
+def test_card_and_plot_take_the_mechanism_from_the_record(tmp_path, metrics, sampling, accountant, relation):
+    from jaxdp.accounting import events_epsilon
+    m = dict(metrics, sampling=sampling, accountant=accountant, neighboring_relation=relation, delta=1e-6,
+             steps=12, noise_multiplier=1.3, mechanism="bandmf" if sampling == "cyclic_poisson" else "dpsgd",
+             bands=3 if sampling == "cyclic_poisson" else None)
+    m["epsilon"] = events_epsilon([plots._event(m, 12)], 1e-6, accountant=accountant, neighboring_relation=relation)
+    (tmp_path / "metrics.json").write_text(json.dumps(m))
+    card = build_model_privacy(str(tmp_path))
+    for k in ("sampling", "accountant", "neighboring_relation", "delta", "steps"):
+        assert card[k] == m[k], k
+    words = {"add_remove": "add/remove-one", "replace_one": "replace-one"}[relation]
+    assert f"under {words} neighbouring datasets ({accountant.upper()} accountant)" in card["guarantee"]
+    assert "T=12 steps" in card["guarantee"] and "δ=1e-06" in card["guarantee"]
+    assert ("shuffled fixed-size batches" in card["guarantee"]) == (sampling == "shuffle")
+    steps, eps = plots.epsilon_curve(m)
+    assert steps[-1] == 12 and eps[-1] == pytest.approx(m["epsilon"], rel=1e-9)
+
+
+def test_relation_of_an_old_record_comes_from_its_config_never_a_default(tmp_path, metrics):
+    m = {k: v for k, v in metrics.items() if k != "neighboring_relation"}
+    (tmp_path / "metrics.json").write_text(json.dumps(m))
+    card = build_model_privacy(str(tmp_path))    # no config.yaml either: the relation is unknown, and said so
+    assert card["neighboring_relation"] is None and "an unrecorded neighbouring" in card["guarantee"]
+    assert any("did not record its neighbouring relation" in c for c in card["caveats"])
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(
+        {"training": {"dp": {"enabled": True, "neighboring_relation": "replace_one"}}}))
+    assert build_model_privacy(str(tmp_path))["neighboring_relation"] == "replace_one"
+
+
+def test_shuffle_run_card_and_html_report(tmp_path):
+    cfg = tiny_config(tmp_path / "run", epochs=1, noise_multiplier=1.0, neighboring_relation="replace_one")
+    cfg["training"]["sampling"] = "shuffle"
+    m = DPTrainer(cfg, log=False).train()
+    assert m["sampling"] == "shuffle" and m["neighboring_relation"] == "replace_one"
+    card = build_model_privacy(str(tmp_path / "run"))
+    assert card["neighboring_relation"] == "replace_one" and "replace-one neighbouring" in card["guarantee"]
+    assert "add/remove" not in card["guarantee"]
+    out = tmp_path / "r.html"
+    assert main(["report", "--run", str(tmp_path / "run"), "--html", str(out), "--json"]) == 0
+    assert "replace-one neighbouring datasets" in out.read_text()
+
+
+def test_audit_on_a_stand_in_model_is_a_caveat(tmp_path, run_dir):
+    # issue 23: `jaxdp audit` re-trains a CNN run's recipe on an MLP; the card must say so, not a JSON footnote.
+    import shutil
+    d = tmp_path / "run"
+    shutil.copytree(run_dir, d)
+    os.makedirs(d / "audit")
+    _fake_audit(d / "audit" / "audit_loss_threshold.json")
+    doc = json.loads((d / "audit" / "audit_loss_threshold.json").read_text())
+    doc["model_note"] = "NOTE: the run trained model 'cnn_small'; this audit re-trained its recipe on a stand-in"
+    (d / "audit" / "audit_loss_threshold.json").write_text(json.dumps(doc))
+    card = build_model_privacy(str(d))
+    assert doc["model_note"] in card["caveats"]

@@ -189,7 +189,7 @@ def test_finished_run_rerun_trains_nothing(tmp_path, capsys):
     DPTrainer(cfg, log=False).train()
     again = DPTrainer(cfg, log=True)
     s = again.train()
-    assert s["status"] == "finished" and "nothing was trained" in capsys.readouterr().out
+    assert s["status"] == "finished" and "nothing was trained" in capsys.readouterr().err  # the notice goes to stderr
 
 
 def test_compare_with_a_ledger_refuses_before_training(tmp_path):

@@ -90,7 +90,7 @@ def test_poisson_deterministic_and_resumable():
     for (i1, m1), (i2, m2) in zip(ref, got[:len(ref)]):
         np.testing.assert_array_equal(i1, i2)
         np.testing.assert_array_equal(m1, m2)
-    assert full.steps_per_epoch == 34 and full.step == 68
+    assert full.steps_per_epoch == 34 and full.step == 67  # two epochs end at ceil(2 / 0.03), as planned
     assert full.steps_for_epochs(2) == 67  # ceil(2 / 0.03)
 
 
@@ -159,3 +159,20 @@ def test_shuffle_keep_last_and_determinism():
     t = ShuffleSampler(25, 10, seed=8, drop_last=False)
     t.load_state_dict({"step": 2})
     np.testing.assert_array_equal(t.sample(2)[0], batches[2][0])
+
+
+def test_epochs_of_iteration_are_the_planned_epochs():
+    """E epochs of iteration take exactly steps_for_epochs(E) steps (issue 19: the README loop overran its plan
+    because an iterated epoch had ceil(1/q) steps while the plan counted ceil(E/q) in all)."""
+    for n, b in [(1437, 256), (500, 15), (100, 100), (1000, 7)]:
+        s = PoissonSampler(n, b / n, seed=0)
+        for epochs in (1, 2, 7, 30):
+            s.step = 0
+            taken = sum(1 for _ in range(epochs) for _ in s)
+            assert taken == s.steps_for_epochs(epochs) == s.step
+    sh = ShuffleSampler(100, 7, seed=0)
+    assert sum(1 for _ in range(3) for _ in sh) == sh.steps_for_epochs(3) == 42
+    # resumed mid-epoch: iteration finishes the current epoch only
+    s = PoissonSampler(1437, 256 / 1437, seed=0)
+    s.step = 8                                       # epoch 2 ends at ceil(2 * 1437 / 256) = 12
+    assert len(list(s)) == 4 and s.step == 12

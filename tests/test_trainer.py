@@ -25,7 +25,8 @@ def tiny_config(tmp_path, **dp):
 
 @pytest.mark.parametrize("mutate, key", [
     (lambda c: c["training"]["dp"].update(max_grad_nrom=1.0), "training.dp.max_grad_nrom"),
-    (lambda c: c["training"].pop("seed"), "training.seed"),
+    (lambda c: c["training"].pop("epochs"), "training.epochs"),  # (training.seed may be left out: drawn from the OS)
+    (lambda c: c["training"].update(seed=-1), "training.seed"),
     (lambda c: c.update(extra={}), "extra"),
     (lambda c: c["optimizer"].update(learning_rate=-1), "optimizer.learning_rate"),
     (lambda c: c["training"].update(accountant="gdp"), "training.accountant"),
@@ -84,14 +85,16 @@ def test_resume_is_bit_identical(tmp_path):
     assert resumed.engine.accountant.steps == straight.engine.accountant.steps
 
 
-def test_training_stops_at_the_budget(tmp_path, capsys):
-    # sigma fixed at 0.6 with a target of 1.0: the budget runs out before the planned 2 epochs.
+def test_a_plan_that_cannot_finish_is_refused_before_training(tmp_path):
+    # sigma fixed at 0.6 with a target of 1.0: the budget would run out before the planned 2 epochs. Refused
+    # before any step (issue 19 item 8), with what would fit; the budget stop itself is tested in test_engine.
     cfg = tiny_config(tmp_path, noise_multiplier=0.6, epsilon=1.0)
-    trainer = DPTrainer(cfg, log=False)
-    s = trainer.train()
-    assert s["status"] == "budget_exhausted"
-    assert s["steps"] < s["planned_steps"] and s["epsilon"] <= 1.0
-    assert "above the target" in capsys.readouterr().err
+    with pytest.raises(ValueError, match=r"plan cannot finish.*training\.epochs <= [0-9.]+ \([0-9]+ steps\), or "
+                                         r"training\.dp\.noise_multiplier >= [0-9.]+, or training\.dp\.epsilon >="):
+        DPTrainer(cfg, log=False)
+    assert not (tmp_path / "run").exists()
+    cfg["training"]["dp"]["noise_multiplier"] = 5.0          # what the message says fits: accepted
+    assert DPTrainer(cfg, log=False).private.plan_shortfall() is None
 
 
 def test_clip_warnings(tmp_path):

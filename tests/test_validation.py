@@ -71,3 +71,33 @@ def test_make_private_refuses_batchnorm_model():
         engine.make_private(loss_fn=lambda p, b: jnp.zeros(b["x"].shape[0]), model=model, variables=variables,
                             optimizer=optax.sgd(0.1), dataset_size=100, batch_size=10, noise_multiplier=1.0,
                             max_grad_norm=1.0, seed=0)
+
+
+class DenseBN(nnx.Module):
+    def __init__(self, features, rngs):
+        self.dense = nnx.Linear(8, features, rngs=rngs)
+        self.bn = nnx.BatchNorm(features, rngs=rngs)
+        self.head = nnx.Linear(features, 3, rngs=rngs)
+
+    def __call__(self, x):
+        return self.head(jnp.tanh(self.bn(self.dense(x))))
+
+
+def test_fix_never_makes_groups_of_one_feature():
+    """Issue 19 item 7: Dense(32) + BatchNorm became GroupNorm(32 groups) = one feature per group, whose output
+    is exactly 0 for every input (a constant model)."""
+    m = DenseBN(32, nnx.Rngs(0))
+    with pytest.warns(UserWarning, match="num_groups=16"):
+        jaxdp.fix(m)
+    assert isinstance(m.bn, nnx.GroupNorm) and m.bn.num_groups == 16
+    x = jax.random.normal(jax.random.key(1), (6, 8))
+    normed = m.bn(m.dense(x))
+    assert float(jnp.std(normed, axis=0).min()) > 0.1       # not constant across examples
+    assert float(jnp.std(m(x), axis=0).min()) > 1e-3
+    assert "num_groups=16" in jaxdp.validate(DenseBN(32, nnx.Rngs(0)))[0].fix
+    m2 = DenseBN(2, nnx.Rngs(0))
+    jaxdp.fix(m2)
+    assert m2.bn.num_groups == 1                             # one group of the two features
+    with pytest.raises(ModelValidationError, match="single feature"):
+        jaxdp.fix(DenseBN(1, nnx.Rngs(0)))
+    assert "remove it" in jaxdp.validate(DenseBN(1, nnx.Rngs(0)))[0].fix

@@ -21,7 +21,10 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--epochs", type=float, help="epochs E; steps = ceil(E / q)")
     g.add_argument("--steps", type=int, help="number of steps (instead of --epochs)")
-    p.add_argument("--delta", type=float, required=True, help="target delta (should be < 1/N)")
+    p.add_argument("--delta", type=float, required=True, help="target delta (must be < 1/N)")
+    p.add_argument("--allow-large-delta", action="store_true",
+                   help="experts only: accept delta >= 1/N (refused by default: such a delta is met by publishing "
+                        "one example in the clear)")
     p.add_argument("--accountant", choices=core.ACCOUNTANTS, default="prv",
                    help="rdp (Renyi DP), pld (privacy loss distribution) or prv (Opacus's PRV upper bound; "
                         "default)")
@@ -39,6 +42,9 @@ def _setting(args: argparse.Namespace) -> tuple[float, int]:
         raise ValueError(f"--dataset-size must be a positive integer, got {n}")
     if b is None or b <= 0 or b > n:
         raise ValueError(f"--batch-size must be an integer in [1, N={n}], got {b}")
+    from jaxdp import _checks
+    _checks.delta_for_dataset(args.delta, n, allow_large_delta=args.allow_large_delta,
+                              override="--allow-large-delta", warn=False)  # compute_epsilon warns
     q = b / n
     steps = core.steps_for_epochs(args.epochs, q) if args.steps is None else args.steps
     if steps < 0:
@@ -79,12 +85,33 @@ def _epsilon(args: argparse.Namespace) -> int:
     result = {"epsilon": eps, "delta": args.delta, "steps": steps, "sample_rate": q, "epochs": args.epochs,
               "noise_multiplier": args.noise_multiplier, "dataset_size": args.dataset_size,
               "batch_size": args.batch_size, "accountant": args.accountant, "sampling": args.sampling,
-              "neighboring_relation": args.neighboring_relation, "seconds": seconds}
+              "neighboring_relation": args.neighboring_relation, "seconds": seconds,
+              "allow_large_delta": args.allow_large_delta}
+    statement = _statement(args) if args.statement else None
+    if statement is not None:
+        result["statement"] = statement
     _emit(args, result, [("accountant", args.accountant), ("sampling", args.sampling),
                          ("neighboring relation", args.neighboring_relation), ("dataset size N", args.dataset_size),
                          ("batch size B", args.batch_size), ("sample rate q", q), ("steps", steps),
                          ("noise multiplier", args.noise_multiplier), ("delta", args.delta), ("epsilon", eps)])
+    if statement is not None and not args.json:
+        print()
+        print(statement)
     return 0
+
+
+def _statement(args: argparse.Namespace) -> str:
+    """TF Privacy's ``compute_dp_sgd_privacy`` statement (RDP accountant, Poisson sampling, add/remove-one) for
+    the same N, B, sigma, epochs and delta (:func:`jaxdp.accounting.compute_dp_sgd_privacy`)."""
+    if args.epochs is None:
+        raise ValueError("--statement needs --epochs (TF Privacy's statement is stated in epochs), not --steps")
+    text = core.compute_dp_sgd_privacy(args.dataset_size, args.batch_size, args.noise_multiplier, args.epochs,
+                                       args.delta).statement
+    if (args.accountant, args.sampling, args.neighboring_relation) != ("rdp", "poisson", "add_remove"):
+        text += (f"\n(The statement uses TF Privacy's conventions -- RDP accountant, Poisson sampling, add/remove-one; "
+                 f"the table above uses --accountant {args.accountant}, --sampling {args.sampling}, "
+                 f"--neighboring-relation {args.neighboring_relation}.)")
+    return text
 
 
 def _calibrate(args: argparse.Namespace) -> int:
@@ -118,6 +145,9 @@ def register(subparsers) -> None:
     _add_common(p)
     p.add_argument("--noise-multiplier", "-s", type=float, required=True,
                    help="noise std / clipping norm (sigma)")
+    p.add_argument("--statement", action="store_true",
+                   help="also print TF Privacy's compute_dp_sgd_privacy statement (RDP, Poisson sampling, "
+                        "add/remove-one; what holds for shuffled batches; needs --epochs)")
     p.set_defaults(func=_epsilon)
 
     p = subparsers.add_parser(

@@ -58,10 +58,11 @@ import numpy as np
 from dp_accounting import dp_event as dpe
 from dp_accounting import mechanism_calibration as mcal
 from dp_accounting import privacy_accountant as pa
+from dp_accounting.rdp import rdp_privacy_accountant as _rdp_lib
 from dp_accounting.pld import pld_privacy_accountant
 
 from jaxdp import _checks
-from jaxdp.accounting.sgm_rdp import OPACUS_ORDERS, ExactRdpAccountant
+from jaxdp.accounting.sgm_rdp import OPACUS_ORDERS, ExactRdpAccountant  # noqa: F401  (OPACUS_ORDERS: re-export)
 
 ACCOUNTANTS = ("rdp", "pld", "prv")
 NEIGHBORING_RELATIONS = {
@@ -72,7 +73,7 @@ SAMPLINGS = ("poisson", "shuffle", "truncated_poisson", "cyclic_poisson", "none"
 #: Noise mechanisms a cyclic-Poisson event may name (both accounted by the same theorem).
 CYCLIC_MECHANISMS = ("bandmf", "dpsgd")
 
-#: PLD discretisation used by "pld" and "prv" (dp-accounting's default; the DESIGN.md reference figures use it).
+#: PLD discretisation used by "pld" and "prv" (dp-accounting's default; docs/privacy.md's reference figures use it).
 PLD_VALUE_DISCRETIZATION_INTERVAL = 1e-4
 #: Opacus's PRV error budget: the epsilon reported is an upper bound, at most this much above the estimate.
 PRV_EPS_ERROR = 0.01
@@ -80,8 +81,11 @@ PRV_EPS_ERROR = 0.01
 PRV_DELTA_ERROR_FRACTION = 1e-3
 #: Largest noise multiplier calibration searches; a target that needs more is reported as unreachable.
 MAX_NOISE_MULTIPLIER = 1e6
-#: Orders used by TF Privacy's ``compute_dp_sgd_privacy`` (and Opacus's default alphas).
-TF_PRIVACY_ORDERS = OPACUS_ORDERS
+#: Orders of TF Privacy 0.9's statement (``compute_dp_sgd_privacy_statement`` composes into a default
+#: ``dp_accounting.rdp.RdpAccountant``): dp-accounting's default orders 1.1, ..., 10.9, 11, 12, ..., 63, 128, 256,
+#: 512, 1024. Opacus's default alphas (``OPACUS_ORDERS``) lack 11 and 128-1024, which matters when the optimal
+#: order is large (little noise spent: sigma 40, one full-batch step -> 0.0846 at order 128, 0.1226 at order 63).
+TF_PRIVACY_ORDERS = tuple(float(o) for o in _rdp_lib.DEFAULT_RDP_ORDERS)
 
 _FORMAT = "jaxdp.accounting/1"
 
@@ -681,7 +685,7 @@ class _MemoAccountant(pa.PrivacyAccountant):
 
 @dataclass(frozen=True)
 class DpSgdPrivacy:
-    """Result of :func:`compute_dp_sgd_privacy` (TF Privacy 0.9's ``compute_dp_sgd_privacy``)."""
+    """Result of :func:`compute_dp_sgd_privacy` (TF Privacy's Poisson-sampling statement, see there)."""
 
     epsilon: float                  # RDP epsilon at delta, Poisson sampling, add/remove relation
     order: float                    # the optimal RDP order
@@ -701,13 +705,21 @@ class DpSgdPrivacy:
 
 def compute_dp_sgd_privacy(n: int, batch_size: int, noise_multiplier: float, epochs: float,
                            delta: float) -> DpSgdPrivacy:
-    """TF Privacy 0.9's ``compute_dp_sgd_privacy``: RDP epsilon of DP-SGD with Poisson sampling.
+    """RDP epsilon of DP-SGD with Poisson sampling, as TF Privacy states it (the "Epsilon assuming Poisson sampling"
+    line of TF Privacy 0.9's ``compute_dp_sgd_privacy_statement`` with ``used_microbatching=False``).
 
-    ``q = batch_size / n``, ``steps = ceil(epochs * n / batch_size)``, RDP orders ``1.1, 1.2, ..., 10.9, 12,
-    ..., 63`` (TF Privacy's), the exact RDP of the Poisson-sampled Gaussian at each (as TF Privacy computes it),
-    conversion of Balle et al. 2020 as in dp-accounting and TF Privacy. Returns epsilon, the optimal
-    order and a statement that also gives the epsilon that holds if batches were shuffled (each example once per
-    epoch, in an arbitrary order) instead of Poisson-sampled.
+    ``q = batch_size / n``, ``steps = ceil(epochs * n / batch_size)``, RDP orders :data:`TF_PRIVACY_ORDERS`
+    (dp-accounting's defaults, which TF Privacy's statement uses), the exact RDP of the Poisson-sampled Gaussian
+    at each, conversion of Balle et al. 2020 as in dp-accounting. Returns epsilon, the optimal order and a
+    statement that also gives the epsilon that holds if batches were shuffled (each example once per epoch, in
+    an arbitrary order) instead of Poisson-sampled.
+
+    How it relates to TF Privacy's numbers: TF Privacy 0.9 has no function of this name (older releases had
+    one); its ``compute_dp_sgd_privacy_statement`` halves sigma by default (``used_microbatching=True``: with
+    microbatches of more than one example the add/remove sensitivity is 2 C), giving a larger epsilon. MNIST,
+    sigma 1.1, 60 epochs, B 256: 2.597 here and in TF Privacy without the halving, 16.42 in TF Privacy with it
+    (``noise_multiplier / 2`` here: 16.384, from the exact RDP at fractional orders where dp-accounting's series
+    is slightly above it).
     """
     n = _checks.positive_int("n", n)
     batch_size = _checks.positive_int("batch_size", batch_size)

@@ -46,7 +46,7 @@ from dp_accounting import privacy_accountant as pa
 from dp_accounting.rdp import rdp_privacy_accountant
 from scipy import special
 
-#: Orders of Opacus's ``RDPAccountant.DEFAULT_ALPHAS`` and TF Privacy's ``compute_dp_sgd_privacy``.
+#: Orders of Opacus's ``RDPAccountant.DEFAULT_ALPHAS`` (TF Privacy's differ: ``core.TF_PRIVACY_ORDERS``).
 OPACUS_ORDERS = tuple([1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64)))
 #: Orders of jaxdp's ``"rdp"`` accountant: Opacus's, plus four large ones for the high-noise regime (there
 #: Opacus's optimum is its largest order 63 and it warns to add more). Whenever Opacus's optimal order is not

@@ -29,9 +29,14 @@ import numpy as np
 from scipy import stats
 
 __all__ = [
-    "clopper_pearson_interval", "epsilon_lower_bound_from_counts", "epsilon_lower_bound_from_scores",
-    "one_run_p_value", "one_run_epsilon_lower_bound", "one_run_guesses",
+    "DEFAULT_DELTA", "clopper_pearson_interval", "epsilon_lower_bound_from_counts",
+    "epsilon_lower_bound_from_scores", "one_run_p_value", "one_run_epsilon_lower_bound", "one_run_guesses",
+    "one_run_ceiling", "one_run_num_canaries",
 ]
+
+#: The delta every bound in this module assumes when none is given: the usual claimed delta of a DP-SGD run
+#: (and of ``jaxdp train``). Pass the delta your run actually claims; a larger delta can only lower a bound.
+DEFAULT_DELTA = 1e-5
 
 
 def _check_prob(name: str, value: float, *, open_low: bool = True) -> float:
@@ -53,7 +58,7 @@ def clopper_pearson_interval(successes: int, trials: int, alpha: float = 0.05) -
 
 
 def epsilon_lower_bound_from_counts(true_positives: int, num_members: int, false_positives: int,
-                                    num_nonmembers: int, delta: float = 1e-5, alpha: float = 0.05) -> float:
+                                    num_nonmembers: int, delta: float = DEFAULT_DELTA, alpha: float = 0.05) -> float:
     """Epsilon lower bound (confidence ``1 - alpha``) from an attack's counts at ONE pre-chosen threshold.
 
     Args:
@@ -63,7 +68,7 @@ def epsilon_lower_bound_from_counts(true_positives: int, num_members: int, false
       alpha: total error probability, split evenly between the TPR and the FPR bound.
 
     Returns the bound (0 if the attack certifies nothing). Reference: TP 500/1000, FP 10/1000, delta 1e-5,
-    alpha 0.05 -> 3.2420 (DESIGN.md section 3).
+    alpha 0.05 -> 3.2420 (docs/privacy.md).
     """
     tpr_lo, _ = clopper_pearson_interval(true_positives, num_members, alpha)
     _, fpr_hi = clopper_pearson_interval(false_positives, num_nonmembers, alpha)
@@ -79,7 +84,7 @@ def epsilon_lower_bound_from_counts(true_positives: int, num_members: int, false
 
 
 def epsilon_lower_bound_from_scores(member_scores: Sequence[float], nonmember_scores: Sequence[float],
-                                    delta: float = 1e-5, alpha: float = 0.05, *, correction: str = "split",
+                                    delta: float = DEFAULT_DELTA, alpha: float = 0.05, *, correction: str = "split",
                                     num_thresholds: int = 100, seed: int = 0) -> dict:
     """Epsilon lower bound from attack scores (higher = "member"), correcting for the search over thresholds.
 
@@ -134,7 +139,7 @@ def epsilon_lower_bound_from_scores(member_scores: Sequence[float], nonmember_sc
 # One-run audit (Steinke, Nasr & Jagielski 2023)
 
 
-def one_run_p_value(m: int, r: int, v: int, epsilon: float, delta: float = 0.0) -> float:
+def one_run_p_value(m: int, r: int, v: int, epsilon: float, delta: float = DEFAULT_DELTA) -> float:
     """Upper bound on ``P[at least v of r guesses right]`` for an (epsilon, delta)-DP algorithm, m canaries.
 
     With ``p = e^eps / (1 + e^eps)`` and ``B ~ Binomial(r, p)``:
@@ -154,11 +159,11 @@ def one_run_p_value(m: int, r: int, v: int, epsilon: float, delta: float = 0.0) 
     return min(tail + 2.0 * m * delta * float(np.max(ratio)), 1.0)
 
 
-def one_run_epsilon_lower_bound(m: int, r: int, v: int, delta: float = 0.0, beta: float = 0.05,
+def one_run_epsilon_lower_bound(m: int, r: int, v: int, delta: float = DEFAULT_DELTA, beta: float = 0.05,
                                 tol: float = 1e-7) -> float:
     """Largest epsilon rejected at significance ``beta`` by ``v`` right out of ``r`` guesses on ``m`` canaries.
 
-    Reference: m = 1000, r = v = 100, delta 0, beta 0.05 -> logit(0.05^(1/100)) = 3.4930 (DESIGN.md section 3).
+    Reference: m = 1000, r = v = 100, delta 0, beta 0.05 -> logit(0.05^(1/100)) = 3.4930 (docs/privacy.md).
     """
     _check_prob("beta", beta)
     if one_run_p_value(m, r, v, 0.0, delta) >= beta:
@@ -175,6 +180,49 @@ def one_run_epsilon_lower_bound(m: int, r: int, v: int, delta: float = 0.0, beta
         else:
             hi = mid
     return lo
+
+
+def one_run_ceiling(m: int, r: int, delta: float = DEFAULT_DELTA, beta: float = 0.05, tol: float = 1e-7) -> float:
+    """The largest epsilon a one-run audit with ``m`` canaries and ``r`` guesses can ever certify: the bound when
+    all ``r`` guesses are right.
+
+    A claim at or above the ceiling cannot be contradicted by this audit however badly the run leaks (a run
+    with no noise at all scores at most the ceiling), so such an audit is *inconclusive*, never a pass.
+    Example: m = 640, r = 320, delta 1e-5, beta 0.05 -> 4.649.
+    """
+    return one_run_epsilon_lower_bound(m, r, r, delta, beta, tol)
+
+
+def one_run_num_canaries(claimed_epsilon: float, max_canaries: int, delta: float = DEFAULT_DELTA,
+                         beta: float = 0.05, guess_fraction: float = 0.5, min_canaries: int = 200) -> int:
+    """Number of canaries for a one-run audit of ``claimed_epsilon``, chosen before any training.
+
+    Rule: the smallest ``m`` (at least ``min_canaries``, at most ``max_canaries``) whose ceiling
+    (:func:`one_run_ceiling` with ``r = guess_fraction * m`` guesses) is at least ``2 * claimed_epsilon``, so a
+    run that leaks clearly more than it claims can be caught without perfect separation; when no ``m`` up to
+    ``max_canaries`` gets there, the ``m`` with the highest ceiling (more canaries raise the ceiling until the
+    ``2 m delta`` term of the bound takes over). The choice uses only public quantities (claim, delta, beta),
+    never the coins or the scores, so it costs the bound nothing.
+    """
+    max_canaries = int(max_canaries)
+    if max_canaries < 2:
+        raise ValueError(f"need at least 2 canaries, got max_canaries={max_canaries}")
+    if not 0 < guess_fraction <= 1:
+        raise ValueError(f"guess_fraction must lie in (0, 1], got {guess_fraction}")
+    lo = min(int(min_canaries), max_canaries)
+    grid = sorted({lo, max_canaries} | {int(x) for x in np.geomspace(lo, max_canaries, 24)})
+    target = 2.0 * float(claimed_epsilon)
+    best_m, best_c = grid[0], -1.0
+    for m in grid:
+        r = max(2, 2 * int(m * guess_fraction / 2))
+        c = one_run_ceiling(m, min(r, m), delta, beta, tol=1e-4)
+        if c >= target:
+            return m
+        if c < best_c - 1e-3:   # past the peak: the delta term now dominates
+            break
+        if c > best_c:
+            best_m, best_c = m, c
+    return best_m
 
 
 def one_run_guesses(scores: Sequence[float], included: Sequence[bool], k_pos: int, k_neg: int

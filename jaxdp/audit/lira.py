@@ -77,7 +77,9 @@ def lira_attack(stat: np.ndarray, inside: np.ndarray, mode: str = "online", fixe
     (mu_in, var_in), (mu_out, var_out) = _loo_fits(stat, inside, fixed_variance)
     scores = lira_scores(stat, mu_in, var_in, mu_out, var_out, mode)
     name = f"lira_{mode}" + ("_fixed_variance" if fixed_variance else "")
+    cols = np.broadcast_to(np.arange(stat.shape[1]), stat.shape)    # example id of every score
     return metrics.evaluate_attack(scores[inside], scores[~inside], attack=name, fprs=fprs,
+                                   member_groups=cols[inside], nonmember_groups=cols[~inside],
                                    num_models=int(stat.shape[0]))
 
 
@@ -102,7 +104,9 @@ def shadow_membership_experiment(config: shadow.ShadowConfig, x: np.ndarray, y: 
     out: dict = {}
     for name in attacks:
         if name == "loss_threshold":
-            out[name] = metrics.loss_threshold_attack(losses[masks], losses[~masks])
+            cols = np.broadcast_to(np.arange(losses.shape[1]), losses.shape)   # example id of every score
+            out[name] = metrics.loss_threshold_attack(losses[masks], losses[~masks], member_groups=cols[masks],
+                                                      nonmember_groups=cols[~masks])
         elif name.startswith("lira_"):
             mode = name.split("_")[1]
             out[name] = lira_attack(stat, masks, mode=mode, fixed_variance=name.endswith("fixed_variance"))

@@ -19,6 +19,9 @@ optax optimiser. With ``dp=False`` it is plain minibatch training (no clipping, 
 Gradient canaries (white-box one-run audit): an example ``j`` with ``canary_coord[j] = k >= 0`` has loss
 ``-canary_scale * theta_k`` instead of a cross-entropy, i.e. its gradient is a Dirac ``-canary_scale * e_k`` on
 the flat parameter vector. It goes through the same clipping and noise as every other example.
+
+``clip=False`` (with ``dp=True``) is a deliberately broken recipe -- noise but no clipping -- used to test that
+the audits catch missing clipping; never train a model you release with it.
 """
 from __future__ import annotations
 
@@ -58,7 +61,10 @@ class ShadowConfig:
       dp: DP-SGD (clip + noise) if True, plain training if False.
       l2_clip_norm: ``C``, the per-example clip norm (DP only).
       noise_multiplier: ``sigma``, noise std = ``sigma * C`` (DP only). 0 = clipping without noise: NO privacy.
-      canary_scale: gradient norm of a gradient canary (before clipping).
+      canary_scale: gradient norm of a gradient canary before clipping, in absolute units
+        (:func:`jaxdp.audit.one_run_audit` sets it to ``canary_scale * C``, default 10 C).
+      clip: per-example clipping on (True). ``False`` is a DELIBERATELY BROKEN DP-SGD that sums unclipped
+        per-example gradients before the noise -- no privacy; it exists to check that audits catch it.
     """
 
     model: str = "mlp"
@@ -74,6 +80,7 @@ class ShadowConfig:
     l2_clip_norm: float = 1.0
     noise_multiplier: float = 0.0
     canary_scale: float = 1.0
+    clip: bool = True
 
     def __post_init__(self):
         if self.model not in ("mlp", "logreg"):
@@ -196,8 +203,10 @@ def _train_core(config: ShadowConfig, cap: int, batch: dict, params0: PyTree, in
             b = jax.tree_util.tree_map(lambda a: a[idx], batch)
         else:
             b, mask = batch, include
-        if config.dp:
+        if config.dp and config.clip:
             grads, _ = grad_fn(params, b, mask)
+        elif config.dp:   # broken on purpose: the SUM of unclipped per-example gradients, then the noise
+            grads = jax.grad(lambda p: jnp.sum(mask.astype(jnp.float32) * loss_fn(p, b)))(params)
         else:
             w = mask.astype(jnp.float32) / jnp.maximum(jnp.sum(mask), 1.0)
             grads = jax.grad(lambda p: jnp.sum(w * loss_fn(p, b)))(params)

@@ -14,6 +14,30 @@ import sys
 ENV = "JAXDP_LEDGER"
 
 
+_DESCRIPTIONS = {  # `jaxdp ledger SUBCOMMAND --help`
+    "init": ('Create the ledger store (an SQLite file or a PostgreSQL database) if it does not exist. With '
+             '--dataset-id, --max-epsilon and --delta it also protects that dataset with a total budget (as '
+             '`ledger register` does).'),
+    "register": ('Protect a dataset: from now on every private run on it must reserve its planned mechanism first, and'
+                 ' a reservation that would take the composed epsilon (all runs, composed with --accountant) above '
+                 '--max-epsilon at --delta is refused.'),
+    "show": ("Print each protected dataset's budget, the epsilon spent (composed over all runs, and the plain sum "
+             'for comparison), what remains, and its runs (committed, reserved = still open, released).'),
+    "reserve": ("Reserve a run's planned mechanism (noise multiplier, sampling, steps) against a dataset's budget "
+                'before the run touches the data; refused (exit 1) if it would exceed the budget. `jaxdp train` with '
+                'ledger.path reserves by itself.'),
+    "commit": ("Replace a run's reservation by what it actually ran (default: as reserved; --steps for a one-event "
+               'reservation, or --events). The committed events are charged from now on.'),
+    "release": ('Free the reservation of a run that NEVER touched the data (e.g. it crashed before its first step); '
+                'the reason is recorded. A run that took any step must be committed instead, or privacy is under-'
+                'counted.'),
+    "verify": ("Check the ledger's append-only hash chain (every row hashes its predecessor); with --expect-head "
+               'also that a head hash kept elsewhere is still in the chain. Exit 1 if anything fails.'),
+    "export": ('Export the whole ledger as JSON: every row with its hash, the derived state and the verification '
+               'report.'),
+}
+
+
 def register(subparsers) -> None:
     p = subparsers.add_parser("ledger", help="privacy budget ledger: reserve, commit, verify",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -26,26 +50,29 @@ def register(subparsers) -> None:
     common.add_argument("--json", action="store_true", help="print one JSON object")
 
     def budget_args(q, required):
-        q.add_argument("--dataset", required=required, help="dataset id to protect")
+        _dataset_id_arg(q, required=required, help="dataset id to protect")
         q.add_argument("--max-epsilon", type=float, required=required, help="total epsilon budget")
         q.add_argument("--delta", type=float, required=required, help="delta of the budget")
         q.add_argument("--accountant", default="prv", choices=["prv", "pld", "rdp"])
         q.add_argument("--neighboring-relation", default="add_remove")
         q.add_argument("--note", default=None)
 
-    q = sub.add_parser("init", parents=[common], help="create a ledger (and optionally register a dataset)")
+    q = sub.add_parser("init", parents=[common], help="create a ledger (and optionally register a dataset)",
+                       description=_DESCRIPTIONS["init"])
     budget_args(q, required=False)
     q.add_argument("--writer-role", default=None,
                    help="PostgreSQL: grant this separate role read/append access only (trainers connect as it and "
                         "cannot disable the append-only triggers)")
     q.set_defaults(func=_init)
 
-    q = sub.add_parser("register", parents=[common], help="protect a dataset with a budget")
+    q = sub.add_parser("register", parents=[common], help="protect a dataset with a budget",
+                       description=_DESCRIPTIONS["register"])
     budget_args(q, required=True)
     q.set_defaults(func=_register)
 
-    q = sub.add_parser("show", parents=[common], help="budgets, spent (composed and plain sum), remaining, runs")
-    q.add_argument("--dataset", default=None)
+    q = sub.add_parser("show", parents=[common], help="budgets, spent (composed and plain sum), remaining, runs",
+                       description=_DESCRIPTIONS["show"])
+    _dataset_id_arg(q, required=False, help="show only this dataset")
     q.set_defaults(func=_show)
 
     def event_args(q):
@@ -61,8 +88,9 @@ def register(subparsers) -> None:
         q.add_argument("--epochs", type=float, help="instead of --steps: steps = ceil(epochs / q)")
         q.add_argument("--l2-clip-norm", type=float)
 
-    q = sub.add_parser("reserve", parents=[common], help="reserve a run's planned mechanism before it starts")
-    q.add_argument("--dataset", required=True)
+    q = sub.add_parser("reserve", parents=[common], help="reserve a run's planned mechanism before it starts",
+                       description=_DESCRIPTIONS["reserve"])
+    _dataset_id_arg(q, required=True, help="the dataset the run trains on")
     q.add_argument("--run-id", required=True)
     event_args(q)
     q.add_argument("--model")
@@ -71,18 +99,21 @@ def register(subparsers) -> None:
     q.add_argument("--parent-run-id", help="the run whose model this run fine-tunes")
     q.set_defaults(func=_reserve)
 
-    q = sub.add_parser("commit", parents=[common], help="record the steps a run actually took")
+    q = sub.add_parser("commit", parents=[common], help="record the steps a run actually took",
+                       description=_DESCRIPTIONS["commit"])
     q.add_argument("--run-id", required=True)
     q.add_argument("--events", default=None, help="actual events as JSON or @FILE (default: as reserved)")
     q.add_argument("--steps", type=int, default=None, help="actual steps of a one-event reservation")
     q.set_defaults(func=_commit)
 
-    q = sub.add_parser("release", parents=[common], help="free the reservation of a run that never touched data")
+    q = sub.add_parser("release", parents=[common], help="free the reservation of a run that never touched data",
+                       description=_DESCRIPTIONS["release"])
     q.add_argument("--run-id", required=True)
     q.add_argument("--reason", required=True, help="recorded in the ledger")
     q.set_defaults(func=_release)
 
-    q = sub.add_parser("verify", parents=[common], help="check the hash chain (exit 1 if it fails)")
+    q = sub.add_parser("verify", parents=[common], help="check the hash chain (exit 1 if it fails)",
+                       description=_DESCRIPTIONS["verify"])
     q.add_argument("--expect-head", default=None, help="a head hash kept elsewhere that must still be in the chain")
     q.add_argument("--head-file", default=None,
                    help="a file outside the database holding the head kept at the last check: verify that it is "
@@ -90,16 +121,34 @@ def register(subparsers) -> None:
     q.set_defaults(func=_verify)
 
     q = sub.add_parser("restore", parents=[common],
-                       help="rebuild a lost ledger from an export into a new path or schema (rows copied verbatim)")
+                       help="rebuild a lost ledger from an export into a new path or schema (rows copied verbatim)",
+                       description="Rebuild a lost ledger from the JSON written by `jaxdp ledger export`, into a new "
+                                   "path or schema; rows are copied verbatim and their hash chain is verified.")
     q.add_argument("--from", dest="source", required=True, help="the JSON written by `jaxdp ledger export`")
     q.set_defaults(func=_restore)
 
-    q = sub.add_parser("export", parents=[common], help="everything as JSON (rows with hashes, state, report)")
+    q = sub.add_parser("export", parents=[common], help="everything as JSON (rows with hashes, state, report)",
+                       description=_DESCRIPTIONS["export"])
     q.add_argument("--output", "-o", default=None, help="write to this file instead of stdout")
     q.set_defaults(func=_export)
 
 
 # ---------------------------------------------------------------------------------------------- helpers
+class _DeprecatedDatasetOption(argparse.Action):
+    """``--dataset`` is the old spelling of ``--dataset-id`` (the name `jaxdp report` and the trainer's
+    ``ledger.dataset_id`` use); it still works, with a warning."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if option_string == "--dataset":
+            print("jaxdp ledger: warning: --dataset is deprecated; use --dataset-id", file=sys.stderr)
+        setattr(namespace, self.dest, values)
+
+
+def _dataset_id_arg(q, *, required: bool, help: str) -> None:
+    q.add_argument("--dataset-id", "--dataset", dest="dataset", required=required, action=_DeprecatedDatasetOption,
+                   metavar="ID", help=help + " (--dataset: deprecated spelling)")
+
+
 def _open(args, create=False):
     from jaxdp.ledger import Ledger
     if not args.ledger:
@@ -140,6 +189,8 @@ def _guard(fn):
         from jaxdp.ledger import BudgetExceededError, LedgerError, LedgerIntegrityError, ReservationRequiredError
         try:
             return fn(args)
+        except BrokenPipeError:
+            raise  # the reader of stdout went away: jaxdp.cli.main stops quietly
         except (BudgetExceededError, LedgerIntegrityError, ReservationRequiredError) as e:
             return _fail(args, e, 1)
         except (LedgerError, ValueError, OSError, OverflowError, RecursionError, MemoryError) as e:
@@ -217,7 +268,7 @@ def _init(args) -> int:
     text = f"ledger ready: {led.url}"
     if args.dataset:
         if args.max_epsilon is None or args.delta is None:
-            raise ValueError("registering --dataset needs --max-epsilon and --delta")
+            raise ValueError("registering --dataset-id needs --max-epsilon and --delta")
         b = led.register_dataset(args.dataset, args.max_epsilon, args.delta, args.accountant,
                                  neighboring_relation=args.neighboring_relation, note=args.note)
         out["dataset"] = vars(b)

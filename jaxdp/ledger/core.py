@@ -652,7 +652,7 @@ def _summary(st: _State, dataset_id: str) -> BudgetSummary:
     b = st.datasets.get(dataset_id)
     if b is None:
         raise LedgerError(f"dataset {dataset_id!r} is not registered in the ledger; register it with "
-                          "`jaxdp ledger init --dataset ID --max-epsilon E --delta D`")
+                          "`jaxdp ledger init --dataset-id ID --max-epsilon E --delta D`")
     runs = st.charged_runs(dataset_id)
     comp = lambda evs: ev.compose(evs, b.delta, b.accountant, b.neighboring_relation)  # noqa: E731
     eps_total = comp([e for r in runs for e in r.charge_events])
@@ -738,7 +738,7 @@ def require_reservation(ledger: "Ledger | str | os.PathLike | None", dataset_id:
             f"refused: a non-private run on {names} (protected by the privacy ledger {ledger.url}"
             + (f", inherited from parent run {parent_run_id!r}" if parent_run_id and needed - {dataset_id} else "")
             + "). Train with DP (a noise multiplier > 0) and reserve the budget first")
-    hint = (f"reserve first: `jaxdp ledger reserve --ledger {ledger.url} --dataset {dataset_id} --run-id {run_id} "
+    hint = (f"reserve first: `jaxdp ledger reserve --ledger {ledger.url} --dataset-id {dataset_id} --run-id {run_id} "
             "--noise-multiplier S --sample-rate Q --steps T` (or Ledger.reserve)")
     if run is None:
         raise ReservationRequiredError(f"refused: {names} is protected by the privacy ledger {ledger.url} and run "
@@ -751,7 +751,7 @@ def require_reservation(ledger: "Ledger | str | os.PathLike | None", dataset_id:
         raise ReservationRequiredError(
             f"refused: run {run_id!r}'s reservation is not charged to {sorted(missing)} (protected"
             + (f"; the parent model {parent_run_id!r} was trained on it" if parent_run_id else "")
-            + f"); reserve again with --dataset {dataset_id}"
+            + f"); reserve again with --dataset-id {dataset_id}"
             + (f" and --parent-run-id {parent_run_id}" if parent_run_id else ""))
     if parent_run_id is not None and run.parent_run_id != parent_run_id:
         raise ReservationRequiredError(f"refused: run {run_id!r} was reserved with parent_run_id "

@@ -12,7 +12,7 @@ and let ``rank(r)`` be the canary's position in that order (1 = the model's most
 
 ranges from 0 (the canary is the least likely candidate) to ``log2 |R|`` (it is the most likely: the model
 has memorised it). A canary the model never saw has, in expectation, exposure about 1 bit (rank ~ |R|/2).
-Reference numbers (DESIGN.md): ``|R| = 2^30``: rank 1 -> 30 bits, rank 1024 -> 20 bits.
+Reference numbers (docs/privacy.md): ``|R| = 2^30``: rank 1 -> 30 bits, rank 1024 -> 20 bits.
 
 When ``|R|`` is too large to enumerate, the paper's extrapolation fits a skew-normal distribution to the
 log-perplexities of a random sample of candidates and estimates ``rank / |R|`` by its CDF at the canary:

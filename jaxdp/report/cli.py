@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 
@@ -22,6 +23,8 @@ def _report(args: argparse.Namespace) -> int:
         written.append(args.model_card)
     if args.html or args.markdown:
         from jaxdp.report import html
+        # The plots recompute epsilon from the run's own mechanism: give them what the card read from the run.
+        metrics = {**metrics, **{k: card[k] for k in ("neighboring_relation",) if metrics.get(k) is None}}
         from jaxdp.report.sweep import load_sweep
         audit = modelcard.read_audit(modelcard.find_audit(args.run, args.audit))
         sweep = load_sweep(args.sweep) if args.sweep else None
@@ -29,7 +32,10 @@ def _report(args: argparse.Namespace) -> int:
             html.write_text(args.html, html.render_html(card, metrics, audit, sweep))
             written.append(args.html)
         if args.markdown:
-            html.write_text(args.markdown, html.render_markdown(card, metrics, audit, sweep))
+            stem = os.path.splitext(os.path.basename(args.markdown))[0]
+            html.write_text(args.markdown, html.render_markdown(
+                card, metrics, audit, sweep, image_dir=f"{stem}_files",
+                base_dir=os.path.dirname(os.path.abspath(args.markdown))))
             written.append(args.markdown)
     elif args.sweep:
         raise ValueError("--sweep is used by the report: add --html OUT.html or --markdown OUT.md")
@@ -61,21 +67,39 @@ def _sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+_REPORT_DESCRIPTION = """\
+The model_privacy section of a model card for a `jaxdp train` run (mechanism, epsilon/delta, audit results,
+ledger total, guarantee sentence, caveats), printed as YAML (or JSON), written into a model card (YAML file or
+the front matter of a Hugging Face README.md) and/or rendered as an HTML or Markdown report with plots.
+
+    jaxdp report --run DIR [--model-card card.yaml|README.md] [--audit audit.json]
+                 [--ledger PATH --dataset-id ID] [--html OUT.html | --markdown OUT.md]
+                 [--sweep SWEEP_DIR/sweep.json] [--json]"""
+
+_SWEEP_DESCRIPTION = """\
+Train one `jaxdp train` config at several target epsilons (the noise multiplier calibrated to each) plus the
+non-private baseline, and write OUT/sweep.json (and an accuracy-against-epsilon plot) for `jaxdp report --sweep`.
+Every run is a full private training run on the data: with a privacy ledger each one is charged.
+
+    jaxdp sweep --config FILE --epsilons 1 2 4 8 [--out DIR] [--no-baseline] [--json]"""
+
+
 def register(sub) -> None:
     p = sub.add_parser("report", help="model-card privacy section and a self-contained HTML/Markdown report",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                       description=_REPORT_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", required=True, help="run directory written by `jaxdp train` (metrics.json)")
-    p.add_argument("--model-card", help="model-card YAML to create or update (only its model_privacy key changes)")
+    p.add_argument("--model-card", help="model card to create or update: a YAML file, or a Hugging Face README.md "
+                                        "(the section goes into its YAML front matter); only model_privacy changes")
     p.add_argument("--audit", help="audit_<attack>.json of `jaxdp audit` (default: found in DIR or DIR/audit)")
     p.add_argument("--ledger", help="privacy ledger (path or URL) for the dataset's total epsilon")
     p.add_argument("--dataset-id", help="the dataset's id in the ledger (default: the run's dataset name)")
     p.add_argument("--html", help="write the HTML report here")
-    p.add_argument("--markdown", help="write the Markdown report here")
+    p.add_argument("--markdown", help="write the Markdown report here (plots as PNGs in <name>_files/ next to it)")
     p.add_argument("--sweep", help="sweep.json of `jaxdp sweep` to include (accuracy against epsilon)")
     p.add_argument("--json", action="store_true", help="print the model_privacy section as one JSON object")
     p.set_defaults(func=_report)
     p = sub.add_parser("sweep", help="train a config at several target epsilons plus the non-private baseline",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                       description=_SWEEP_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, help="YAML config of `jaxdp train`")
     p.add_argument("--epsilons", type=float, nargs="+", required=True, help="target epsilons, e.g. 1 2 4 8")
     p.add_argument("--out", help="output directory (default: <output.dir>/sweep)")

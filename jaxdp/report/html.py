@@ -1,6 +1,7 @@
-"""Self-contained privacy report of a run: HTML (or Markdown) with the plots embedded as base64 PNGs.
+"""Privacy report of a run: self-contained HTML with the plots embedded as base64 PNGs, or Markdown that links
+the plots as PNG files written next to it (``jaxdp report --markdown``).
 
-Nothing is loaded from outside the file (no scripts, stylesheets, fonts or image links), so the report can be
+The HTML loads nothing from outside the file (no scripts, stylesheets, fonts or image links), so it can be
 mailed, archived or attached to a model card as is.
 """
 from __future__ import annotations
@@ -39,6 +40,28 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
+def _roc_aucs(audit: Mapping[str, Any]) -> dict:
+    """AUC of every attack whose ROC the audit holds, keyed as the ROC curves are (the legend labels each curve)."""
+    aucs = {name.split(" (")[0]: auc for name, auc in (audit.get("aucs") or {}).items()}
+    aucs.setdefault(str(audit.get("attack")).split(" (")[0], audit.get("auc"))
+    return {n: aucs[n] for n in audit.get("roc", {}) if aucs.get(n) is not None}
+
+
+def _one_run_text(o: Mapping[str, Any] | None) -> str | None:
+    if not o:
+        return None
+    verdict = {True: "PASS", False: "FAIL"}.get(o.get("passed"), "?")
+    return (f"epsilon lower bound {_fmt(o.get('epsilon_lower_bound'))} vs claimed {_fmt(o.get('claimed_epsilon'))}: "
+            f"{verdict} ({o.get('num_correct')}/{o.get('num_guesses')} guesses right, {o.get('num_canaries')} "
+            f"{o.get('canary_type')} canaries, beta {_fmt(o.get('beta'))})")
+
+
+def _row_value(card: Mapping[str, Any], k: str) -> str:
+    if k == "one_run_audit":
+        return _fmt(_one_run_text(card.get(k)))
+    return _fmt(card.get(k))
+
+
 def collect_figures(metrics: Mapping[str, Any], audit: Mapping[str, Any] | None = None,
                     sweep: Mapping[str, Any] | None = None) -> list[tuple[str, str, bytes]]:
     """``[(title, caption, png_bytes)]`` for the report, in order."""
@@ -55,7 +78,7 @@ def collect_figures(metrics: Mapping[str, Any], audit: Mapping[str, Any] | None 
         figs.append(("Membership-inference ROC",
                      f"Audit {os.path.basename(audit['file'])}: ROC of each attack on log-log axes (the low-FPR "
                      "region is where an attack is confident). The diagonal is a random guess.",
-                     plots.plot_roc(audit["roc"], aucs={audit["attack"]: audit["auc"]})))
+                     plots.plot_roc(audit["roc"], aucs=_roc_aucs(audit))))
     if sweep:
         figs.append(("Accuracy against epsilon",
                      "Final test accuracy of the same config trained at several target ε (noise calibrated to "
@@ -65,7 +88,8 @@ def collect_figures(metrics: Mapping[str, Any], audit: Mapping[str, Any] | None 
 
 _CARD_ROWS = ("epsilon", "delta", "accountant", "neighboring_relation", "noise_multiplier", "max_grad_norm",
               "clipping_method", "sampling", "sample_rate", "expected_batch_size", "steps", "epochs",
-              "training_set_size", "final_test_accuracy", "membership_inference_auc", "ledger_dataset_epsilon",
+              "training_set_size", "final_test_accuracy", "membership_inference_auc", "membership_inference_attack",
+              "one_run_audit", "ledger_dataset_epsilon",
               "library_version", "config_hash")
 
 
@@ -83,7 +107,7 @@ def render_html(card: Mapping[str, Any], metrics: Mapping[str, Any], audit: Mapp
            f"<div class='{'guarantee' if card.get('private') else 'nodp'}'>{e(card['guarantee'])}</div>",
            "<h2>Model privacy</h2><table>"]
     for k in _CARD_ROWS:
-        out.append(f"<tr><th>{e(k)}</th><td class='num'>{e(_fmt(card.get(k)))}</td></tr>")
+        out.append(f"<tr><th>{e(k)}</th><td class='num'>{e(_row_value(card, k))}</td></tr>")
     out.append("</table><h2>Caveats</h2><ul>")
     out += [f"<li>{e(c)}</li>" for c in card.get("caveats", [])]
     out.append("</ul>")
@@ -114,22 +138,50 @@ def render_html(card: Mapping[str, Any], metrics: Mapping[str, Any], audit: Mapp
 
 
 def render_markdown(card: Mapping[str, Any], metrics: Mapping[str, Any], audit: Mapping[str, Any] | None = None,
-                    sweep: Mapping[str, Any] | None = None) -> str:
-    """The report as Markdown with the plots inlined as ``data:`` URIs (self-contained, GitHub may not show
-    data-URI images; use the HTML report there)."""
+                    sweep: Mapping[str, Any] | None = None, *, image_dir: str | None = None,
+                    base_dir: str | os.PathLike = ".") -> str:
+    """The report as Markdown.
+
+    With ``image_dir`` (a folder name relative to the Markdown file's folder ``base_dir``) each plot is written
+    there as a PNG and linked (``![title](image_dir/01-....png)``): the Markdown stays small and renders on
+    GitHub. Without it the plots are inlined as ``data:`` URIs (one self-contained file, but large and not shown
+    by every viewer)."""
     lines = [f"# Privacy report: {card.get('model')} on {card.get('dataset')}", "",
              f"run `{card.get('run_id')}` · status {card.get('run_status')} · jaxdp {card.get('library_version')}",
              "", f"> {card['guarantee']}", "", "## Model privacy", "", "| field | value |", "|---|---|"]
-    lines += [f"| {k} | {_fmt(card.get(k))} |" for k in _CARD_ROWS]
+    lines += [f"| {k} | {_row_value(card, k)} |" for k in _CARD_ROWS]
     lines += ["", "## Caveats", ""] + [f"- {c}" for c in card.get("caveats", [])]
-    for title, caption, png in collect_figures(metrics, audit, sweep):
-        lines += ["", f"## {title}", "", f"![{title}]({_png_uri(png)})", "", f"*{caption}*"]
+    for i, (title, caption, png) in enumerate(collect_figures(metrics, audit, sweep), 1):
+        if image_dir is None:
+            link = _png_uri(png)
+        else:
+            slug = "".join(c if c.isalnum() else "-" for c in title.lower()).strip("-")
+            name = f"{i:02d}-{slug}.png"
+            _atomic_write_bytes(os.path.join(base_dir, image_dir, name), png)
+            link = f"{image_dir}/{name}"
+        lines += ["", f"## {title}", "", f"![{title}]({link})", "", f"*{caption}*"]
     lines += ["", "## Per-epoch metrics", "", "| epoch | step | train loss | test accuracy | ε | clip fraction |",
               "|---|---|---|---|---|---|"]
     for r in metrics.get("epochs") or []:
         lines.append("| " + " | ".join(_fmt(r.get(k)) for k in ("epoch", "step", "train_loss", "test_accuracy",
                                                                   "epsilon", "clip_fraction")) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _atomic_write_bytes(path: str, data: bytes) -> None:
+    import tempfile
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".jaxdp.", suffix=".tmp", dir=d)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:

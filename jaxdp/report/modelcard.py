@@ -6,14 +6,16 @@ empirical membership-inference audit measured (AUC; 0.5 = the attacker does no b
 privacy ledger's total for the dataset (all runs that touched it, composed). A guarantee sentence is generated
 from the numbers, followed by the caveats a reader needs (what the guarantee does and does not cover).
 
-Appending to an existing model-card YAML sets or replaces only the ``model_privacy`` key: every other key keeps
-its value and its position, and the file is replaced atomically (write to a temporary file, then rename).
+Appending to an existing model card (YAML, or the YAML front matter of a Hugging Face ``README.md``) sets or
+replaces only the ``model_privacy`` entry: every other line keeps its value, position, comments and formatting,
+and the file is replaced atomically (write to a temporary file, then rename).
 """
 from __future__ import annotations
 
 import json
 import math
 import os
+import re
 import tempfile
 from typing import Any, Mapping
 
@@ -72,7 +74,42 @@ def find_audit(run_dir: str | os.PathLike, audit_path: str | os.PathLike | None 
     return None
 
 
+def find_one_run_audit(run_dir: str | os.PathLike) -> str | None:
+    """``audit_one_run.json`` of ``jaxdp audit --run DIR --attack one_run`` in the run directory or its ``audit/``."""
+    for where in (run_dir, os.path.join(run_dir, "audit")):
+        p = os.path.join(where, "audit_one_run.json")
+        if os.path.isfile(p):
+            return p
+    return None
+
+
+def read_one_run_audit(path: str | None) -> dict | None:
+    """The one-run audit (Steinke, Nasr & Jagielski 2023) of an ``audit_one_run.json``: the empirical epsilon lower
+    bound from canaries inserted in ONE training run, the epsilon it was checked against, and PASS/FAIL."""
+    if path is None:
+        return None
+    with open(path) as f:
+        a = json.load(f)
+    if a.get("attack") != "one_run":
+        return None
+    keys = ("epsilon_lower_bound", "claimed_epsilon", "passed", "delta", "beta", "canary_type", "num_canaries",
+            "num_guesses", "num_correct")
+    return {"file": os.path.abspath(path), "attack": "one_run (canaries in one training run)",
+            **{k: a.get(k) for k in keys}}
+
+
 def read_audit(path: str | None) -> dict | None:
+    """:func:`_read_audit`, plus ``model_note`` when the audit trained a stand-in instead of the run's model."""
+    out = _read_audit(path)
+    if out is not None:
+        with open(path) as f:
+            note = json.load(f).get("model_note")
+        if note:
+            out["model_note"] = note
+    return out
+
+
+def _read_audit(path: str | None) -> dict | None:
     """Membership-inference summary of an ``audit_<attack>.json``: the strongest attack (largest AUC), its AUC and
     95% interval, its TPR at 0.1% FPR, the empirical epsilon lower bound, and the ROC curves (for the report)."""
     if path is None:
@@ -88,6 +125,8 @@ def read_audit(path: str | None) -> dict | None:
         tpr = trained.get("tpr_at_fpr") or {}
         return {"file": os.path.abspath(path), "attack": "loss_threshold (trained model, train vs test)",
                 "auc": float(trained["auc"]), "auc_ci95": trained.get("auc_ci95"),
+                "aucs": {"loss_threshold (trained model, train vs test)": float(trained["auc"]),
+                         **{f"{n} (shadow models)": float(r["auc"]) for n, r in attacks.items() if "auc" in r}},
                 "tpr_at_0.1%_fpr": tpr.get("0.001", tpr.get(0.001)),
                 "empirical_epsilon_lower_bound": lb if isinstance(lb, (int, float)) else None,
                 "roc": {n: r["roc"] for n, r in attacks.items() if "roc" in r}}
@@ -103,6 +142,7 @@ def read_audit(path: str | None) -> dict | None:
     tpr = best.get("tpr_at_fpr") or {}
     return {"file": os.path.abspath(path), "attack": best_name, "auc": float(best["auc"]),
             "auc_ci95": best.get("auc_ci95"),
+            "aucs": {f"{n} (shadow models)": float(r["auc"]) for n, r in attacks.items() if "auc" in r},
             "tpr_at_0.1%_fpr": tpr.get("0.001", tpr.get(0.001)),
             "empirical_epsilon_lower_bound": lb if isinstance(lb, (int, float)) else None,
             "roc": {n: r["roc"] for n, r in attacks.items() if "roc" in r}}
@@ -128,6 +168,30 @@ def ledger_total(ledger_path: str | None, dataset_id: str | None) -> tuple[dict 
             "max_epsilon": float(s.max_epsilon), "remaining": float(s.remaining) if math.isfinite(s.remaining) else None,
             "accountant": s.accountant, "runs_committed": s.runs_committed,
             "runs_reserved": s.runs_reserved}, None
+
+
+def _run_config(run_dir: str | os.PathLike) -> dict:
+    path = os.path.join(run_dir, "config.yaml")
+    if not os.path.isfile(path):
+        return {}
+    import yaml
+    with open(path) as f:
+        cfg = yaml.safe_load(f) or {}
+    return cfg if isinstance(cfg, dict) else {}
+
+
+def run_mechanism(run_dir: str | os.PathLike, metrics: Mapping[str, Any]) -> dict:
+    """The mechanism of a run as the run recorded it: sampling, neighbouring relation, accountant, delta, steps.
+
+    ``metrics.json`` first; a key it lacks (the neighbouring relation of runs written before it was recorded)
+    is read from the run's own ``config.yaml``. Nothing is filled from a default: a key found in neither is
+    ``None`` and the model card says it was not recorded."""
+    dp = (_run_config(run_dir).get("training") or {}).get("dp") or {}
+    relation = metrics.get("neighboring_relation")
+    if relation is None and metrics.get("dp"):
+        relation = dp.get("neighboring_relation") if isinstance(dp, dict) else None
+    return {"sampling": metrics.get("sampling"), "neighboring_relation": relation if metrics.get("dp") else None,
+            "accountant": metrics.get("accountant"), "delta": metrics.get("delta"), "steps": metrics.get("steps")}
 
 
 def _run_ledger(run_dir: str | os.PathLike, dataset_id: str | None) -> tuple[str | None, str | None]:
@@ -163,6 +227,10 @@ def guarantee_sentence(mp: Mapping[str, Any]) -> str:
     """One sentence stating the mechanism and the ``(epsilon, delta)`` it provably satisfies (or that there is none)."""
     if not mp.get("private"):
         return NO_GUARANTEE
+    if mp.get("epsilon") is None:  # DP-SGD run with noise multiplier 0 (or an infinite epsilon): no guarantee
+        return (f"Trained with clipped SGD but noise multiplier σ={_g(mp.get('noise_multiplier'))}: no finite "
+                "epsilon holds (ε = ∞), so this model carries NO differential-privacy guarantee for its training "
+                "data.")
     sampling = mp["sampling"]
     if sampling == "poisson":
         how = f"Poisson sampling rate q={_g(mp['sample_rate'])}"
@@ -173,8 +241,9 @@ def guarantee_sentence(mp: Mapping[str, Any]) -> str:
                f"{mp.get('bands')} groups at rate p={_g(mp['sample_rate'])}")
     else:
         how = f"{sampling} sampling rate q={_g(mp['sample_rate'])}"
-    relation = "add/remove-one" if mp.get("neighboring_relation", "add_remove") == "add_remove" else "replace-one"
-    acc = str(mp.get("accountant") or "").upper()
+    relation = {"add_remove": "add/remove-one", "replace_one": "replace-one"}.get(
+        mp.get("neighboring_relation"), "an unrecorded")
+    acc = str(mp.get("accountant") or "unrecorded").upper()
     name = "BandMF" if sampling == "cyclic_poisson" else "DP-SGD"
     return (f"Trained with {name} ({how}, noise multiplier σ={_g(mp['noise_multiplier'])}, "
             f"clip norm C={_g(mp['max_grad_norm'])}, T={mp['steps']} steps, training set of "
@@ -197,7 +266,9 @@ def build_model_privacy(run_dir: str | os.PathLike, *, audit: str | os.PathLike 
     """
     m = metrics if metrics is not None else load_metrics(run_dir)
     private = bool(m.get("dp"))
+    mech = run_mechanism(run_dir, m)
     aud = read_audit(find_audit(run_dir, audit))
+    one_run = read_one_run_audit(find_one_run_audit(run_dir))
     if ledger is None:  # the ledger the run itself was charged to (config.yaml's `ledger` section), if any
         ledger, dataset_id = _run_ledger(run_dir, dataset_id)
     led, led_why = ledger_total(ledger, dataset_id or m.get("dataset"))
@@ -210,17 +281,17 @@ def build_model_privacy(run_dir: str | os.PathLike, *, audit: str | os.PathLike 
         "library": "jaxdp",
         "library_version": m.get("jaxdp_version"),
         "epsilon": m.get("epsilon") if private else None,
-        "delta": m.get("delta") if private else None,
+        "delta": mech["delta"] if private else None,
         "target_epsilon": m.get("target_epsilon"),
-        "accountant": m.get("accountant"),
-        "neighboring_relation": "add_remove" if private else None,
+        "accountant": mech["accountant"],
+        "neighboring_relation": mech["neighboring_relation"],
         "max_grad_norm": m.get("max_grad_norm"),
         "noise_multiplier": m.get("noise_multiplier"),
         "clipping_method": m.get("clipping_method"),
-        "sampling": m.get("sampling"),
+        "sampling": mech["sampling"],
         "sample_rate": m.get("sample_rate"),
         "expected_batch_size": m.get("expected_batch_size"),
-        "steps": m.get("steps"),
+        "steps": mech["steps"],
         "epochs": len(m.get("epochs") or []),
         "training_set_size": m.get("training_set_size"),
         "dataset": m.get("dataset"),
@@ -230,8 +301,10 @@ def build_model_privacy(run_dir: str | os.PathLike, *, audit: str | os.PathLike 
         "config_hash": m.get("config_hash"),
         "final_test_accuracy": m.get("final_test_accuracy"),
         "membership_inference_auc": aud["auc"] if aud else None,
+        "membership_inference_attack": aud["attack"] if aud and aud["auc"] is not None else None,
         "membership_inference": None if aud is None else {
             k: v for k, v in aud.items() if k != "roc"},
+        "one_run_audit": one_run,
         "ledger_dataset_epsilon": led["epsilon"] if led else None,
         "ledger": led,
     }
@@ -242,12 +315,27 @@ def build_model_privacy(run_dir: str | os.PathLike, *, audit: str | os.PathLike 
         if m.get("status") not in (None, "finished"):
             caveats.append(f"The run's status is {m.get('status')!r}: epsilon is for the {m.get('steps')} steps "
                            "actually taken.")
+        n = m.get("training_set_size")
+        if m.get("delta_at_least_one_over_n") or (n and m.get("delta") is not None and m["delta"] >= 1.0 / n):
+            caveats.insert(0, f"delta = {m.get('delta')} is not below 1/N = 1/{n} (trained with "
+                              "training.dp.allow_large_delta): a mechanism that publishes one training example "
+                              "in the clear meets this guarantee, so it does not protect individual examples.")
     else:
         caveats.append("No epsilon is stated because none holds; train with training.dp.enabled: true for a "
                        "guarantee.")
-    if aud is None or aud["auc"] is None:
+    if one_run is not None and one_run.get("passed") is False:
+        caveats.append(f"The one-run audit FAILED: its empirical epsilon lower bound "
+                       f"{_g(one_run.get('epsilon_lower_bound'))} exceeds the epsilon it checked "
+                       f"({_g(one_run.get('claimed_epsilon'))}); the stated guarantee is not supported.")
+    if private and mech["neighboring_relation"] is None:
+        caveats.append("The run did not record its neighbouring relation (add/remove-one or replace-one), so "
+                       "the guarantee above does not say which datasets count as neighbours; re-train with a "
+                       "current jaxdp to record it.")
+    if aud is not None and aud.get("model_note"):
+        caveats.append(aud["model_note"])
+    if (aud is None or aud["auc"] is None) and one_run is None:
         caveats.append(CAVEAT_AUDIT)
-    else:
+    elif aud is not None and aud["auc"] is not None:
         caveats.append(CAVEAT_AUDIT_MEANING)
     if led is None:
         caveats.append(CAVEAT_LEDGER.format(why=led_why))
@@ -278,24 +366,118 @@ def _atomic_write(path: str | os.PathLike, text: str) -> None:
         raise
 
 
+_MARKDOWN = (".md", ".markdown")
+
+
+def _split_front_matter(text: str, path) -> tuple[str, str] | None:
+    """``(yaml, rest)`` of a Markdown file that starts with a ``---`` YAML front-matter block (Hugging Face model
+    cards), ``rest`` starting at the closing ``---``; ``None`` when the file has no front matter."""
+    lines = text.splitlines(keepends=True)
+    if not lines or lines[0].rstrip("\r\n") != "---":
+        return None
+    for i in range(1, len(lines)):
+        if lines[i].rstrip("\r\n") in ("---", "..."):
+            return "".join(lines[1:i]), "".join(lines[i:])
+    raise ValueError(f"{path}: the YAML front matter opened by '---' on line 1 is never closed by a '---' line")
+
+
+def _set_top_level_key(text: str, key: str, block: str) -> str:
+    """``text`` (YAML) with the top-level entry ``key`` replaced by ``block`` (or ``block`` appended), every other
+    line -- comments, blank lines, quoting, flow style -- kept byte for byte."""
+    lines = text.splitlines(keepends=True)
+    head = re.compile(rf"""^(?:{re.escape(key)}|'{re.escape(key)}'|"{re.escape(key)}")\s*:""")
+    start = next((i for i, line in enumerate(lines) if head.match(line)), None)
+    if start is None:
+        sep = "" if not text or text.endswith("\n") else "\n"
+        return text + sep + block
+
+    def continues(line: str) -> bool:  # indented, or a block-sequence item at column 0 (`key:\n- a`)
+        return line[:1] in (" ", "\t") or line.startswith("- ") or line.rstrip("\r\n") == "-"
+
+    end = start + 1
+    while end < len(lines):
+        line = lines[end]
+        if not line.strip() or continues(line):
+            end += 1
+            continue
+        if line.startswith("#"):  # column-0 comments: part of the entry only if the entry goes on after them
+            j = end
+            while j < len(lines) and (not lines[j].strip() or lines[j].startswith("#")):
+                j += 1
+            if j < len(lines) and continues(lines[j]):
+                end = j
+                continue
+        break
+    while end > start + 1 and not lines[end - 1].strip():  # blank lines before the next entry stay there
+        end -= 1
+    return "".join(lines[:start]) + block + "".join(lines[end:])
+
+
+def _relative_paths(section: Mapping[str, Any], card_dir: str) -> dict:
+    """The section with the files it names (audit JSONs, a ledger file) relative to the card's folder, so that a
+    card moved with its run keeps pointing at them."""
+    out = json.loads(json.dumps(section, default=str))
+    for sub, field in (("membership_inference", "file"), ("one_run_audit", "file"), ("ledger", "ledger")):
+        d = out.get(sub)
+        if isinstance(d, dict) and isinstance(d.get(field), str) and "://" not in d[field] \
+                and os.path.isabs(d[field]):
+            d[field] = os.path.relpath(d[field], card_dir)
+    return out
+
+
 def write_model_card(path: str | os.PathLike, section: Mapping[str, Any]) -> dict:
-    """Set ``model_privacy`` in the model-card YAML at ``path`` (created if missing); other keys keep their
-    values and order. The file is replaced atomically. Returns the whole card."""
+    """Set ``model_privacy`` in the model card at ``path`` (created if missing) and return the whole card.
+
+    ``path`` is a YAML file, or a Markdown model card (``README.md`` of a Hugging Face repository) whose YAML
+    front matter (between ``---`` lines) receives the section; the Markdown body is kept as is. Only the lines of
+    the ``model_privacy`` entry change: every other key keeps its value, position, comments and formatting (the
+    result is parsed back and compared; should a hand-written layout defeat the line edit, the card is rewritten
+    from its parsed content instead, with a warning, since the comments could not be kept). Paths in the section
+    are stored relative to the card's folder. The file is replaced atomically.
+    """
+    import warnings
+
     import yaml
-    card: dict = {}
+    path = os.fspath(path)
+    section = _relative_paths(section, os.path.dirname(os.path.abspath(path)))
+    markdown = path.lower().endswith(_MARKDOWN)
+    text = ""
     if os.path.exists(path):
-        with open(path) as f:
-            loaded = yaml.safe_load(f)
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise ValueError(f"{path}: a model card must be a YAML mapping at the top level, "
-                             f"got {type(loaded).__name__}")
-        card = loaded
-    card[SECTION] = dict(section)  # replaces in place (keeps its position) or appends at the end
-    _atomic_write(path, yaml.safe_dump(card, sort_keys=False, allow_unicode=True, width=100))
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    front = _split_front_matter(text, path) if markdown else None
+    if markdown and front is None:
+        yaml_text, rest = "", "---\n" + text if text else "---\n"
+    elif markdown:
+        yaml_text, rest = front
+    else:
+        yaml_text, rest = text, ""
+    try:
+        loaded = yaml.safe_load(yaml_text) if yaml_text.strip() else None
+    except yaml.YAMLError as e:
+        where = "front matter" if markdown else "YAML"
+        raise ValueError(f"{path}: the model card's {where} is not valid YAML ({e})") from None
+    if loaded is None:
+        loaded = {}
+    if not isinstance(loaded, dict):
+        raise ValueError(f"{path}: a model card must be a YAML mapping at the top level, "
+                         f"got {type(loaded).__name__}")
+    card = dict(loaded)
+    card[SECTION] = section  # replaces in place (keeps its position) or appends at the end
+    block = yaml.safe_dump({SECTION: section}, sort_keys=False, allow_unicode=True, width=100)
+    new_yaml = _set_top_level_key(yaml_text, SECTION, block)
+    try:
+        ok = yaml.safe_load(new_yaml) == card
+    except yaml.YAMLError:
+        ok = False
+    if not ok:
+        warnings.warn(f"{path}: could not replace {SECTION} line by line; the card is rewritten from its parsed "
+                      "content (its comments and formatting are lost)", stacklevel=2)
+        new_yaml = yaml.safe_dump(card, sort_keys=False, allow_unicode=True, width=100)
+    _atomic_write(path, "---\n" + new_yaml + rest if markdown else new_yaml)
     return card
 
 
-__all__ = ["SECTION", "format_epsilon", "load_metrics", "find_audit", "read_audit", "ledger_total", "guarantee_sentence",
-           "build_model_privacy", "write_model_card"]
+__all__ = ["SECTION", "format_epsilon", "load_metrics", "find_audit", "read_audit", "find_one_run_audit",
+           "read_one_run_audit", "ledger_total", "guarantee_sentence",
+           "build_model_privacy", "run_mechanism", "write_model_card"]

@@ -42,24 +42,33 @@ def _event(m: Mapping[str, Any], steps: int) -> dict:
         return {"sampling": "shuffle", "noise_multiplier": m["noise_multiplier"],
                 "batch_size": int(round(m["expected_batch_size"])), "dataset_size": m["training_set_size"],
                 "steps": steps}
+    if m.get("sampling") == "cyclic_poisson":
+        return {"sampling": "cyclic_poisson", "mechanism": m["mechanism"], "bands": m["bands"],
+                "noise_multiplier": m["noise_multiplier"], "sample_rate": m["sample_rate"], "steps": steps}
+    if m.get("sampling") != "poisson":
+        raise ValueError(f"the run's record names sampling {m.get('sampling')!r}, which the report cannot "
+                         "recompute; expected poisson, shuffle or cyclic_poisson")
     return {"sampling": "poisson", "noise_multiplier": m["noise_multiplier"], "sample_rate": m["sample_rate"],
             "steps": steps}
 
 
 def epsilon_curve(metrics: Mapping[str, Any], points: int = 20) -> tuple[list[int], list[float]]:
     """``(steps, epsilons)`` at ``points`` step counts from 1 to the run's steps, recomputed from the mechanism
-    (noise multiplier, sampling, sample rate) with the run's accountant at the run's delta."""
+    (noise multiplier, sampling, sample rate) with the run's accountant and neighbouring relation at the run's
+    delta -- all read from the run's record, never defaulted. A record without its neighbouring relation
+    (runs written before it was recorded; ``jaxdp report`` fills it from the run's config.yaml) gives no curve."""
     from jaxdp.accounting import events_epsilon
     total = int(metrics.get("steps") or 0)
-    if not metrics.get("dp") or total <= 0:
+    relation = metrics.get("neighboring_relation")
+    if not metrics.get("dp") or total <= 0 or relation is None:
         return [], []
     grid = sorted({int(round(t)) for t in np.linspace(1, total, min(points, total))} | {total})
     from absl import logging as absl_logging  # dp-accounting's RDP logs one line per excluded order
     level = absl_logging.get_verbosity()
     absl_logging.set_verbosity(absl_logging.ERROR)
     try:
-        eps = [float(events_epsilon([_event(metrics, t)], metrics["delta"], accountant=metrics["accountant"]))
-               for t in grid]
+        eps = [float(events_epsilon([_event(metrics, t)], metrics["delta"], accountant=metrics["accountant"],
+                                    neighboring_relation=relation)) for t in grid]
     finally:
         absl_logging.set_verbosity(level)
     return grid, eps
@@ -73,9 +82,13 @@ def plot_epsilon_vs_steps(metrics: Mapping[str, Any], path: str | os.PathLike | 
     fig, ax = plt.subplots(figsize=(5.5, 3.6), dpi=110)
     steps, eps = epsilon_curve(metrics, points)
     if steps:
+        how = (f"batch {int(round(metrics['expected_batch_size']))} of {metrics['training_set_size']}, shuffled"
+               if metrics.get("sampling") == "shuffle" else
+               f"cyclic Poisson, {metrics['bands']} bands, p={metrics['sample_rate']:.3g}"
+               if metrics.get("sampling") == "cyclic_poisson" else f"Poisson q={metrics['sample_rate']:.3g}")
         ax.plot(steps, eps, "-", color="C0", label=f"{str(metrics['accountant']).upper()} accountant "
-                                                     f"(σ={metrics['noise_multiplier']:.3g}, "
-                                                     f"q={metrics['sample_rate']:.3g})")
+                                                     f"(σ={metrics['noise_multiplier']:.3g}, {how}, "
+                                                     f"{str(metrics['neighboring_relation']).replace('_', '/')})")
         rows = [r for r in metrics.get("epochs") or [] if r.get("epsilon") is not None]
         if rows:
             ax.plot([r["step"] for r in rows], [r["epsilon"] for r in rows], "o", color="C1",
@@ -86,7 +99,8 @@ def plot_epsilon_vs_steps(metrics: Mapping[str, Any], path: str | os.PathLike | 
         ax.set_ylim(bottom=0)
         ax.legend(fontsize=7, loc="lower right")
     else:
-        ax.text(0.5, 0.5, "non-private run: ε = ∞ (no guarantee)", ha="center", va="center",
+        ax.text(0.5, 0.5, "non-private run: ε = ∞ (no guarantee)" if not metrics.get("dp") else
+                "the run's record lacks its neighbouring relation: no curve", ha="center", va="center",
                 transform=ax.transAxes)
         ax.set_xticks([])
         ax.set_yticks([])

@@ -55,7 +55,8 @@ def run_sweep(config: dict | str | os.PathLike, epsilons: Sequence[float], out_d
             print(f"== non-private baseline -> {d}", flush=True)
         base = _row(DPTrainer(c, out_dir=d, progress=progress, log=log).train(), d)
     result: dict[str, Any] = {
-        "config_hash": config_hash(cfg), "dataset": cfg["data"]["name"], "model": cfg["model"]["name"],
+        "config_hash": config_hash(cfg), "dataset": cfg["data"]["name"],
+        "model": cfg["model"]["module"] or cfg["model"]["name"],
         "delta": float(cfg["training"]["dp"]["delta"]), "accountant": cfg["training"]["accountant"],
         "epochs": cfg["training"]["epochs"], "epsilons": sorted(set(eps_list)), "runs": runs,
         "non_private": base, "plot": None}

@@ -6,17 +6,26 @@ Schema (``REQUIRED`` keys must be present, others have the defaults shown)::
     model:
       name: cnn_small            # cnn_small | mlp | logreg | mnist_cnn
       options: {}                # passed to the model (e.g. hidden: [128] for mlp)
+      module: null               # OR your own Flax NNX module: "pkg.mod:Class" or "file.py:Class" (instead of
+      kwargs: {}                 #   name/options), built as Class(**kwargs, rngs=...); it gets input_shape and
+                                 #   num_classes too when its constructor takes them; it must return logits [B, K]
     data:
       name: digits               # "digits" (embedded) | path to .npz / .csv / MNIST IDX directory
-      options: {}                # loader options (e.g. label_column for CSV)
+      options: {}                # loader options; CSV: label_column, test_fraction, seed, scale, standardize
+                                 #   (standardize: {mean: [...], std: [...]} or {public_csv: FILE}: PUBLIC
+                                 #   statistics only -- statistics of the private data would leak it)
     optimizer:
-      name: sgd                  # sgd | momentum | adam
-      learning_rate: REQUIRED
+      name: sgd                  # sgd | momentum | any optax optimiser (adam, adamw, lamb, lion, rmsprop, ...)
+      learning_rate: REQUIRED    # initial value of the schedule when there is one
       momentum: 0.9              # for momentum
+      weight_decay: 0.0          # decoupled weight decay (the optimiser's own when it takes one, e.g. adamw)
+      schedule: {}               # optax schedule, e.g. {name: cosine_decay_schedule, decay_steps: total_steps}
+      options: {}                # other arguments of the optax optimiser (e.g. b1, b2, nesterov)
     training:
       epochs: REQUIRED
       batch_size: REQUIRED       # expected batch size (Poisson sampling rate q = batch_size / N)
-      seed: REQUIRED             # batch selection, noise and initialisation; keep it secret
+      seed: null                 # batch selection, noise and initialisation; null = drawn from the OS (kept in
+                                 #   the checkpoint for resume); pin an int only to reproduce a run, keep it secret
       accountant: prv            # prv | rdp | pld
       sampling: poisson          # poisson | shuffle (shuffle is accounted as fixed-size sampling)
       mechanism: dpsgd           # dpsgd | bandmf (banded matrix-factorization noise, cyclic Poisson sampling)
@@ -26,7 +35,8 @@ Schema (``REQUIRED`` keys must be present, others have the defaults shown)::
       dp:
         enabled: true
         epsilon: 3.0             # target epsilon (with noise_multiplier null: calibrate to it)
-        delta: 1e-5              # must be < 1/N
+        delta: 1e-5              # must be < 1/N (refused otherwise)
+        allow_large_delta: false # experts only: accept delta >= 1/N (recorded in metrics.json and the card)
         max_grad_norm: 1.0       # clip norm C (the total C with per_layer rules; the initial C with adaptive)
         noise_multiplier: null   # null = calibrate from epsilon
         per_layer: null          # per-layer clipping: {layer: C_k, ...} naming every layer of the model, or a
@@ -58,20 +68,26 @@ from typing import Any
 REQUIRED = object()
 
 SCHEMA: dict[str, Any] = {
-    "model": {"name": "cnn_small", "options": {}},
+    "model": {"name": "cnn_small", "options": {}, "module": None, "kwargs": {}},
     "data": {"name": "digits", "options": {}},
-    "optimizer": {"name": "sgd", "learning_rate": REQUIRED, "momentum": 0.9},
+    "optimizer": {"name": "sgd", "learning_rate": REQUIRED, "momentum": 0.9, "weight_decay": 0.0, "schedule": {},
+                  "options": {}},
     "training": {
-        "epochs": REQUIRED, "batch_size": REQUIRED, "seed": REQUIRED, "accountant": "prv",
+        "epochs": REQUIRED, "batch_size": REQUIRED, "seed": None, "accountant": "prv",
         "sampling": "poisson", "method": "auto", "microbatch_size": None, "mechanism": "dpsgd", "bands": None,
         "dp": {"enabled": True, "epsilon": 3.0, "delta": 1e-5, "max_grad_norm": 1.0, "noise_multiplier": None,
-               "neighboring_relation": "add_remove", "per_layer": None, "adaptive": None},
+               "neighboring_relation": "add_remove", "per_layer": None, "adaptive": None,
+               "allow_large_delta": False},
     },
     "ledger": {"path": None, "dataset_id": None, "run_id": None, "reserve": True, "parent_run_id": None},
     "output": {"dir": "runs/run", "checkpoint_every": 1, "progress": True, "telemetry_port": None,
                "pushgateway": None},
 }
-_FREE_FORM = {"model.options", "data.options"}  # user-defined keys allowed below these
+_FREE_FORM = {"model.options", "model.kwargs", "data.options", "optimizer.schedule", "optimizer.options"}
+# Keys added after configs were first written: left out of the config hash while they hold their default, so a
+# run written before they existed still resumes.
+_HASH_OMIT_IF_DEFAULT = ("model.module", "model.kwargs", "optimizer.weight_decay", "optimizer.schedule",
+                         "optimizer.options", "training.mechanism", "training.bands")
 
 
 class ConfigError(ValueError):
@@ -120,14 +136,24 @@ def _check_values(cfg: dict) -> None:
     num("optimizer.learning_rate", cfg["optimizer"]["learning_rate"])
     num("training.epochs", t["epochs"])
     num("training.batch_size", t["batch_size"])
-    num("training.seed", t["seed"], positive=False, integer=True)
+    if t["seed"] is not None:
+        num("training.seed", t["seed"], positive=False, integer=True)
+    if cfg["model"]["module"] is None:
+        from jaxdp.models import MODELS
+        if cfg["model"]["name"] not in MODELS:
+            raise ConfigError(f"config key 'model.name' must be one of {sorted(MODELS)}, got "
+                              f"{cfg['model']['name']!r}; or name your own Flax module with model.module: "
+                              "'pkg.mod:Class'")
+    num("optimizer.weight_decay", cfg["optimizer"]["weight_decay"], positive=False)
     if t["accountant"] not in ("prv", "rdp", "pld"):
         raise ConfigError(f"config key 'training.accountant' must be prv, rdp or pld, got {t['accountant']!r}")
     if t["sampling"] not in ("poisson", "shuffle"):
         raise ConfigError(f"config key 'training.sampling' must be poisson or shuffle, got {t['sampling']!r}")
-    if cfg["optimizer"]["name"] not in ("sgd", "momentum", "adam"):
-        raise ConfigError(f"config key 'optimizer.name' must be sgd, momentum or adam, "
-                          f"got {cfg['optimizer']['name']!r}")
+    from jaxdp.train.components import ComponentError, build_optimizer
+    try:
+        build_optimizer(cfg["optimizer"], total_steps=1)  # the names and arguments exist (no data is involved)
+    except ComponentError as e:
+        raise ConfigError(str(e)) from None
     if not isinstance(dp["enabled"], bool):
         raise ConfigError(f"config key 'training.dp.enabled' must be true or false, got {dp['enabled']!r}")
     if dp["enabled"]:
@@ -135,6 +161,9 @@ def _check_values(cfg: dict) -> None:
         num("training.dp.delta", dp["delta"])
         if dp["delta"] >= 1:
             raise ConfigError(f"config key 'training.dp.delta' must be < 1, got {dp['delta']}")
+        if not isinstance(dp["allow_large_delta"], bool):
+            raise ConfigError("config key 'training.dp.allow_large_delta' must be true or false, "
+                              f"got {dp['allow_large_delta']!r}")
         if dp["noise_multiplier"] is None:
             if dp["epsilon"] is None:
                 raise ConfigError("config keys 'training.dp.epsilon' and 'training.dp.noise_multiplier' are both "
@@ -229,9 +258,22 @@ def _yaml_numbers(obj: Any) -> Any:
 
 def validate_config(raw: dict) -> dict:
     """Return the full config (defaults filled in) or raise :class:`ConfigError` naming the bad key."""
-    cfg = _merge(SCHEMA, _yaml_numbers(raw or {}), "")
+    raw = _yaml_numbers(raw or {})
+    cfg = _merge(SCHEMA, raw, "")
+    if cfg["model"]["module"] is not None:
+        given = raw.get("model") or {}
+        clash = [k for k in ("name", "options") if given.get(k)]
+        if clash:
+            raise ConfigError(f"config key 'model.{clash[0]}' cannot be used with model.module (your own module "
+                              "takes its arguments from model.kwargs)")
+        cfg["model"]["name"] = None
     _check_values(cfg)
     return cfg
+
+
+def model_label(cfg: dict) -> str:
+    """How the config's model is named in metrics, ledgers and model cards: the built-in name or the module."""
+    return cfg["model"]["module"] or cfg["model"]["name"]
 
 
 def load_config(path: str | os.PathLike) -> dict:
@@ -243,13 +285,47 @@ def load_config(path: str | os.PathLike) -> dict:
             raw = yaml.safe_load(f)
         except yaml.YAMLError as e:
             raise ConfigError(f"{path} is not valid YAML: {e}") from None
-    return validate_config(raw)
+    cfg = validate_config(raw)
+    module = cfg["model"]["module"]
+    if isinstance(module, str) and module.count(":") == 1 and module.split(":")[0].endswith(".py"):
+        file, cls = module.split(":")
+        near = os.path.join(os.path.dirname(os.path.abspath(path)), file)
+        if not os.path.isabs(file) and os.path.isfile(near):  # "file.py:Class" is relative to the config
+            cfg["model"]["module"] = f"{near}:{cls}"
+    return cfg
 
 
 def config_hash(cfg: dict) -> str:
     """SHA-256 of the canonical JSON of the config, excluding output settings."""
-    body = {k: v for k, v in cfg.items() if k != "output"}
+    body = copy.deepcopy({k: v for k, v in cfg.items() if k != "output"})
+    for where in _HASH_OMIT_IF_DEFAULT:
+        section, key = where.split(".")
+        default = SCHEMA[section][key]
+        if section in body and key in body[section] and body[section][key] == default:
+            del body[section][key]
     return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()
 
 
-__all__ = ["SCHEMA", "ConfigError", "validate_config", "load_config", "config_hash"]
+
+
+
+_EXAMPLE_VALUES = {"learning_rate": "0.1", "epochs": "10", "batch_size": "256"}
+
+
+def example_config() -> str:
+    """A commented example config with every key (the schema above, required keys filled with example values);
+    ``jaxdp config --example`` prints it. It validates as is."""
+    import textwrap
+    doc = __doc__.split("Schema", 1)[1].split("::", 1)[1]
+    lines = []
+    for line in textwrap.dedent(doc.strip("\n")).rstrip().splitlines():
+        if "REQUIRED" in line:
+            key = line.split(":", 1)[0].strip()
+            line = line.replace("REQUIRED", _EXAMPLE_VALUES[key] + " " * (8 - len(_EXAMPLE_VALUES[key])), 1)
+            line = line.rstrip() + "  (required)" if "#" in line else line + "  # required"
+        lines.append(line.rstrip())
+    head = ("# jaxdp train config: every key with its default. Keys marked (required) must be given; the values\n"
+            "# shown for them are examples. Delete what you do not change.\n")
+    return head + "\n".join(lines) + "\n"
+
+__all__ = ["SCHEMA", "ConfigError", "validate_config", "load_config", "config_hash", "model_label", "example_config"]

@@ -159,7 +159,7 @@ def reconcile(tr, led, dataset_id: str, complete: bool, protected: bool):
         raise RunStateError(f"run {tr.run_id!r} was reserved for another config (hash {run.config_hash[:12]}); "
                             "use another run id or output.dir")
     if run is None and protected and tr.dp and lcfg["reserve"]:
-        led.reserve(dataset_id, tr.run_id, tr._ledger_events(tr.total_steps), model=tr.cfg["model"]["name"],
+        led.reserve(dataset_id, tr.run_id, tr._ledger_events(tr.total_steps), model=tr.model_name,
                     config_hash=tr.config_hash, code_version=ledger_lib.code_version(),
                     parent_run_id=lcfg["parent_run_id"])
         fault_point("after_reserve")

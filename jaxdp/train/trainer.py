@@ -26,18 +26,49 @@ from jaxdp import models
 from jaxdp.engine import PrivacyBudgetExhausted, PrivacyEngine, TrainState
 from jaxdp.sampling import PoissonSampler, ShuffleSampler
 from jaxdp.train import checkpoint, lifecycle
-from jaxdp.train.config import config_hash, load_config, validate_config
+from jaxdp.train.config import config_hash, load_config, model_label, validate_config
 
 CLIP_HIGH, CLIP_LOW = 0.9, 0.01  # warn when more than 90% / fewer than 1% of examples are clipped
 
 
-def _optimizer(cfg: dict) -> optax.GradientTransformation:
-    o = cfg["optimizer"]
-    if o["name"] == "sgd":
-        return optax.sgd(o["learning_rate"])
-    if o["name"] == "momentum":
-        return optax.sgd(o["learning_rate"], momentum=o["momentum"])
-    return optax.adam(o["learning_rate"])
+def _optimizer(cfg: dict, total_steps: int = 1) -> optax.GradientTransformation:
+    from jaxdp.train.components import build_optimizer
+    return build_optimizer(cfg["optimizer"], total_steps)
+
+
+def _seed(cfg: dict, out_dir: str, resume: bool) -> tuple[int, str]:
+    """``(seed, source)``: the config's ``training.seed`` ("config"), else the seed an interrupted run in
+    ``out_dir`` drew ("os", read back from its checkpoint so that it resumes identically), else a fresh one from
+    the OS entropy source ("os"). A drawn seed is kept only in the checkpoint, never in metrics or config."""
+    if cfg["training"]["seed"] is not None:
+        return int(cfg["training"]["seed"]), "config"
+    ckdir = os.path.join(out_dir, "checkpoint")
+    if resume and checkpoint.exists(ckdir):
+        drawn = None
+        try:
+            found = checkpoint.list_checkpoints(ckdir)
+            if found:
+                drawn = checkpoint.read(found[0][1])[1].get("drawn_seed")
+            else:   # a checkpoint of an earlier version
+                with open(os.path.join(ckdir, checkpoint.META)) as f:
+                    drawn = json.load(f).get("drawn_seed")
+        except (OSError, ValueError, checkpoint.CheckpointError):
+            drawn = None
+        if drawn is not None:
+            return int(drawn), "os"
+    import secrets
+    return secrets.randbits(63), "os"
+
+
+def _remove_new_run_dir(out_dir: str) -> None:
+    """Remove the directory a refused run created, if it holds nothing but the run.json written for it."""
+    try:
+        if set(os.listdir(out_dir)) <= {"run.json"}:
+            for name in os.listdir(out_dir):
+                os.remove(os.path.join(out_dir, name))
+            os.rmdir(out_dir)
+    except OSError:
+        pass
 
 
 class _Progress:
@@ -86,6 +117,8 @@ class DPTrainer:
             cfg["output"]["progress"] = bool(progress)
         self.cfg = cfg
         self.out_dir = cfg["output"]["dir"]
+        if os.path.exists(self.out_dir) and not os.path.isdir(self.out_dir):
+            raise ValueError(f"output directory {self.out_dir} is a file; give --out (or output.dir) a directory")
         self.main = distributed.is_main_process()  # several processes: only process 0 logs and writes
         self.log = log and self.main
         self.resume = resume
@@ -94,10 +127,27 @@ class DPTrainer:
         self.delta = float(dp["delta"]) if self.dp else None
         self.dataset = data_lib.load_dataset(cfg["data"]["name"], **cfg["data"]["options"])
         self.n = len(self.dataset.y_train)
-        self.seed = int(t["seed"])
+        if t["batch_size"] > self.n:
+            raise ValueError(f"config key 'training.batch_size' ({t['batch_size']:g}) is larger than the training "
+                             f"set ({self.n} examples in {cfg['data']['name']}); choose a batch_size below {self.n}")
+        self.seed, self.seed_source = _seed(cfg, self.out_dir, resume)
+        # several processes: all use process 0's seed (a seed drawn from the OS differs per process)
+        self.seed, self.seed_source = distributed.broadcast_from_main([self.seed, self.seed_source])
         self.epochs = t["epochs"]
-        self.model = models.create(cfg["model"]["name"], self.dataset.input_shape, self.dataset.num_classes,
-                                   seed=self.seed, **cfg["model"]["options"])
+        self.model_name = model_label(cfg)
+        if cfg["model"]["module"] is not None:
+            from jaxdp.train.components import build_user_model
+            base = os.path.dirname(os.path.abspath(config)) if isinstance(config, (str, os.PathLike)) else None
+            self.model = build_user_model(cfg["model"]["module"], cfg["model"]["kwargs"], self.dataset.input_shape,
+                                          self.dataset.num_classes, self.seed, base_dir=base)
+        else:
+            self.model = models.create(cfg["model"]["name"], self.dataset.input_shape, self.dataset.num_classes,
+                                       seed=self.seed, **cfg["model"]["options"])
+        models.check_model_input(self.model, self.dataset.input_shape, self.dataset.num_classes,
+                                 name=f"model {self.model_name!r}")
+        from jaxdp.validation import check_model_fits_data   # shapes and classes, before anything is traced
+        check_model_fits_data(self.model, self.dataset.x_train[:1], self.dataset.y_train,
+                              source=f"{cfg['data']['name']} (x_train)", model_name=repr(self.model_name))
         self.graphdef, self.params0, self.rest = nnx.split(self.model, nnx.Param, ...)
         self.metrics: list[dict] = []
         self.status = "not started"
@@ -115,13 +165,18 @@ class DPTrainer:
 
     def _setup(self) -> None:
         t, dp = self.cfg["training"], self.cfg["training"]["dp"]
-        optimizer = _optimizer(self.cfg)
+        planned = (PoissonSampler(self.n, t["batch_size"] / self.n, 0) if t["sampling"] == "poisson" else
+                   ShuffleSampler(self.n, int(round(t["batch_size"])), 0)).steps_for_epochs(self.epochs)
+        optimizer = _optimizer(self.cfg, planned)  # a schedule's "total_steps" is the planned number of steps
         if self.dp:
+            from jaxdp import _checks   # refuse delta >= 1/N in the config's own terms (the engine re-checks)
+            _checks.delta_for_dataset(self.delta, self.n, allow_large_delta=dp["allow_large_delta"],
+                                      override="training.dp.allow_large_delta: true", warn=False)
             self.engine = PrivacyEngine(accountant=t["accountant"], neighboring_relation=dp["neighboring_relation"])
             common = dict(loss_fn=self._loss, model=self.model, optimizer=optimizer, dataset_size=self.n,
                           batch_size=t["batch_size"], seed=self.seed, **self._clipping(),
                           method=t["method"], microbatch_size=t["microbatch_size"],
-                          poisson_sampling=t["sampling"] == "poisson",
+                          poisson_sampling=t["sampling"] == "poisson", allow_large_delta=dp["allow_large_delta"],
                           ledger=False)  # train() reserves in and checks against the ledger before step 1
             if t["mechanism"] == "bandmf":   # banded MF noise + cyclic Poisson sampling (jaxdp.matrix_factorization)
                 common.update(mechanism="bandmf", bands=int(t["bands"]))
@@ -129,9 +184,16 @@ class DPTrainer:
                 self.private = self.engine.make_private_with_epsilon(
                     target_epsilon=dp["epsilon"], target_delta=self.delta, epochs=self.epochs, **common)
             else:
-                self.private = self.engine.make_private(
-                    noise_multiplier=dp["noise_multiplier"], epochs=self.epochs, target_epsilon=dp["epsilon"],
-                    target_delta=self.delta, **common)
+                with warnings.catch_warnings():   # a plan that cannot finish is refused below, not warned about
+                    warnings.filterwarnings("ignore", message="the plan cannot finish")
+                    self.private = self.engine.make_private(
+                        noise_multiplier=dp["noise_multiplier"], epochs=self.epochs, target_epsilon=dp["epsilon"],
+                        target_delta=self.delta, **common)
+                shortfall = self.private.plan_shortfall()
+                if shortfall is not None:
+                    raise ValueError(shortfall.replace("epochs <=", "training.epochs <=")
+                                     .replace("noise_multiplier >=", "training.dp.noise_multiplier >=")
+                                     .replace("a target epsilon >=", "training.dp.epsilon >="))
             self.sampler = self.private.sampler
             self.noise_multiplier = self.private.noise_multiplier
             self._step = self.private.step
@@ -254,6 +316,8 @@ class DPTrainer:
         meta = {"step": step, "sampler": self.sampler.state_dict(), "metrics": self.metrics, "run_id": self.run_id,
                 "config_hash": self.config_hash, "status": self.status,
                 "accountant": self.engine.accountant.to_dict() if self.dp else None}
+        if self.seed_source == "os":
+            meta["drawn_seed"] = self.seed  # needed to resume identically; private like the checkpoint itself
         if self.main:  # the state is replicated: process 0's copy is everyone's
             checkpoint.save(os.path.join(self.out_dir, "checkpoint"), self.state, meta, step=step)
             lifecycle.fault_point("after_checkpoint")
@@ -341,14 +405,17 @@ class DPTrainer:
         t = self.cfg["training"]
         summary = {
             "run_id": self.run_id, "status": self.status, "dp": self.dp,
-            "dataset": self.dataset.name, "training_set_size": self.n, "model": self.cfg["model"]["name"],
+            "dataset": self.dataset.name, "training_set_size": self.n, "model": self.model_name,
+            "seed_source": self.seed_source,  # "config" (pinned by the user) or "os" (drawn, kept secret)
             "epsilon": eps if math.isfinite(eps) else None, "delta": delta,
+            "delta_at_least_one_over_n": bool(self.dp and delta is not None and delta >= 1.0 / self.n),
             "target_epsilon": t["dp"]["epsilon"] if self.dp else None,
             "noise_multiplier": self.noise_multiplier,
             **(self._clip_record() if self.dp else {"max_grad_norm": None}),
             "sample_rate": self.sampler.sample_rate, "expected_batch_size": self.sampler.expected_batch_size,
             "steps": int(self.state.step), "planned_steps": self.total_steps,
             "sampling": self.sampler.sampling, "accountant": t["accountant"] if self.dp else None,
+            "neighboring_relation": t["dp"]["neighboring_relation"] if self.dp else None,
             "mechanism": t["mechanism"] if self.dp else None, "bands": t["bands"] if self.dp else None,
             "clipping_method": t["method"], "config_hash": self.config_hash,
             "jaxdp_version": __import__("jaxdp").__version__,
@@ -391,6 +458,7 @@ class DPTrainer:
                                                 "moving the previous run's files aside")
             if moved and self.log:
                 print(f"--fresh: the previous run's files were moved to {moved}")
+        out_existed = os.path.isdir(self.out_dir)
         resumed = self._restore()
         distributed.on_main_process(
             lambda: lifecycle.resolve_identity(self, resumed, self._ckpt_meta, fresh=not self.resume),
@@ -398,14 +466,21 @@ class DPTrainer:
         self.run_id = distributed.broadcast_from_main(self.run_id)  # process 0's run id (run.json) everywhere
         self.resume = True  # from here on (e.g. a second train() call) this directory's checkpoint is ours
         complete = self._complete()
+        self.trained_steps = 0  # steps taken by this call (0: a finished run was only re-reported)
         self._telemetry_start()
         try:
-            # reconcile with the ledger before anything else
-            distributed.on_main_process(lambda: self._ledger_open(complete), "the privacy ledger check")
+            try:
+                # reconcile with the ledger before anything else
+                distributed.on_main_process(lambda: self._ledger_open(complete), "the privacy ledger check")
+            except Exception:
+                if not out_existed and self.main:  # a refused new run leaves no run directory behind (only its run.json)
+                    _remove_new_run_dir(self.out_dir)
+                raise
             if complete:
                 if self.log:
-                    print(f"{self.out_dir}: run {self.run_id!r} is already {self.status.replace('_', ' ')} at step "
-                          f"{int(self.state.step)}; nothing was trained")
+                    print(f"nothing was trained: {self.out_dir} already holds run {self.run_id!r}, "
+                          f"{self.status.replace('_', ' ')} at step {int(self.state.step)}; use --fresh "
+                          "(resume=False) or another output directory to train again", file=sys.stderr)
                 return self._write_outputs()
             return self._train_loop(resumed, max_epochs)
         finally:
@@ -419,7 +494,7 @@ class DPTrainer:
             return  # several processes: process 0 alone exports
         try:
             from jaxdp.telemetry import DPMetrics
-            self.telemetry = DPMetrics(self.cfg["model"]["name"], self.dataset.name, self.run_id,
+            self.telemetry = DPMetrics(self.model_name, self.dataset.name, self.run_id,
                                        port=out["telemetry_port"], pushgateway=out["pushgateway"])
         except (OSError, ImportError) as e:
             warnings.warn(f"telemetry is off for this run: {e}", stacklevel=3)
@@ -435,6 +510,7 @@ class DPTrainer:
     def _train_loop(self, resumed: bool, max_epochs: int | None) -> dict:
         self.status = "running"
         os.makedirs(self.out_dir, exist_ok=True)
+        step_at_start = int(self.state.step)
         # Epoch k ends at step ceil(k / q) (Poisson) or k * steps_per_epoch (shuffle), so fractional steps
         # per epoch add up exactly to the planned total.
         n_epochs = math.ceil(self.epochs)
@@ -514,6 +590,7 @@ class DPTrainer:
         if int(self.state.step) >= self.total_steps:
             self.status = "finished"
         self._save()
+        self.trained_steps = int(self.state.step) - step_at_start
         if self.status in ("finished", "budget_exhausted"):
             lifecycle.fault_point("before_commit")
             distributed.on_main_process(self._ledger_commit, "the privacy ledger commit")

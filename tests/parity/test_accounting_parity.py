@@ -47,7 +47,7 @@ def test_rdp_equal_to_opacus_at_integer_orders_with_dp_accounting(sigma, q, step
 
 
 def test_rdp_reference_point_equals_opacus_to_1e6_where_optimal_order_is_shared():
-    # MNIST setting (DESIGN.md): q = 256/60000, sigma 1.1, 14063 steps -> 2.5967 in both (3e-10 relative).
+    # MNIST setting (docs/privacy.md): q = 256/60000, sigma 1.1, 14063 steps -> 2.5967 in both (3e-10 relative).
     ours = accounting.compute_epsilon(1.1, 256 / 60000, 14063, 1e-5, accountant="rdp")
     assert ours == pytest.approx(opacus_rdp_eps(1.1, 256 / 60000, 14063, 1e-5), rel=1e-6)
 
