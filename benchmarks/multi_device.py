@@ -10,7 +10,13 @@ step on one device (reference), the private step on a one-device mesh, and the p
 mesh. Median of ``--steps`` timed steps after 3 warm-up steps; compile time (first call) separately; peak RSS of
 the process from ``resource.getrusage`` (ru_maxrss, includes JAX's own footprint).
 
-    PYTHONPATH=. python benchmarks/multi_device.py [--devices 1 2 4] [--batch 256] [--steps 30] [--json PATH]
+Multi-process rows (``--processes 1 2 4``): the same private step as ONE job of P local processes joined by
+``jax.distributed`` (started by ``jaxdp launch``, gloo CPU collectives over 127.0.0.1), ``--total-devices``
+CPU devices in all (P processes x total/P devices), each process feeding only its rows of the global batch;
+the overhead column is the step time over that of one process with the same total devices.
+
+    PYTHONPATH=. python benchmarks/multi_device.py [--devices 1 2 4] [--processes 1 2 4] [--batch 256]
+        [--steps 30] [--json PATH]
 """
 from __future__ import annotations
 
@@ -100,6 +106,70 @@ def child(n: int, batch_size: int, steps: int, backend: str) -> dict:
     }
 
 
+def mp_child(batch_size: int, steps: int, out_path: str) -> None:
+    """One process of a multi-process job (started by ``jaxdp.launch``): time the private step over ALL
+    processes' devices, each process feeding only its rows (``local_batch``); process 0 writes the row."""
+    from jaxdp import distributed as dist
+    dist.initialize_from_env()
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import optax
+
+    import jaxdp
+
+    def loss_fn(params, batch):
+        h = jax.nn.relu(batch["x"] @ params["w1"] + params["b1"])
+        logits = h @ params["w2"] + params["b2"]
+        return optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"])
+
+    k1, k2 = jax.random.split(jax.random.key(0))
+    params = {"w1": jax.random.normal(k1, (64, 128)) / 8, "b1": jnp.zeros(128),
+              "w2": jax.random.normal(k2, (128, 10)) / 11, "b2": jnp.zeros(10)}
+    rng = np.random.default_rng(0)
+    sampler = jaxdp.PoissonSampler(60_000, batch_size / 60_000, seed=1)
+    data = {"x": rng.normal(size=(60_000, 64)).astype(np.float32), "y": rng.integers(0, 10, 60_000).astype(np.int32)}
+    idx, mask = sampler.sample(0)
+    batch, lmask = dist.local_batch(idx, mask, lambda i: {k: v[i] for k, v in data.items()})
+    tx = jaxdp.dpsgd(0.1, 1.0, 1.0, sampler.expected_batch_size, key=jax.random.key(2))
+    step = dist.make_private_step(loss_fn, 1.0, tx, method="vmap")
+    opt_state = tx.init(params)
+    t0 = time.perf_counter()
+    params, opt_state, _ = step(params, opt_state, batch, lmask)
+    jax.block_until_ready((params, opt_state))
+    compile_s = time.perf_counter() - t0
+    times = []
+    for i in range(3 + steps):
+        t0 = time.perf_counter()
+        params, opt_state, _ = step(params, opt_state, batch, lmask)
+        jax.block_until_ready((params, opt_state))
+        if i >= 3:
+            times.append(time.perf_counter() - t0)
+    if jax.process_index() == 0:
+        Path(out_path).write_text(json.dumps({
+            "processes": jax.process_count(), "devices": jax.device_count(),
+            "devices_per_process": jax.local_device_count(), "padded_batch": int(mask.size),
+            "real_examples": int(mask.sum()), "median_ms": statistics.median(times) * 1e3, "compile_s": compile_s,
+            "peak_rss_mib_process0": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+
+
+def run_multi_process(procs: int, total_devices: int, args) -> dict:
+    """``procs`` local processes with ``total_devices / procs`` CPU devices each, through ``jaxdp launch``."""
+    import tempfile
+    if total_devices % procs:
+        raise SystemExit(f"--total-devices {total_devices} is not a multiple of {procs} processes")
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "row.json")
+        env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        cmd = [sys.executable, "-m", "jaxdp", "launch", "--local-processes", str(procs), "--devices-per-process",
+               str(total_devices // procs), "--timeout", "900", "--", sys.executable, __file__, "--mp-child", out,
+               "--batch", str(args.batch), "--steps", str(args.steps)]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=960)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{procs} processes failed:\n{proc.stderr[-3000:]}")
+        return json.loads(Path(out).read_text())
+
+
 def run_child(n: int, args, backend: str) -> dict:
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     if backend == "cpu":
@@ -120,11 +190,18 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--gpu", action="store_true", help="also run over all GPUs (automatic when present)")
     ap.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "multi_device.json"))
+    ap.add_argument("--processes", type=int, nargs="*", default=[1, 2, 4],
+                    help="multi-process rows: this many local processes (jaxdp launch) sharing --total-devices")
+    ap.add_argument("--total-devices", type=int, default=4, help="CPU devices over all processes (multi-process rows)")
     ap.add_argument("--child", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--mp-child", help=argparse.SUPPRESS)
     ap.add_argument("--backend", default="cpu", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         print(json.dumps(child(args.child, args.batch, args.steps, args.backend)))
+        return
+    if args.mp_child:
+        mp_child(args.batch, args.steps, args.mp_child)
         return
 
     import jax
@@ -148,6 +225,16 @@ def main() -> None:
               f"{m['private_1dev']:17.3f} {m[f'private_{n}dev']:17.3f} "
               f"{r['ratio_private_ndev_over_private_1dev']:11.2f} {r['ratio_private_ndev_over_non_private']:14.2f} "
               f"{r['compile_s'][f'private_{n}dev']:15.2f}")
+    mp_rows = [run_multi_process(p, args.total_devices, args) for p in args.processes]
+    if mp_rows:
+        base = next((r["median_ms"] for r in mp_rows if r["processes"] == 1), None)
+        print(f"\nmulti-process (jax.distributed, gloo), {args.total_devices} CPU devices in all:")
+        print(f"{'processes':>9} {'dev/proc':>8} {'padded':>6} {'step ms':>9} {'vs 1 process':>12} {'compile s':>9}")
+        for r in mp_rows:
+            r["overhead_vs_one_process"] = None if base is None else r["median_ms"] / base
+            ratio = "" if base is None else f"{r['overhead_vs_one_process']:.2f}"
+            print(f"{r['processes']:9d} {r['devices_per_process']:8d} {r['padded_batch']:6d} {r['median_ms']:9.3f} "
+                  f"{ratio:>12} {r['compile_s']:9.2f}")
     result = {
         "benchmark": "multi_device",
         "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
@@ -157,6 +244,7 @@ def main() -> None:
                    "steps": args.steps, "warmup": 3, "clip": 1.0, "noise_multiplier": 1.0, "method": "vmap",
                    "cpu_devices": "forced host devices sharing the cores (overhead, not speed-up)"},
         "rows": rows,
+        "multi_process_rows": mp_rows,
     }
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(result, indent=2))

@@ -19,6 +19,7 @@ _COMMAND_MODULES = (
     "jaxdp.audit.cli",        # audit
     "jaxdp.ledger.cli",       # ledger
     "jaxdp.report.cli",       # report, sweep
+    "jaxdp.launch",           # launch (local multi-process jobs)
 )
 
 

@@ -27,6 +27,7 @@ devices of all hosts (``jax.devices()`` is global), and each host feeds its part
 """
 from __future__ import annotations
 
+import os
 from typing import Any, Callable, Iterator
 
 import jax
@@ -312,6 +313,33 @@ def private_update(grad_fn: GradFn, optimizer: optax.GradientTransformation, mes
 
     repl = NamedSharding(mesh, P())
     data = NamedSharding(mesh, P(axis))
+    me = jax.process_index()
+    n_local = sum(d.process_index == me for d in mesh.devices.flat)
+    if n_local < n:  # several processes: each passes only its rows of the global layout
+        def step_multi(params, opt_state, batch, mask=None):
+            leaf = jax.tree_util.tree_leaves(batch)[0]
+            if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+                B = int(leaf.shape[0])  # already a global array (global_batch)
+            else:
+                rows = int(np.shape(leaf)[0])
+                if rows % n_local:
+                    raise ValueError(
+                        f"process {me}: {rows} local rows is not a multiple of its {n_local} devices; pass the "
+                        "rows that jaxdp.distributed.local_batch(indices, mask, load) returns")
+                B = rows // n_local * n
+                if mask is None:
+                    mask = np.ones((rows,), bool)
+                batch = global_batch(batch, B, mesh)
+                mask = global_batch(np.asarray(mask) != 0, B, mesh)
+            params, opt_state = replicate((params, opt_state), mesh)
+            new_params, new_state, stats = core_jit(params, opt_state, batch, mask)
+            # per-example stats: this process's rows (those of the batch it passed), readable on the host
+            stats = stats._replace(per_example_norms=host_local(stats.per_example_norms),
+                                   per_example_losses=host_local(stats.per_example_losses),
+                                   aux=host_local(stats.aux))
+            return new_params, new_state, stats
+
+        return step_multi
 
     def step(params, opt_state, batch, mask=None):
         B = int(np.shape(jax.tree_util.tree_leaves(batch)[0])[0])
@@ -363,5 +391,261 @@ def local_device_count() -> int:
     return jax.device_count()
 
 
+# ----------------------------------------------------------------------------------------------------------
+# Several processes (jax.distributed): start-up from the environment, process-local data, agreement
+
+
+_ENV_COORDINATOR = ("JAXDP_COORDINATOR", "JAX_COORDINATOR_ADDRESS")
+_ENV_NUM_PROCESSES = ("JAXDP_NUM_PROCESSES", "JAX_NUM_PROCESSES")
+_ENV_PROCESS_ID = ("JAXDP_PROCESS_ID", "JAX_PROCESS_ID")
+
+
+def _env_first(env: dict, names: tuple[str, ...]) -> tuple[str, str] | None:
+    for name in names:
+        if env.get(name, "").strip():
+            return name, env[name].strip()
+    return None
+
+
+def _env_int(found: tuple[str, str] | None) -> int | None:
+    if found is None:
+        return None
+    name, value = found
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"{name}={value!r} must be an integer") from None
+
+
+def initialize_from_env(env: dict | None = None) -> bool:
+    """Join a multi-process JAX job described by the environment; returns True when this is one of several.
+
+    Read, in order of precedence (jaxdp's own name first, then the variable JAX itself reads):
+
+    * ``JAXDP_COORDINATOR`` / ``JAX_COORDINATOR_ADDRESS``: ``host:port`` of process 0's coordination service;
+    * ``JAXDP_NUM_PROCESSES`` / ``JAX_NUM_PROCESSES``: the number of processes;
+    * ``JAXDP_PROCESS_ID`` / ``JAX_PROCESS_ID``: this process's id in ``0 .. num_processes - 1``;
+    * ``JAXDP_DISTRIBUTED=auto``: let :func:`jax.distributed.initialize` detect SLURM, Open MPI, a Kubernetes
+      indexed Job or a Cloud TPU pod itself (no other variable needed);
+    * ``JAXDP_HEARTBEAT_TIMEOUT`` (seconds, default 60): how long the others wait for a silent process before
+      they all stop (see ``docs/distributed.md``, failure behaviour).
+
+    None of them set (or one process): nothing happens and False is returned, so single-process runs are
+    unchanged. On CPU the cross-process collectives use gloo. Must run before any other JAX call in the
+    process (``jaxdp train`` does this itself); calling it again after a successful start is a no-op.
+    """
+    env = os.environ if env is None else env
+    if jax.distributed.is_initialized():
+        return jax.process_count() > 1
+    coord = _env_first(env, _ENV_COORDINATOR)
+    num = _env_int(_env_first(env, _ENV_NUM_PROCESSES))
+    pid = _env_int(_env_first(env, _ENV_PROCESS_ID))
+    auto = env.get("JAXDP_DISTRIBUTED", "").strip().lower()
+    if auto not in ("", "auto", "0", "off"):
+        raise ValueError(f"JAXDP_DISTRIBUTED={env['JAXDP_DISTRIBUTED']!r}: use 'auto' (cluster detection) or unset it")
+    if coord is None and num is None and pid is None and auto != "auto":
+        return False
+    if num == 1 and auto != "auto":
+        return False
+    try:
+        heartbeat = int(env.get("JAXDP_HEARTBEAT_TIMEOUT", "60"))
+    except ValueError:
+        raise ValueError(f"JAXDP_HEARTBEAT_TIMEOUT={env['JAXDP_HEARTBEAT_TIMEOUT']!r} must be whole seconds") from None
+    if auto != "auto":
+        missing = [names[0] for names, v in ((_ENV_COORDINATOR, coord), (_ENV_NUM_PROCESSES, num),
+                                             (_ENV_PROCESS_ID, pid)) if v is None]
+        if missing:
+            raise ValueError(f"multi-process run: {', '.join(missing)} not set; set all three of JAXDP_COORDINATOR "
+                             "(host:port of process 0), JAXDP_NUM_PROCESSES and JAXDP_PROCESS_ID, or "
+                             "JAXDP_DISTRIBUTED=auto on SLURM / Kubernetes / TPU pods")
+        if num < 1 or not 0 <= pid < num:
+            raise ValueError(f"JAXDP_PROCESS_ID={pid} must be in 0..{num - 1} (JAXDP_NUM_PROCESSES={num})")
+    try:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    except Exception:  # noqa: BLE001 -- an older/newer JAX without the option: its default applies
+        pass
+    if auto == "auto" and coord is None:
+        jax.distributed.initialize(heartbeat_timeout_seconds=heartbeat)
+    else:
+        jax.distributed.initialize(coordinator_address=coord[1], num_processes=num, process_id=pid,
+                                   heartbeat_timeout_seconds=heartbeat)
+    return jax.process_count() > 1
+
+
+def process_index() -> int:
+    """This process's id (0 on a single process)."""
+    return jax.process_index()
+
+
+def process_count() -> int:
+    """The number of processes in the job (1 without ``jax.distributed``)."""
+    return jax.process_count()
+
+
+def is_main_process() -> bool:
+    """True on process 0, the one that performs side effects (ledger, ``metrics.json``, checkpoints, logs).
+
+    Every process computes the same replicated update, accountant and metrics; only process 0 writes them so
+    that nothing is recorded twice (one ledger commit per run, one file per output)."""
+    return jax.process_index() == 0
+
+
+def _is_key(x: Any) -> bool:
+    return isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
+def replicate(tree: PyTree, mesh: Mesh | None = None) -> PyTree:
+    """Place ``tree`` replicated on every device of ``mesh`` (all processes' devices by default).
+
+    Each process passes its own, identical, copy (e.g. params initialised from the shared seed, or the
+    optimiser state holding the shared noise key). PRNG key leaves are placed through their key data (JAX
+    cannot place typed keys on devices of other processes directly). Leaves already so placed are kept."""
+    mesh = data_mesh() if mesh is None else mesh
+    repl = NamedSharding(mesh, P())
+
+    def put(x):
+        if isinstance(x, jax.Array) and x.sharding == repl:
+            return x
+        if _is_key(x):
+            return jax.random.wrap_key_data(jax.device_put(jax.random.key_data(x), repl),
+                                            impl=jax.random.key_impl(x))
+        return jax.device_put(x, repl)
+
+    return jax.tree_util.tree_map(put, tree)
+
+
+def host_local(tree: PyTree) -> PyTree:
+    """This process's view of global arrays: a replicated array becomes its local copy (on one local device),
+    a data-sharded array the concatenation of this process's rows (in order). Other leaves pass unchanged.
+
+    Use it to read per-example statistics (the rows of this process's shard) or to evaluate replicated params
+    locally without cross-process work."""
+    def local(x):
+        if not isinstance(x, jax.Array) or x.is_fully_addressable:
+            return x
+        if x.is_fully_replicated:
+            return x.addressable_data(0)
+        shards = sorted(x.addressable_shards, key=lambda s: tuple(i.start or 0 for i in s.index))
+        seen, parts = set(), []
+        for sh in shards:  # replicas of the same rows appear once
+            k = tuple((i.start, i.stop) for i in sh.index)
+            if k not in seen:
+                seen.add(k)
+                parts.append(np.asarray(sh.data))
+        return np.concatenate(parts, axis=0) if parts else np.zeros((0,) + x.shape[1:], x.dtype)
+
+    return jax.tree_util.tree_map(local, tree)
+
+
+def local_batch(indices: np.ndarray, mask: np.ndarray, load: Callable[[np.ndarray], PyTree],
+                mesh: Mesh | None = None) -> tuple[PyTree, np.ndarray]:
+    """This process's part of one global batch: ``(load(rows' indices), rows' mask)``.
+
+    ``(indices, mask)`` is the GLOBAL padded batch of one step (e.g. ``PoissonSampler.sample(t)``), the same on
+    every process because every process draws it from the same seed. It is laid out over all devices of all
+    processes with :func:`shard_batch` (real examples dealt out evenly, padding after them), and this process
+    keeps only the rows its devices hold (:func:`process_rows`): ``load`` is called with those indices only,
+    so no process loads (or needs) the examples of another process's shard. Padding rows load index 0 and
+    have mask False (they contribute exactly zero). With one process this is the whole batch laid out over
+    the local devices. Pass the result to :meth:`jaxdp.PrivateTraining.step` (or to :func:`global_batch`).
+    """
+    mesh = data_mesh() if mesh is None else mesh
+    _, n = _mesh_axis(mesh)
+    idx, msk = shard_batch(indices, mask, n)
+    rows = process_rows(idx.size, mesh)
+    return load(idx[rows]), msk[rows]
+
+
+def _digest(value: Any) -> np.ndarray:
+    import hashlib
+    import json
+    h = hashlib.sha256(json.dumps(value, sort_keys=True, default=repr).encode()).digest()
+    return np.frombuffer(h[:16], np.int32).copy()
+
+
+def all_equal(value: Any) -> bool:
+    """True when ``value`` (anything JSON-able, compared through a hash) is the same on every process.
+    A collective: every process must call it at the same point. Trivially True on one process."""
+    if jax.process_count() == 1:
+        return True
+    from jax.experimental import multihost_utils
+    mine = _digest(value)
+    every = np.asarray(multihost_utils.process_allgather(mine))
+    return bool(np.all(every == every[0]))
+
+
+def check_same_on_all_processes(value: Any, what: str) -> None:
+    """Raise ``ValueError`` (on every process) unless ``value`` is identical on all of them.
+
+    Used for what data parallelism relies on: the sampler seed (so every process draws the same global
+    batch), the noise key (so the replicated noise is one draw), and the mechanism's parameters."""
+    if not all_equal(value):
+        raise ValueError(f"process {jax.process_index()}: {what} differs between the {jax.process_count()} "
+                         "processes; every process must run the same config with the same seed")
+
+
+def any_process(flag: bool) -> bool:
+    """True on every process when ``flag`` is True on at least one (a collective; ``flag`` on one process)."""
+    if jax.process_count() == 1:
+        return bool(flag)
+    from jax.experimental import multihost_utils
+    every = np.asarray(multihost_utils.process_allgather(np.asarray([int(bool(flag))], np.int32)))
+    return bool(every.any())
+
+
+def process_sum(*values: float) -> tuple[float, ...]:
+    """Sum host scalars over all processes (a collective; the values themselves on one process)."""
+    if jax.process_count() == 1:
+        return tuple(float(v) for v in values)
+    from jax.experimental import multihost_utils
+    bits = np.asarray(values, np.float64).view(np.int32)  # gathered bit-exactly (no float64 on device needed)
+    every = np.asarray(multihost_utils.process_allgather(bits)).astype(np.int32).reshape(jax.process_count(), -1)
+    sums = every.copy().view(np.float64).sum(axis=0)
+    return tuple(float(v) for v in sums)
+
+
+def broadcast_from_main(value: Any) -> Any:
+    """Process 0's ``value`` (anything JSON-able) on every process: e.g. the run id process 0 settled.
+
+    A collective: every process must call it at the same point. On one process ``value`` is returned as is."""
+    if jax.process_count() == 1:
+        return value
+    import json
+    from jax.experimental import multihost_utils
+    data = np.frombuffer(json.dumps(value).encode(), np.uint8).astype(np.int32) if is_main_process() else None
+    size = int(np.asarray(multihost_utils.broadcast_one_to_all(
+        np.asarray([0 if data is None else data.size], np.int32)))[0])
+    buf = data if data is not None else np.zeros(size, np.int32)
+    got = np.asarray(multihost_utils.broadcast_one_to_all(buf)).astype(np.uint8)
+    return json.loads(got.tobytes().decode())
+
+
+class OtherProcessFailed(ValueError):
+    """Raised on every other process when a step that only process 0 performs (e.g. the ledger check) failed."""
+
+
+def on_main_process(fn: Callable[[], Any], what: str) -> Any:
+    """Run the side effect ``fn()`` on process 0 only, and make every process agree on its outcome.
+
+    Returns ``fn()``'s result on process 0 and None on the others. If it raises on process 0, process 0
+    re-raises it and every other process raises :class:`OtherProcessFailed`, so all stop together instead of
+    the others waiting in the next collective. A collective: every process must call it at the same point."""
+    err, out = None, None
+    if is_main_process():
+        try:
+            out = fn()
+        except BaseException as e:  # noqa: BLE001 -- re-raised below, after the others are told
+            err = e
+    if any_process(err is not None):
+        if err is not None:
+            raise err
+        raise OtherProcessFailed(f"process {jax.process_index()}: stopping because {what} failed on process 0 "
+                                 "(its error is in process 0's output)")
+    return out
+
+
 __all__ = ["DATA_AXIS", "data_mesh", "shard_batch", "ShardedSampler", "process_rows", "global_batch", "data_parallel_clipped_grad",
-           "private_update", "make_private_step", "local_device_count"]
+           "private_update", "make_private_step", "local_device_count", "initialize_from_env", "process_index",
+           "process_count", "is_main_process", "replicate", "host_local", "local_batch", "all_equal",
+           "check_same_on_all_processes", "any_process", "process_sum", "broadcast_from_main", "on_main_process",
+           "OtherProcessFailed"]

@@ -165,8 +165,20 @@ class PrivateTraining:
         self.max_steps = self._max_steps() if target_epsilon is not None else None
         # One step on one device or data-parallel over all local devices: each device clips and sums its
         # shard, the sums are psum-ed, and the noise is added ONCE to the global sum (jaxdp.distributed).
+        # Several processes (jax.distributed): the same, over every process's devices; each process passes
+        # only its rows of the global batch (see batches() / load_batch()).
         from jaxdp import distributed
-        self.num_devices = jax.local_device_count()
+        self.num_devices = jax.device_count()
+        self.num_processes = jax.process_count()
+        if self.num_processes > 1:
+            if secure_mode:
+                raise ValueError("secure_mode draws batches and noise from each process's own OS entropy, which "
+                                 "would differ between the processes; it is not supported with several processes")
+            distributed.check_same_on_all_processes(
+                [getattr(sampler, "seed", None), sampler.sampling, sampler.sample_rate, dataset_size,
+                 self.noise_multiplier, repr(max_grad_norm), self.expected_batch_size, method, mechanism,
+                 np.asarray(jax.random.key_data(key)).tolist()],
+                "the sampler seed, noise key or mechanism (sigma, C, q, N, E)")
         self._update = distributed.private_update(self.grad_fn, self.tx)
         self._opt_init = self.tx.init
         self.adaptive = None
@@ -304,14 +316,35 @@ class PrivateTraining:
         self._check_loss_shape(state.params, batch)
         if self._example_key is not None:  # stochastic layers: one key per example, from (seed, step, position)
             batch = ExampleKeyedBatch(batch, _example_keys(self._example_key, state.step, int(np.shape(mask)[0])))
-        if self.num_devices > 1:  # spread the real examples evenly over the devices (padding after them)
+        perm = None
+        if self.num_devices > 1 and self.num_processes == 1:  # spread the real examples evenly over the devices
             from jaxdp.distributed import shard_batch
             mask = np.asarray(mask)
-            perm, mask = shard_batch(np.arange(mask.shape[0]), mask, self.num_devices)
+            size = mask.shape[0]
+            perm, mask = shard_batch(np.arange(size), mask, self.num_devices)
             batch = jax.tree_util.tree_map(lambda x: x[perm], batch)
+        # several processes: batch and mask are this process's rows of the global layout (load_batch)
         params, opt_state, stats = self._update(state.params, state.opt_state, batch, mask)
+        if perm is not None:  # per-example stats back in the caller's batch order (padding rows: 0)
+            dest = jnp.asarray(np.where(mask, perm, size))
+            back = lambda a: jnp.zeros((size,) + a.shape[1:], a.dtype).at[dest].set(a, mode="drop")  # noqa: E731
+            stats = stats._replace(per_example_norms=back(stats.per_example_norms),
+                                   per_example_losses=back(stats.per_example_losses),
+                                   aux=jax.tree_util.tree_map(back, stats.aux))
         self._record_step()
         return TrainState(params, opt_state, state.step + 1), stats
+
+    def load_batch(self, indices: np.ndarray, mask: np.ndarray,
+                   load: Callable[[np.ndarray], PyTree]) -> tuple[PyTree, np.ndarray]:
+        """``(batch, mask)`` for :meth:`step` from the sampler's global ``(indices, mask)`` of one step.
+
+        One process: ``(load(indices), mask)``. Several processes: only this process's rows of the global
+        batch, laid out over all devices (:func:`jaxdp.distributed.local_batch`), so ``load`` is called with the
+        indices of this process's shard only."""
+        if self.num_processes > 1:
+            from jaxdp.distributed import local_batch
+            return local_batch(indices, mask, load)
+        return load(indices), mask
 
     def _check_loss_shape(self, params: PyTree, batch: PyTree) -> None:
         """Refuse a loss that does not return one loss per example, naming the batch's real size B (the check
@@ -342,13 +375,14 @@ class PrivateTraining:
         Epoch ``k`` ends at step ``sampler.steps_for_epochs(k)`` (``ceil(k / q)`` for Poisson sampling), the
         definition ``epochs=`` of :meth:`PrivacyEngine.make_private_with_epsilon` plans with: looping
         ``for epoch in range(E): for batch, mask in private.batches(data)`` takes exactly the planned steps.
+        With several processes each batch is this process's rows only (see :meth:`load_batch`).
         """
         self._check_data(data)
         steps = self.sampler.epoch_end(self.sampler.step) - self.sampler.step if steps is None else steps
         for _ in range(steps):
             idx, mask = self.sampler.sample(self.sampler.step)
             self.sampler.step += 1
-            yield jax.tree_util.tree_map(lambda x: x[idx], data), mask
+            yield self.load_batch(idx, mask, lambda i: jax.tree_util.tree_map(lambda x: x[i], data))
 
     def _check_data(self, data: PyTree) -> None:
         """Before the first batch of a data set: it holds ``dataset_size`` examples (the sampler draws from
@@ -598,6 +632,10 @@ class PrivacyEngine:
             import warnings
             warnings.warn(shortfall + " (training stops at the target: PrivacyBudgetExhausted).", stacklevel=2)
         if getattr(pure, "needs_example_keys", False):  # dropout: per-example keys, a stream of their own
+            if private.num_processes > 1:  # keys follow batch positions, which are per process with several
+                raise ValueError("a loss with stochastic layers (dropout: per-example keys) is not supported with "
+                                 "several processes yet; train it in one process (several local devices work) "
+                                 "or remove the dropout")
             import secrets
             private._example_key = (jax.random.key(secrets.randbits(63)) if self.secure_mode else
                                     jax.random.fold_in(jax.random.key(seed), _EXAMPLE_KEY_STREAM))

@@ -215,9 +215,16 @@ def main() -> dict:
         return optax.apply_updates(params, updates), opt_state
 
     ref_p, ref_o = state.params, state.opt_state
+    order_diff, shapes_ok = 0.0, True
     for batch, m in private.batches(dd, 3):
-        state, _ = private.step(state, batch, m)
+        expected = np.asarray(mlp_loss(state.params, batch))  # per-example losses in the caller's order
+        state, stats = private.step(state, batch, m)
+        got = np.asarray(stats.per_example_losses)
+        shapes_ok &= got.shape == m.shape
+        order_diff = max(order_diff, float(np.max(np.abs(got[m] - expected[m]))))
         ref_p, ref_o = reference(ref_p, ref_o, batch, m)
+    out["engine_stats_in_caller_order"] = order_diff
+    out["engine_stats_shape_matches_mask"] = bool(shapes_ok)
     out["engine_num_devices"] = private.num_devices
     out["engine_vs_single_device"] = maxdiff(state.params, ref_p)
     out["engine_param_change"] = maxdiff(state.params, init_params(jax.random.key(1)))

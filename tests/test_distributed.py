@@ -172,3 +172,5 @@ def test_privacy_engine_uses_all_devices_without_user_changes(multi):
     assert multi["engine_param_change"] > 1e-2
     assert multi["engine_vs_single_device"] < 1e-5
     assert multi["engine_steps_accounted"] == 3
+    # per-example stats come back in the order (and length) of the batch the caller passed, not the layout
+    assert multi["engine_stats_shape_matches_mask"] and multi["engine_stats_in_caller_order"] < 1e-5

@@ -15,6 +15,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 
 def _train(args) -> int:
+    from jaxdp.distributed import initialize_from_env
+    initialize_from_env()  # several processes when JAXDP_COORDINATOR etc. are set (see docs/distributed.md)
     from jaxdp.train import DPTrainer
     from jaxdp.train.lifecycle import interrupted_message
     trainer = None
@@ -25,6 +27,8 @@ def _train(args) -> int:
     except KeyboardInterrupt:
         print("\n" + interrupted_message(trainer), file=sys.stderr)
         return 130
+    if not trainer.main:  # several processes: process 0 reports
+        return 0
     if args.json:
         print(json.dumps({k: v for k, v in summary.items() if k != "epochs"}))
     else:

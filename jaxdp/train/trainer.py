@@ -21,6 +21,7 @@ import optax
 from flax import nnx
 
 from jaxdp import data as data_lib
+from jaxdp import distributed
 from jaxdp import models
 from jaxdp.engine import PrivacyBudgetExhausted, PrivacyEngine, TrainState
 from jaxdp.sampling import PoissonSampler, ShuffleSampler
@@ -118,7 +119,8 @@ class DPTrainer:
         self.out_dir = cfg["output"]["dir"]
         if os.path.exists(self.out_dir) and not os.path.isdir(self.out_dir):
             raise ValueError(f"output directory {self.out_dir} is a file; give --out (or output.dir) a directory")
-        self.log = log
+        self.main = distributed.is_main_process()  # several processes: only process 0 logs and writes
+        self.log = log and self.main
         self.resume = resume
         t, dp = cfg["training"], cfg["training"]["dp"]
         self.dp = bool(dp["enabled"])
@@ -129,6 +131,8 @@ class DPTrainer:
             raise ValueError(f"config key 'training.batch_size' ({t['batch_size']:g}) is larger than the training "
                              f"set ({self.n} examples in {cfg['data']['name']}); choose a batch_size below {self.n}")
         self.seed, self.seed_source = _seed(cfg, self.out_dir, resume)
+        # several processes: all use process 0's seed (a seed drawn from the OS differs per process)
+        self.seed, self.seed_source = distributed.broadcast_from_main([self.seed, self.seed_source])
         self.epochs = t["epochs"]
         self.model_name = model_label(cfg)
         if cfg["model"]["module"] is not None:
@@ -228,6 +232,12 @@ class DPTrainer:
 
         self._correct = correct
 
+    def _load_batch(self, idx: np.ndarray, mask: np.ndarray) -> tuple[dict, np.ndarray]:
+        """The step's batch: with several processes, only this process's rows of the global batch."""
+        def load(i):
+            return {"x": self._x_train[i], "y": self._y_train[i]}
+        return self.private.load_batch(idx, mask, load) if self.dp else (load(idx), mask)
+
     def _clipping(self) -> dict:
         """``max_grad_norm`` (a number, or the per-layer tree of ``training.dp.per_layer``) and
         ``adaptive_clipping`` for the engine; bad group names are config errors that list the model's groups."""
@@ -262,7 +272,7 @@ class DPTrainer:
 
     # -- evaluation ----------------------------------------------------------------------------------------
     def evaluate(self, params=None, split: str = "test") -> float:
-        params = self.state.params if params is None else params
+        params = distributed.host_local(self.state.params if params is None else params)  # local copy
         x = self.dataset.x_test if split == "test" else self.dataset.x_train
         y = self.dataset.y_test if split == "test" else self.dataset.y_train
         chunk, right = 512, 0
@@ -308,18 +318,24 @@ class DPTrainer:
                 "accountant": self.engine.accountant.to_dict() if self.dp else None}
         if self.seed_source == "os":
             meta["drawn_seed"] = self.seed  # needed to resume identically; private like the checkpoint itself
-        checkpoint.save(os.path.join(self.out_dir, "checkpoint"), self.state, meta, step=step)
-        lifecycle.fault_point("after_checkpoint")
-        lifecycle.note_checkpoint(self, step)
+        if self.main:  # the state is replicated: process 0's copy is everyone's
+            checkpoint.save(os.path.join(self.out_dir, "checkpoint"), self.state, meta, step=step)
+            lifecycle.fault_point("after_checkpoint")
+            lifecycle.note_checkpoint(self, step)
 
     def _restore(self) -> bool:
         """Load the newest checkpoint (integrity-checked, then cross-checked: train state, sampler and
         accountant must agree on the step). ``self._ckpt_meta`` keeps its metadata."""
         self._ckpt_meta = None
         ckpt = os.path.join(self.out_dir, "checkpoint")
-        if not (self.resume and checkpoint.exists(ckpt)):
+        loaded = checkpoint.load(ckpt, self.state) if self.resume and checkpoint.exists(ckpt) else None
+        if distributed.process_count() > 1:  # all resume from the same checkpoint (output.dir must be shared)
+            distributed.check_same_on_all_processes(
+                loaded and [loaded[1]["sampler"], loaded[1]["metrics"]],
+                f"the checkpoint in {ckpt} (is output.dir on a filesystem every process sees?)")
+        if loaded is None:
             return False
-        state, meta = checkpoint.load(ckpt, self.state)
+        state, meta = loaded
         if meta.get("config_hash") != self.config_hash:
             raise ValueError(f"{self.out_dir} holds a checkpoint of a different config; use another output.dir, "
                              "or --fresh to move the old files aside")
@@ -382,8 +398,9 @@ class DPTrainer:
     def _write_outputs(self) -> dict:
         import yaml
         os.makedirs(self.out_dir, exist_ok=True)
-        with open(os.path.join(self.out_dir, "config.yaml"), "w") as f:
-            yaml.safe_dump(self.cfg, f, sort_keys=False)
+        if self.main:
+            with open(os.path.join(self.out_dir, "config.yaml"), "w") as f:
+                yaml.safe_dump(self.cfg, f, sort_keys=False)
         eps, delta = self.get_privacy_spent()
         t = self.cfg["training"]
         summary = {
@@ -405,10 +422,11 @@ class DPTrainer:
             "final_test_accuracy": self.metrics[-1]["test_accuracy"] if self.metrics else None,
             "epochs": self.metrics,
         }
-        tmp = os.path.join(self.out_dir, ".metrics.json.tmp")
-        with open(tmp, "w") as f:
-            json.dump(summary, f, indent=1)
-        os.replace(tmp, os.path.join(self.out_dir, "metrics.json"))
+        if self.main:
+            tmp = os.path.join(self.out_dir, ".metrics.json.tmp")
+            with open(tmp, "w") as f:
+                json.dump(summary, f, indent=1)
+            os.replace(tmp, os.path.join(self.out_dir, "metrics.json"))
         return summary
 
     def _clip_warnings(self) -> None:
@@ -433,22 +451,29 @@ class DPTrainer:
 
         ``max_epochs`` stops after that many epochs in this call (checkpointed), e.g. to resume later.
         """
+        # Several processes: process 0 alone moves files, writes run.json and talks to the ledger; each of
+        # these steps is a collective, so the others wait for it (and stop with it if it fails).
         if not self.resume:
-            moved = lifecycle.move_aside(self.out_dir)
+            moved = distributed.on_main_process(lambda: lifecycle.move_aside(self.out_dir),
+                                                "moving the previous run's files aside")
             if moved and self.log:
                 print(f"--fresh: the previous run's files were moved to {moved}")
         out_existed = os.path.isdir(self.out_dir)
         resumed = self._restore()
-        lifecycle.resolve_identity(self, resumed, self._ckpt_meta, fresh=not self.resume)
+        distributed.on_main_process(
+            lambda: lifecycle.resolve_identity(self, resumed, self._ckpt_meta, fresh=not self.resume),
+            "the run directory check")
+        self.run_id = distributed.broadcast_from_main(self.run_id)  # process 0's run id (run.json) everywhere
         self.resume = True  # from here on (e.g. a second train() call) this directory's checkpoint is ours
         complete = self._complete()
         self.trained_steps = 0  # steps taken by this call (0: a finished run was only re-reported)
         self._telemetry_start()
         try:
             try:
-                self._ledger_open(complete)  # reconcile with the ledger before anything else
+                # reconcile with the ledger before anything else
+                distributed.on_main_process(lambda: self._ledger_open(complete), "the privacy ledger check")
             except Exception:
-                if not out_existed:   # a refused new run leaves no run directory behind (only its run.json)
+                if not out_existed and self.main:  # a refused new run leaves no run directory behind (only its run.json)
                     _remove_new_run_dir(self.out_dir)
                 raise
             if complete:
@@ -465,8 +490,8 @@ class DPTrainer:
         """Start the run's telemetry (if configured). Telemetry never stops a run: a port in use or a missing
         prometheus-client is reported in one warning line and training goes on without it."""
         out = self.cfg["output"]
-        if self.telemetry is not None or (out["telemetry_port"] is None and not out["pushgateway"]):
-            return
+        if not self.main or self.telemetry is not None or (out["telemetry_port"] is None and not out["pushgateway"]):
+            return  # several processes: process 0 alone exports
         try:
             from jaxdp.telemetry import DPMetrics
             self.telemetry = DPMetrics(self.model_name, self.dataset.name, self.run_id,
@@ -491,7 +516,7 @@ class DPTrainer:
         n_epochs = math.ceil(self.epochs)
         ends = [min(self.sampler.steps_for_epochs(k), self.total_steps) for k in range(1, n_epochs + 1)]
         ends[-1] = self.total_steps
-        progress = _Progress(self.cfg["output"]["progress"], self.total_steps)
+        progress = _Progress(self.cfg["output"]["progress"] and self.main, self.total_steps)
         target = self.cfg["training"]["dp"]["epsilon"] if self.dp else None
         epochs_run = 0
         if self.log and resumed:
@@ -505,13 +530,14 @@ class DPTrainer:
                 steps_this_epoch = ends[epoch - 1] - int(self.state.step)
                 for _ in range(steps_this_epoch):
                     idx, mask = self.sampler.sample(self.sampler.step)
-                    batch = {"x": self._x_train[idx], "y": self._y_train[idx]}
+                    batch, mask = self._load_batch(idx, mask)
                     try:
                         new_state, stats = self._step(self.state, batch, jnp.asarray(mask))
                     except PrivacyBudgetExhausted as e:
                         self.status = "budget_exhausted"
                         progress.close()
-                        print(f"jaxdp: {e}", file=sys.stderr)
+                        if self.main:
+                            print(f"jaxdp: {e}", file=sys.stderr)
                         raise _Stop() from None
                     self.state = new_state
                     self.sampler.step += 1
@@ -525,6 +551,7 @@ class DPTrainer:
                         for k, v in stats.group_clip_fraction.items():
                             group_fracs.setdefault(k, []).append(float(v))
                     progress.update(int(self.state.step), epoch, n_epochs, None, target, None)
+                loss_sum, n_real = distributed.process_sum(loss_sum, n_real)  # over all processes' rows
                 acc = self.evaluate()
                 eps, _ = self.get_privacy_spent()
                 row = {"epoch": epoch, "step": int(self.state.step), "train_loss": loss_sum / max(n_real, 1.0),
@@ -566,7 +593,7 @@ class DPTrainer:
         self.trained_steps = int(self.state.step) - step_at_start
         if self.status in ("finished", "budget_exhausted"):
             lifecycle.fault_point("before_commit")
-            self._ledger_commit()
+            distributed.on_main_process(self._ledger_commit, "the privacy ledger commit")
         return self._write_outputs()
 
 
