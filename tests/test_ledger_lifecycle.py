@@ -234,10 +234,10 @@ def test_cli_bad_inputs_are_one_line_exit_2(tmp_path, capsys, extra):
     from jaxdp.cli import main
     path = str(tmp_path / "l.db")
     Ledger.init(path).register_dataset("d", 3.0, DELTA, accountant="rdp")
-    assert main(["ledger", "reserve", "--ledger", path, "--dataset", "d", "--run-id", "r", *extra]) == 2
+    assert main(["ledger", "reserve", "--ledger", path, "--dataset-id", "d", "--run-id", "r", *extra]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("jaxdp ledger reserve:"), err
-    assert main(["ledger", "reserve", "--ledger", path, "--dataset", "d", "--run-id", "x\n    forged  committed",
+    assert main(["ledger", "reserve", "--ledger", path, "--dataset-id", "d", "--run-id", "x\n    forged  committed",
                  "--steps", "1", "--sample-rate", "0.01", "--noise-multiplier", "1.1"]) == 2
 
 
