@@ -314,7 +314,8 @@ def test_relation_of_an_old_record_comes_from_its_config_never_a_default(tmp_pat
 
 
 def test_shuffle_run_card_and_html_report(tmp_path):
-    cfg = tiny_config(tmp_path / "run", epochs=1, noise_multiplier=1.0, neighboring_relation="replace_one")
+    cfg = tiny_config(tmp_path / "run", epochs=1, noise_multiplier=1.0, epsilon=50.0,  # a plan that finishes
+                      neighboring_relation="replace_one")
     cfg["training"]["sampling"] = "shuffle"
     m = DPTrainer(cfg, log=False).train()
     assert m["sampling"] == "shuffle" and m["neighboring_relation"] == "replace_one"
