@@ -12,6 +12,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from jaxdp.audit.plot import plot_roc  # noqa: F401  (the one ROC plot; re-exported for the report)
 from jaxdp.train.summary import RunSummary
 
 
@@ -156,22 +157,6 @@ def plot_accuracy_vs_epsilon(sweep: Mapping[str, Any], path: str | os.PathLike |
     ax.set_title(f"Accuracy against privacy (δ={sweep.get('delta', 0):g})", fontsize=10)
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7, loc="lower right")
-    return _finish(fig, path)
-
-
-def plot_roc(roc: Mapping[str, Mapping[str, Sequence[float]]], path: str | os.PathLike | None = None,
-             aucs: Mapping[str, float] | None = None, title: str = "Membership inference ROC") -> bytes:
-    """Log-log ROC curves (TPR against FPR, 1e-4..1) of the audit's attacks; the diagonal is a random guess."""
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(4.6, 4.2), dpi=110)
-    lo = 1e-4
-    for name, r in roc.items():
-        fpr = np.clip(np.asarray(r["fpr"], float), lo, 1)
-        tpr = np.clip(np.asarray(r["tpr"], float), lo, 1)
-        auc = (aucs or {}).get(name)
-        ax.plot(fpr, tpr, label=name + (f" (AUC {auc:.3f})" if auc is not None else ""))
-    from jaxdp.audit.plot import style_roc_axes
-    style_roc_axes(ax, title, lo, fontsize=10)
     return _finish(fig, path)
 
 

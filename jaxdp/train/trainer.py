@@ -33,6 +33,10 @@ CLIP_HIGH, CLIP_LOW = 0.9, 0.01  # warn when more than 90% / fewer than 1% of ex
 
 
 def _optimizer(cfg: dict, total_steps: int = 1) -> optax.GradientTransformation:
+    """Deprecated alias: ``jaxdp.train.components.build_optimizer(cfg["optimizer"], total_steps)``."""
+    warnings.warn("jaxdp.train.trainer._optimizer is deprecated: use "
+                  "jaxdp.train.components.build_optimizer(cfg['optimizer'], total_steps)", DeprecationWarning,
+                  stacklevel=2)
     from jaxdp.train.components import build_optimizer
     return build_optimizer(cfg["optimizer"], total_steps)
 
@@ -168,7 +172,8 @@ class DPTrainer:
         t, dp = self.cfg["training"], self.cfg["training"]["dp"]
         planned = (PoissonSampler(self.n, t["batch_size"] / self.n, 0) if t["sampling"] == "poisson" else
                    ShuffleSampler(self.n, int(round(t["batch_size"])), 0)).steps_for_epochs(self.epochs)
-        optimizer = _optimizer(self.cfg, planned)  # a schedule's "total_steps" is the planned number of steps
+        from jaxdp.train.components import build_optimizer
+        optimizer = build_optimizer(self.cfg["optimizer"], planned)  # a schedule's "total_steps": the planned steps
         if self.dp:
             from jaxdp import _checks   # refuse delta >= 1/N in the config's own terms (the engine re-checks)
             _checks.delta_for_dataset(self.delta, self.n, allow_large_delta=dp["allow_large_delta"],
