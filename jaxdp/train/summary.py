@@ -263,10 +263,11 @@ class RunSummary:
         return out
 
     def write(self, out_dir: str | os.PathLike) -> str:
-        """Write ``out_dir/metrics.json`` atomically (a reader sees the old record or the new one); its path."""
+        """Write ``out_dir/metrics.json`` atomically (a reader sees the old record or the new one), in the current
+        format (``format_version``); returns its path."""
         from jaxdp._io import atomic_write
         path = os.path.join(os.fspath(out_dir), FILE)
-        atomic_write(path, json.dumps(self.to_dict(), indent=1))
+        atomic_write(path, json.dumps(dict(self.to_dict(), format_version=FORMAT_VERSION), indent=1))
         return path
 
     # -- derived -------------------------------------------------------------------------------------------
