@@ -20,8 +20,6 @@ import json
 import math
 import os
 import sys
-from typing import Any
-
 import numpy as np
 
 from jaxdp.audit.config import ATTACKS, load_audit_config, validate_audit_config

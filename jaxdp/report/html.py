@@ -98,8 +98,8 @@ _CARD_ROWS = ("epsilon", "delta", "accountant", "neighboring_relation", "noise_m
               "library_version", "config_hash")
 
 
-def render_html(card: Mapping[str, Any], metrics: RunSummary | Mapping[str, Any], audit: Mapping[str, Any] | None = None,
-                sweep: Mapping[str, Any] | None = None) -> str:
+def render_html(card: Mapping[str, Any], metrics: RunSummary | Mapping[str, Any],
+                audit: Mapping[str, Any] | None = None, sweep: Mapping[str, Any] | None = None) -> str:
     """The report as one self-contained HTML string (``card`` is the ``model_privacy`` section)."""
     import yaml
     e = _html.escape
@@ -141,7 +141,8 @@ def render_html(card: Mapping[str, Any], metrics: RunSummary | Mapping[str, Any]
     return "\n".join(out)
 
 
-def render_markdown(card: Mapping[str, Any], metrics: RunSummary | Mapping[str, Any], audit: Mapping[str, Any] | None = None,
+def render_markdown(card: Mapping[str, Any], metrics: RunSummary | Mapping[str, Any],
+                    audit: Mapping[str, Any] | None = None,
                     sweep: Mapping[str, Any] | None = None, *, image_dir: str | None = None,
                     base_dir: str | os.PathLike = ".") -> str:
     """The report as Markdown.

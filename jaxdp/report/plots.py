@@ -8,7 +8,7 @@ from __future__ import annotations
 import io
 import math
 import os
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 import numpy as np
 

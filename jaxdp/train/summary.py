@@ -22,10 +22,11 @@ Example:
   True
   >>> RunSummary.from_dict({"dp": True, "epsilon": 1.5}).neighboring_relation is None   # not recorded
   True
-  >>> RunSummary.from_dict({"delta": -1.0}, source="m.json")
-  Traceback (most recent call last):
-  ...
-  jaxdp.train.summary.RunSummaryError: m.json: field 'delta' must be a number in [0, 1) or null, got -1.0 (the run record is damaged; re-run `jaxdp train` with --fresh, or restore the file)
+  >>> try:
+  ...     RunSummary.from_dict({"delta": -1.0}, source="m.json")
+  ... except RunSummaryError as e:
+  ...     print(str(e).split(" (")[0])
+  m.json: field 'delta' must be a number in [0, 1) or null, got -1.0
 """
 from __future__ import annotations
 
