@@ -245,3 +245,18 @@ def test_the_audit_reads_a_runs_record_typed(tmp_path):
     assert isinstance(record, RunSummary) and record == RunSummary.read(V0) and raw["training"]["seed"] == 7
     os.remove(d / "metrics.json")
     assert _run_dir_config(str(d))[1] is None   # an interrupted run without a record: the config alone
+
+
+def test_the_shipped_audit_configs_keep_their_recipes():
+    """jaxdp/configs/audit_*.yaml, moved to the trainer's schema, describe the same recipes as before."""
+    from jaxdp.audit.cli import recipe_from_config
+    from jaxdp.audit.config import load_audit_config
+    here = os.path.join(os.path.dirname(__file__), "..", "jaxdp", "configs")
+    want = {"audit_broken_noise": (100, 0.0, True, "one_run"), "audit_broken_clipping": (100, None, False, "one_run"),
+            "audit_digits_lira": (300, 0.0, True, "lira")}
+    for name, (steps, sigma, clip, attack) in want.items():
+        sc, _, _, info = recipe_from_config(load_audit_config(os.path.join(here, name + ".yaml")), attack)
+        assert sc.steps == steps and sc.clip is clip, name
+        assert sigma is None or sc.noise_multiplier == sigma, name
+        assert info["claimed_epsilon"] == (1.0 if sc.dp else math.inf), name
+    assert sc.optimizer == "adam" and sc.sample_rate == 1.0 and sc.hidden == (128,)
