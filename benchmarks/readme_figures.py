@@ -218,12 +218,12 @@ def main() -> None:
     for section, fn in (("lira", lira), ("lm", lm)):
         if section in args.only:
             rows = []
-            for seed in args.seeds:
+            for seed in args.seeds:      # the JSON is rewritten after every seed: a long run keeps what it did
                 rows.append(fn(seed))
-                print(json.dumps(rows[-1])[:400], flush=True)
-            _write(JSON[section], {"section": section, "seeds": args.seeds, "runs": rows,
-                                   "command": f"python benchmarks/readme_figures.py --only {section} "
-                                              f"--seeds {' '.join(map(str, args.seeds))}"})
+                print(json.dumps(rows[-1]), flush=True)
+                _write(JSON[section], {"section": section, "seeds": [r["seed"] for r in rows], "runs": rows,
+                                       "command": f"python benchmarks/readme_figures.py --only {section} "
+                                                  f"--seeds {' '.join(map(str, args.seeds))}"})
     for name, text in readme_snippets().items():
         print(f"== {name}\n{text}")
 
