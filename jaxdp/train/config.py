@@ -283,8 +283,23 @@ def validate_config(raw: dict, *, sections: Mapping[str, Callable[[Any], dict]] 
 
 
 def model_label(cfg: dict) -> str:
-    """How the config's model is named in metrics, ledgers and model cards: the built-in name or the module."""
-    return cfg["model"]["module"] or cfg["model"]["name"]
+    """How the config's model is named in metrics, ledgers and model cards: the built-in name or the module.
+
+    A module given by file is named by the file's name (``mymodel.py:Net``), never by its absolute path: the
+    label is published in model cards and must not depend on (or reveal) where the checkout lives.
+
+    >>> model_label({"model": {"module": "/home/me/proj/mymodel.py:Net", "name": "cnn_small"}})
+    'mymodel.py:Net'
+    >>> model_label({"model": {"module": None, "name": "mlp"}})
+    'mlp'
+    """
+    module = cfg["model"]["module"]
+    if not module:
+        return cfg["model"]["name"]
+    file, sep, cls = str(module).rpartition(":")
+    if sep and file.endswith(".py"):
+        return f"{os.path.basename(file)}:{cls}"
+    return str(module)
 
 
 def read_yaml(path: str | os.PathLike) -> Any:
