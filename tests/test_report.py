@@ -15,29 +15,18 @@ from jaxdp.report.modelcard import format_epsilon
 from jaxdp.report import plots
 from jaxdp.train import DPTrainer
 
+from tiny import tiny_config
+
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-
-
-def tiny_config(out, epochs=2, **dp):
-    return {
-        "model": {"name": "logreg"},
-        "data": {"name": "digits"},
-        "optimizer": {"name": "sgd", "learning_rate": 2.0},
-        "training": {"epochs": epochs, "batch_size": 256, "seed": 7, "accountant": "rdp",
-                     "dp": dict({"enabled": True, "epsilon": 2.0, "delta": 1e-5, "max_grad_norm": 1.0,
-                                 "noise_multiplier": None}, **dp)},
-        "output": {"dir": str(out), "progress": False},
-    }
 
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*examples were clipped")
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("report") / "run"
-    DPTrainer(tiny_config(d), log=False).train()
-    return str(d)
+def run_dir(tiny_private_run):
+    """The session's shared private run, tiny_config(dir) trained once (tests/tiny.py); copy it to change it."""
+    return tiny_private_run.run_dir
 
 
 @pytest.fixture(scope="module")
