@@ -196,6 +196,25 @@ def clipped_grad(
       ``sum_i mask_i * clip(g_i)`` (zeros on frozen leaves), ``stats`` is a :class:`ClipStats`.
       ``grad_fn`` is a pure function and can be wrapped in ``jax.jit``.
 
+    Example: squared error of a linear model on two examples. Example 0's gradient ``(42, 56)`` has norm 70
+    and is scaled down to norm ``C = 1``; example 1's ``(0.02, 0)`` is below ``C`` and kept as it is:
+
+    >>> import jax
+    >>> import jax.numpy as jnp
+    >>> import jaxdp
+    >>> def loss_fn(params, batch):                  # one loss per example, not reduced
+    ...     return (batch["x"] @ params["w"] - batch["y"]) ** 2
+    >>> params = {"w": jnp.ones(2)}
+    >>> batch = {"x": jnp.array([[3.0, 4.0], [0.1, 0.0]]), "y": jnp.zeros(2)}
+    >>> grad_fn = jax.jit(jaxdp.clipped_grad(loss_fn, l2_clip_norm=1.0))
+    >>> summed, stats = grad_fn(params, batch)
+    >>> [round(float(v), 4) for v in stats.per_example_norms]      # before clipping
+    [70.0, 0.02]
+    >>> [round(float(v), 4) for v in summed["w"]]                  # (0.6, 0.8) + (0.02, 0)
+    [0.62, 0.8]
+    >>> float(stats.clip_fraction)
+    0.5
+
     Raises:
       TypeError: ``loss_fn`` is not callable.
       ValueError: a clip norm is not positive, ``method`` names no registered backend, or ``microbatch_size``

@@ -85,6 +85,7 @@ def test_load_hf_safetensors_maps_every_name(tmp_path):
         load_pretrained(tmp_path)
 
 
+@pytest.mark.parity   # against Hugging Face transformers (PyTorch): with `make test-parity`, and in the default run
 def test_matches_huggingface_gpt2_logits(tmp_path):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
