@@ -12,6 +12,7 @@ import html as _html
 import os
 from typing import Any, Mapping
 
+from jaxdp._io import atomic_write
 from jaxdp.report import plots
 
 _CSS = """
@@ -157,7 +158,7 @@ def render_markdown(card: Mapping[str, Any], metrics: Mapping[str, Any], audit: 
         else:
             slug = "".join(c if c.isalnum() else "-" for c in title.lower()).strip("-")
             name = f"{i:02d}-{slug}.png"
-            _atomic_write_bytes(os.path.join(base_dir, image_dir, name), png)
+            atomic_write(os.path.join(base_dir, image_dir, name), png)
             link = f"{image_dir}/{name}"
         lines += ["", f"## {title}", "", f"![{title}]({link})", "", f"*{caption}*"]
     lines += ["", "## Per-epoch metrics", "", "| epoch | step | train loss | test accuracy | ε | clip fraction |",
@@ -168,26 +169,9 @@ def render_markdown(card: Mapping[str, Any], metrics: Mapping[str, Any], audit: 
     return "\n".join(lines) + "\n"
 
 
-def _atomic_write_bytes(path: str, data: bytes) -> None:
-    import tempfile
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".jaxdp.", suffix=".tmp", dir=d)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def write_text(path: str | os.PathLike, text: str) -> None:
     """Write ``text`` atomically (temporary file in the same directory, then rename)."""
-    from jaxdp.report.modelcard import _atomic_write
-    _atomic_write(path, text)
+    atomic_write(path, text)
 
 
 __all__ = ["collect_figures", "render_html", "render_markdown", "write_text"]

@@ -16,8 +16,9 @@ import json
 import math
 import os
 import re
-import tempfile
 from typing import Any, Mapping
+
+from jaxdp._io import atomic_write
 
 SECTION = "model_privacy"
 AUDIT_FILES = ("audit_lira.json", "audit_loss_threshold.json")  # preferred first: LiRA is the stronger attack
@@ -344,28 +345,6 @@ def build_model_privacy(run_dir: str | os.PathLike, *, audit: str | os.PathLike 
 
 
 # -- writing ---------------------------------------------------------------------------------------------------
-def _atomic_write(path: str | os.PathLike, text: str) -> None:
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".jaxdp.", suffix=".tmp", dir=d)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        if os.path.exists(path):
-            os.chmod(tmp, os.stat(path).st_mode & 0o7777)
-        else:  # mkstemp makes 0600 files; give a new file the usual permissions
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 _MARKDOWN = (".md", ".markdown")
 
 
@@ -474,7 +453,7 @@ def write_model_card(path: str | os.PathLike, section: Mapping[str, Any]) -> dic
         warnings.warn(f"{path}: could not replace {SECTION} line by line; the card is rewritten from its parsed "
                       "content (its comments and formatting are lost)", stacklevel=2)
         new_yaml = yaml.safe_dump(card, sort_keys=False, allow_unicode=True, width=100)
-    _atomic_write(path, "---\n" + new_yaml + rest if markdown else new_yaml)
+    atomic_write(path, "---\n" + new_yaml + rest if markdown else new_yaml)
     return card
 
 

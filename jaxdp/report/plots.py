@@ -12,6 +12,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from jaxdp._io import atomic_write
+
 
 def _plt():
     try:
@@ -31,8 +33,7 @@ def _finish(fig, path: str | os.PathLike | None) -> bytes:
     plt.close(fig)
     data = buf.getvalue()
     if path is not None:
-        with open(path, "wb") as f:
-            f.write(data)
+        atomic_write(path, data)
     return data
 
 

@@ -11,6 +11,8 @@ import json
 import os
 from typing import Any, Sequence
 
+from jaxdp._io import atomic_write
+
 SUMMARY_KEYS = ("run_id", "status", "epsilon", "delta", "target_epsilon", "noise_multiplier", "max_grad_norm",
                 "sample_rate", "steps", "accountant", "final_test_accuracy")
 
@@ -68,10 +70,7 @@ def run_sweep(config: dict | str | os.PathLike, epsilons: Sequence[float], out_d
         except ImportError as e:  # pragma: no cover - without the plots extra
             result["plot"] = None
             result["plot_error"] = str(e)
-    tmp = os.path.join(out, ".sweep.json.tmp")
-    with open(tmp, "w") as f:
-        json.dump(result, f, indent=1)
-    os.replace(tmp, os.path.join(out, "sweep.json"))
+    atomic_write(os.path.join(out, "sweep.json"), json.dumps(result, indent=1))
     result["json_path"] = os.path.join(out, "sweep.json")
     return result
 

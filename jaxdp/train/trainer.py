@@ -20,6 +20,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from jaxdp._io import atomic_write
 from jaxdp import data as data_lib
 from jaxdp import distributed
 from jaxdp import models
@@ -423,10 +424,7 @@ class DPTrainer:
             "epochs": self.metrics,
         }
         if self.main:
-            tmp = os.path.join(self.out_dir, ".metrics.json.tmp")
-            with open(tmp, "w") as f:
-                json.dump(summary, f, indent=1)
-            os.replace(tmp, os.path.join(self.out_dir, "metrics.json"))
+            atomic_write(os.path.join(self.out_dir, "metrics.json"), json.dumps(summary, indent=1))
         return summary
 
     def _clip_warnings(self) -> None:
@@ -624,8 +622,7 @@ def compare(config: dict | str, out_dir: str | None = None, progress: bool | Non
                "accuracy_difference": base_acc - dp_acc, "epsilon": results["dp"]["epsilon"],
                "delta": results["dp"]["delta"], "noise_multiplier": results["dp"]["noise_multiplier"],
                "dp_dir": os.path.join(base, "dp"), "non_private_dir": os.path.join(base, "non_private")}
-    with open(os.path.join(base, "comparison.json"), "w") as f:
-        json.dump(summary, f, indent=1)
+    atomic_write(os.path.join(base, "comparison.json"), json.dumps(summary, indent=1))
     return summary
 
 
