@@ -226,9 +226,9 @@ def _events_from_args(args) -> list[dict]:
 
 def _fmt_eps(x) -> str:
     """An epsilon as text; ledger summaries carry infinity as "inf" and an undefined value (NaN) as None."""
-    if x is None:
+    x = math.nan if x is None else float(x)
+    if math.isnan(x):
         return "undefined"
-    x = float(x)
     return f"{x:.4f}" if math.isfinite(x) else ("inf" if x > 0 else "-inf")
 
 
