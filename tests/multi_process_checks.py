@@ -157,7 +157,8 @@ def main() -> None:
     mode, out_dir = sys.argv[1], sys.argv[2]
     t0 = time.time()
     out = {"mode": mode, "process_index": jax.process_index(), "process_count": jax.process_count(),
-           "device_count": jax.device_count(), "local_device_count": jax.local_device_count()}
+           "device_count": jax.device_count(), "local_device_count": jax.local_device_count(),
+           "jaxdp_device_counts": [dist.local_device_count(), dist.device_count()]}
     if mode in ("train", "kill"):
         train(out, kill=mode == "kill")
         # what DPTrainer uses to give every process the run id process 0 settled (run.json, --fresh)
