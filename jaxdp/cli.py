@@ -88,12 +88,12 @@ def main(argv: list[str] | None = None) -> int:
         return _stdout_gone()
     except (Exception, KeyboardInterrupt) as e:
         try:
-            status = _cli.fail(command, e, getattr(args, "json", False))
+            code = _cli.fail(command, e, getattr(args, "json", False))
         except BrokenPipeError:
             return _stdout_gone()
-        if status is None:
+        if code is None:
             raise  # a bug in jaxdp: keep the traceback
-        return status
+        return code
 
 
 if __name__ == "__main__":
