@@ -12,13 +12,15 @@ import os
 from typing import Any, Sequence
 
 from jaxdp._io import atomic_write
+from jaxdp.train.summary import RunSummary
 
 SUMMARY_KEYS = ("run_id", "status", "epsilon", "delta", "target_epsilon", "noise_multiplier", "max_grad_norm",
                 "sample_rate", "steps", "accountant", "final_test_accuracy")
 
 
 def _row(summary: dict, run_dir: str) -> dict:
-    row = {k: summary.get(k) for k in SUMMARY_KEYS}
+    record = RunSummary.coerce(summary)   # the trainer's result: the run's record (metrics.json)
+    row = {k: getattr(record, k) for k in SUMMARY_KEYS}
     row["run_dir"] = run_dir
     return row
 
