@@ -241,8 +241,8 @@ def guarantee_sentence(mp: Mapping[str, Any]) -> str:
                f"{mp.get('bands')} groups at rate p={_g(mp['sample_rate'])}")
     else:
         how = f"{sampling} sampling rate q={_g(mp['sample_rate'])}"
-    relation = {"add_remove": "add/remove-one", "replace_one": "replace-one"}.get(
-        mp.get("neighboring_relation"), "an unrecorded")
+    from jaxdp.accounting.event import RELATION_LABELS
+    relation = RELATION_LABELS.get(mp.get("neighboring_relation"), "an unrecorded")
     acc = str(mp.get("accountant") or "unrecorded").upper()
     name = "BandMF" if sampling == "cyclic_poisson" else "DP-SGD"
     return (f"Trained with {name} ({how}, noise multiplier σ={_g(mp['noise_multiplier'])}, "

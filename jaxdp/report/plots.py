@@ -36,20 +36,17 @@ def _finish(fig, path: str | os.PathLike | None) -> bytes:
     return data
 
 
-def _event(m: Mapping[str, Any], steps: int) -> dict:
-    """The dp-accounting event of ``steps`` steps of the run's mechanism (as the engine records it)."""
-    if m.get("sampling") == "shuffle":
-        return {"sampling": "shuffle", "noise_multiplier": m["noise_multiplier"],
-                "batch_size": int(round(m["expected_batch_size"])), "dataset_size": m["training_set_size"],
-                "steps": steps}
-    if m.get("sampling") == "cyclic_poisson":
-        return {"sampling": "cyclic_poisson", "mechanism": m["mechanism"], "bands": m["bands"],
-                "noise_multiplier": m["noise_multiplier"], "sample_rate": m["sample_rate"], "steps": steps}
-    if m.get("sampling") != "poisson":
+def _event(m: Mapping[str, Any], steps: int):
+    """The :class:`jaxdp.accounting.Event` of ``steps`` steps of the run's mechanism, from the run's record."""
+    from jaxdp.accounting import Event
+    if m.get("sampling") not in ("poisson", "shuffle", "cyclic_poisson"):
         raise ValueError(f"the run's record names sampling {m.get('sampling')!r}, which the report cannot "
                          "recompute; expected poisson, shuffle or cyclic_poisson")
-    return {"sampling": "poisson", "noise_multiplier": m["noise_multiplier"], "sample_rate": m["sample_rate"],
-            "steps": steps}
+    batch = m.get("expected_batch_size")
+    return Event.from_mechanism(m["noise_multiplier"], m.get("sample_rate"), steps, sampling=m["sampling"],
+                                dataset_size=m.get("training_set_size"),
+                                batch_size=None if batch is None else int(round(batch)), bands=m.get("bands"),
+                                mechanism=m.get("mechanism") or "dpsgd")
 
 
 def epsilon_curve(metrics: Mapping[str, Any], points: int = 20) -> tuple[list[int], list[float]]:
@@ -78,6 +75,7 @@ def plot_epsilon_vs_steps(metrics: Mapping[str, Any], path: str | os.PathLike | 
                           points: int = 20) -> bytes:
     """Epsilon spent against training steps: the accountant's curve for the mechanism, the per-epoch epsilons
     the trainer recorded (markers) and the target epsilon (dashed) when there was one."""
+    from jaxdp.accounting import RELATION_LABELS
     plt = _plt()
     fig, ax = plt.subplots(figsize=(5.5, 3.6), dpi=110)
     steps, eps = epsilon_curve(metrics, points)
@@ -88,7 +86,7 @@ def plot_epsilon_vs_steps(metrics: Mapping[str, Any], path: str | os.PathLike | 
                if metrics.get("sampling") == "cyclic_poisson" else f"Poisson q={metrics['sample_rate']:.3g}")
         ax.plot(steps, eps, "-", color="C0", label=f"{str(metrics['accountant']).upper()} accountant "
                                                      f"(σ={metrics['noise_multiplier']:.3g}, {how}, "
-                                                     f"{str(metrics['neighboring_relation']).replace('_', '/')})")
+                                                     f"{RELATION_LABELS.get(metrics['neighboring_relation'])})")
         rows = [r for r in metrics.get("epochs") or [] if r.get("epsilon") is not None]
         if rows:
             ax.plot([r["step"] for r in rows], [r["epsilon"] for r in rows], "o", color="C1",
