@@ -1,14 +1,13 @@
 """One description of a mechanism (issue 16a): the Event type, its wire format (old ledgers and accountant
 checkpoints still read the same), the one merge, and the one epochs -> steps rule."""
 import json
-import math
 import pathlib
 
 import numpy as np
 import pytest
 
 from jaxdp import accounting as acct
-from jaxdp.accounting.event import FIELDS, SAMPLINGS, Event, merge
+from jaxdp.accounting.event import FIELDS, Event, merge
 from jaxdp.ledger import Ledger
 from jaxdp.ledger import events as ledger_events
 from jaxdp.sampling import CyclicPoissonSampler, PoissonSampler, ShuffleSampler, steps_for_epochs
@@ -45,7 +44,8 @@ def test_numbers_are_normalised_and_bad_events_refused():
     bad = [({"sampling": "uniform", "steps": 1}, "sampling must be one of"),
            ({"sampling": "poisson", "noise_multiplier": 1.0, "steps": 1}, "missing"),
            ({"sampling": "poisson", "noise_multiplier": None, "sample_rate": 0.1, "steps": 1}, "missing"),
-           ({"sampling": "poisson", "noise_multiplier": 1.0, "sample_rate": 0.1, "steps": 1, "sigma": 2}, "unknown keys"),
+           ({"sampling": "poisson", "noise_multiplier": 1.0, "sample_rate": 0.1, "steps": 1, "sigma": 2},
+            "unknown keys"),
            ({"sampling": "poisson", "noise_multiplier": 1.0, "sample_rate": 1.5, "steps": 1}, "sample_rate"),
            ({"sampling": "poisson", "noise_multiplier": -1.0, "sample_rate": 0.5, "steps": 1}, "noise_multiplier"),
            ({"sampling": "poisson", "noise_multiplier": "1", "sample_rate": 0.5, "steps": 1}, "noise_multiplier"),

@@ -119,7 +119,8 @@ def recipe_from_config(cfg: dict, attack: str, metrics: dict | None = None, over
     run_steps = metrics.get("steps") or _first(cfg, t("steps"), None)
     epochs = _first(cfg, t("epochs"), None)
     if run_steps is None:
-        run_steps = math.ceil(float(epochs) / run_q - 1e-9) if epochs is not None else 300
+        from jaxdp.sampling import steps_for_epochs   # the trainer's rule
+        run_steps = steps_for_epochs(float(epochs), run_q) if epochs is not None else 300
     run_steps = int(run_steps)
     # The audited (q, T): the run's unless overridden (--steps, audit.sample_rate / --sample-rate).
     q = float(o.get("sample_rate", _first(cfg, ["audit.sample_rate"], run_q)))
