@@ -226,3 +226,13 @@ def test_ledger_cli_reserves_the_steps_the_trainer_trains(tmp_path, capsys, samp
     reserved = json.loads(capsys.readouterr().out)["events"]
     assert reserved[0]["steps"] == tr.total_steps
     assert reserved == [trainers]
+
+
+def test_doctests_of_the_event_and_the_epochs_rule():
+    import doctest
+
+    import jaxdp.accounting.event
+    import jaxdp.sampling
+    for module in (jaxdp.accounting.event, jaxdp.sampling):
+        result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
+        assert result.attempted >= 3 and result.failed == 0, (module.__name__, result)
