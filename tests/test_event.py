@@ -1,5 +1,6 @@
 """One description of a mechanism (issue 16a): the Event type, its wire format (old ledgers and accountant
 checkpoints still read the same), the one merge, and the one epochs -> steps rule."""
+import dataclasses
 import json
 import pathlib
 
@@ -65,7 +66,7 @@ def test_numbers_are_normalised_and_bad_events_refused():
         Event("none", steps=3, noise_multiplier=1.0)
     with pytest.raises(TypeError, match="must be a dict"):
         Event.from_dict([("sampling", "none")])
-    with pytest.raises(Exception):   # frozen
+    with pytest.raises(dataclasses.FrozenInstanceError):
         e.steps = 3
     with pytest.raises(ValueError, match=r"event 0: .*missing"):   # the ledger names the event
         ledger_events.normalize_events([{"sampling": "poisson", "steps": 1}])

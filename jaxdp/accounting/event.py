@@ -46,7 +46,8 @@ import dataclasses
 import json
 import math
 from dataclasses import KW_ONLY, dataclass
-from typing import Any, Iterable, Mapping
+from typing import Any
+from collections.abc import Iterable, Mapping
 
 import numpy as np
 
@@ -202,7 +203,7 @@ class Event:
         return out
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "Event":
+    def from_dict(cls, d: Mapping[str, Any]) -> Event:
         """The event of a wire-format dict (a ``None`` value counts as absent).
 
         Raises:
@@ -228,7 +229,7 @@ class Event:
         return cls(**{k: v for k, v in d.items() if v is not None})
 
     @classmethod
-    def coerce(cls, event: "Event | Mapping[str, Any]") -> "Event":
+    def coerce(cls, event: Event | Mapping[str, Any]) -> Event:
         """``event`` itself if it is an :class:`Event`, else :meth:`from_dict` of it."""
         return event if isinstance(event, Event) else cls.from_dict(event)
 
@@ -236,7 +237,7 @@ class Event:
     def from_mechanism(cls, noise_multiplier: float | None, sample_rate: float | None = None, steps: int = 1, *,
                        sampling: str = "poisson", dataset_size: int | None = None, batch_size: int | None = None,
                        max_batch_size: int | None = None, bands: int | None = None, mechanism: str = "dpsgd",
-                       l2_clip_norm: float | None = None) -> "Event":
+                       l2_clip_norm: float | None = None) -> Event:
         """The event of ``steps`` steps of a sampler's mechanism, from its parameters.
 
         Keeps only the parameters ``sampling`` uses (so a caller may pass all it knows): ``"poisson"`` needs
@@ -258,11 +259,11 @@ class Event:
         return cls(sampling, **{k: given[k] for k in FIELDS[sampling]}, l2_clip_norm=l2_clip_norm)
 
     # -- derived views -----------------------------------------------------------------------------------------
-    def replace(self, **changes: Any) -> "Event":
+    def replace(self, **changes: Any) -> Event:
         """A copy with ``changes`` (validated again), e.g. ``event.replace(steps=10)``."""
         return dataclasses.replace(self, **changes)
 
-    def accounted(self) -> "Event":
+    def accounted(self) -> Event:
         """The event as an accountant sees it: without its record-only keys (``l2_clip_norm``)."""
         if all(getattr(self, k) is None for k in RECORD_ONLY):
             return self
@@ -284,11 +285,11 @@ class Event:
             return self.steps * self.batch_size / self.dataset_size
         return None
 
-    def same_mechanism(self, other: "Event") -> bool:
+    def same_mechanism(self, other: Event) -> bool:
         """Equal in everything but ``steps``: ``T1`` steps then ``T2`` steps are ``T1 + T2`` steps of it."""
         return self.replace(steps=0) == other.replace(steps=0)
 
-    def equivalent_poisson(self) -> "Event":
+    def equivalent_poisson(self) -> Event:
         """The event an accountant composes in its place: a cyclic-Poisson run of ``T`` consecutive steps over
         ``b`` groups is DP-SGD with rate ``p`` and ``ceil(T / b)`` steps (Choquette-Choo et al. 2023, Theorem 4);
         every other event is itself. Apply it per run, BEFORE merging runs (:func:`merge`)."""
