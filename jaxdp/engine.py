@@ -25,7 +25,7 @@ from flax import nnx
 from jaxdp import _checks, compat, validation
 from jaxdp.clipping import ClipStats, clipped_grad, total_clip_norm
 from jaxdp.noise import add_noise
-from jaxdp.sampling import CyclicPoissonSampler, PoissonSampler, ShuffleSampler
+from jaxdp.sampling import CyclicPoissonSampler, PoissonSampler, ShuffleSampler, steps_for_epochs
 
 PyTree = Any
 
@@ -219,33 +219,16 @@ class PrivateTraining:
         return float(state.opt_state.clip.clip_norm)
 
     # -- accounting ------------------------------------------------------------------------------------
-    def _event(self, steps: int) -> dict:
-        s = self.sampler
-        if s.sampling == "shuffle":
-            return {"sampling": "shuffle", "noise_multiplier": self.noise_multiplier,
-                    "batch_size": s.batch_size, "dataset_size": s.dataset_size, "steps": steps}
-        if s.sampling == "cyclic_poisson":
-            return {"sampling": "cyclic_poisson", "mechanism": self.mechanism, "bands": s.bands,
-                    "noise_multiplier": self.noise_multiplier, "sample_rate": s.sample_rate, "steps": steps}
-        if s.sampling == "truncated_poisson":
-            return {"sampling": "truncated_poisson", "noise_multiplier": self.noise_multiplier,
-                    "sample_rate": s.sample_rate, "max_batch_size": s.max_batch_size,
-                    "dataset_size": s.dataset_size, "steps": steps}
-        return {"sampling": "poisson", "noise_multiplier": self.noise_multiplier,
-                "sample_rate": s.sample_rate, "steps": steps}
+    def event(self, steps: int):
+        """The :class:`jaxdp.accounting.Event` of ``steps`` steps of this mechanism, as the sampler emits it."""
+        return self.sampler.event(self.noise_multiplier, steps, mechanism=self.mechanism)
 
     def events(self, steps: int) -> list[dict]:
         """The dp-accounting events of ``steps`` steps of this mechanism (for ledgers and planning)."""
-        return [self._event(steps)]
+        return [self.event(steps).to_dict()]
 
     def _record_step(self) -> None:
-        s = self.sampler
-        if s.sampling == "cyclic_poisson":
-            self.accountant.record(self._event(1))
-            return
-        self.accountant.step(self.noise_multiplier, s.sample_rate, 1, sampling=s.sampling,
-                             dataset_size=s.dataset_size, batch_size=getattr(s, "batch_size", None),
-                             max_batch_size=getattr(s, "max_batch_size", None))
+        self.accountant.record(self.event(1))
 
     def _epsilon_after(self, extra_steps: int) -> float:
         acc = _accounting()
@@ -637,10 +620,7 @@ class PrivacyEngine:
         # Refuse now, before any data is touched, a sampling this accountant cannot account for (rule 5).
         probe = _accounting().Accountant(self.accountant.method,
                                          neighboring_relation=self.accountant.neighboring_relation)
-        probe.step(sigma, sampler.sample_rate, 1, sampling=sampler.sampling, dataset_size=n,
-                   batch_size=getattr(sampler, "batch_size", None),
-                   max_batch_size=getattr(sampler, "max_batch_size", None),
-                   bands=getattr(sampler, "bands", None), mechanism=mechanism)
+        probe.record(sampler.event(sigma, 1, mechanism=mechanism))
         key = None if self.secure else jax.random.fold_in(jax.random.key(seed), 0x6E6F6973)  # "nois": noise stream
         planned = None if epochs is None else sampler.steps_for_epochs(epochs)
         noise_tx = None
@@ -685,13 +665,13 @@ class PrivacyEngine:
         if kwargs.get("opacus_compat", False):
             # calibrate for the rate the sampler will actually use (Opacus's 1 / ceil(N / B)), not B / N
             q = compat.sample_rate(n, int(round(batch_size)), opacus_compat=True)
-        steps = PoissonSampler(n, q, 0).steps_for_epochs(epochs)
+        steps = steps_for_epochs(epochs, q)   # the steps the sampler will take (the same rule)
         if kwargs.get("mechanism", "dpsgd") == "bandmf":   # DP-SGD with rate b q and ceil(T / b) steps
             bands = _check_bandmf(n, batch_size, q, kwargs.get("bands"), epochs, kwargs.get("poisson_sampling", True),
                                   kwargs.get("max_batch_size"), kwargs.get("opacus_compat", False), self.accountant)
-            from jaxdp.accounting import cyclic_participations
-            q, steps = q * bands, cyclic_participations(CyclicPoissonSampler(n, q * bands, bands, 0)
-                                                        .steps_for_epochs(epochs), bands)
+            sampler = CyclicPoissonSampler(n, q * bands, bands, 0)
+            cyclic = sampler.event(1.0, sampler.steps_for_epochs(epochs), mechanism="bandmf").equivalent_poisson()
+            q, steps = cyclic.sample_rate, cyclic.steps
         sigma = self.calibrate(target_epsilon, target_delta, q, steps)
         return self.make_private(noise_multiplier=sigma, dataset_size=n, batch_size=batch_size, epochs=epochs,
                                  target_epsilon=target_epsilon, target_delta=target_delta, **kwargs)

@@ -25,7 +25,7 @@ from jaxdp import data as data_lib
 from jaxdp import distributed
 from jaxdp import models
 from jaxdp.engine import PrivacyBudgetExhausted, PrivacyEngine, TrainState
-from jaxdp.sampling import PoissonSampler, ShuffleSampler
+from jaxdp.sampling import PoissonSampler, ShuffleSampler, steps_for_epochs
 from jaxdp.train import checkpoint, lifecycle
 from jaxdp.train.config import config_hash, load_config, model_label, validate_config
 from jaxdp.train.summary import RunSummary
@@ -171,8 +171,9 @@ class DPTrainer:
 
     def _setup(self) -> None:
         t, dp = self.cfg["training"], self.cfg["training"]["dp"]
-        planned = (PoissonSampler(self.n, t["batch_size"] / self.n, 0) if t["sampling"] == "poisson" else
-                   ShuffleSampler(self.n, int(round(t["batch_size"])), 0)).steps_for_epochs(self.epochs)
+        # the steps the sampler will take (jaxdp.sampling.steps_for_epochs, the one rule)
+        planned = (steps_for_epochs(self.epochs, t["batch_size"] / self.n) if t["sampling"] == "poisson" else
+                   steps_for_epochs(self.epochs, steps_per_epoch=self.n // int(round(t["batch_size"]))))
         from jaxdp.train.components import build_optimizer
         optimizer = build_optimizer(self.cfg["optimizer"], planned)  # a schedule's "total_steps": the planned steps
         if self.dp:
@@ -375,9 +376,10 @@ class DPTrainer:
 
     # -- ledger --------------------------------------------------------------------------------------------
     def _ledger_events(self, steps: int) -> list[dict]:
+        from jaxdp.accounting import Event
         if not self.dp:
-            return [{"sampling": "none", "steps": steps}]
-        return [dict(e, l2_clip_norm=self._clip_record()["max_grad_norm"]) for e in self.private.events(steps)]
+            return [Event("none", steps=steps).to_dict()]
+        return [self.private.event(steps).replace(l2_clip_norm=self._clip_record()["max_grad_norm"]).to_dict()]
 
     def _ledger_open(self, complete: bool = False):
         """Reconcile the run with the privacy ledger before anything else (see :mod:`jaxdp.train.lifecycle`):
