@@ -151,14 +151,14 @@ class Training:
         return []
 
     def state_dict(self, state: TrainState) -> dict:
-        """Everything needed to resume bit-identically: ``{"train_state", "sampler", "accountant", "steps"}``.
+        """Everything needed to resume bit-identically: ``{"train_state", "sampler", "accountant", "step"}``.
 
         ``train_state`` is the pytree of arrays (save it with any checkpointer, e.g. ``jaxdp.train.checkpoint``
         or orbax); the rest is JSON. The noise keys live in the optimiser state, the sampler's position in
         ``sampler`` and the privacy spent in ``accountant``, so :meth:`load_state_dict` on a new object made with
         the same arguments continues with the same batches, the same noise and the same epsilon."""
         return {"format": _STATE_DICT_FORMAT, "train_state": state, "sampler": self.sampler.state_dict(),
-                "accountant": self._accountant_dict(), "steps": self._steps}
+                "accountant": self._accountant_dict(), "step": self._steps}
 
     def load_state_dict(self, state_dict: dict) -> TrainState:
         """Restore the sampler and accountant from :meth:`state_dict`'s output; returns the train state.
