@@ -13,7 +13,8 @@ With a target epsilon the object knows the last step that stays within it, and r
 """
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -121,7 +122,7 @@ class PrivateTraining(Training):
       max_steps: the last step allowed by the target epsilon (None when there is no target).
     """
 
-    def __init__(self, *, engine: "PrivacyEngine", pure_loss: Callable, params: PyTree, optimizer,
+    def __init__(self, *, engine: PrivacyEngine, pure_loss: Callable, params: PyTree, optimizer,
                  dataset_size: int, sampler, noise_multiplier: float, max_grad_norm, key, secure_mode: bool,
                  method: str, microbatch_size: int | None, trainable, expected_batch_size: float,
                  target_epsilon: float | None, target_delta: float | None, planned_steps: int | None,
@@ -148,8 +149,8 @@ class PrivateTraining(Training):
                                     trainable=trainable)
         self.tx = optax.chain(
             noise_tx if noise_tx is not None else add_noise(
-                self.noise_multiplier, max_grad_norm, self.expected_batch_size, key, secure=secure_mode,
-                trainable=trainable),
+                noise_multiplier=self.noise_multiplier, l2_clip_norm=max_grad_norm,
+                expected_batch_size=self.expected_batch_size, key=key, secure=secure_mode, trainable=trainable),
             optimizer)
         self.max_steps = self._max_steps() if target_epsilon is not None else None
         # One step on one device or data-parallel over all local devices: each device clips and sums its
@@ -579,7 +580,8 @@ class PrivacyEngine:
         noise_tx = None
         if mechanism == "bandmf":
             from jaxdp.matrix_factorization import bandmf_noise
-            noise_tx = bandmf_noise(sigma, max_grad_norm, e, key, bands=bands, steps=max(planned, 1),
+            noise_tx = bandmf_noise(noise_multiplier=sigma, l2_clip_norm=max_grad_norm, expected_batch_size=e,
+                                    key=key, bands=bands, steps=max(planned, 1),
                                     secure=self.secure_mode, trainable=trainable)
         private = PrivateTraining(
             engine=self, pure_loss=pure, params=p, optimizer=optimizer, dataset_size=n, sampler=sampler,

@@ -20,7 +20,8 @@ A refused step raises :class:`PrivacyBudgetExhausted` before the data is touched
 from __future__ import annotations
 
 import warnings
-from typing import Any, Callable, Iterator, NamedTuple
+from typing import Any, NamedTuple
+from collections.abc import Callable, Iterator
 
 import jax
 import jax.numpy as jnp

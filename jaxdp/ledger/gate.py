@@ -23,7 +23,8 @@ Privacy meaning: a run never releases more than its reservation accounts for, so
 from __future__ import annotations
 
 import os
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 from jaxdp.ledger import events as ev
 from jaxdp.ledger.core import Ledger, RunRecord, code_version, require_reservation
@@ -82,7 +83,7 @@ class LedgerGate:
              private: bool = True, planned_steps: int | None = None, steps_done: int = 0, complete: bool = False,
              parent_run_id: str | None = None, reserve: bool = False, model: str | None = None,
              config_hash: str | None = None, where: str | None = None,
-             log: Callable[[str], Any] | None = None) -> "LedgerGate | None":
+             log: Callable[[str], Any] | None = None) -> LedgerGate | None:
         """Reconcile the run with the ledger (see the module docstring) and return its gate.
 
         Args:
@@ -153,12 +154,13 @@ class LedgerGate:
         return self.record is not None and self.record.status == "reserved"
 
     def _limit(self) -> int | None:
-        reserved = self.record.planned_events
-        if not self.private:
+        record = self.record
+        if record is None or not self.private:
             return None
+        reserved = record.planned_events
         if _mechanism(reserved) == _mechanism(self.events(1)):
             return ev.total_steps(reserved)
-        budgets = [self.ledger.datasets()[d] for d in self.record.charged]
+        budgets = [self.ledger.datasets()[d] for d in record.charged]
         if not budgets:
             return None  # nothing charged: the reservation protects nothing, and there is no epsilon to compare
 
