@@ -35,6 +35,7 @@ from jaxdp.sampling import CyclicPoissonSampler, PoissonSampler, ShuffleSampler 
 _LAZY_ATTRS = {
     "PrivacyEngine": "jaxdp.engine",
     "PrivateTraining": "jaxdp.engine",
+    "NonPrivateTraining": "jaxdp.training",
     "PrivacyBudgetExhausted": "jaxdp.engine",
     "validate": "jaxdp.validation",
     "fix": "jaxdp.validation",
@@ -57,7 +58,7 @@ _LAZY_ATTRS = {
 _LAZY_MODULES = (
     "accounting", "audit", "data", "distributed", "engine", "ghost", "ledger", "lm", "models",
     "report", "telemetry", "train", "validation", "adaptive", "virtual", "cli", "compat",
-    "matrix_factorization", "recipe",
+    "matrix_factorization", "recipe", "training",
 )
 
 
