@@ -208,7 +208,7 @@ def test_ledger_cli_reserves_the_steps_the_trainer_trains(tmp_path, capsys, samp
     from jaxdp.cli import main
     from jaxdp.train import DPTrainer
     tr = DPTrainer(_tiny_config(tmp_path, sampling, batch_size, epochs, **extra), log=False)
-    (trainers,) = tr._ledger_events(tr.total_steps)
+    (trainers,) = tr.private.ledger_events(tr.total_steps)   # what the gate reserves for the trainer
     n = tr.n
     assert n == 1437   # the cases above were chosen for this N
     ledger = str(tmp_path / "l.db")
