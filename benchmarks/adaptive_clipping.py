@@ -12,7 +12,8 @@ default) divides by ``E C_t``, i.e. the same rule with ``C_t`` chosen privately 
 The row ``adaptive, normalize=False`` is the paper's / Opacus's un-normalised update with the learning rate of
 C = 1: the setting that collapsed in issue 23.
 
-    PYTHONPATH=. python benchmarks/adaptive_clipping.py [--seeds 0 1 2] [--json benchmarks/results/adaptive_clipping.json]
+    PYTHONPATH=. python benchmarks/adaptive_clipping.py [--seeds 0 1 2] \
+        [--json benchmarks/results/adaptive_clipping.json]
 """
 from __future__ import annotations
 

@@ -53,8 +53,8 @@ def main() -> None:
     rows = []
     for name, cfg in recipes.items():
         key = jax.random.key(0)
-        vec = lambda: train_models(cfg, x, y, masks, key, vectorize=True)[1]        # noqa: E731
-        seq = lambda: train_models(cfg, x, y, masks, key, vectorize=False)[1]       # noqa: E731
+        vec = lambda: train_models(cfg, x, y, masks, key, vectorize=True)[1]        # noqa: B023, E731
+        seq = lambda: train_models(cfg, x, y, masks, key, vectorize=False)[1]       # noqa: B023, E731
         compile_vec, compile_seq = _time(vec), _time(seq)                           # first calls include compile
         tv, ts = [], []
         for _ in range(args.repeats):

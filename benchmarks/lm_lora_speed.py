@@ -212,7 +212,8 @@ def main() -> None:
         if not a.no_memory:
             out = subprocess.run([sys.executable, __file__, "--memory-child", r, "--layers", str(a.layers),
                                   "--d-model", str(a.d_model), "--seq-len", str(a.seq_len),
-                                  "--batch", str(a.batch), "--torch-threads", str(a.torch_threads)], capture_output=True, text=True,
+                                  "--batch", str(a.batch), "--torch-threads", str(a.torch_threads)],
+                                 capture_output=True, text=True,
                                  env={**os.environ, "PYTHONPATH": os.environ.get("PYTHONPATH", ".")})
             try:
                 results[r].update(json.loads(out.stdout.strip().splitlines()[-1]))
@@ -224,7 +225,8 @@ def main() -> None:
             if r in results:
                 ratios[f"{r}/jax_nonprivate"] = results[r]["median_s"] / results["jax_nonprivate"]["median_s"]
     if "opacus_dp" in results and "torch_nonprivate" in results:
-        ratios["opacus_dp/torch_nonprivate"] = results["opacus_dp"]["median_s"] / results["torch_nonprivate"]["median_s"]
+        ratios["opacus_dp/torch_nonprivate"] = (results["opacus_dp"]["median_s"]
+                                                / results["torch_nonprivate"]["median_s"])
     if "opacus_dp" in results:
         for r in ("jax_dp_vmap", "jax_dp_auto", "jax_dp_ghost"):
             if r in results:
@@ -240,7 +242,8 @@ def main() -> None:
     out = dict(machine=dict(cpu_count=os.cpu_count(), platform=platform.platform(),
                             device_kind=jax.devices()[0].device_kind, backend=jax.default_backend()),
                versions=versions, config=dict(layers=a.layers, d_model=a.d_model, seq_len=a.seq_len,
-                                              batch=a.batch, vocab=257, torch_threads=a.torch_threads or os.cpu_count(), lora_rank=8, lora_alpha=16,
+                                              batch=a.batch, vocab=257, torch_threads=a.torch_threads or os.cpu_count(),
+                                              lora_rank=8, lora_alpha=16,
                                               lora_targets=["c_attn"], steps=a.steps),
                results=results, ratios=ratios)
     print(f"{'row':18s} {'median ms':>10s} {'tokens/s':>10s} {'compile s':>10s} {'XLA MB':>8s} {'RSS+ MB':>8s}")

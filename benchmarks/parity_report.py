@@ -62,7 +62,8 @@ def noise_rows():
             rj, ro = float(j.std() / pred), float(o.std() / pred)
             rows.append({"check": f"noise/{label}/sigma={sigma},E={e:g}", "jaxdp": f"{rj:.4f}", "opacus": f"{ro:.4f}",
                          "metric": abs(rj / ro - 1), "bound": f"< {5 * np.sqrt(2) * se:.3f} (5 s.e.)",
-                         "ok": abs(rj - 1) < 5 * se and abs(ro - 1) < 5 * se and abs(rj / ro - 1) < 5 * np.sqrt(2) * se})
+                         "ok": abs(rj - 1) < 5 * se and abs(ro - 1) < 5 * se
+                               and abs(rj / ro - 1) < 5 * np.sqrt(2) * se})
     return rows
 
 
@@ -78,7 +79,8 @@ def compat_rows():
                                                      max_grad_norm=1.0, poisson_sampling=True)
         q = compat.sample_rate(n, b, opacus_compat=True)
         ours = compat.expected_batch_size(n, q, opacus_compat=True)
-        rows.append({"check": f"compat/N={n},B={b}", "jaxdp": f"E={ours:g} (default {compat.expected_batch_size(n, b / n):g})",
+        default = compat.expected_batch_size(n, b / n)
+        rows.append({"check": f"compat/N={n},B={b}", "jaxdp": f"E={ours:g} (default {default:g})",
                      "opacus": f"E={opt.expected_batch_size}", "metric": abs(ours - opt.expected_batch_size),
                      "bound": "== 0", "ok": ours == opt.expected_batch_size})
     return rows
@@ -98,7 +100,8 @@ def accounting_rows():
         ours = accounting.compute_epsilon(s, q, t, d, accountant="prv")
         rows.append({"check": f"prv/s={s},q={q:.4g},T={t},d={d:g}", "jaxdp": f"{ours:.4f}",
                      "opacus": f"{up:.4f} [{lo:.4f},{up:.4f}]", "metric": ours - up,
-                     "bound": "|diff| <= 0.01, estimate in interval", "ok": abs(ours - up) <= 0.01 and lo <= ours - 0.01 <= up})
+                     "bound": "|diff| <= 0.01, estimate in interval",
+                     "ok": abs(ours - up) <= 0.01 and lo <= ours - 0.01 <= up})
     for target, q, t, acct in ((8.0, 0.04, 2250, "rdp"), (3.0, 0.01, 2000, "rdp"), (2.0, 0.02, 200, "prv")):
         ours = accounting.calibrate_noise_multiplier(target, 1e-5, q, steps=t, accountant=acct)
         theirs = get_noise_multiplier(target_epsilon=target, target_delta=1e-5, sample_rate=q, steps=t, accountant=acct)
@@ -116,7 +119,8 @@ def training_rows(epochs):
     for lib, s in out["summary"].items():
         rows.append({"check": f"train/{lib}", "jaxdp" if lib == "jaxdp" else "opacus":
                      f"acc {s['accuracy_mean']:.4f}+-{s['accuracy_std']:.4f}",
-                     "metric": s["accuracy_mean"], "bound": f"eps PRV {s['epsilon_prv']:.4f} RDP {s['epsilon_rdp']:.4f}",
+                     "metric": s["accuracy_mean"],
+                     "bound": f"eps PRV {s['epsilon_prv']:.4f} RDP {s['epsilon_rdp']:.4f}",
                      "ok": True})
     t = out["same_batch_trajectory"]
     rows.append({"check": f"train/same-batches,noise0,{t['steps']} steps", "jaxdp": f"acc {t['accuracy_jaxdp']:.4f}",

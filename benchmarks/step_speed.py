@@ -32,7 +32,8 @@ from jaxdp.noise import gaussian_like  # noqa: E402
 
 C, SIGMA, LR = 1.0, 1.0, 0.1
 SLOW_S, SLOW_STEPS = 1.5, 5
-BLOCK = 3                     # steps per row per round; the first of each block is not timed   # rows slower than SLOW_S per step (vmap-style) are timed SLOW_STEPS times only
+BLOCK = 3                     # steps per row per round; the first of each block is not timed
+# rows slower than SLOW_S per step (vmap-style) are timed SLOW_STEPS times only
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -358,7 +359,7 @@ def _time_rows(fns, steps):
         if time.perf_counter() - t0 > SLOW_S:
             slow.add(r)
     rounds = -(-steps // (BLOCK - 1))
-    for i in range(rounds):
+    for i in range(rounds):  # noqa: B007 (the round counter is not needed)
         for r, f in fns.items():
             if r in slow:
                 if len(times[r]) < SLOW_STEPS:

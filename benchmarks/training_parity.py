@@ -187,7 +187,8 @@ def run(seeds=(0, 1, 2), epochs: int = 10) -> dict:
     for lib in ("jaxdp", "opacus"):
         rs = [r for r in runs if r["library"] == lib]
         accs = np.array([r["accuracy"] for r in rs])
-        summary[lib] = {"accuracy_mean": float(accs.mean()), "accuracy_std": float(accs.std(ddof=1)) if len(accs) > 1 else 0.0,
+        summary[lib] = {"accuracy_mean": float(accs.mean()),
+                        "accuracy_std": float(accs.std(ddof=1)) if len(accs) > 1 else 0.0,
                         "epsilon_prv": rs[0]["epsilon_prv"], "epsilon_rdp": rs[0]["epsilon_rdp"],
                         "steps": rs[0]["steps"], "sample_rate": rs[0]["sample_rate"],
                         "expected_batch_size": rs[0]["expected_batch_size"]}

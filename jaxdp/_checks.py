@@ -5,7 +5,8 @@ import functools
 import inspect
 import math
 import warnings
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
+from collections.abc import Callable
 
 import jax
 import numpy as np

@@ -38,14 +38,14 @@ clip norm only decides which examples are scaled down. Adam is nearly invariant 
 """
 from __future__ import annotations
 
-import math
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 
 from jaxdp import _checks
-from jaxdp.clipping import ClipStats, LossFn, clipped_grad
+from jaxdp.clipping import LossFn, clipped_grad
 from jaxdp.noise import AddNoiseState, add_noise
 
 PyTree = Any
@@ -81,7 +81,8 @@ class AdaptiveClipping(NamedTuple):
 class AdaptiveClipConfig(NamedTuple):
     """Settings of adaptive clipping for :meth:`jaxdp.PrivacyEngine.make_private` (``adaptive_clipping=``).
 
-    The initial clip norm is :meth:`~jaxdp.PrivacyEngine.make_private`'s ``l2_clip_norm``. See :func:`adaptive_clipping` for the meaning.
+    The initial clip norm is :meth:`~jaxdp.PrivacyEngine.make_private`'s ``l2_clip_norm``. See
+    :func:`adaptive_clipping` for the meaning.
     """
 
     target_quantile: float = DEFAULT_TARGET_QUANTILE
@@ -90,7 +91,7 @@ class AdaptiveClipConfig(NamedTuple):
     normalize: bool = True
 
     @classmethod
-    def from_any(cls, value: "AdaptiveClipConfig | dict | bool") -> "AdaptiveClipConfig":
+    def from_any(cls, value: AdaptiveClipConfig | dict | bool) -> AdaptiveClipConfig:
         """``True`` (defaults), a dict of the fields, or an :class:`AdaptiveClipConfig`."""
         if isinstance(value, cls):
             return value

@@ -28,7 +28,8 @@ devices of all hosts (``jax.devices()`` is global), and each host feeds its part
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Iterator
+from typing import Any
+from collections.abc import Callable, Iterator
 
 import jax
 import jax.numpy as jnp

@@ -11,7 +11,7 @@ Tanh activations: bounded activations keep gradient norms small and even, which 
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp

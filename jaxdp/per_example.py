@@ -47,7 +47,8 @@ backend of your own before training with it.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, NamedTuple, Protocol, Sequence, runtime_checkable
+from typing import Any, NamedTuple, Protocol, runtime_checkable
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp

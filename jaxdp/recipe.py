@@ -21,7 +21,8 @@ initialisation); the averaged parameters are used for evaluation. Post-processin
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -52,7 +53,7 @@ def augmentation_multiplicity(loss_fn: Callable, augment_fn: Callable, multiplic
         views = jax.vmap(jax.vmap(augment_fn, in_axes=(0, None)), in_axes=(0, 0))(view_keys, batch)  # [B, K, ...]
         total = 0.0
         for j in range(k):   # K calls of the user's loss on [B] examples each (the loss sees its usual shapes)
-            total = total + loss_fn(params, jax.tree_util.tree_map(lambda v: v[:, j], views))
+            total = total + loss_fn(params, jax.tree_util.tree_map(lambda v: v[:, j], views))  # noqa: B023 (called at once, in this iteration)
         return total / k
 
     return aug_loss

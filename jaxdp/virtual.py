@@ -12,7 +12,8 @@ does not depend on the chunk size (up to float summation order; tests check 1e-5
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 from jaxdp import _checks
 from jaxdp.clipping import LossFn, clipped_grad

@@ -29,6 +29,9 @@ if os.environ.get("JAXDP_TEST_COMPILATION_CACHE", "1") != "0":
 # multi_process_train.py runs on import).
 collect_ignore = ["multi_process_train.py", "multi_process_checks.py", "multi_device_checks.py", "ledger_pg.py",
                   "tiny.py", "parity/parity_harness.py"]
+# Fixture generators under tests/data are scripts, not tests: importing one (as --doctest-modules would) reruns it and
+# overwrites the fixture it made with the old code.
+collect_ignore_glob = ["data/*.py"]
 
 PARITY_DIR = ROOT / "tests" / "parity"
 

@@ -152,7 +152,8 @@ def test_engine_adaptive_option_accounts_the_composed_noise_multiplier():
     model = models.create("logreg", (8, 8, 1), 10, seed=0)
     private = engine.make_private(
         loss_fn=lambda m, bb: models.cross_entropy(m(bb["x"]), bb["y"]), model=model, optimizer=__import__(
-            "optax").sgd(0.5), dataset_size=n, batch_size=64, noise_multiplier=1.0, l2_clip_norm=0.1, seed=3, method="vmap",
+            "optax").sgd(0.5), dataset_size=n, batch_size=64, noise_multiplier=1.0, l2_clip_norm=0.1, seed=3,
+        method="vmap",
         adaptive_clipping={"target_quantile": 0.5, "learning_rate": 0.2})
     assert private.noise_multiplier == 1.0
     assert private.count_noise_std == 64 / 20

@@ -104,7 +104,7 @@ def reference_sum(loss_fn, params, batch, C, mask=None, grads=None):
         if mask is not None and not mask[i]:
             continue
         f = min(1.0, C / (_flat_norm(g) + CLIP_EPS))
-        total = jax.tree_util.tree_map(lambda t, gi: t + f * gi, total, g)
+        total = jax.tree_util.tree_map(lambda t, gi: t + f * gi, total, g)  # noqa: B023 (called at once, in this iteration)
     return total, [_flat_norm(g) for g in grads]
 
 
@@ -230,7 +230,7 @@ def test_per_layer_clipping_bounds_each_group():
             assert _flat_norm(clipped_i[group]) <= c + 1e-6
             f = min(1.0, c / (n + CLIP_EPS))
             clipped_in[group] += f < 1.0
-            want[group] = jax.tree_util.tree_map(lambda x: f * x, g[group])
+            want[group] = jax.tree_util.tree_map(lambda x: f * x, g[group])  # noqa: B023 (called at once, in this iteration)
         assert_trees_close(clipped_i, want)
         ref = jax.tree_util.tree_map(jnp.add, ref, want)
     summed, stats = grad_fn(params, batch)
@@ -276,7 +276,7 @@ def test_trainable_frozen_leaves_get_zero_grad_and_no_norm():
     ref = jax.tree_util.tree_map(jnp.zeros_like, params["layer2"])
     for g, n in zip(grads, norms2):
         f = min(1.0, C / (n + CLIP_EPS))
-        ref = jax.tree_util.tree_map(lambda t, x: t + f * x, ref, g["layer2"])
+        ref = jax.tree_util.tree_map(lambda t, x: t + f * x, ref, g["layer2"])  # noqa: B023 (called at once, in this iteration)
     assert_trees_close(summed["layer2"], ref)
     np.testing.assert_allclose(stats.per_example_norms, norms2, rtol=1e-5)
     assert set(stats.layer_norm_mean) == {"layer2/b", "layer2/w"}

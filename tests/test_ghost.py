@@ -177,7 +177,7 @@ def test_unrecognised_use_falls_back_and_microbatches():
 
 
 def test_flax_linen_and_nnx_models_need_no_changes():
-    flax = pytest.importorskip("flax")
+    pytest.importorskip("flax")
     from flax import linen, nnx
 
     class Lin(linen.Module):

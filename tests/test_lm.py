@@ -19,7 +19,7 @@ from jaxdp.lm import (GPT2, GPT2Config, TRAINABLE, ByteTokenizer, CanaryFormat, 
 CFG = GPT2Config(vocab_size=257, n_positions=16, n_embd=16, n_layer=2, n_head=2)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _tiny(seed):
     return GPT2(CFG, rngs=nnx.Rngs(seed))
 
@@ -227,12 +227,12 @@ def test_lm_clipped_sum_equals_per_example_reference():
     norms = []
     one_grad = jax.jit(jax.grad(lambda t, one: loss_fn({"trainable": t, "frozen": params["frozen"]}, one)[0]))
     for i in range(4):
-        one = jax.tree_util.tree_map(lambda a: a[i:i + 1], batch)
+        one = jax.tree_util.tree_map(lambda a: a[i:i + 1], batch)  # noqa: B023 (called at once, in this iteration)
         g = one_grad(params["trainable"], one)
         n = float(jnp.sqrt(sum(jnp.sum(l ** 2) for l in jax.tree_util.tree_leaves(g))))
         norms.append(n)
         if ex_mask[i]:
-            ref = jax.tree_util.tree_map(lambda r, gi: r + min(1.0, C / (n + 1e-6)) * gi, ref, g)
+            ref = jax.tree_util.tree_map(lambda r, gi: r + min(1.0, C / (n + 1e-6)) * gi, ref, g)  # noqa: B023 (called at once, in this iteration)
     assert min(norms[:3]) > C
     # "auto" materialises the small LoRA layers' per-example gradients inside the ghost backward pass, "ghost"
     # forces the sequence formula <A A^T, G G^T> on every adapter.

@@ -2,7 +2,6 @@
 what a YAML config can name (own module, any optax optimiser, schedules, public standardisation), model cards that
 keep their formatting (and Hugging Face front matter), CLI help and polish, seeds drawn from the OS."""
 import json
-import math
 import os
 import subprocess
 import sys
@@ -349,7 +348,7 @@ def test_warnings_are_one_line_without_source(monkeypatch, capsys):
     import jaxdp.accounting.cli as acli
 
     def warn(args):
-        warnings.warn("something to know")
+        warnings.warn("something to know", stacklevel=2)
         return 0
 
     monkeypatch.setattr(acli, "_epsilon", warn)

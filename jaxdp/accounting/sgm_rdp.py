@@ -38,7 +38,7 @@ with numpy/scipy.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 from dp_accounting import dp_event as dpe

@@ -23,7 +23,7 @@ here from the binomial probabilities. The bound is the largest eps whose p-value
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 from scipy import stats

@@ -16,7 +16,7 @@ the scores of all targets are pooled into one ROC (members = examples in that ta
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import numpy as np

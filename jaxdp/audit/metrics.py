@@ -14,7 +14,7 @@ LOW false-positive rates (0.1%, 1%), read off a log-log ROC, more than the AUC (
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 from scipy import stats

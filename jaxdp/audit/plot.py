@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import io
 import os
-from typing import Any, Mapping, Sequence
+from typing import Any
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 

@@ -27,7 +27,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -269,7 +270,7 @@ def train_models(config: ShadowConfig, x, y, include_masks, key: jax.Array, cana
         vectorize = jax.default_backend() != "cpu"
     if vectorize:
         return params0, _train_many(config, cap, batch, params0, masks, train_keys)
-    outs = [_train_one(config, cap, batch, jax.tree_util.tree_map(lambda a: a[i], params0), masks[i],
+    outs = [_train_one(config, cap, batch, jax.tree_util.tree_map(lambda a: a[i], params0), masks[i],  # noqa: B023 (called at once, in this iteration)
                        train_keys[i])
             for i in range(masks.shape[0])]
     return params0, jax.tree_util.tree_map(lambda *a: jnp.stack(a), *outs)

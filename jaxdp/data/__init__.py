@@ -85,7 +85,8 @@ def check_labels(y: np.ndarray, source: str, name: str = "labels") -> np.ndarray
         frac = y != np.round(y)
         if frac.any():
             raise DataValidationError(
-                f"{source}: {name}: {_count_bad(frac, 'fractional labels')}, e.g. {float(y[frac][0]):g}; labels must be "
+                f"{source}: {name}: {_count_bad(frac, 'fractional labels')}, e.g. {float(y[frac][0]):g}; "
+                f"labels must be "
                 "integer class indices 0..K-1 (they would be truncated). For regression targets use your own "
                 "loss through jaxdp.PrivacyEngine.")
     neg = y < 0
@@ -127,15 +128,15 @@ def check_classes(y_train: np.ndarray, y_test: np.ndarray, source: str, num_clas
             "nothing to learn (accuracy would be 1.0 by construction). Check the label column.")
 
 
-def check_dataset(ds: "Dataset", source: str, columns: list[str] | None = None) -> "Dataset":
+def check_dataset(ds: Dataset, source: str, columns: list[str] | None = None) -> Dataset:
     """Check a :class:`Dataset` (features finite, labels 0..K-1 with >= 2 classes, lengths match); return it
     with int32 labels. Raises :class:`DataValidationError` naming ``source``, the array/column and the count."""
     for xs, ys, split in ((ds.x_train, ds.y_train, "train"), (ds.x_test, ds.y_test, "test")):
         if len(xs) != len(ys):
             raise DataValidationError(f"{source}: x_{split} has {len(xs)} examples but y_{split} has {len(ys)}")
         check_features(xs, source, f"x_{split}", columns)
-    y_train = check_labels(ds.y_train, source, "y_train" if columns is None else f"label column (train)")
-    y_test = check_labels(ds.y_test, source, "y_test" if columns is None else f"label column (test)")
+    y_train = check_labels(ds.y_train, source, "y_train" if columns is None else "label column (train)")
+    y_test = check_labels(ds.y_test, source, "y_test" if columns is None else "label column (test)")
     if len(y_train) == 0:
         raise DataValidationError(f"{source}: the training set is empty")
     check_classes(y_train, y_test, source)

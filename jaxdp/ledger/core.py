@@ -169,7 +169,7 @@ class _State:
         self.runs: dict[str, RunRecord] = {}
 
     @classmethod
-    def from_rows(cls, rows: list[Row]) -> "_State":
+    def from_rows(cls, rows: list[Row]) -> _State:
         """Replay the log. Every transition the API itself would refuse is refused here too (a correctly
         hashed but forged row is still a forged row): one ``register`` per dataset; a run id is reserved once
         and then committed or released once; commits and releases name an open reservation; a reservation is
@@ -242,7 +242,7 @@ class Ledger:
 
     # ------------------------------------------------------------------ opening
     @classmethod
-    def open(cls, url_or_path: str | os.PathLike, *, create: bool = False) -> "Ledger":
+    def open(cls, url_or_path: str | os.PathLike, *, create: bool = False) -> Ledger:
         """Open a ledger: a file path, ``sqlite:///relative.db``, ``sqlite:////abs.db`` or ``postgresql://...``.
 
         ``create=False`` (the default) refuses a missing SQLite file or a database without ledger tables, so
@@ -253,7 +253,7 @@ class Ledger:
         return cls(open_store(url_or_path, create=False))
 
     @classmethod
-    def init(cls, url_or_path: str | os.PathLike, *, writer_role: str | None = None) -> "Ledger":
+    def init(cls, url_or_path: str | os.PathLike, *, writer_role: str | None = None) -> Ledger:
         """Create a ledger (tables, triggers and its first row in one transaction) and open it. On an existing
         ledger: verify it and add any append-only trigger an older jaxdp did not create (idempotent).
 
@@ -297,7 +297,7 @@ class Ledger:
         return led
 
     @classmethod
-    def restore(cls, url_or_path: str | os.PathLike, export: dict) -> "Ledger":
+    def restore(cls, url_or_path: str | os.PathLike, export: dict) -> Ledger:
         """Rebuild a lost ledger from a JSON export (:meth:`export`, `jaxdp ledger export`) into a new store: the
         rows are copied verbatim (same seq, timestamps, payloads and hashes), so the restored chain verifies and
         keeps its head hash. Refused unless the export's rows verify and replay, and unless the target holds no
@@ -344,7 +344,7 @@ class Ledger:
     def close(self) -> None:
         self._store.close()
 
-    def __enter__(self) -> "Ledger":
+    def __enter__(self) -> Ledger:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -706,7 +706,7 @@ def _budget_error(run_id: str, events: list[dict], refused: list[dict]) -> Budge
     return BudgetExceededError(msg, details)
 
 
-def require_reservation(ledger: "Ledger | str | os.PathLike | None", dataset_id: str, run_id: str,
+def require_reservation(ledger: Ledger | str | os.PathLike | None, dataset_id: str, run_id: str,
                         private: bool = True, *, parent_run_id: str | None = None) -> RunRecord | None:
     """The trainer's gate, called before its first step. Raises :class:`ReservationRequiredError` when
 

@@ -21,7 +21,8 @@ import json
 import os
 import sqlite3
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
+from collections.abc import Iterator
 
 FORMAT = "jaxdp-ledger"
 SCHEMA_VERSION = "1"
@@ -165,7 +166,7 @@ class Store:
     def ddl(self) -> list[str]:  # pragma: no cover - interface
         raise NotImplementedError
 
-    def refuse_init(self, tx) -> "LedgerStoreError | None":  # pragma: no cover - interface
+    def refuse_init(self, tx) -> LedgerStoreError | None:  # pragma: no cover - interface
         raise NotImplementedError
 
     def install_triggers(self) -> None:  # pragma: no cover - interface

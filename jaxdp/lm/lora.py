@@ -19,7 +19,7 @@ public (pre-trained) or were trained on other data, and are never touched by the
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp

@@ -25,7 +25,8 @@ import json
 import math
 import os
 import re
-from typing import Any, Mapping
+from typing import Any
+from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
@@ -68,7 +69,7 @@ class GPT2Config:
         return self.n_inner or 4 * self.n_embd
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "GPT2Config":
+    def from_dict(cls, d: Mapping[str, Any]) -> GPT2Config:
         """Build from a Hugging Face ``config.json`` dict (unknown keys are ignored)."""
         model_type = d.get("model_type", "gpt2")
         if model_type != "gpt2":

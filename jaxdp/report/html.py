@@ -10,7 +10,8 @@ import base64
 import datetime as _dt
 import html as _html
 import os
-from typing import Any, Mapping
+from typing import Any
+from collections.abc import Mapping
 
 from jaxdp._io import atomic_write
 from jaxdp.report import plots
@@ -136,7 +137,8 @@ def render_html(card: Mapping[str, Any], metrics: RunSummary | Mapping[str, Any]
         out.append("<tr>" + "".join(f"<td class='num'>{e(_fmt(getattr(r, k)))}</td>" for k in _EPOCH_COLUMNS)
                    + "</tr>")
     out.append("</table><h2>Model card section (YAML)</h2>")
-    out.append(f"<pre>{e(yaml.safe_dump({'model_privacy': dict(card)}, sort_keys=False, allow_unicode=True, width=100))}"
+    dumped = yaml.safe_dump({'model_privacy': dict(card)}, sort_keys=False, allow_unicode=True, width=100)
+    out.append(f"<pre>{e(dumped)}"
                "</pre></body></html>")
     return "\n".join(out)
 

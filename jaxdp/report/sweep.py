@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Sequence
+from typing import Any
+from collections.abc import Sequence
 
 from jaxdp._io import atomic_write
 from jaxdp.train.summary import RunSummary

@@ -25,7 +25,6 @@ training run on a protected dataset without a ledger reservation.
 from __future__ import annotations
 
 import logging
-import os
 from importlib import resources
 
 _log = logging.getLogger("jaxdp.telemetry")

@@ -11,7 +11,7 @@ import importlib.util
 import inspect
 import os
 import sys
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
 
 TOTAL_STEPS = "total_steps"  # a schedule option with this value becomes the run's planned number of steps
 

@@ -15,7 +15,8 @@ import functools
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 import flax.linen as nn
 import jax
@@ -267,7 +268,7 @@ def _build(name, flax_module, torch_cls, table, make_batch, example, seed):
     return ModelPair(name, flax_module, params, module, table, make_batch)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def build(name: str, seed: int = 0) -> ModelPair:
     """Build the Flax and torch versions of model ``name`` with identical weights (cached: the steps below
     never modify the weights)."""
@@ -375,7 +376,7 @@ def max_violation(a: np.ndarray, b: np.ndarray, atol=ATOL, rtol=RTOL) -> float:
     return float(np.max(np.abs(a - b) / (atol + rtol * np.abs(b))))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def compare_step(name: str, clipping: str, loss_reduction: str, batch_size: int = 16, seed: int = 0,
                  dataset_size: int = 1000):
     """Run both libraries on the same weights and batch with noise 0; return a dict of comparisons.

@@ -8,7 +8,6 @@ sample standard deviation has relative standard error 1/sqrt(2(n-1)) = 0.0057; w
 """
 import math
 
-import numpy as np
 import pytest
 
 import parity_harness as h
