@@ -21,10 +21,23 @@ every trainable leaf is classified. A leaf is handled by a ghost norm when it is
 norm-preserving reshapes (transpose / reshape / dtype conversion), as the weight operand of a
 ``dot_general`` without batch dimensions, the kernel of a ``conv_general_dilated`` without feature groups, or
 the table of a row ``gather`` (an embedding lookup). Every other leaf -- biases and scales (cheap), tied
-weights, parameters used in loops, custom derivatives or any op not listed -- falls back to materialising
-per-example gradients for THAT leaf alone, inside the same backward pass. We chose jaxpr tracing over Flax
-method interception because it needs no knowledge of the model library, sees through ``jit``-wrapped
-helpers, and cannot miss a use of a parameter (a missed use would under-estimate a norm and break DP).
+weights, or any op not listed -- falls back to materialising per-example gradients for THAT leaf alone, inside
+the same backward pass. We chose jaxpr tracing over Flax method interception because it needs no knowledge of
+the model library, sees through ``jit``-wrapped helpers, and cannot miss a use of a parameter (a missed use
+would under-estimate a norm and break DP).
+
+Control flow. Nested ``jit`` is inlined. ``lax.scan``: a leaf scanned over (stacked per-layer weights
+``[L, ...]``, the ``nnx.scan`` pattern) is ``L`` ghost sites, ``W[l]``'s norm bounded and certified per
+(example, layer); a leaf that is a constant of the body (shared by all iterations, an RNN's weight) has the
+per-example gradient ``sum_l A_l^T G_l``, whose ghost norm is the sequence formula over all ``L T`` positions
+(cross-iteration Gram terms included), with the same error bound and exact fallback. The scan is rebuilt with
+the same length, direction and unroll, the probes as extra scanned inputs and the activations as extra stacked
+outputs. ``jax.checkpoint`` / ``nnx.remat`` is re-bound with the user's ``policy`` and ``prevent_cse`` (the
+sites' activations and probes, ``O(T (d + p))`` per example, are its only extra outputs). ``custom_vjp`` /
+``custom_jvp`` whose primal holds a recognised layer: the primal is differentiated instead of the custom rule
+(warned once, naming the function; ``method="vmap"`` applies the rule). Not handled, exact fallback with ONE
+warning naming the parameter and the reason: ``while_loop``, ``cond``, a scan nested in a scan, a leaf in a
+scan's carry, a leaf reshaped before it is scanned over, a leaf-derived value returned by a scan and used.
 
 The backward pass itself is the ordinary one, vmapped over examples, with a zero "probe" added to the output
 of each ghost layer: the gradient with respect to the probe is the output gradient ``g``; the activations are

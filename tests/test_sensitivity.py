@@ -615,7 +615,7 @@ def test_unhandled_control_flow_warns_once_naming_the_parameter_and_stays_exact(
     """A leaf used in control flow the ghost engine does not handle keeps the exact (materialised) path, and
     jaxdp says so ONCE, naming the parameter path and the reason -- however often the step is traced.
     (JAX cannot reverse-differentiate a while_loop at all: there only the plan and the warning are checked.)"""
-    monkeypatch.setattr(ghost, "_WARNED", set())
+    monkeypatch.setattr(ghost, "_WARNED", set(), raising=False)
     params = {"layer": {"w": 0.4 * jax.random.normal(jax.random.key(0), (D, D))}}
     batch = seq_batch(2, 0.0, 1.0, False)
     with pytest.warns(UserWarning) as rec:
@@ -653,7 +653,7 @@ def test_custom_vjp_rule_replacement_is_said(monkeypatch):
     differentiating the PRIMAL, and warn once, naming the function and pointing to method='vmap' (which applies
     the custom rule). A custom rule around a use the ghost formulas do not cover (a straight-through round) is
     kept: the parameter takes the exact path with the rule applied, and nothing is said."""
-    monkeypatch.setattr(ghost, "_WARNED", set())
+    monkeypatch.setattr(ghost, "_WARNED", set(), raising=False)
     params, batch = _p(30, {"w": (D, P)}), seq_batch(4, 0.0, 1.0, False)
 
     def scaled(p, b):
