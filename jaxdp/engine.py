@@ -25,7 +25,7 @@ from flax import nnx
 from jaxdp import _checks, compat, validation
 from jaxdp.clipping import ClipStats, clipped_grad, total_clip_norm
 from jaxdp.noise import add_noise
-from jaxdp.sampling import CyclicPoissonSampler, PoissonSampler, ShuffleSampler
+from jaxdp.sampling import CyclicPoissonSampler, PoissonSampler, ShuffleSampler, steps_for_epochs
 
 PyTree = Any
 
@@ -126,13 +126,14 @@ class PrivateTraining:
 
     Attributes:
       sampler: the :class:`~jaxdp.PoissonSampler` (or ShuffleSampler) that selects every batch.
-      noise_multiplier, max_grad_norm, sample_rate, expected_batch_size: the mechanism's parameters.
+      noise_multiplier, l2_clip_norm, sample_rate, expected_batch_size: the mechanism's parameters
+        (``max_grad_norm``: deprecated name of ``l2_clip_norm``).
       accountant: the engine's accountant; every :meth:`step` records one step in it.
       max_steps: the last step allowed by the target epsilon (None when there is no target).
     """
 
     def __init__(self, *, engine: "PrivacyEngine", pure_loss: Callable, params: PyTree, optimizer,
-                 dataset_size: int, sampler, noise_multiplier: float, max_grad_norm, key, secure_mode: bool,
+                 dataset_size: int, sampler, noise_multiplier: float, l2_clip_norm, key, secure: bool,
                  method: str, microbatch_size: int | None, trainable, expected_batch_size: float,
                  target_epsilon: float | None, target_delta: float | None, planned_steps: int | None,
                  nnx_graph: tuple | None, noise_tx: Any = None, mechanism: str = "dpsgd",
@@ -142,7 +143,7 @@ class PrivateTraining:
         self.sampler = sampler
         self.dataset_size = dataset_size
         self.noise_multiplier = float(noise_multiplier)
-        self.max_grad_norm = max_grad_norm
+        self.l2_clip_norm = l2_clip_norm
         self.sample_rate = sampler.sample_rate
         self.expected_batch_size = float(expected_batch_size)
         self.target_epsilon = target_epsilon
@@ -155,12 +156,12 @@ class PrivateTraining:
         self._example_key = None  # set by make_private when the loss needs per-example keys (dropout)
         self._data_checked: tuple | None = None  # ids of the last data checked by batches()
         self.loss_fn = pure_loss
-        self.grad_fn = clipped_grad(pure_loss, max_grad_norm, method=method, microbatch_size=microbatch_size,
+        self.grad_fn = clipped_grad(pure_loss, l2_clip_norm, method=method, microbatch_size=microbatch_size,
                                     trainable=trainable)
         self.tx = optax.chain(
             noise_tx if noise_tx is not None else add_noise(
-                self.noise_multiplier, max_grad_norm, self.expected_batch_size, key, secure=secure_mode,
-                trainable=trainable),
+                noise_multiplier=self.noise_multiplier, l2_clip_norm=l2_clip_norm,
+                expected_batch_size=self.expected_batch_size, key=key, secure=secure, trainable=trainable),
             optimizer)
         self.max_steps = self._max_steps() if target_epsilon is not None else None
         # One step on one device or data-parallel over all local devices: each device clips and sums its
@@ -171,21 +172,29 @@ class PrivateTraining:
         self.num_devices = jax.device_count()
         self.num_processes = jax.process_count()
         if self.num_processes > 1:
-            if secure_mode:
-                raise ValueError("secure_mode draws batches and noise from each process's own OS entropy, which "
+            if secure:
+                raise ValueError("secure=True draws batches and noise from each process's own OS entropy, which "
                                  "would differ between the processes; it is not supported with several processes")
             distributed.check_same_on_all_processes(
                 [getattr(sampler, "seed", None), sampler.sampling, sampler.sample_rate, dataset_size,
-                 self.noise_multiplier, repr(max_grad_norm), self.expected_batch_size, method, mechanism,
+                 self.noise_multiplier, repr(l2_clip_norm), self.expected_batch_size, method, mechanism,
                  np.asarray(jax.random.key_data(key)).tolist()],
                 "the sampler seed, noise key or mechanism (sigma, C, q, N, E)")
         self._update = distributed.private_update(self.grad_fn, self.tx)
         self._opt_init = self.tx.init
         self.adaptive = None
         if adaptive is not None:
-            self._setup_adaptive(adaptive, optimizer, key, secure_mode, microbatch_size, trainable)
+            self._setup_adaptive(adaptive, optimizer, key, secure, microbatch_size, trainable)
 
-    def _setup_adaptive(self, config, optimizer, key, secure_mode, microbatch_size, trainable) -> None:
+    @property
+    def max_grad_norm(self):
+        """Deprecated name of :attr:`l2_clip_norm`."""
+        import warnings
+        warnings.warn("PrivateTraining.max_grad_norm is deprecated; use .l2_clip_norm (same value)",
+                      DeprecationWarning, stacklevel=2)
+        return self.l2_clip_norm
+
+    def _setup_adaptive(self, config, optimizer, key, secure, microbatch_size, trainable) -> None:
         """Adaptive clipping (jaxdp.adaptive): the step clips at the current C_t held in the optimiser state,
         noises the gradient with sigma_eff and the centred unclipped count with sigma_b; the accountant records
         ``self.noise_multiplier``, the sigma that composes both releases."""
@@ -195,53 +204,36 @@ class PrivateTraining:
         self.adaptive = adaptive.AdaptiveClipConfig.from_any(config)
         ada = adaptive.adaptive_clipping(
             self.loss_fn, noise_multiplier=self.noise_multiplier, expected_batch_size=self.expected_batch_size,
-            key=key, initial_clip_norm=float(self.max_grad_norm), target_quantile=self.adaptive.target_quantile,
+            key=key, initial_clip_norm=float(self.l2_clip_norm), target_quantile=self.adaptive.target_quantile,
             learning_rate=self.adaptive.learning_rate, count_noise_std=self.adaptive.count_noise_std,
             normalize=self.adaptive.normalize, method=self.method, microbatch_size=microbatch_size,
-            trainable=trainable, secure=secure_mode)
+            trainable=trainable, secure=secure)
         self.effective_noise_multiplier = ada.effective_noise_multiplier
         self.count_noise_std = ada.count_noise_std
         self._opt_init, self._update = adaptive.private_update(ada, optimizer)
 
     def clip_norm(self, state: TrainState) -> float:
-        """The clip norm the next step uses: ``C_t`` with adaptive clipping, else ``max_grad_norm``."""
+        """The clip norm the next step uses: ``C_t`` with adaptive clipping, else ``l2_clip_norm``."""
         if self.adaptive is None:
-            return float(total_clip_norm(self.max_grad_norm))
+            return float(total_clip_norm(self.l2_clip_norm))
         return float(state.opt_state.clip.clip_norm)
 
     # -- accounting ------------------------------------------------------------------------------------
-    def _event(self, steps: int) -> dict:
-        s = self.sampler
-        if s.sampling == "shuffle":
-            return {"sampling": "shuffle", "noise_multiplier": self.noise_multiplier,
-                    "batch_size": s.batch_size, "dataset_size": s.dataset_size, "steps": steps}
-        if s.sampling == "cyclic_poisson":
-            return {"sampling": "cyclic_poisson", "mechanism": self.mechanism, "bands": s.bands,
-                    "noise_multiplier": self.noise_multiplier, "sample_rate": s.sample_rate, "steps": steps}
-        if s.sampling == "truncated_poisson":
-            return {"sampling": "truncated_poisson", "noise_multiplier": self.noise_multiplier,
-                    "sample_rate": s.sample_rate, "max_batch_size": s.max_batch_size,
-                    "dataset_size": s.dataset_size, "steps": steps}
-        return {"sampling": "poisson", "noise_multiplier": self.noise_multiplier,
-                "sample_rate": s.sample_rate, "steps": steps}
+    def event(self, steps: int):
+        """The :class:`jaxdp.accounting.Event` of ``steps`` steps of this mechanism, as the sampler emits it."""
+        return self.sampler.event(self.noise_multiplier, steps, mechanism=self.mechanism)
 
     def events(self, steps: int) -> list[dict]:
         """The dp-accounting events of ``steps`` steps of this mechanism (for ledgers and planning)."""
-        return [self._event(steps)]
+        return [self.event(steps).to_dict()]
 
     def _record_step(self) -> None:
-        s = self.sampler
-        if s.sampling == "cyclic_poisson":
-            self.accountant.record(self._event(1))
-            return
-        self.accountant.step(self.noise_multiplier, s.sample_rate, 1, sampling=s.sampling,
-                             dataset_size=s.dataset_size, batch_size=getattr(s, "batch_size", None),
-                             max_batch_size=getattr(s, "max_batch_size", None))
+        self.accountant.record(self.event(1))
 
     def _epsilon_after(self, extra_steps: int) -> float:
         acc = _accounting()
         events = list(self.accountant.history) + self.events(extra_steps)
-        return acc.events_epsilon(events, self.target_delta, accountant=self.accountant.accountant,
+        return acc.events_epsilon(events, self.target_delta, accountant=self.accountant.method,
                                   neighboring_relation=self.accountant.neighboring_relation)
 
     def _max_steps(self) -> int:
@@ -280,7 +272,7 @@ class PrivateTraining:
             try:
                 sigma = _accounting().calibrate_noise_multiplier(
                     self.target_epsilon, self.target_delta, s.sample_rate, steps=self.planned_steps,
-                    accountant=self.accountant.accountant,
+                    accountant=self.accountant.method,
                     neighboring_relation=self.accountant.neighboring_relation)
                 options.insert(1, f"noise_multiplier >= {sigma:.4f}")
             except ValueError:
@@ -448,14 +440,26 @@ class PrivacyEngine:
 
     Args:
       accountant: ``"prv"`` (default, tight upper bound), ``"rdp"`` or ``"pld"`` (see :mod:`jaxdp.accounting`).
-      secure_mode: draw noise and batch selection from the OS entropy source (not reproducible).
+      secure: draw noise and batch selection from the OS entropy source (not reproducible), as
+        :func:`jaxdp.add_noise` and the samplers do with ``secure=True``.
       neighboring_relation: ``"add_remove"`` (default) or ``"replace_one"``.
+      secure_mode: deprecated name of ``secure`` (a DeprecationWarning says so).
     """
 
-    def __init__(self, accountant: str = "prv", *, secure_mode: bool = False,
-                 neighboring_relation: str = "add_remove") -> None:
+    def __init__(self, accountant: str = "prv", *, secure: bool = False,
+                 neighboring_relation: str = "add_remove", secure_mode: bool | None = None) -> None:
+        secure = _checks.renamed_keyword("PrivacyEngine", "secure", secure, "secure_mode", secure_mode,
+                                         new_default=False)
         self.accountant = _accounting().Accountant(accountant, neighboring_relation=neighboring_relation)
-        self.secure_mode = bool(secure_mode)
+        self.secure = bool(secure)
+
+    @property
+    def secure_mode(self) -> bool:
+        """Deprecated name of :attr:`secure`."""
+        import warnings
+        warnings.warn("PrivacyEngine.secure_mode is deprecated; use .secure (same value)", DeprecationWarning,
+                      stacklevel=2)
+        return self.secure
 
     def _prepare(self, loss_fn, model, variables, params, sample_input):
         if model is not None and isinstance(model, nnx.Module):
@@ -500,7 +504,7 @@ class PrivacyEngine:
         dataset_size: int,
         batch_size: float,
         noise_multiplier: float,
-        max_grad_norm: float | PyTree,
+        l2_clip_norm: float | PyTree = None,
         seed: int | None = None,
         model: Any = None,
         variables: PyTree = None,
@@ -523,6 +527,7 @@ class PrivacyEngine:
         mechanism: str = "dpsgd",
         bands: int | None = None,
         allow_large_delta: bool = False,
+        max_grad_norm: float | PyTree = None,
     ) -> PrivateTraining:
         """Wrap a model, a per-example loss and an optax optimiser into a :class:`PrivateTraining`.
 
@@ -532,14 +537,15 @@ class PrivacyEngine:
           optimizer: any optax optimiser; it receives the noisy average gradient.
           dataset_size: ``N``, the number of examples (one example = the privacy unit).
           batch_size: the EXPECTED batch size; the sampling rate is ``q = batch_size / N``.
-          noise_multiplier: ``sigma``; noise std is ``sigma * max_grad_norm``.
-          max_grad_norm: clip norm ``C`` (a number, or a per-layer pytree).
-          seed: int seed for batch selection and noise (required unless ``secure_mode``); keep it secret.
+          noise_multiplier: ``sigma``; noise std is ``sigma * l2_clip_norm``.
+          l2_clip_norm: clip norm ``C`` (a number, or a per-layer pytree): the bound on each example's
+            contribution, the name :func:`jaxdp.clipped_grad` and :func:`jaxdp.add_noise` use.
+          seed: int seed for batch selection and noise (required unless ``secure``); keep it secret.
           epochs: planned epochs (sets the budget-stop search start; ``make_private_with_epsilon`` needs it).
           poisson_sampling: False = shuffled fixed-size batches, accounted as such (not as Poisson).
           opacus_compat: divide by ``int(N * q)`` as Opacus does instead of ``q * N``.
           adaptive_clipping: ``True``, a dict or a :class:`jaxdp.adaptive.AdaptiveClipConfig`: the clip norm
-            starts at ``max_grad_norm`` (a number) and tracks a private quantile of the gradient norms
+            starts at ``l2_clip_norm`` (a number) and tracks a private quantile of the gradient norms
             (Andrew et al. 2021; docs/adaptive.md). ``noise_multiplier`` stays the sigma the accountant records;
             the gradient gets ``effective_noise_multiplier`` and the unclipped count ``count_noise_std``.
           target_epsilon, target_delta: stop (PrivacyBudgetExhausted) at the step that would exceed epsilon.
@@ -553,7 +559,12 @@ class PrivacyEngine:
             as DP-SGD with rate ``p`` and ``ceil(T / b)`` steps. Needs a fresh engine (no earlier steps).
           allow_large_delta: accept ``target_delta >= 1/N`` (refused by default: such a delta allows publishing
             an example outright); recorded as ``private.allow_large_delta``.
+          max_grad_norm: deprecated name of ``l2_clip_norm`` (Opacus's name; a DeprecationWarning says so).
         """
+        l2_clip_norm = _checks.renamed_keyword("make_private", "l2_clip_norm", l2_clip_norm, "max_grad_norm",
+                                               max_grad_norm)
+        if l2_clip_norm is None:
+            raise TypeError("make_private needs l2_clip_norm= (the clip norm C: a number, or a per-layer pytree)")
         n = _checks.positive_int("dataset_size", dataset_size)
         b = _checks.positive("batch_size", batch_size)
         q = _checks.sample_rate(b / n, "batch_size / dataset_size")
@@ -561,17 +572,17 @@ class PrivacyEngine:
             # Opacus's DPDataLoader: q = 1 / ceil(N / B), normaliser int(N * q) (63 for B=64, N=60,000).
             q = compat.sample_rate(n, int(round(b)), opacus_compat=True)
         sigma = _checks.non_negative("noise_multiplier", noise_multiplier)
-        total_clip_norm(max_grad_norm)
+        total_clip_norm(l2_clip_norm)
         if adaptive_clipping is not None and adaptive_clipping is not False:
             if mechanism != "dpsgd":
                 raise ValueError("adaptive_clipping is for mechanism='dpsgd' (its count release is accounted as "
-                                 "part of a DP-SGD step); use a fixed max_grad_norm with mechanism='bandmf'")
-            _check_adaptive(adaptive_clipping, max_grad_norm, b, sigma)
+                                 "part of a DP-SGD step); use a fixed l2_clip_norm with mechanism='bandmf'")
+            _check_adaptive(adaptive_clipping, l2_clip_norm, b, sigma)
         else:
             adaptive_clipping = None
-        if seed is None and not self.secure_mode:
+        if seed is None and not self.secure:
             raise ValueError("make_private needs seed= (an int you keep secret) for batch selection and noise, "
-                             "or PrivacyEngine(secure_mode=True) to use the OS entropy source")
+                             "or PrivacyEngine(secure=True) to use the OS entropy source")
         if target_epsilon is not None:
             _checks.positive("target_epsilon", target_epsilon)
             if target_delta is None:
@@ -594,35 +605,33 @@ class PrivacyEngine:
         elif bands not in (None, 1):
             raise ValueError("bands is for mechanism='bandmf'; DP-SGD has no bands")
         pure, p, graph = self._prepare(loss_fn, model, variables, params, sample_input)
-        if not jax.tree_util.treedef_is_leaf(jax.tree_util.tree_structure(max_grad_norm)):
+        if not jax.tree_util.treedef_is_leaf(jax.tree_util.tree_structure(l2_clip_norm)):
             from jaxdp.clip_groups import clip_norm_tree  # per-layer: check the group names, list the valid ones
-            max_grad_norm = clip_norm_tree(p, max_grad_norm)
+            l2_clip_norm = clip_norm_tree(p, l2_clip_norm)
         if mechanism == "bandmf":
-            sampler = CyclicPoissonSampler(n, q * bands, bands, seed, secure=self.secure_mode)
+            sampler = CyclicPoissonSampler(n, q * bands, bands, seed, secure=self.secure)
         elif poisson_sampling:
-            sampler = PoissonSampler(n, q, seed, max_batch_size=max_batch_size, secure=self.secure_mode)
+            sampler = PoissonSampler(n, q, seed, max_batch_size=max_batch_size, secure=self.secure)
         else:
-            sampler = ShuffleSampler(n, int(round(b)), seed, secure=self.secure_mode)
+            sampler = ShuffleSampler(n, int(round(b)), seed, secure=self.secure)
         # Opacus divides by int(N * q) (e.g. 63 for batch 64 on 60,000 examples); jaxdp by q * N.
         e = compat.expected_batch_size(n, q, opacus_compat=opacus_compat) if (
             poisson_sampling and mechanism == "dpsgd") else sampler.expected_batch_size
         # Refuse now, before any data is touched, a sampling this accountant cannot account for (rule 5).
-        probe = _accounting().Accountant(self.accountant.accountant,
+        probe = _accounting().Accountant(self.accountant.method,
                                          neighboring_relation=self.accountant.neighboring_relation)
-        probe.step(sigma, sampler.sample_rate, 1, sampling=sampler.sampling, dataset_size=n,
-                   batch_size=getattr(sampler, "batch_size", None),
-                   max_batch_size=getattr(sampler, "max_batch_size", None),
-                   bands=getattr(sampler, "bands", None), mechanism=mechanism)
-        key = None if self.secure_mode else jax.random.fold_in(jax.random.key(seed), 0x6E6F6973)  # "nois": noise stream
+        probe.record(sampler.event(sigma, 1, mechanism=mechanism))
+        key = None if self.secure else jax.random.fold_in(jax.random.key(seed), 0x6E6F6973)  # "nois": noise stream
         planned = None if epochs is None else sampler.steps_for_epochs(epochs)
         noise_tx = None
         if mechanism == "bandmf":
             from jaxdp.matrix_factorization import bandmf_noise
-            noise_tx = bandmf_noise(sigma, max_grad_norm, e, key, bands=bands, steps=max(planned, 1),
-                                    secure=self.secure_mode, trainable=trainable)
+            noise_tx = bandmf_noise(noise_multiplier=sigma, l2_clip_norm=l2_clip_norm, expected_batch_size=e,
+                                    key=key, bands=bands, steps=max(planned, 1),
+                                    secure=self.secure, trainable=trainable)
         private = PrivateTraining(
             engine=self, pure_loss=pure, params=p, optimizer=optimizer, dataset_size=n, sampler=sampler,
-            noise_multiplier=sigma, max_grad_norm=max_grad_norm, key=key, secure_mode=self.secure_mode,
+            noise_multiplier=sigma, l2_clip_norm=l2_clip_norm, key=key, secure=self.secure,
             method=method, microbatch_size=microbatch_size, trainable=trainable, expected_batch_size=e,
             target_epsilon=target_epsilon, target_delta=target_delta, planned_steps=planned, nnx_graph=graph,
             noise_tx=noise_tx, mechanism=mechanism, adaptive=adaptive_clipping)
@@ -637,7 +646,7 @@ class PrivacyEngine:
                                  "several processes yet; train it in one process (several local devices work) "
                                  "or remove the dropout")
             import secrets
-            private._example_key = (jax.random.key(secrets.randbits(63)) if self.secure_mode else
+            private._example_key = (jax.random.key(secrets.randbits(63)) if self.secure else
                                     jax.random.fold_in(jax.random.key(seed), _EXAMPLE_KEY_STREAM))
         return private
 
@@ -656,13 +665,13 @@ class PrivacyEngine:
         if kwargs.get("opacus_compat", False):
             # calibrate for the rate the sampler will actually use (Opacus's 1 / ceil(N / B)), not B / N
             q = compat.sample_rate(n, int(round(batch_size)), opacus_compat=True)
-        steps = PoissonSampler(n, q, 0).steps_for_epochs(epochs)
+        steps = steps_for_epochs(epochs, q)   # the steps the sampler will take (the same rule)
         if kwargs.get("mechanism", "dpsgd") == "bandmf":   # DP-SGD with rate b q and ceil(T / b) steps
             bands = _check_bandmf(n, batch_size, q, kwargs.get("bands"), epochs, kwargs.get("poisson_sampling", True),
                                   kwargs.get("max_batch_size"), kwargs.get("opacus_compat", False), self.accountant)
-            from jaxdp.accounting import cyclic_participations
-            q, steps = q * bands, cyclic_participations(CyclicPoissonSampler(n, q * bands, bands, 0)
-                                                        .steps_for_epochs(epochs), bands)
+            sampler = CyclicPoissonSampler(n, q * bands, bands, 0)
+            cyclic = sampler.event(1.0, sampler.steps_for_epochs(epochs), mechanism="bandmf").equivalent_poisson()
+            q, steps = cyclic.sample_rate, cyclic.steps
         sigma = self.calibrate(target_epsilon, target_delta, q, steps)
         return self.make_private(noise_multiplier=sigma, dataset_size=n, batch_size=batch_size, epochs=epochs,
                                  target_epsilon=target_epsilon, target_delta=target_delta, **kwargs)
@@ -672,7 +681,7 @@ class PrivacyEngine:
         acc = _accounting()
         if self.accountant.steps == 0:
             return acc.calibrate_noise_multiplier(target_epsilon, target_delta, sample_rate, steps=steps,
-                                                  accountant=self.accountant.accountant)
+                                                  accountant=self.accountant.method)
         raise ValueError("calibration after steps were already taken is not supported: use a new PrivacyEngine")
 
     def get_epsilon(self, delta: float) -> float:
@@ -680,12 +689,12 @@ class PrivacyEngine:
         return self.accountant.get_epsilon(delta)
 
 
-def _check_adaptive(config, max_grad_norm, expected_batch_size: float, sigma: float) -> None:
+def _check_adaptive(config, l2_clip_norm, expected_batch_size: float, sigma: float) -> None:
     """Refuse, before any data is touched, an adaptive-clipping setting that cannot work."""
     from jaxdp import adaptive
     cfg = adaptive.AdaptiveClipConfig.from_any(config)
-    if not jax.tree_util.treedef_is_leaf(jax.tree_util.tree_structure(max_grad_norm)):
-        raise ValueError("adaptive clipping adapts one flat clip norm: give max_grad_norm as a number (the "
+    if not jax.tree_util.treedef_is_leaf(jax.tree_util.tree_structure(l2_clip_norm)):
+        raise ValueError("adaptive clipping adapts one flat clip norm: give l2_clip_norm as a number (the "
                          "initial C), not a per-layer tree")
     sigma_b = expected_batch_size / 20.0 if cfg.count_noise_std is None else cfg.count_noise_std
     adaptive.effective_noise_multiplier(sigma, sigma_b)  # raises when 2 sigma_b <= sigma

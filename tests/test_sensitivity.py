@@ -18,7 +18,7 @@ from flax import nnx
 from hypothesis import given, settings, strategies as st
 
 import jaxdp
-from jaxdp import clipping, ghost
+from jaxdp import clipping, ghost, per_example
 
 METHODS = ("vmap", "ghost", "auto")
 REL = 1e-6
@@ -377,17 +377,18 @@ def test_cancellation_falls_back_to_the_exact_gradient(name, method):
 def test_negative_gram_sum_never_becomes_a_clip_factor():
     """A squared norm that is negative or NaN must drop the example (weight 0), never turn into NaN weights
     that poison the sum or a 0 clamp that leaves the example unclipped."""
-    def bad_impl(loss_fn, has_aux, params, batch, weight_fn):
+    def bad_backend(loss_fn, has_aux, params, batch, weight_fn):
         g = jnp.ones((2, 3))
-        w = weight_fn([jnp.array([-1.0, jnp.nan])])[0]
-        return {"w": clipping.weighted_sum(w, g)}, [jnp.array([-1.0, jnp.nan])], jnp.zeros(2), None
-    orig = clipping._IMPLS["vmap"]
-    clipping._IMPLS["vmap"] = bad_impl
+        sq = [jnp.array([-1.0, jnp.nan])]
+        cw = weight_fn(sq)
+        return per_example.BackendOutput({"w": per_example.weighted_sum(cw.leaf_weights[0], g)}, sq, jnp.zeros(2),
+                                         None, cw)
+    per_example.register_backend("test_bad_norms", bad_backend)
     try:
-        fn = jaxdp.clipped_grad(lambda p, b: jnp.zeros(2), 1.0, method="vmap")
+        fn = jaxdp.clipped_grad(lambda p, b: jnp.zeros(2), 1.0, method="test_bad_norms")
         summed, st_ = fn({"w": jnp.zeros(3)}, {"x": jnp.zeros((2, 1))})
     finally:
-        clipping._IMPLS["vmap"] = orig
+        per_example.unregister_backend("test_bad_norms")
     np.testing.assert_array_equal(summed["w"], 0.0)
     assert int(st_.num_nonfinite) == 2
 
@@ -496,7 +497,7 @@ def test_auto_and_ghost_equal_vmap_on_ordinary_inputs(name):
 
 
 @pytest.mark.parametrize("name", ["scan_stacked", "scan_shared"])
-def test_cancellation_inside_scans_is_caught_by_the_bound(name, monkeypatch):
+def test_cancellation_inside_scans_is_caught_by_the_bound(name):
     """Inside a scan, a common input offset makes the Gram terms of every layer (stacked) or of the whole L*T
     sequence (shared, cross-iteration terms included) cancel: the bare formula is off by 1e-2 (measured 6e-2 and
     1e-2 here), while the bounded ghost norm flags those (example, layer) pairs and materialises them, so the
@@ -507,8 +508,11 @@ def test_cancellation_inside_scans_is_caught_by_the_bound(name, monkeypatch):
     batch = seq_batch(3, 1e3, 1.0, near_constant=False)
     ref, rst = _grad_fn(name, "vmap", 0.5)(params, batch)
     got, gst = _grad_fn(name, "ghost", 0.5)(params, batch)
-    monkeypatch.setitem(clipping._IMPLS, "ghost", ghost._make_impl("ghost", certify=False))   # the bare formula
-    _, bst = jax.jit(jaxdp.clipped_grad(MODELS[name][0], 0.5, method="ghost"))(params, batch)
+    per_example.register_backend("test_ghost_bare", ghost._make_impl("ghost", certify=False))   # the bare formula
+    try:
+        _, bst = jax.jit(jaxdp.clipped_grad(MODELS[name][0], 0.5, method="test_ghost_bare"))(params, batch)
+    finally:
+        per_example.unregister_backend("test_ghost_bare")
     bare_err = np.abs(np.asarray(bst.per_example_norms) / np.asarray(rst.per_example_norms) - 1)
     assert np.any(~(bare_err <= 1e-3)), bare_err    # the cancellation is real (off, negative or NaN)
     assert int(gst.num_nonfinite) == 0 and all(np.all(np.isfinite(x)) for x in jax.tree.leaves(got))

@@ -1,17 +1,23 @@
 """``jaxdp epsilon`` and ``jaxdp calibrate``.
 
-Both describe DP-SGD over ``N`` examples with (expected) batch size ``B``: sample rate ``q = B / N`` and
-``steps = ceil(epochs / q)`` (each example seen ``epochs`` times in expectation), unless ``--steps`` is given.
+Both describe DP-SGD over ``N`` examples with (expected) batch size ``B``: sample rate ``q = B / N`` and, unless
+``--steps`` is given, the steps ``jaxdp train`` takes for ``--epochs`` (:func:`jaxdp.sampling.steps_for_epochs`):
+``ceil(epochs / q)`` for Poisson sampling (each example seen ``epochs`` times in expectation), ``epochs * (N // B)``
+for shuffled batches (the last partial batch of an epoch is dropped).
 """
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import time
 
+from jaxdp import _cli
 from jaxdp.accounting import core
+from jaxdp.accounting.event import ACCOUNTANTS, RELATIONS
+
+# Of core.SAMPLINGS, those a dataset size and a batch size describe (the others need more: --events in the ledger).
+SAMPLINGS = ("poisson", "shuffle")
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -19,21 +25,21 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", "-B", type=int, required=True,
                    help="(expected) batch size B; the sample rate is q = B / N")
     g = p.add_mutually_exclusive_group(required=True)
-    g.add_argument("--epochs", type=float, help="epochs E; steps = ceil(E / q)")
+    g.add_argument("--epochs", type=float, help="epochs E; steps = ceil(E / q) (shuffle: E * (N // B))")
     g.add_argument("--steps", type=int, help="number of steps (instead of --epochs)")
     p.add_argument("--delta", type=float, required=True, help="target delta (must be < 1/N)")
     p.add_argument("--allow-large-delta", action="store_true",
                    help="experts only: accept delta >= 1/N (refused by default: such a delta is met by publishing "
                         "one example in the clear)")
-    p.add_argument("--accountant", choices=core.ACCOUNTANTS, default="prv",
+    p.add_argument("--accountant", choices=ACCOUNTANTS, default="prv",
                    help="rdp (Renyi DP), pld (privacy loss distribution) or prv (Opacus's PRV upper bound; "
                         "default)")
-    p.add_argument("--sampling", choices=("poisson", "shuffle"), default="poisson",
+    p.add_argument("--sampling", choices=SAMPLINGS, default="poisson",
                    help="batch selection: poisson (default) or shuffle (fixed-size batches without replacement; "
                         "needs --accountant rdp --neighboring-relation replace_one)")
-    p.add_argument("--neighboring-relation", choices=tuple(core.NEIGHBORING_RELATIONS), default="add_remove",
+    p.add_argument("--neighboring-relation", choices=RELATIONS, default="add_remove",
                    help="datasets the guarantee compares: add_remove (default) or replace_one")
-    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    _cli.add_json_flag(p, "the result (instead of a table)")
 
 
 def _setting(args: argparse.Namespace) -> tuple[float, int]:
@@ -46,10 +52,22 @@ def _setting(args: argparse.Namespace) -> tuple[float, int]:
     _checks.delta_for_dataset(args.delta, n, allow_large_delta=args.allow_large_delta,
                               override="--allow-large-delta", warn=False)  # compute_epsilon warns
     q = b / n
-    steps = core.steps_for_epochs(args.epochs, q) if args.steps is None else args.steps
+    from jaxdp.sampling import steps_for_epochs
+    if args.steps is not None:
+        steps = args.steps
+    elif args.sampling == "shuffle":
+        steps = steps_for_epochs(args.epochs, steps_per_epoch=n // b)
+    else:
+        steps = steps_for_epochs(args.epochs, q)
     if steps < 0:
         raise ValueError(f"--steps must be >= 0, got {steps}")
     return q, steps
+
+
+def _setting_rows(args: argparse.Namespace, q: float, steps: int) -> list[tuple[str, object]]:
+    return [("accountant", args.accountant), ("sampling", args.sampling),
+            ("neighboring relation", args.neighboring_relation), ("dataset size N", args.dataset_size),
+            ("batch size B", args.batch_size), ("sample rate q", q), ("steps", steps)]
 
 
 def _table(rows: list[tuple[str, object]]) -> str:
@@ -60,13 +78,6 @@ def _table(rows: list[tuple[str, object]]) -> str:
             v = f"{v:.6g}"
         out.append(f"{k:<{width}}  {v}")
     return "\n".join(out)
-
-
-def _emit(args: argparse.Namespace, result: dict, rows: list[tuple[str, object]]) -> None:
-    if args.json:
-        print(json.dumps(result, sort_keys=True, default=float))
-    else:
-        print(_table(rows))
 
 
 def _quiet_absl() -> None:
@@ -90,10 +101,8 @@ def _epsilon(args: argparse.Namespace) -> int:
     statement = _statement(args) if args.statement else None
     if statement is not None:
         result["statement"] = statement
-    _emit(args, result, [("accountant", args.accountant), ("sampling", args.sampling),
-                         ("neighboring relation", args.neighboring_relation), ("dataset size N", args.dataset_size),
-                         ("batch size B", args.batch_size), ("sample rate q", q), ("steps", steps),
-                         ("noise multiplier", args.noise_multiplier), ("delta", args.delta), ("epsilon", eps)])
+    _cli.emit(args, result, _table(_setting_rows(args, q, steps) + [
+        ("noise multiplier", args.noise_multiplier), ("delta", args.delta), ("epsilon", eps)]))
     if statement is not None and not args.json:
         print()
         print(statement)
@@ -130,11 +139,9 @@ def _calibrate(args: argparse.Namespace) -> int:
               "delta": args.delta, "steps": steps, "sample_rate": q, "epochs": args.epochs,
               "dataset_size": args.dataset_size, "batch_size": args.batch_size, "accountant": args.accountant,
               "sampling": args.sampling, "neighboring_relation": args.neighboring_relation, "seconds": seconds}
-    _emit(args, result, [("accountant", args.accountant), ("sampling", args.sampling),
-                         ("neighboring relation", args.neighboring_relation), ("dataset size N", args.dataset_size),
-                         ("batch size B", args.batch_size), ("sample rate q", q), ("steps", steps),
-                         ("delta", args.delta), ("target epsilon", args.target_epsilon),
-                         ("noise multiplier", sigma), ("epsilon reached", eps)])
+    _cli.emit(args, result, _table(_setting_rows(args, q, steps) + [
+        ("delta", args.delta), ("target epsilon", args.target_epsilon), ("noise multiplier", sigma),
+        ("epsilon reached", eps)]))
     return 0
 
 

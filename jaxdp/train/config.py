@@ -30,7 +30,7 @@ Schema (``REQUIRED`` keys must be present, others have the defaults shown)::
       sampling: poisson          # poisson | shuffle (shuffle is accounted as fixed-size sampling)
       mechanism: dpsgd           # dpsgd | bandmf (banded matrix-factorization noise, cyclic Poisson sampling)
       bands: null                # bandmf: number of bands b (noise state b x |params|; needs b * batch_size <= N)
-      method: auto               # clipping method: auto | vmap | ghost
+      method: auto               # clipping method: auto | vmap | ghost | a registered per-example backend
       microbatch_size: null      # physical batch for per-example gradients (memory bound)
       dp:
         enabled: true
@@ -145,8 +145,10 @@ def _check_values(cfg: dict) -> None:
                               f"{cfg['model']['name']!r}; or name your own Flax module with model.module: "
                               "'pkg.mod:Class'")
     num("optimizer.weight_decay", cfg["optimizer"]["weight_decay"], positive=False)
-    if t["accountant"] not in ("prv", "rdp", "pld"):
-        raise ConfigError(f"config key 'training.accountant' must be prv, rdp or pld, got {t['accountant']!r}")
+    from jaxdp.accounting.event import ACCOUNTANTS, RELATIONS
+    if t["accountant"] not in ACCOUNTANTS:
+        raise ConfigError(f"config key 'training.accountant' must be one of {', '.join(ACCOUNTANTS)}, got "
+                          f"{t['accountant']!r}")
     if t["sampling"] not in ("poisson", "shuffle"):
         raise ConfigError(f"config key 'training.sampling' must be poisson or shuffle, got {t['sampling']!r}")
     from jaxdp.train.components import ComponentError, build_optimizer
@@ -173,8 +175,8 @@ def _check_values(cfg: dict) -> None:
             num("training.dp.noise_multiplier", dp["noise_multiplier"], positive=False)
             if dp["epsilon"] is not None:
                 num("training.dp.epsilon", dp["epsilon"])
-    if dp["neighboring_relation"] not in ("add_remove", "replace_one"):
-        raise ConfigError("config key 'training.dp.neighboring_relation' must be add_remove or replace_one, "
+    if dp["neighboring_relation"] not in RELATIONS:
+        raise ConfigError(f"config key 'training.dp.neighboring_relation' must be one of {', '.join(RELATIONS)}, "
                           f"got {dp['neighboring_relation']!r}")
     if dp["enabled"] and t["sampling"] == "shuffle" and dp["neighboring_relation"] != "replace_one":
         raise ConfigError("config key 'training.dp.neighboring_relation' must be replace_one with "
@@ -183,6 +185,9 @@ def _check_values(cfg: dict) -> None:
     if dp["enabled"] and t["sampling"] == "shuffle" and dp["noise_multiplier"] is None:
         raise ConfigError("config key 'training.dp.noise_multiplier' must be set with training.sampling: shuffle "
                           "(calibration to a target epsilon is for Poisson sampling)")
+    if not isinstance(t["method"], str):   # the name is checked against the registered backends by the trainer
+        raise ConfigError(f"config key 'training.method' must be a name such as auto, vmap or ghost, "
+                          f"got {t['method']!r}")
     if t["microbatch_size"] is not None:
         num("training.microbatch_size", t["microbatch_size"], integer=True)
     if t["mechanism"] not in ("dpsgd", "bandmf"):

@@ -20,11 +20,12 @@ import numpy as np
 import optax
 from flax import nnx
 
+from jaxdp._io import atomic_write
 from jaxdp import data as data_lib
 from jaxdp import distributed
 from jaxdp import models
 from jaxdp.engine import PrivacyBudgetExhausted, PrivacyEngine, TrainState
-from jaxdp.sampling import PoissonSampler, ShuffleSampler
+from jaxdp.sampling import PoissonSampler, ShuffleSampler, steps_for_epochs
 from jaxdp.train import checkpoint, lifecycle
 from jaxdp.train.config import config_hash, load_config, model_label, validate_config
 from jaxdp.train.summary import RunSummary
@@ -170,11 +171,17 @@ class DPTrainer:
 
     def _setup(self) -> None:
         t, dp = self.cfg["training"], self.cfg["training"]["dp"]
-        planned = (PoissonSampler(self.n, t["batch_size"] / self.n, 0) if t["sampling"] == "poisson" else
-                   ShuffleSampler(self.n, int(round(t["batch_size"])), 0)).steps_for_epochs(self.epochs)
+        # the steps the sampler will take (jaxdp.sampling.steps_for_epochs, the one rule)
+        planned = (steps_for_epochs(self.epochs, t["batch_size"] / self.n) if t["sampling"] == "poisson" else
+                   steps_for_epochs(self.epochs, steps_per_epoch=self.n // int(round(t["batch_size"]))))
         from jaxdp.train.components import build_optimizer
         optimizer = build_optimizer(self.cfg["optimizer"], planned)  # a schedule's "total_steps": the planned steps
         if self.dp:
+            from jaxdp.per_example import backend_names   # built-ins, and any the model module registered
+            if t["method"] not in backend_names():
+                from jaxdp.train.config import ConfigError
+                raise ConfigError(f"config key 'training.method' must be one of {', '.join(backend_names())} (the "
+                                  "registered per-example backends), got {!r}".format(t["method"]))
             from jaxdp import _checks   # refuse delta >= 1/N in the config's own terms (the engine re-checks)
             _checks.delta_for_dataset(self.delta, self.n, allow_large_delta=dp["allow_large_delta"],
                                       override="training.dp.allow_large_delta: true", warn=False)
@@ -245,15 +252,16 @@ class DPTrainer:
         return self.private.load_batch(idx, mask, load) if self.dp else (load(idx), mask)
 
     def _clipping(self) -> dict:
-        """``max_grad_norm`` (a number, or the per-layer tree of ``training.dp.per_layer``) and
-        ``adaptive_clipping`` for the engine; bad group names are config errors that list the model's groups."""
+        """``l2_clip_norm`` (``training.dp.max_grad_norm``: a number, or the per-layer tree of
+        ``training.dp.per_layer``) and ``adaptive_clipping`` for the engine; bad group names are config errors that
+        list the model's groups."""
         dp = self.cfg["training"]["dp"]
-        out = {"max_grad_norm": dp["max_grad_norm"], "adaptive_clipping": dp["adaptive"] or None}
+        out = {"l2_clip_norm": dp["max_grad_norm"], "adaptive_clipping": dp["adaptive"] or None}
         if dp["per_layer"] is not None:
             from jaxdp.clip_groups import clip_norm_tree
             from jaxdp.train.config import ConfigError
             try:
-                out["max_grad_norm"] = clip_norm_tree(self.params0, dp["per_layer"], dp["max_grad_norm"])
+                out["l2_clip_norm"] = clip_norm_tree(self.params0, dp["per_layer"], dp["max_grad_norm"])
             except ValueError as e:
                 raise ConfigError(f"config key 'training.dp.per_layer': {e}") from None
         return out
@@ -262,7 +270,7 @@ class DPTrainer:
         """What metrics.json and the ledger record about clipping: ``max_grad_norm`` is the sensitivity of the
         clipped sum (``||(C_1..C_K)||`` per layer; the initial C with adaptive clipping, whose C_t is per epoch)."""
         from jaxdp.clipping import leaf_names, total_clip_norm
-        c = self.private.max_grad_norm
+        c = self.private.l2_clip_norm
         out = {"max_grad_norm": total_clip_norm(c)}
         if not jax.tree_util.treedef_is_leaf(jax.tree_util.tree_structure(c)):
             out["per_layer_clip_norms"] = dict(zip(leaf_names(c), map(float, jax.tree_util.tree_leaves(c))))
@@ -368,9 +376,10 @@ class DPTrainer:
 
     # -- ledger --------------------------------------------------------------------------------------------
     def _ledger_events(self, steps: int) -> list[dict]:
+        from jaxdp.accounting import Event
         if not self.dp:
-            return [{"sampling": "none", "steps": steps}]
-        return [dict(e, l2_clip_norm=self._clip_record()["max_grad_norm"]) for e in self.private.events(steps)]
+            return [Event("none", steps=steps).to_dict()]
+        return [self.private.event(steps).replace(l2_clip_norm=self._clip_record()["max_grad_norm"]).to_dict()]
 
     def _ledger_open(self, complete: bool = False):
         """Reconcile the run with the privacy ledger before anything else (see :mod:`jaxdp.train.lifecycle`):
@@ -627,8 +636,7 @@ def compare(config: dict | str, out_dir: str | None = None, progress: bool | Non
                "accuracy_difference": base_acc - dp_acc, "epsilon": results["dp"]["epsilon"],
                "delta": results["dp"]["delta"], "noise_multiplier": results["dp"]["noise_multiplier"],
                "dp_dir": os.path.join(base, "dp"), "non_private_dir": os.path.join(base, "non_private")}
-    with open(os.path.join(base, "comparison.json"), "w") as f:
-        json.dump(summary, f, indent=1)
+    atomic_write(os.path.join(base, "comparison.json"), json.dumps(summary, indent=1))
     return summary
 
 
