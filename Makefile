@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 export XLA_FLAGS ?= --xla_cpu_multi_thread_eigen=true
 export PYTHONUNBUFFERED := 1
 
-.PHONY: demo test test-deps test-slow test-parity lint bench venv clean
+.PHONY: demo test test-deps test-slow test-parity lint bench bench-gpu venv clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -52,6 +52,14 @@ bench: $(VENV)/.installed
 	$(PY) benchmarks/multi_device.py
 	$(PY) benchmarks/audit_shadow_speed.py
 	$(PY) benchmarks/parity_report.py
+
+# GPT-2 124M (real config, random init) on a GPU: fails unless JAX sees one; each JSON records the device.
+bench-gpu: $(VENV)/.installed
+	$(PY) -m pip install -q -e '.[bench]'
+	JAX_PLATFORMS=cuda $(PY) benchmarks/scale.py --require-gpu --preset gpt2 --batch 8 --seq-len 128 --steps 5 \
+	  --json benchmarks/results/scale_gpu_gpt2_b8.json
+	JAX_PLATFORMS=cuda $(PY) benchmarks/scale.py --require-gpu --preset gpt2 --batch 32 --seq-len 128 --steps 5 \
+	  --json benchmarks/results/scale_gpu_gpt2_b32.json
 
 clean:
 	rm -rf $(VENV) .pytest_cache runs .cache

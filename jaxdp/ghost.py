@@ -21,10 +21,23 @@ every trainable leaf is classified. A leaf is handled by a ghost norm when it is
 norm-preserving reshapes (transpose / reshape / dtype conversion), as the weight operand of a
 ``dot_general`` without batch dimensions, the kernel of a ``conv_general_dilated`` without feature groups, or
 the table of a row ``gather`` (an embedding lookup). Every other leaf -- biases and scales (cheap), tied
-weights, parameters used in loops, custom derivatives or any op not listed -- falls back to materialising
-per-example gradients for THAT leaf alone, inside the same backward pass. We chose jaxpr tracing over Flax
-method interception because it needs no knowledge of the model library, sees through ``jit``-wrapped
-helpers, and cannot miss a use of a parameter (a missed use would under-estimate a norm and break DP).
+weights, or any op not listed -- falls back to materialising per-example gradients for THAT leaf alone, inside
+the same backward pass. We chose jaxpr tracing over Flax method interception because it needs no knowledge of
+the model library, sees through ``jit``-wrapped helpers, and cannot miss a use of a parameter (a missed use
+would under-estimate a norm and break DP).
+
+Control flow. Nested ``jit`` is inlined. ``lax.scan``: a leaf scanned over (stacked per-layer weights
+``[L, ...]``, the ``nnx.scan`` pattern) is ``L`` ghost sites, ``W[l]``'s norm bounded and certified per
+(example, layer); a leaf that is a constant of the body (shared by all iterations, an RNN's weight) has the
+per-example gradient ``sum_l A_l^T G_l``, whose ghost norm is the sequence formula over all ``L T`` positions
+(cross-iteration Gram terms included), with the same error bound and exact fallback. The scan is rebuilt with
+the same length, direction and unroll, the probes as extra scanned inputs and the activations as extra stacked
+outputs. ``jax.checkpoint`` / ``nnx.remat`` is re-bound with the user's ``policy`` and ``prevent_cse`` (the
+sites' activations and probes, ``O(T (d + p))`` per example, are its only extra outputs). ``custom_vjp`` /
+``custom_jvp`` whose primal holds a recognised layer: the primal is differentiated instead of the custom rule
+(warned once, naming the function; ``method="vmap"`` applies the rule). Not handled, exact fallback with ONE
+warning naming the parameter and the reason: ``while_loop``, ``cond``, a scan nested in a scan, a leaf in a
+scan's carry, a leaf reshaped before it is scanned over, a leaf-derived value returned by a scan and used.
 
 The backward pass itself is the ordinary one, vmapped over examples, with a zero "probe" added to the output
 of each ghost layer: the gradient with respect to the probe is the output gradient ``g``; the activations are
@@ -39,7 +52,8 @@ layers always use the ghost norm) and uses plain vmap when no recognised layer i
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+import warnings
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 import jax
@@ -52,14 +66,25 @@ from jaxdp import per_example as pe
 _CHAIN = frozenset({"transpose", "reshape", "convert_element_type", "squeeze", "copy", "copy_p"})
 _CALLS = frozenset({"jit", "pjit", "closed_call", "core_call"})
 _SITES = frozenset({"dot_general", "conv_general_dilated", "gather"})
+_REMAT = frozenset({"checkpoint", "remat", "remat2"})
+_CUSTOM = frozenset({"custom_vjp_call", "custom_jvp_call", "custom_vjp_call_jaxpr"})
+_FLOW = {"while": "used inside lax.while_loop / fori_loop", "cond": "used inside lax.cond / switch"}
 
 
 @dataclass(frozen=True)
 class _Derived:
-    """A value that is a norm-preserving reshape of trainable leaf ``leaf`` (``chain`` = the eqns applied)."""
+    """A value that is a norm-preserving reshape of trainable leaf ``leaf`` (``chain`` = the eqns applied).
+
+    Inside a ``scan`` body, ``scan`` is that scan's equation and ``mode`` says how the leaf enters it:
+    ``"stacked"`` (scanned over: the body sees the slice ``W[l]``) or ``"shared"`` (a constant of the body: the
+    same ``W`` in every iteration). ``poison`` marks a value that left a scan (a reason string): any use of it is
+    unhandled (the leaf falls back to the exact path)."""
 
     leaf: int
     chain: tuple = ()
+    scan: Any = None
+    mode: str | None = None
+    poison: str | None = None
 
 
 @dataclass
@@ -71,12 +96,25 @@ class _Site:
     out_shape: tuple
     out_dtype: Any
     act_shape: tuple   # per-example shape of the other operand (activation / indices)
+    path: tuple = ()   # enclosing scan / remat / custom-derivative equations, outermost first
+    mode: str | None = None   # None, or "stacked" / "shared" for a site inside a scan body (see _Derived)
+    length: int = 1    # the scan's length L (mode "stacked" / "shared"); out_shape and act_shape are per iteration
+
+
+def _base(site: _Site) -> _Site:
+    """The site as one iteration sees it (a stacked site's per-layer formulas)."""
+    return _Site(site.kind, site.eqn, site.pos, site.chain, site.out_shape, site.out_dtype, site.act_shape)
+
+
+def _probe_shape(site: _Site) -> tuple:
+    return ((site.length,) if site.mode else ()) + site.out_shape
 
 
 @dataclass
 class _Analysis:
     sites: dict = field(default_factory=dict)   # leaf -> list[_Site]
-    bad: set = field(default_factory=set)       # leaves with an unrecognised use
+    bad: dict = field(default_factory=dict)     # leaf -> reason: leaves with an unrecognised use
+    flow: dict = field(default_factory=dict)    # leaf -> reason: unhandled control flow (said once, by name)
 
 
 class _Eval:
@@ -122,8 +160,13 @@ def _site_kind(eqn, pos: int, invals, dins) -> str | None:
     return None
 
 
-def _run(jaxpr, consts, args, dargs, ctx):
-    """Evaluate ``jaxpr``; ``dargs[i]`` tags inputs derived from parameters. Returns (outs, out tags)."""
+def _run(jaxpr, consts, args, dargs, ctx, path: tuple = ()):
+    """Evaluate ``jaxpr``; ``dargs[i]`` tags inputs derived from parameters. Returns (outs, out tags).
+
+    ``ctx`` is an :class:`_Analysis` (record every use of every leaf) or an :class:`_Eval` (add probes at the
+    chosen ghost sites and record their activations). Control flow: nested ``jit`` is inlined; ``scan``,
+    ``checkpoint`` / ``remat`` and ``custom_vjp`` / ``custom_jvp`` are entered (see the handlers below);
+    ``while`` and ``cond`` are unhandled. ``path`` is the tuple of enclosing scan / remat / custom equations."""
     env, denv = {}, {}
     for v, c in zip(jaxpr.constvars, consts):
         env[v] = c
@@ -138,15 +181,20 @@ def _run(jaxpr, consts, args, dargs, ctx):
         name = eqn.primitive.name
         if all(d is None for d in dins):
             outs = _bind(eqn, invals)
+        elif any(d is not None and d.poison for d in dins):
+            for d in dins:
+                if d is not None:
+                    ctx_bad(ctx, d.leaf, d.poison or "used together with a value returned from a scan", flow=True)
+            outs = _bind(eqn, invals)
         elif name in _CALLS and ("jaxpr" in eqn.params or "call_jaxpr" in eqn.params):
             inner = eqn.params.get("jaxpr", eqn.params.get("call_jaxpr"))
             if isinstance(inner, jcore.ClosedJaxpr):
-                outs, douts = _run(inner.jaxpr, inner.consts, invals, dins, ctx)
+                outs, douts = _run(inner.jaxpr, inner.consts, invals, dins, ctx, path)
             else:
-                outs, douts = _run(inner, [], invals, dins, ctx)
+                outs, douts = _run(inner, [], invals, dins, ctx, path)
         elif name in _CHAIN and len(eqn.invars) == 1:
             outs = _bind(eqn, invals)
-            douts = [_Derived(dins[0].leaf, dins[0].chain + (eqn,))]
+            douts = [replace(dins[0], chain=dins[0].chain + (eqn,))]
         elif name in _SITES:
             derived = [i for i, d in enumerate(dins) if d is not None]
             pos = derived[0]
@@ -161,14 +209,22 @@ def _run(jaxpr, consts, args, dargs, ctx):
                 act = invals[1 - pos] if kind != "gather" else invals[1]
                 if isinstance(ctx, _Analysis):
                     ctx.sites.setdefault(d.leaf, []).append(_Site(
-                        kind, eqn, pos, d.chain, tuple(outs[0].shape), outs[0].dtype, tuple(jnp.shape(act))))
-                elif d.leaf in ctx.ghost:
+                        kind, eqn, pos, d.chain, tuple(outs[0].shape), outs[0].dtype, tuple(jnp.shape(act)),
+                        path, d.mode, d.scan.params["length"] if d.scan is not None else 1))
+                elif d.leaf in ctx.ghost and ctx.ghost[d.leaf].eqn is eqn:
                     ctx.acts[d.leaf] = act
                     outs = [outs[0] + ctx.probes[d.leaf]]
+        elif name == "scan":
+            outs, douts = _run_scan(eqn, invals, dins, ctx, path)
+        elif name in _REMAT:
+            outs, douts = _run_remat(eqn, invals, dins, ctx, path)
+        elif name in _CUSTOM:
+            outs, douts = _run_custom(eqn, invals, dins, ctx, path)
         else:
+            reason = _FLOW.get(name)
             for d in dins:
                 if d is not None:
-                    ctx_bad(ctx, d.leaf)
+                    ctx_bad(ctx, d.leaf, reason or f"used by {name}", flow=reason is not None)
             outs = _bind(eqn, invals)
         for v, o, d in zip(eqn.outvars, outs, douts):
             if not isinstance(v, jcore.DropVar):
@@ -180,9 +236,150 @@ def _run(jaxpr, consts, args, dargs, ctx):
     return outs, douts
 
 
-def ctx_bad(ctx, leaf: int) -> None:
+def ctx_bad(ctx, leaf: int, reason: str = "unrecognised use", flow: bool = False) -> None:
+    """Record that ``leaf`` has a use outside the ghost formulas (it falls back to the exact per-example
+    gradient). ``flow``: the reason is unhandled control flow, which :func:`_plan` says once, by name."""
     if isinstance(ctx, _Analysis):
-        ctx.bad.add(leaf)
+        ctx.bad.setdefault(leaf, reason)
+        if flow:
+            ctx.flow.setdefault(leaf, reason)
+
+
+def _enclosed(ctx, eqn) -> dict:
+    """The ghost sites (leaf -> site) inside control-flow equation ``eqn``."""
+    return {i: s for i, s in ctx.ghost.items() if any(e is eqn for e in s.path)}
+
+
+def _run_scan(eqn, invals, dins, ctx, path):
+    """``lax.scan`` with parameter-derived inputs.
+
+    A scanned-over input (``xs``) that is a leaf (up to dtype conversions) is a stack of per-iteration weights
+    (the ``nnx.scan`` pattern): the body sees the slice ``W[l]``, and a ghost site on it is one site per layer
+    (mode ``"stacked"``). A leaf passed as a constant of the body is shared by all iterations (an RNN's weight,
+    mode ``"shared"``): its per-example gradient is the sum over iterations, whose ghost norm is the sequence
+    formula over all ``L * T`` positions. Unhandled: a leaf in the carry, a leaf reshaped before it is scanned
+    over, a scan inside a scan, and any use of a leaf-derived value the scan returns.
+
+    With ghost sites inside, the scan is rebuilt (same length, direction and unroll) with the sites' probes as
+    extra scanned-over inputs and their activations as extra stacked outputs: ``[L, ...]`` per example."""
+    p = eqn.params
+    nc, ncar, L = p["num_consts"], p["num_carry"], p["length"]
+    body = p["jaxpr"]
+    body_d = []
+    for k, d in enumerate(dins):
+        if d is None:
+            body_d.append(None)
+        elif d.scan is not None:
+            ctx_bad(ctx, d.leaf, "used inside a scan nested in a scan", flow=True)
+            body_d.append(None)
+        elif k < nc:
+            body_d.append(replace(d, scan=eqn, mode="shared"))
+        elif k < nc + ncar:
+            ctx_bad(ctx, d.leaf, "carried through a scan (in its carry)", flow=True)
+            body_d.append(None)
+        elif any(e.primitive.name != "convert_element_type" for e in d.chain):
+            ctx_bad(ctx, d.leaf, "reshaped or transposed before it is scanned over", flow=True)
+            body_d.append(None)
+        else:
+            body_d.append(replace(d, scan=eqn, mode="stacked"))
+    consts, init, xs = invals[:nc], invals[nc:nc + ncar], invals[nc + ncar:]
+    if isinstance(ctx, _Analysis):
+        outs = _bind(eqn, invals)
+        _, bd = _run(body.jaxpr, body.consts, list(consts) + list(init) + [x[0] for x in xs], body_d, ctx,
+                     path + (eqn,))
+        for k, d in enumerate(bd):
+            if d is not None and k < ncar:
+                ctx_bad(ctx, d.leaf, "carried through a scan (returned in its carry)", flow=True)
+        return outs, [None if d is None else _Derived(d.leaf, poison="returned from a scan and used again")
+                      for d in bd]
+    rel = _enclosed(ctx, eqn)
+    if not rel:
+        return _bind(eqn, invals), [None] * len(eqn.outvars)
+    probes = {i: ctx.probes[i] for i in rel}
+
+    def step(carry, x):
+        xs_i, pr_i = x
+        inner = _Eval(rel, pr_i)
+        o, _ = _run(body.jaxpr, body.consts, list(consts) + list(carry) + list(xs_i), body_d, inner, path + (eqn,))
+        return o[:ncar], (o[ncar:], inner.acts)
+
+    carry, (ys, acts) = lax.scan(step, list(init), (list(xs), probes), length=L, reverse=p["reverse"],
+                                 unroll=p["unroll"])
+    ctx.acts.update(acts)
+    return list(carry) + list(ys), [None] * len(eqn.outvars)
+
+
+def _run_remat(eqn, invals, dins, ctx, path):
+    """``jax.checkpoint`` / ``nnx.remat`` with parameter-derived inputs: entered, and re-bound with the user's
+    ``policy`` and ``prevent_cse``, so what it saves and recomputes is unchanged. The ghost sites' probes are
+    extra inputs and their activations extra outputs (``O(T (d + p))`` per example and site, never ``|W|``)."""
+    jx = eqn.params["jaxpr"]
+    jx, consts = (jx.jaxpr, jx.consts) if isinstance(jx, jcore.ClosedJaxpr) else (jx, [])
+    if isinstance(ctx, _Analysis):
+        return _run(jx, consts, invals, dins, ctx, path + (eqn,))
+    rel = _enclosed(ctx, eqn)
+    probes = {i: ctx.probes[i] for i in rel}
+    box: list = []
+
+    def fn(pr, *args):
+        inner = _Eval(rel, pr)
+        o, do = _run(jx, consts, list(args), dins, inner, path + (eqn,))
+        box[:] = [do]
+        return o, inner.acts
+
+    outs, acts = jax.checkpoint(fn, prevent_cse=eqn.params.get("prevent_cse", True),
+                                policy=eqn.params.get("policy"))(probes, *invals)
+    ctx.acts.update(acts)
+    return list(outs), box[0]
+
+
+def _run_custom(eqn, invals, dins, ctx, path):
+    """``custom_vjp`` / ``custom_jvp`` with parameter-derived inputs. When its primal contains a recognised layer
+    of a leaf (and returns no leaf-derived value), the PRIMAL is entered: that layer gets a ghost norm and the
+    function is differentiated as its primal, not by its custom rule (said once, naming the function). Otherwise
+    the call is kept as it is (its custom rule applies) and its leaves take the exact path."""
+    cj = eqn.params["call_jaxpr"]
+    jx, consts = (cj.jaxpr, cj.consts) if isinstance(cj, jcore.ClosedJaxpr) else (cj, [])
+    if isinstance(ctx, _Analysis):
+        sub = _Analysis()
+        outs, douts = _run(jx, consts, invals, dins, sub, path + (eqn,))
+        if sub.sites and all(d is None for d in douts):
+            for i, s in sub.sites.items():
+                ctx.sites.setdefault(i, []).extend(s)
+            for i, r in sub.bad.items():
+                ctx_bad(ctx, i, r, flow=i in sub.flow)
+            _say_custom(eqn, cj)
+            return outs, douts
+        for d in dins:
+            if d is not None:
+                ctx_bad(ctx, d.leaf, f"used inside custom-derivative function {_fname(eqn, cj)!r}")
+        return _bind(eqn, invals), [None] * len(eqn.outvars)
+    if _enclosed(ctx, eqn):
+        return _run(jx, consts, invals, dins, ctx, path + (eqn,))
+    return _bind(eqn, invals), [None] * len(eqn.outvars)
+
+
+def _fname(eqn, cj) -> str:
+    info = getattr(cj.jaxpr if isinstance(cj, jcore.ClosedJaxpr) else cj, "debug_info", None)
+    fname = getattr(info, "func_src_info", None) or eqn.params.get("name") or "a custom_vjp/custom_jvp function"
+    return str(fname).split(" at ")[0]
+
+
+_WARNED: set = set()
+
+
+def _say_custom(eqn, cj) -> None:
+    """Warn once per function that its custom derivative is replaced by the primal's derivative."""
+    fname = _fname(eqn, cj)
+    key = ("custom", fname)
+    if key in _WARNED:
+        return
+    _WARNED.add(key)
+    warnings.warn(
+        f"jaxdp: {fname!r} has a custom derivative rule ({eqn.primitive.name}) and takes a trainable parameter; "
+        "method 'ghost'/'auto' differentiates its PRIMAL function (so that its layers get ghost norms), not the "
+        "custom rule. If the rule is not the primal's derivative (e.g. a straight-through estimator), use "
+        "method='vmap', which applies the rule.", stacklevel=2)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -211,6 +408,14 @@ def _apply_site(site: _Site, w, act):
     prim = site.eqn.primitive
     with site.eqn.ctx.manager:
         return prim.bind(*operands, **prim.get_bind_params(params))
+
+
+def _apply_any(site: _Site, w, act):
+    """:func:`_apply_site` for one example; a weight shared by a scan's iterations (mode ``"shared"``) is applied
+    to each iteration's activation (``act [L, ...]``), so its vjp is the sum over iterations."""
+    if site.mode == "shared":
+        return jax.vmap(lambda a: _apply_site(site, w, a))(act)
+    return _apply_site(site, w, act)
 
 
 def _dot_mats(site: _Site, A, G):
@@ -266,6 +471,21 @@ def _gather_mats(site: _Site, n_rows: int, I, G):
     return jnp.where(valid, idx, -1), jnp.where(valid[..., None], G2, jnp.zeros((), G2.dtype))
 
 
+def _mats(site: _Site, w_shape, A, G):
+    """The site's per-example matrices: ``(A2 [B, T, d], G2 [B, T, p])`` for dot / conv sites, ``(ids [B, T],
+    G2 [B, T, p])`` for gathers. A weight shared by the ``L`` iterations of a scan (mode ``"shared"``, ``A`` and
+    ``G`` with an iteration axis after the batch axis) has the per-example gradient
+    ``sum_l A_l^T G_l = [A_1; ..; A_L]^T [G_1; ..; G_L]``: the ``L`` iterations' positions become ONE sequence of
+    ``L T`` positions, and the Gram formula over it includes every cross-iteration term."""
+    if site.mode == "shared":
+        B, L = A.shape[0], A.shape[1]
+        m = _mats(_base(site), w_shape, A.reshape((B * L,) + A.shape[2:]), G.reshape((B * L,) + G.shape[2:]))
+        return tuple(x.reshape((B, L * x.shape[1]) + x.shape[2:]) for x in m)
+    if site.kind == "gather":
+        return _gather_mats(site, w_shape[0], A, G)
+    return _dot_mats(site, A, G) if site.kind == "dot" else _conv_mats(site, A, G)
+
+
 def _site_dims(site: _Site, w_shape) -> tuple[int, int]:
     """(T, size of one example's materialised gradient) for the auto rule (:func:`_prefer_materialise`)."""
     size = math.prod(w_shape)
@@ -279,6 +499,11 @@ def _site_dims(site: _Site, w_shape) -> tuple[int, int]:
     else:
         T = math.prod(site.act_shape[:-1])
     return T, size
+
+
+def _layer_shape(site: _Site, w_shape) -> tuple:
+    """The shape one iteration's weight has (a stacked leaf ``[L, ...]`` is ``L`` layers)."""
+    return tuple(w_shape[1:]) if site.mode == "stacked" else tuple(w_shape)
 
 
 # Break-even of ghost extra multiply-adds / |W| per kind, measured on CPU (benchmarks/step_speed.py): a dense or
@@ -306,10 +531,12 @@ def _prefer_materialise(site: _Site, w_shape, B: int, kappa: dict | None = None)
     transformer (T 64, d 128) and the MNIST CNN's convolutions materialise, the MLP, the embedding text
     classifier (T 32, V 10,000) and every T = 1 layer use ghost norms.
     """
-    T, size = _site_dims(site, w_shape)
-    if T <= 1 or B * size * 4 > _MATERIALISE_BYTES:
-        return False
+    T, size = _site_dims(site, _layer_shape(site, w_shape))
+    n_w = math.prod(w_shape) // size        # layers of a stacked leaf: materialising costs B * |leaf|
     d_out = max(1, math.prod(site.out_shape) // T)
+    T = T * site.length if site.mode == "shared" else T   # a shared scan weight: L T positions
+    if T <= 1 or B * size * n_w * 4 > _MATERIALISE_BYTES:
+        return False
     ghost_macs = T * T * (d_out if site.kind == "gather" else size // d_out + d_out)
     return ghost_macs > (_KAPPA if kappa is None else kappa)[site.kind] * size
 
@@ -377,7 +604,7 @@ def _ghost_sq(site: _Site, w_shape, A, G, acc, certify: bool = True):
     if not certify:
         return _bare_gram(site, w_shape, A.astype(acc) if site.kind != "gather" else A, G.astype(acc)), None
     if site.kind == "gather":
-        idx, G2 = _gather_mats(site, w_shape[0], A, G.astype(acc))
+        idx, G2 = _mats(site, w_shape, A, G.astype(acc))
         sg = _safe_scale(G2, (1, 2))
         Gh = G2 / sg[:, None, None]
         T, p = Gh.shape[1], Gh.shape[2]
@@ -391,7 +618,7 @@ def _ghost_sq(site: _Site, w_shape, A, G, acc, certify: bool = True):
         E = _gamma(p, u) * rows + E_sum
         hi, ok = _certified(s, E, _gamma(T, u) * jnp.sqrt(rows))
         return (hi * sg) ** 2, ~ok & jnp.isfinite(s)
-    A2, G2 = _dot_mats(site, A, G) if site.kind == "dot" else _conv_mats(site, A.astype(acc), G)
+    A2, G2 = _mats(site, w_shape, A if site.kind == "dot" else A.astype(acc), G)
     A2, G2 = A2.astype(acc), G2.astype(acc)
     if A2.shape[1] == 1:   # ||a||^2 ||g||^2: sums of squares, no cancellation, one outer product per example
         na2, ng2 = jnp.sum(jnp.square(A2[:, 0]), -1), jnp.sum(jnp.square(G2[:, 0]), -1)
@@ -420,10 +647,10 @@ def _ghost_sq(site: _Site, w_shape, A, G, acc, certify: bool = True):
 def _bare_gram(site: _Site, w_shape, A, G):
     """The Gram formula as it was before the rounding-error bound (benchmarks only; can under-estimate)."""
     if site.kind == "gather":
-        idx, G2 = _gather_mats(site, w_shape[0], A, G)
+        idx, G2 = _mats(site, w_shape, A, G)
         same = ((idx[:, :, None] == idx[:, None, :]) & (idx[:, :, None] >= 0)).astype(G2.dtype)
         return jnp.sum(same * jnp.einsum("bti,bsi->bts", G2, G2, precision=lax.Precision.HIGHEST), axis=(1, 2))
-    A2, G2 = _dot_mats(site, A, G) if site.kind == "dot" else _conv_mats(site, A, G)
+    A2, G2 = _mats(site, w_shape, A, G)
     if A2.shape[1] == 1:
         return jnp.sum(jnp.square(A2[:, 0]), -1) * jnp.sum(jnp.square(G2[:, 0]), -1)
     aa = jnp.einsum("bti,bsi->bts", A2, A2, precision=lax.Precision.HIGHEST)
@@ -437,7 +664,7 @@ def _bookkeep(site: _Site, w, A, G, weights):
     acc = weights.dtype
 
     def batched(ww):
-        return jax.vmap(lambda a: _apply_site(site, ww, a))(A)
+        return jax.vmap(lambda a: _apply_any(site, ww, a))(A)
     _, vjp = jax.vjp(batched, w.astype(acc))
     wg = weights.reshape((-1,) + (1,) * (G.ndim - 1)) * G.astype(acc)
     return vjp(wg)[0]
@@ -462,7 +689,7 @@ def _exact(site: _Site, w, A, G, sel, weights):
     G = _zero_dropped(G, sel)
 
     def one(a, g):
-        _, vjp = jax.vjp(lambda ww: _apply_site(site, ww, a), w32)
+        _, vjp = jax.vjp(lambda ww: _apply_any(site, ww, a), w32)
         return vjp(g.astype(acc))[0]
 
     def chunk(carry, xs):
@@ -475,6 +702,53 @@ def _exact(site: _Site, w, A, G, sel, weights):
     xs = jax.tree_util.tree_map(lambda x: x.reshape((B // k, k) + x.shape[1:]), (A, G, sel, wts))
     total, sq = lax.scan(chunk, jnp.zeros(w.shape, acc), xs)
     return sq.reshape(B), total
+
+
+def _site_sq(site: _Site, w, A, G, certify: bool = True):
+    """Per-example squared norms ``[B]`` of leaf ``w``'s gradient at its one ghost site, and the mask of examples
+    whose value came from the exact fallback (``None`` where none can: ``T = 1`` sites, ``certify=False``).
+
+    Every value is an upper bound on the norm of the vector :func:`_site_sum` adds (the ghost value inflated
+    by its rounding bound, or the norm of the materialised vector itself). A stacked scan leaf (mode
+    ``"stacked"``, ``A``/``G`` ``[B, L, ...]``) is ``L`` layers: each ``W[l]`` is bounded and certified on its
+    own, per (example, layer), in a loop over layers (one layer's Gram matrices live at a time), and the
+    squared norms add up; its mask is ``[L, B]``."""
+    acc = pe.acc_dtype(w.dtype)
+    if site.mode == "stacked":
+        base = _base(site)
+
+        def layer(args):
+            wl, a, g = args
+            sq_l, sel_l = _site_sq(base, wl, a, g, certify)
+            return sq_l, (jnp.zeros(sq_l.shape, bool) if sel_l is None else sel_l)
+        sq, sel = lax.map(layer, (w, jnp.moveaxis(A, 1, 0), jnp.moveaxis(G, 1, 0)))
+        return jnp.sum(sq, 0), sel
+    sq_g, sel = _ghost_sq(site, w.shape, A, G, acc, certify)
+    if sel is None:   # T = 1 sites (no cancellation possible) and certify=False (benchmarks only)
+        return sq_g, None
+    sq_x = lax.cond(jnp.any(sel), lambda: _exact(site, w, A, G, sel, None)[0],
+                    lambda: jnp.zeros(sel.shape, acc))
+    return jnp.where(sel, sq_x, sq_g), sel
+
+
+def _site_sum(site: _Site, w, A, G, sel, weights):
+    """``sum_i weights_i g_i`` for leaf ``w``'s one ghost site, in the accumulation dtype: book-keeping (one
+    batched product) for the examples whose ghost norm was used, plus the exact materialised vectors of those in
+    ``sel`` (the same vectors whose norms :func:`_site_sq` returned). A stacked scan leaf: one product per
+    layer, stacked to the leaf's shape ``[L, ...]``."""
+    if site.mode == "stacked":
+        base = _base(site)
+        return lax.map(lambda args: _site_sum(base, *args, weights),
+                       (w, jnp.moveaxis(A, 1, 0), jnp.moveaxis(G, 1, 0), sel))
+    if sel is None:   # no example needs the exact fallback at this site
+        keep = weights != 0
+        return _bookkeep(site, w, _zero_dropped(A, keep), _zero_dropped(G, keep), weights)
+    w_bk = jnp.where(sel, 0, weights)
+    keep = w_bk != 0   # 0 * NaN would poison the sum: zero dropped examples' inputs first
+    total = _bookkeep(site, w, _zero_dropped(A, keep), _zero_dropped(G, keep), w_bk)
+    sel_w = sel & (weights != 0)
+    return total + lax.cond(jnp.any(sel_w), lambda: _exact(site, w, A, G, sel_w, weights)[1],
+                            lambda: jnp.zeros_like(total))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -511,6 +785,8 @@ def _plan(loss_fn, has_aux, leaves, treedef, b_leaves, b_def, policy, kappa=None
                            [_Derived(i) for i in range(n)] + [None] * len(b_leaves), analysis)[0],
         *leaves, *ex_avals)
 
+    if analysis.flow:
+        _say_flow(analysis.flow, pe.leaf_names(jax.tree_util.tree_unflatten(treedef, leaves)))
     ghost: dict[int, _Site] = {}
     materialise: set[int] = set()
     for i in range(n):
@@ -521,6 +797,21 @@ def _plan(loss_fn, has_aux, leaves, treedef, b_leaves, b_def, policy, kappa=None
         if policy == "auto" and _prefer_materialise(s[0], leaves[i].shape, b_leaves[0].shape[0], kappa):
             materialise.add(i)
     return closed, aux_def, ghost, materialise
+
+
+def _say_flow(flow: dict, names: list) -> None:
+    """One warning per (parameter, reason): these leaves are inside control flow the ghost engine does not
+    handle, so their per-example gradients are materialised (exact, ``B x |leaf|`` floats)."""
+    for i, reason in sorted(flow.items()):
+        key = ("flow", names[i], reason)
+        if key in _WARNED:
+            continue
+        _WARNED.add(key)
+        warnings.warn(
+            f"jaxdp: parameter {names[i]!r} is {reason}, which the ghost engine does not handle; its per-example "
+            "gradients are materialised (exact, B x its size in memory). Ghost norms are used through lax.scan "
+            "(weights stacked per iteration or shared by all iterations), jax.checkpoint / nnx.remat, nested jit "
+            "and custom_vjp / custom_jvp.", stacklevel=3)
 
 
 def explain(loss_fn: Callable, params: Any, batch: Any, method: str = "auto", has_aux: bool = False
@@ -570,7 +861,7 @@ def _make_impl(policy: str, second_pass: bool = False, certify: bool = True) -> 
             return g_fb, g_probes, loss, aux, acts
 
         B = b_leaves[0].shape[0]
-        probes = {i: jnp.zeros((B,) + s.out_shape, s.out_dtype) for i, s in ghost.items()}
+        probes = {i: jnp.zeros((B,) + _probe_shape(s), s.out_dtype) for i, s in ghost.items()}
         g_fb, g_probes, losses, aux_leaves, acts = jax.vmap(one)(b_leaves, probes)
         # Norms and sums below must read the same values (see jaxdp.per_example.pin_low_precision).
         g_fb, g_probes, acts = pe.pin_low_precision((g_fb, g_probes, acts))
@@ -582,16 +873,7 @@ def _make_impl(policy: str, second_pass: bool = False, certify: bool = True) -> 
             per_ex[i] = g
             sq[i] = pe.sq_norms(g)
         for i, site in ghost.items():
-            acc = pe.acc_dtype(leaves[i].dtype)
-            sq_g, sel = _ghost_sq(site, leaves[i].shape, acts[i], g_probes[i], acc, certify)
-            if sel is None:   # T = 1 sites (no cancellation possible) and certify=False (benchmarks only)
-                sq[i], exact_sel[i] = sq_g, None
-                continue
-            sq_x = lax.cond(jnp.any(sel), lambda s=site, i=i, sel=sel: _exact(s, leaves[i], acts[i], g_probes[i],
-                                                                                sel, None)[0],
-                            lambda sel=sel, acc=acc: jnp.zeros(sel.shape, acc))
-            sq[i] = jnp.where(sel, sq_x, sq_g)
-            exact_sel[i] = sel
+            sq[i], exact_sel[i] = _site_sq(site, leaves[i], acts[i], g_probes[i], certify)
 
         clip = weight_fn(sq)
         weights = clip.leaf_weights
@@ -608,21 +890,8 @@ def _make_impl(policy: str, second_pass: bool = False, certify: bool = True) -> 
             if i in per_ex:
                 summed[i] = pe.weighted_sum(weights[i], per_ex[i])
                 continue
-            site, sel = ghost[i], exact_sel[i]
             w = weights[i].astype(pe.acc_dtype(leaves[i].dtype))
-            if sel is None:   # no example needs the exact fallback at this site
-                keep = w != 0
-                summed[i] = pe.to_output(_bookkeep(site, leaves[i], _zero_dropped(acts[i], keep),
-                                                         _zero_dropped(g_probes[i], keep), w), leaves[i].dtype)
-                continue
-            w_bk = jnp.where(sel, 0, w)
-            keep = w_bk != 0   # 0 * NaN would poison the sum: zero dropped examples' inputs first
-            total = _bookkeep(site, leaves[i], _zero_dropped(acts[i], keep), _zero_dropped(g_probes[i], keep), w_bk)
-            sel_w = sel & (w != 0)
-            total = total + lax.cond(
-                jnp.any(sel_w),
-                lambda s=site, i=i, sel_w=sel_w, w=w: _exact(s, leaves[i], acts[i], g_probes[i], sel_w, w)[1],
-                lambda t=total: jnp.zeros_like(t))
+            total = _site_sum(ghost[i], leaves[i], acts[i], g_probes[i], exact_sel[i], w)
             summed[i] = pe.to_output(total, leaves[i].dtype)
         aux = jax.tree_util.tree_unflatten(aux_def[0], aux_leaves) if has_aux else None
         return pe.BackendOutput(jax.tree_util.tree_unflatten(treedef, summed), sq, losses, aux, clip)

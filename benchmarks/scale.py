@@ -1,0 +1,333 @@
+"""DP training at scale: GPT-2 step time, compile time and memory, non-private vs jaxdp, looped vs scanned layers.
+
+Rows (each in its own subprocess, so compile caches and memory peaks do not leak between rows; same random
+tokens, same batch, random init -- nothing is downloaded):
+
+    jax_nonprivate_loop / jaxdp_auto_loop / jaxdp_ghost_loop   jaxdp.lm.GPT2 (layers in a Python loop)
+    jax_nonprivate_scan / jaxdp_auto_scan / jaxdp_ghost_scan   the same blocks stacked, in nnx.scan + nnx.remat
+                                                               (checkpoint policy ``dots_saveable``)
+    torch_nonprivate / opacus_ghost / opacus_hooks             transformers GPT2LMHeadModel; Opacus ghost clipping,
+                                                               and Opacus per-sample gradients (hooks)
+
+The DP step is ``jaxdp.clipped_grad`` (per-sequence mean NLL, C = 1) + Gaussian noise (sigma = 1) + SGD; the
+non-private step is the gradient of the mean loss + SGD. Columns: median step time (s) of ``--steps`` timed steps
+after 1 warm-up step, DP / non-private ratio (same layer layout), compile time, XLA peak memory
+(``memory_analysis()``: temp + arguments + outputs of the compiled step), the process's peak RSS, and the plan
+``jaxdp.ghost.explain`` chose (leaves per path). A row that fails records its error.
+
+    PYTHONPATH=. python benchmarks/scale.py --layers 4 --d-model 256 --heads 4 --vocab 8192 --batch 8 \\
+        --seq-len 128 --steps 3 --json benchmarks/results/scale_cpu_4layer.json
+    PYTHONPATH=. python benchmarks/scale.py --preset gpt2 --batch 8 --seq-len 128      # GPT-2 124M config
+
+Runs unchanged on a GPU (``JAX_PLATFORMS=cuda``; torch rows use cuda when available): ``make bench-gpu``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+ROWS = ("jax_nonprivate_loop", "jaxdp_auto_loop", "jaxdp_ghost_loop", "jax_nonprivate_scan", "jaxdp_auto_scan",
+        "jaxdp_ghost_scan", "torch_nonprivate", "opacus_ghost", "opacus_hooks")
+PRESETS = {"gpt2": dict(layers=12, d_model=768, heads=12, vocab=50257)}   # GPT-2 small, 124M parameters
+
+
+def _cfg(a):
+    from jaxdp.lm import GPT2Config
+    return GPT2Config(vocab_size=a.vocab, n_positions=max(a.seq_len, 128), n_embd=a.d_model, n_layer=a.layers,
+                      n_head=a.heads)
+
+
+def _scanned_gpt2(cfg):
+    """GPT-2 with its blocks stacked ([L, ...] leaves) and run by nnx.scan over nnx.remat'd blocks."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from jaxdp.lm.model import Block
+
+    class ScanGPT2(nnx.Module):
+        def __init__(self, cfg, rngs):
+            init = nnx.initializers.normal(cfg.initializer_range)
+            self.wte = nnx.Embed(cfg.vocab_size, cfg.n_embd, embedding_init=init, rngs=rngs)
+            self.wpe = nnx.Embed(cfg.n_positions, cfg.n_embd, embedding_init=nnx.initializers.normal(0.01),
+                                 rngs=rngs)
+
+            @nnx.split_rngs(splits=cfg.n_layer)
+            @nnx.vmap(in_axes=(0,), out_axes=0)
+            def make(r):
+                return Block(cfg, r)
+            self.h = make(rngs)
+            self.ln_f = nnx.LayerNorm(cfg.n_embd, epsilon=cfg.layer_norm_epsilon, rngs=rngs)
+
+        def __call__(self, tokens):
+            x = self.wte(tokens) + self.wpe(jnp.arange(tokens.shape[-1]))
+
+            @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+            @nnx.remat(policy=jax.checkpoint_policies.dots_saveable)
+            def run(h, blk):
+                return blk(h)
+            return self.wte.attend(self.ln_f(run(x, self.h)))
+
+    return ScanGPT2(cfg, nnx.Rngs(0))
+
+
+def make_jax(row, a, data):
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    import jaxdp
+    from jaxdp import ghost
+    from jaxdp.lm import GPT2
+    from jaxdp.lm.finetune import sequence_nll
+
+    cfg = _cfg(a)
+    model = _scanned_gpt2(cfg) if row.endswith("_scan") else GPT2(cfg, rngs=nnx.Rngs(0))
+    graph, params = nnx.split(model)
+    batch = {"tokens": jnp.asarray(data), "mask": jnp.ones(data.shape, bool)}
+
+    def loss(p, b):
+        return sequence_nll(nnx.merge(graph, p)(b["tokens"]), b["tokens"], b["mask"])
+
+    lr, C, sigma = 1e-3, 1.0, 1.0
+    plan = None
+    if row.startswith("jax_nonprivate"):
+        @jax.jit
+        def step(p, b, key):
+            g = jax.grad(lambda q: jnp.mean(loss(q, b)))(p)
+            return jax.tree.map(lambda x, y: x - lr * y, p, g)
+    else:
+        method = row.split("_")[1]
+        grad_fn = jaxdp.clipped_grad(loss, C, method=method)
+        plan = {}
+        for v in ghost.explain(loss, params, batch, method).values():
+            plan[v] = plan.get(v, 0) + 1
+
+        @jax.jit
+        def step(p, b, key):
+            summed, _ = grad_fn(p, b)
+            leaves, tdef = jax.tree.flatten(summed)
+            keys = jax.random.split(key, len(leaves))
+            noisy = [s + sigma * C * jax.random.normal(k, s.shape, s.dtype) for s, k in zip(leaves, keys)]
+            g = jax.tree.unflatten(tdef, noisy)
+            return jax.tree.map(lambda x, y: x - lr / data.shape[0] * y, p, g)
+
+    key = jax.random.key(0)
+    t0 = time.perf_counter()
+    compiled = step.lower(params, batch, key).compile()
+    compile_s = time.perf_counter() - t0
+    mem = compiled.memory_analysis()
+    xla = None if mem is None else int(mem.temp_size_in_bytes + mem.argument_size_in_bytes
+                                       + mem.output_size_in_bytes)
+    state = [params]
+
+    def run():
+        state[0] = compiled(state[0], batch, key)
+        jax.block_until_ready(state[0])
+
+    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+    return run, dict(compile_s=compile_s, xla_peak_mb=None if xla is None else xla / 2 ** 20, plan=plan,
+                     n_params=n_params, device=str(jax.devices()[0].device_kind))
+
+
+def make_torch(row, a, data):
+    import torch
+    from transformers import GPT2Config as HFConfig, GPT2LMHeadModel
+
+    if a.torch_threads:
+        torch.set_num_threads(a.torch_threads)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(HFConfig(vocab_size=a.vocab, n_positions=max(a.seq_len, 128), n_embd=a.d_model,
+                                     n_layer=a.layers, n_head=a.heads, resid_pdrop=0.0, embd_pdrop=0.0,
+                                     attn_pdrop=0.0)).to(dev)
+    model.train()
+    x = torch.tensor(data, dtype=torch.long, device=dev)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+
+    def per_seq(logits):
+        logits = logits[:, :-1]
+        return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1),
+                                                 reduction="none").view(x.shape[0], -1).mean(dim=1)
+
+    if row == "opacus_hooks":
+        from opacus import PrivacyEngine
+        engine = PrivacyEngine(accountant="prv")
+        loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x.cpu()), batch_size=x.shape[0])
+        model, opt, _ = engine.make_private(module=model, optimizer=opt, data_loader=loader, noise_multiplier=1.0,
+                                            max_grad_norm=1.0, poisson_sampling=False)
+
+        def run():
+            opt.zero_grad(set_to_none=True)
+            per_seq(model(input_ids=x).logits).mean().backward()
+            opt.step()
+    elif row == "opacus_ghost":
+        from opacus import PrivacyEngine
+
+        class SeqLoss(torch.nn.Module):     # Opacus ghost clipping needs a per-sample loss ("none" reduction)
+            reduction = "mean"
+
+            def forward(self, logits, _target):
+                return per_seq(logits).mean()
+
+        engine = PrivacyEngine(accountant="prv")
+        loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x.cpu()), batch_size=x.shape[0])
+        model, opt, crit, _ = engine.make_private(module=model, optimizer=opt, data_loader=loader,
+                                                  criterion=torch.nn.CrossEntropyLoss(reduction="mean"),
+                                                  noise_multiplier=1.0, max_grad_norm=1.0, poisson_sampling=False,
+                                                  grad_sample_mode="ghost")
+
+        def run():
+            opt.zero_grad(set_to_none=True)
+            logits = model(input_ids=x).logits[:, :-1]
+            loss = crit(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1))
+            loss.backward()
+            opt.step()
+    else:
+        def run():
+            opt.zero_grad(set_to_none=True)
+            per_seq(model(input_ids=x).logits).mean().backward()
+            opt.step()
+            if dev == "cuda":
+                torch.cuda.synchronize()
+
+    t0 = time.perf_counter()
+    run()
+    return run, dict(compile_s=time.perf_counter() - t0, xla_peak_mb=None, plan=None, device=dev,
+                     n_params=sum(p.numel() for p in model.parameters()))
+
+
+def child(row, a) -> None:
+    data = np.random.default_rng(0).integers(0, a.vocab, (a.batch, a.seq_len))
+    try:
+        run, info = (make_torch if row.startswith(("torch", "opacus")) else make_jax)(row, a, data)
+        run()                                  # warm-up
+        times = []
+        for _ in range(a.steps):
+            t0 = time.perf_counter()
+            run()
+            times.append(time.perf_counter() - t0)
+        info.update(median_s=statistics.median(times), times_s=[round(t, 4) for t in times])
+    except Exception as e:                     # recorded, not hidden: the row says why it has no numbers
+        info = dict(error=f"{type(e).__name__}: {str(e)[:300]}")
+    info["rss_peak_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    print("ROW " + json.dumps(info))
+
+
+def _versions() -> dict:
+    out = {"python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count(),
+           "processor": platform.processor() or platform.platform()}
+    for mod in ("jax", "jaxlib", "flax", "torch", "opacus", "transformers"):
+        try:
+            out[mod] = __import__(mod).__version__
+        except Exception:   # not installed
+            out[mod] = None
+    return out
+
+
+def table(res) -> str:
+    rows = res["rows"]
+    lines = ["| row | median s | DP/non-private | compile s | XLA peak MB | peak RSS MB | plan |",
+             "|---|---|---|---|---|---|---|"]
+    for r, v in rows.items():
+        if "error" in v:
+            lines.append(f"| {r} | failed: {v['error'][:90]} | | | | | |")
+            continue
+        base = ("torch_nonprivate" if r.startswith(("torch", "opacus"))
+                else "jax_nonprivate_" + r.rsplit("_", 1)[1])
+        ratio = (v["median_s"] / rows[base]["median_s"]) if base in rows and "median_s" in rows[base] else None
+        f = (lambda x, d=2: "-" if x is None else f"{x:.{d}f}")
+        plan = ", ".join(f"{k} {n}" for k, n in sorted((v.get("plan") or {}).items())) or "-"
+        lines.append(f"| {r} | {f(v['median_s'], 3)} | {f(ratio)} | {f(v.get('compile_s'), 1)} | "
+                     f"{f(v.get('xla_peak_mb'), 0)} | {f(v.get('rss_peak_mb'), 0)} | {plan} |")
+    return "\n".join(lines)
+
+
+def plot(res, path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = {r: v for r, v in res["rows"].items() if "median_s" in v}
+    fig, ax = plt.subplots(1, 2, figsize=(11, 3.6))
+    names = list(rows)
+    ax[0].barh(names, [rows[r]["median_s"] for r in names])
+    ax[0].set_xlabel("median step time (s)")
+    ax[1].barh(names, [rows[r].get("xla_peak_mb") or 0 for r in names])
+    ax[1].set_xlabel("XLA peak memory (MB; JAX rows)")
+    c = res["config"]
+    fig.suptitle(f"GPT-2 {c['layers']}x{c['d_model']}, vocab {c['vocab']}, batch {c['batch']}, seq {c['seq_len']}"
+                 f" ({res['device']})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=sorted(PRESETS), help="gpt2: the real GPT-2 124M config (random init)")
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--d-model", type=int, default=256)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--vocab", type=int, default=8192)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--rows", default=",".join(ROWS))
+    p.add_argument("--torch-threads", type=int, default=0)
+    p.add_argument("--require-gpu", action="store_true", help="fail unless JAX sees a GPU (make bench-gpu)")
+    p.add_argument("--timeout", type=float, default=3600, help="seconds per row")
+    p.add_argument("--json", help="write the results here (plus .txt table and .png plot next to it)")
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a.preset:
+        for k, v in PRESETS[a.preset].items():
+            setattr(a, k, v)
+    if a.child:
+        child(a.child, a)
+        return
+    # The parent does not import JAX: a child's peak RSS (ru_maxrss) starts from its parent's at fork.
+    device = subprocess.run([sys.executable, "-c", "import jax; d = jax.devices()[0]; "
+                             "print(f'{d.platform}: {d.device_kind}')"], capture_output=True, text=True
+                            ).stdout.strip() or "unknown"
+    if a.require_gpu and not device.startswith("gpu"):
+        sys.exit(f"--require-gpu: JAX sees {device}, not a GPU (set JAX_PLATFORMS=cuda on a GPU machine)")
+    res = {"config": dict(layers=a.layers, d_model=a.d_model, heads=a.heads, vocab=a.vocab, batch=a.batch,
+                          seq_len=a.seq_len, steps=a.steps, preset=a.preset),
+           "command": "python " + " ".join(sys.argv), "device": device, "versions": _versions(),
+           "loadavg_start": os.getloadavg(), "rows": {}}
+    argv = [a for a in sys.argv[1:]]
+    for r in [r for r in a.rows.split(",") if r]:
+        t0 = time.perf_counter()
+        try:
+            out = subprocess.run([sys.executable, __file__, *argv, "--child", r], capture_output=True, text=True,
+                                 timeout=a.timeout)
+            line = [x for x in out.stdout.splitlines() if x.startswith("ROW ")]
+            v = json.loads(line[-1][4:]) if line else {"error": f"exit {out.returncode}: {out.stderr[-300:]}"}
+        except subprocess.TimeoutExpired:
+            v = {"error": f"timed out after {a.timeout:.0f} s"}
+        v["wall_s"] = time.perf_counter() - t0
+        res["rows"][r] = v
+        print(r, json.dumps({k: x for k, x in v.items() if k != "times_s"}), flush=True)
+    res["loadavg_end"] = os.getloadavg()
+    print(table(res))
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(res, f, indent=1)
+        with open(os.path.splitext(a.json)[0] + ".txt", "w") as f:
+            f.write(table(res) + "\n")
+        try:
+            plot(res, os.path.splitext(a.json)[0] + ".png")
+        except ImportError as e:
+            print(f"no plot: {e}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
