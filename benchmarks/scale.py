@@ -245,7 +245,9 @@ def table(res) -> str:
         base = ("torch_nonprivate" if r.startswith(("torch", "opacus"))
                 else "jax_nonprivate_" + r.rsplit("_", 1)[1])
         ratio = (v["median_s"] / rows[base]["median_s"]) if base in rows and "median_s" in rows[base] else None
-        f = (lambda x, d=2: "-" if x is None else f"{x:.{d}f}")
+
+        def f(x, d=2):
+            return "-" if x is None else f"{x:.{d}f}"
         plan = ", ".join(f"{k} {n}" for k, n in sorted((v.get("plan") or {}).items())) or "-"
         lines.append(f"| {r} | {f(v['median_s'], 3)} | {f(ratio)} | {f(v.get('compile_s'), 1)} | "
                      f"{f(v.get('xla_peak_mb'), 0)} | {f(v.get('rss_peak_mb'), 0)} | {plan} |")

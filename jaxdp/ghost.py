@@ -54,7 +54,8 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -442,7 +443,7 @@ def _conv_mats(site: _Site, A, G):
     p = site.eqn.params
     w_shape = site.eqn.invars[1].aval.shape  # the kernel as the conv sees it (after the chain)
     dn = p["dimension_numbers"]
-    lhs_spec, rhs_spec, out_spec = dn.lhs_spec, dn.rhs_spec, dn.out_spec
+    rhs_spec, out_spec = dn.rhs_spec, dn.out_spec
     filt = tuple(w_shape[i] for i in rhs_spec[2:])
     def patches(a):
         return lax.conv_general_dilated_patches(

@@ -26,7 +26,7 @@ B = 4
 SETTINGS = settings(max_examples=6, deadline=None, derandomize=True)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _grad_fn(name: str, method: str, C, dtype_mode: str = "f32"):
     loss, _ = MODELS[name]
     C = dict(C) if isinstance(C, tuple) else C
