@@ -413,7 +413,13 @@ def test_low_precision_compute_bounded(name, method, dtype_mode, seed, offset, s
     assert_bounded(norms, 0.5)
     _, st_ = _grad_fn(name, method, 0.5, dtype_mode)(params, batch)
     ref_st = _grad_fn(name, "vmap", 0.5, dtype_mode)(params, batch)[1]
-    assert int(st_.num_nonfinite) == int(ref_st.num_nonfinite)
+    # No method drops an example that vmap keeps. The converse can happen: vmap's float16 per-example gradient
+    # can overflow to inf (vmap then drops that example) where ghost's float32 norm of float16 activations stays
+    # finite; both are bounded above.
+    kept_by_vmap = np.isfinite(np.asarray(ref_st.per_example_norms))
+    kept = np.isfinite(np.asarray(st_.per_example_norms))
+    assert np.all(kept[kept_by_vmap]), (np.asarray(st_.per_example_norms), np.asarray(ref_st.per_example_norms))
+    assert int(st_.num_nonfinite) <= int(ref_st.num_nonfinite)
 
 
 @pytest.mark.parametrize("method", METHODS)
