@@ -22,6 +22,15 @@ can be checkpointed, written to the budget ledger and re-accounted later with an
     steps of one cyclic schedule. :class:`Accountant` merges consecutive identical records (one run, recorded step
     by step); :func:`merge_events` never merges cyclic events (two runs, each restarting its cycle, cost
     ``ceil(T1/b) + ceil(T2/b)``).
+``{"sampling": "fixed_order", "mechanism": m, "min_separation": b, "horizon": H, "noise_multiplier": s, "steps": T}``
+    A fixed, data-independent batch order (:class:`jaxdp.sampling.FixedOrderSampler`: one secret permutation split
+    into ``b`` batches, repeated every epoch, so each example takes part once per epoch, exactly ``b`` steps apart)
+    without amplification, for ``T <= H`` consecutive steps of one run planned for ``H`` steps. Mechanism ``m`` =
+    ``"blt"`` (buffered linear Toeplitz noise scaled to the sensitivity of ``ceil(H / b)`` participations b apart,
+    :mod:`jaxdp.blt`): ONE Gaussian mechanism with noise multiplier ``s``, whatever ``T``; or ``"dpsgd"``
+    (independent noise): ``ceil(T / b)`` Gaussian mechanisms (an example's participations). Neighbouring relation:
+    zero-out (add/remove with the fixed participation schema); replace-one is refused. ``T > H`` is refused (the
+    noise was not scaled for more participations); like cyclic events, these are never merged across runs.
 ``{"sampling": "none", "steps": T}``
     Steps that touched data without noise: epsilon is infinite.
 
@@ -69,9 +78,11 @@ NEIGHBORING_RELATIONS = {
     "add_remove": pa.NeighboringRelation.ADD_OR_REMOVE_ONE,
     "replace_one": pa.NeighboringRelation.REPLACE_ONE,
 }
-SAMPLINGS = ("poisson", "shuffle", "truncated_poisson", "cyclic_poisson", "none")
+SAMPLINGS = ("poisson", "shuffle", "truncated_poisson", "cyclic_poisson", "fixed_order", "none")
 #: Noise mechanisms a cyclic-Poisson event may name (both accounted by the same theorem).
 CYCLIC_MECHANISMS = ("bandmf", "dpsgd")
+#: Noise mechanisms a fixed-order event may name: BLT (one Gaussian mechanism) or independent noise.
+FIXED_ORDER_MECHANISMS = ("blt", "dpsgd")
 
 #: PLD discretisation used by "pld" and "prv" (dp-accounting's default; docs/privacy.md's reference figures use it).
 PLD_VALUE_DISCRETIZATION_INTERVAL = 1e-4
@@ -188,6 +199,21 @@ def validate_event(event: Mapping[str, Any]) -> dict:
                 "bands": _checks.positive_int("bands", event["bands"]),
                 "noise_multiplier": _noise(event["noise_multiplier"]),
                 "sample_rate": _checks.sample_rate(event["sample_rate"]), "steps": _steps(event["steps"])}
+    if sampling == "fixed_order":
+        need("mechanism", "min_separation", "horizon", "noise_multiplier", "steps")
+        if event["mechanism"] not in FIXED_ORDER_MECHANISMS:
+            raise ValueError(f"a fixed_order event's mechanism must be one of {FIXED_ORDER_MECHANISMS}, got "
+                             f"{event['mechanism']!r}")
+        out = {"sampling": "fixed_order", "mechanism": event["mechanism"],
+               "min_separation": _checks.positive_int("min_separation", event["min_separation"]),
+               "horizon": _checks.positive_int("horizon", event["horizon"]),
+               "noise_multiplier": _noise(event["noise_multiplier"]), "steps": _steps(event["steps"])}
+        if out["steps"] > out["horizon"]:
+            raise ValueError(f"a fixed_order event of {out['steps']} steps exceeds its planned horizon of "
+                             f"{out['horizon']} steps: the noise was scaled for ceil(horizon / min_separation) "
+                             "participations, and later steps are not covered by any analysis. Stop at the horizon "
+                             "(the engine does), or plan a longer run (more epochs) from the start")
+        return out
     need("noise_multiplier", "sample_rate", "max_batch_size", "dataset_size", "steps")
     return {"sampling": "truncated_poisson", "noise_multiplier": _noise(event["noise_multiplier"]),
             "sample_rate": _checks.sample_rate(event["sample_rate"]),
@@ -203,7 +229,7 @@ def merge_events(events: Iterable[Mapping[str, Any]]) -> list[dict]:
         e = validate_event(e)
         if e["steps"] == 0:
             continue
-        if out and e["sampling"] != "cyclic_poisson" and {k: v for k, v in out[-1].items() if k != "steps"} == {
+        if out and e["sampling"] not in ("cyclic_poisson", "fixed_order") and {k: v for k, v in out[-1].items() if k != "steps"} == {
                 k: v for k, v in e.items() if k != "steps"}:
             out[-1]["steps"] += e["steps"]
         else:
@@ -228,6 +254,11 @@ def _refuse(event: dict, accountant: str, relation: str) -> str | None:
                     "under the replace-one relation (Wang, Balle, Kasiviswanathan 2019); create the accountant "
                     "with neighboring_relation='replace_one' (its epsilon is not comparable with add/remove "
                     "epsilons), or train with Poisson sampling.")
+    if s == "fixed_order" and relation != "add_remove":
+        return ("a fixed-order run (BLT or independent noise over a fixed batch order) is analysed under the "
+                "zero-out relation, i.e. add/remove one example with a fixed participation schema; replacing an "
+                "example changes the released sum by up to 2 C, which the noise was not scaled for. Use "
+                "neighboring_relation='add_remove'.")
     if s == "truncated_poisson" and accountant == "rdp":
         return ("the 'rdp' accountant has no analysis of truncated Poisson sampling (batches cut to "
                 "max_batch_size); use accountant='pld' or 'prv' (dp-accounting's truncated subsampled Gaussian "
@@ -258,6 +289,11 @@ def to_dp_event(event: dict) -> dpe.DpEvent:
         gauss = dpe.GaussianDpEvent(event["noise_multiplier"])
         inner = gauss if event["sample_rate"] == 1.0 else dpe.PoissonSampledDpEvent(event["sample_rate"], gauss)
         return dpe.SelfComposedDpEvent(inner, cyclic_participations(t, event["bands"]))
+    elif s == "fixed_order":
+        gauss = dpe.GaussianDpEvent(event["noise_multiplier"])
+        if event["mechanism"] == "blt":   # the noise is scaled to the whole schema's sensitivity: one mechanism
+            return gauss if t > 0 else dpe.NoOpDpEvent()
+        return dpe.SelfComposedDpEvent(gauss, cyclic_participations(t, event["min_separation"]))
     elif s == "shuffle":
         # dp-accounting's RDP for sampling without replacement (Wang, Balle, Kasiviswanathan 2019) takes the noise
         # relative to the REPLACE-ONE sensitivity of the released sum. Replacing one example moves a sum of
@@ -415,13 +451,15 @@ class Accountant:
     # -- recording
     def step(self, noise_multiplier: float, sample_rate: float | None = None, num_steps: int = 1, *,
              sampling: str = "poisson", dataset_size: int | None = None, batch_size: int | None = None,
-             max_batch_size: int | None = None, bands: int | None = None, mechanism: str = "dpsgd") -> None:
+             max_batch_size: int | None = None, bands: int | None = None, mechanism: str = "dpsgd",
+             min_separation: int | None = None, horizon: int | None = None) -> None:
         """Record ``num_steps`` DP-SGD steps with noise std ``noise_multiplier * C``.
 
         ``sampling`` is the batch selection actually used (the samplers' ``.sampling``): ``"poisson"`` needs
         ``sample_rate``; ``"shuffle"`` needs ``batch_size`` and ``dataset_size``; ``"truncated_poisson"`` needs
         ``sample_rate``, ``max_batch_size`` and ``dataset_size``; ``"cyclic_poisson"`` needs ``sample_rate``,
-        ``bands`` and ``mechanism`` (consecutive steps of ONE cyclic schedule); ``"none"`` records non-private steps.
+        ``bands`` and ``mechanism`` (consecutive steps of ONE cyclic schedule); ``"fixed_order"`` needs
+        ``mechanism``, ``min_separation`` and ``horizon`` (consecutive steps of ONE run); ``"none"`` records non-private steps.
         Raises ``ValueError`` at once if this accountant cannot account the sampling (privacy rule 5).
         """
         if sampling == "poisson":
@@ -439,6 +477,9 @@ class Accountant:
         elif sampling == "cyclic_poisson":
             event = {"sampling": "cyclic_poisson", "mechanism": mechanism, "bands": bands,
                      "noise_multiplier": noise_multiplier, "sample_rate": sample_rate, "steps": num_steps}
+        elif sampling == "fixed_order":
+            event = {"sampling": "fixed_order", "mechanism": mechanism, "min_separation": min_separation,
+                     "horizon": horizon, "noise_multiplier": noise_multiplier, "steps": num_steps}
         elif sampling == "none":
             event = {"sampling": "none", "steps": num_steps}
         else:
@@ -456,6 +497,8 @@ class Accountant:
         last = self._history[-1] if self._history else None
         if last is not None and {k: v for k, v in last.items() if k != "steps"} == {
                 k: v for k, v in e.items() if k != "steps"}:
+            if e["sampling"] == "fixed_order":   # one run, step by step: still within its horizon?
+                validate_event({**last, "steps": last["steps"] + e["steps"]})
             last["steps"] += e["steps"]
         else:
             self._history.append(e)
@@ -775,5 +818,5 @@ __all__ = [
     "PRVPrivacyAccountant", "calibrate_noise_multiplier", "check_delta", "check_epsilon", "compose_events",
     "compute_dp_sgd_privacy", "compute_epsilon", "events_delta", "events_epsilon", "make_dp_accountant",
     "merge_events", "steps_for_epochs", "to_dp_event", "validate_event", "warn_if_delta_too_large",
-    "CYCLIC_MECHANISMS", "cyclic_participations",
+    "CYCLIC_MECHANISMS", "FIXED_ORDER_MECHANISMS", "cyclic_participations",
 ]
