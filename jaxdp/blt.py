@@ -215,17 +215,77 @@ def _pack(theta: np.ndarray, omega: np.ndarray) -> np.ndarray:
     return np.concatenate([np.log(theta) - np.log1p(-theta), np.log(np.maximum(omega, 1e-300)) - math.log(rest)])
 
 
-def _objective(x, d, n, b, k, momentum) -> float:
+def _prod(roots: np.ndarray) -> np.ndarray:
+    """``prod_j (1 - roots_j x)`` in increasing powers of ``x``."""
+    q = np.ones(1)
+    for t in roots:
+        q = np.convolve(q, [1.0, -t])
+    return q
+
+
+def _lagged_dots(g: np.ndarray, u: np.ndarray, d: int) -> np.ndarray:
+    """``sum_{m >= i} g_m u_{m-i}`` for ``i = 1..d``."""
+    n = g.size
+    return np.array([np.dot(g[i:], u[:n - i]) if i < n else 0.0 for i in range(1, d + 1)])
+
+
+def _objective(x: np.ndarray, d: int, n: int, b: int, k: int, momentum: float) -> tuple[float, np.ndarray]:
+    """``log(sens^2 * ||A C^{-1}||_F^2)`` and its gradient in the unconstrained parameters ``x = (a, b)``.
+
+    Error part: ``r = Q / P`` (series), so ``dr/dQ_i = x^i / P`` and ``dr/dP_i = -x^i Q / P^2``; ``Q`` and ``P``
+    are polynomials in ``theta, omega`` (:func:`_polys`). Sensitivity part: ``sens^2 = ||M c||^2`` with ``M`` the
+    sum of shifts by ``0, b, .., (k-1) b`` (``M^T = J M J``, ``J`` reversing) and ``c_m = sum_j omega_j
+    theta_j^(m-1)``."""
+    from scipy.signal import lfilter
+
+    from jaxdp.matrix_factorization import _workload
     theta, omega = _unpack(x, d)
+    bad = (700.0, np.zeros_like(x))
     if np.any(theta >= 1.0):
-        return 700.0
-    err = blt_error(theta, omega, n, momentum)
-    c = blt_coefficients(theta, omega, n)
-    sens2 = float(np.sum(_minsep_column(c, b, k) ** 2)) if k > 1 else float(np.dot(c, c))
-    f = err * sens2
-    if not math.isfinite(f) or f >= 1e300:
-        return 700.0
-    return math.log(f)
+        return bad
+    q, p = _polys(theta, omega)
+    impulse = np.zeros(n)
+    impulse[0] = 1.0
+    w = np.arange(n, 0, -1, dtype=float)
+    with np.errstate(over="ignore", invalid="ignore"):
+        r = lfilter(q, p, impulse)
+        s = _workload(r, momentum)
+        err = float(np.dot(w, s * s))
+    if not math.isfinite(err) or err >= 1e300:
+        return bad
+    # d err / d r, then / d Q_i and d P_i (i = 1..d)
+    g = _workload((2.0 * w * s)[::-1], momentum)[::-1]
+    u = lfilter([1.0], p, impulse)            # 1 / P
+    y = lfilter([1.0], p, r)                  # Q / P^2
+    de_dq, de_dp = _lagged_dots(g, u, d), -_lagged_dots(g, y, d)
+    # Q = prod (1 - theta_j x); P = Q + x sum_j omega_j Q_{-j}
+    de_dtheta, de_domega = np.zeros(d), np.zeros(d)
+    for j in range(d):
+        qj = _prod(np.delete(theta, j))                       # Q_{-j}, degree d - 1
+        dq = -np.concatenate([[0.0], qj])                     # dQ / dtheta_j
+        dp = dq.copy()
+        for i in range(d):
+            if i != j:
+                dp[2:2 + d - 1] -= omega[i] * _prod(np.delete(theta, [i, j]))   # x * omega_i * d Q_{-i} / d theta_j
+        de_dtheta[j] = np.dot(de_dq, dq[1:]) + np.dot(de_dp, dp[1:])
+        de_domega[j] = np.dot(de_dp, qj)                      # dP / domega_j = x Q_{-j}
+    # sensitivity
+    powers = theta[None, :] ** np.arange(n - 1)[:, None] if n > 1 else np.zeros((0, d))
+    c = np.concatenate([[1.0], powers @ omega])
+    v = _minsep_column(c, b, k) if k > 1 else c
+    sens2 = float(np.dot(v, v))
+    gc = 2.0 * (_minsep_column(v[::-1].copy(), b, k)[::-1] if k > 1 else v)
+    g1 = gc[1:]
+    ds_domega = powers.T @ g1
+    dpow = np.zeros_like(powers)                              # d theta^m / d theta = m theta^(m-1)
+    if n > 2:
+        dpow[1:] = np.arange(1, n - 1)[:, None] * powers[:-1]
+    ds_dtheta = omega * (dpow.T @ g1)
+    gtheta = de_dtheta / err + ds_dtheta / sens2
+    gomega = de_domega / err + ds_domega / sens2
+    ga = gtheta * theta * (1.0 - theta)
+    gb = omega * (gomega - np.dot(gomega, omega))
+    return math.log(err * sens2), np.concatenate([ga, gb])
 
 
 @functools.lru_cache(maxsize=64)
@@ -242,9 +302,9 @@ def _optimal(n: int, d: int, b: int, k: int, momentum: float) -> tuple[tuple[flo
         starts.append((1.0 - 1.0 / tau, np.full(d, weight / d)))
     best = None
     for t, w in starts:
-        res = minimize(_objective, _pack(t, w), args=(d, n, b, k, momentum), jac="3-point", method="L-BFGS-B",
-                       options={"maxiter": 3000, "ftol": 1e-15, "gtol": 1e-11})
-        val = _objective(res.x, d, n, b, k, momentum)
+        res = minimize(_objective, _pack(t, w), args=(d, n, b, k, momentum), jac=True, method="L-BFGS-B",
+                       options={"maxiter": 2000, "ftol": 1e-13, "gtol": 1e-9})
+        val = _objective(res.x, d, n, b, k, momentum)[0]
         if best is None or val < best[0]:
             best = (val, res.x)
     theta, omega = _unpack(best[1], d)
