@@ -308,3 +308,20 @@ def test_engine_passes_the_optimizers_momentum_to_the_correlated_noise_strategy(
         loss_fn=loss, optimizer=optax.sgd(0.1, momentum=0.9), params=params, dataset_size=40, batch_size=8,
         noise_multiplier=1.0, max_grad_norm=1.0, seed=0, mechanism=mechanism, epochs=2, momentum=0.9, **extra)
     assert seen == [0.9]
+
+
+def test_ledger_charges_a_blt_run_as_one_gaussian_and_two_runs_as_two():
+    from jaxdp.ledger import events as ledger_events
+    ev = {"sampling": "fixed_order", "mechanism": "blt", "min_separation": 5, "horizon": 30, "noise_multiplier": 1.0,
+          "steps": 30, "l2_clip_norm": 1.0}
+    [clean] = ledger_events.normalize_events([ev])
+    assert ledger_events.compose([clean], DELTA, "pld") == pytest.approx(blt.blt_epsilon(1.0, DELTA,
+                                                                                          accountant="pld"))
+    two = accounting.events_epsilon([{"sampling": "poisson", "noise_multiplier": 1.0, "sample_rate": 1.0,
+                                      "steps": 2}], DELTA, "pld")
+    assert ledger_events.compose([clean, clean], DELTA, "pld") == pytest.approx(two)
+    assert ledger_events.epochs_of(clean) == 6.0
+    with pytest.raises(ValueError, match="horizon"):
+        ledger_events.normalize_events([{**ev, "steps": 31}])
+    with pytest.raises(ValueError, match="mechanism"):
+        ledger_events.normalize_events([{**ev, "mechanism": "bandmf"}])

@@ -9,6 +9,8 @@ An *event* is one mechanism run on a dataset, as a plain JSON-able dict in the f
      "dataset_size": n, "steps": T}
     {"sampling": "cyclic_poisson", "mechanism": "bandmf", "bands": b, "noise_multiplier": s, "sample_rate": p,
      "steps": T}                             # BandMF / cyclic Poisson: DP-SGD with rate p, ceil(T/b) steps
+    {"sampling": "fixed_order", "mechanism": "blt", "min_separation": b, "horizon": H, "noise_multiplier": s,
+     "steps": T}                             # BLT over a fixed batch order: ONE Gaussian mechanism (T <= H)
     {"sampling": "none", "steps": T}          # non-private: epsilon = infinity
 
 plus, for the record only, ``"l2_clip_norm"`` (the accountant never sees it: the privacy guarantee is a function
@@ -24,15 +26,16 @@ import json
 import math
 from typing import Any, Iterable
 
-SAMPLINGS = ("poisson", "shuffle", "truncated_poisson", "cyclic_poisson", "none")
+SAMPLINGS = ("poisson", "shuffle", "truncated_poisson", "cyclic_poisson", "fixed_order", "none")
 _REQUIRED = {
     "poisson": ("noise_multiplier", "sample_rate", "steps"),
     "shuffle": ("noise_multiplier", "batch_size", "dataset_size", "steps"),
     "truncated_poisson": ("noise_multiplier", "sample_rate", "max_batch_size", "dataset_size", "steps"),
     "cyclic_poisson": ("mechanism", "bands", "noise_multiplier", "sample_rate", "steps"),
+    "fixed_order": ("mechanism", "min_separation", "horizon", "noise_multiplier", "steps"),
     "none": ("steps",),
 }
-_INT_KEYS = ("steps", "batch_size", "dataset_size", "max_batch_size", "bands")
+_INT_KEYS = ("steps", "batch_size", "dataset_size", "max_batch_size", "bands", "min_separation", "horizon")
 _STR_KEYS = ("mechanism",)
 # Bounds on what one event may ask for. Composing 10^7 PRV steps takes tens of seconds and 10^9 minutes (10^18
 # exhausts memory); a noise multiplier of 10^6 already gives epsilon 0 to printing precision (10^300 overflows
@@ -76,9 +79,10 @@ def normalize_events(events: Any) -> list[dict]:
                 continue
             v = ev[k]
             if k in _STR_KEYS:
-                from jaxdp.accounting.core import CYCLIC_MECHANISMS
-                if v not in CYCLIC_MECHANISMS:
-                    raise ValueError(f"event {i}: {k} must be one of {CYCLIC_MECHANISMS}, got {v!r}")
+                from jaxdp.accounting.core import CYCLIC_MECHANISMS, FIXED_ORDER_MECHANISMS
+                names = FIXED_ORDER_MECHANISMS if sampling == "fixed_order" else CYCLIC_MECHANISMS
+                if v not in names:
+                    raise ValueError(f"event {i}: {k} must be one of {names}, got {v!r}")
                 clean[k] = str(v)
             elif k in _INT_KEYS:
                 if isinstance(v, bool) or not float(v).is_integer() or int(v) < (0 if k == "steps" else 1):
@@ -108,6 +112,9 @@ def normalize_events(events: Any) -> list[dict]:
             size_key = "batch_size" if sampling == "shuffle" else "max_batch_size"
             if clean[size_key] > clean["dataset_size"]:
                 raise ValueError(f"event {i}: {size_key} {clean[size_key]} exceeds dataset_size {clean['dataset_size']}")
+        if sampling == "fixed_order" and clean["steps"] > clean["horizon"]:
+            raise ValueError(f"event {i}: {clean['steps']} steps exceed the planned horizon of {clean['horizon']} "
+                             "steps (the noise of a fixed-order run covers only its horizon)")
         out.append(clean)
     return out
 
@@ -135,6 +142,9 @@ def _accountant_events(events: list[dict]) -> list[dict]:
         if e["sampling"] == "cyclic_poisson":
             e = {"sampling": "poisson", "noise_multiplier": e["noise_multiplier"], "sample_rate": e["sample_rate"],
                  "steps": -(-e["steps"] // e["bands"])}
+        elif e["sampling"] == "fixed_order":   # BLT: one Gaussian per run; independent noise: one per participation
+            e = {"sampling": "poisson", "noise_multiplier": e["noise_multiplier"], "sample_rate": 1.0,
+                 "steps": 1 if e["mechanism"] == "blt" else -(-e["steps"] // e["min_separation"])}
         out.append(e)
     return out
 
@@ -187,6 +197,8 @@ def epochs_of(event: dict) -> float | None:
         return event["steps"] * event["sample_rate"] / event["bands"]
     if event["sampling"] == "shuffle":
         return event["steps"] * event["batch_size"] / event["dataset_size"]
+    if event["sampling"] == "fixed_order":
+        return event["steps"] / event["min_separation"]
     return None
 
 
