@@ -325,3 +325,48 @@ def test_ledger_charges_a_blt_run_as_one_gaussian_and_two_runs_as_two():
         ledger_events.normalize_events([{**ev, "steps": 31}])
     with pytest.raises(ValueError, match="mechanism"):
         ledger_events.normalize_events([{**ev, "mechanism": "bandmf"}])
+
+
+def test_trainer_runs_blt_and_the_record_card_and_curve_state_it(tmp_path):
+    import json
+
+    from jaxdp.report.modelcard import build_model_privacy, guarantee_sentence
+    from jaxdp.report.plots import epsilon_curve
+    from jaxdp.train import DPTrainer
+    cfg = {"model": {"name": "logreg"}, "data": {"name": "digits"},
+           "optimizer": {"name": "sgd", "learning_rate": 1.0},
+           "training": {"epochs": 2, "batch_size": 128, "seed": 7, "accountant": "rdp", "mechanism": "blt",
+                        "buffers": 2, "dp": {"enabled": True, "epsilon": 3.0, "delta": 1e-5, "max_grad_norm": 1.0}},
+           "output": {"dir": str(tmp_path / "run"), "progress": False}}
+    trainer = DPTrainer(cfg, log=False)
+    trainer.train()
+    m = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    b = trainer.n // 128
+    assert (m["mechanism"], m["buffers"], m["sampling"], m["min_separation"]) == ("blt", 2, "fixed_order", b)
+    assert m["steps"] == m["horizon"] == 2 * b
+    assert m["epsilon"] == pytest.approx(blt.blt_epsilon(m["noise_multiplier"], 1e-5, accountant="rdp"), rel=1e-9)
+    assert m["epsilon"] <= 3.0
+    mp = build_model_privacy(tmp_path / "run", metrics=m)
+    sentence = guarantee_sentence(mp)
+    assert sentence.startswith("Trained with BLT (buffered linear Toeplitz noise with d=2 buffers")
+    assert f"at most 2 steps {b} steps apart" in sentence and "zero-out" in sentence
+    steps, eps = epsilon_curve(m)
+    assert steps[-1] == m["steps"] and eps[-1] == pytest.approx(m["epsilon"], rel=1e-9)
+    assert max(eps) - min(eps) < 1e-9      # one Gaussian mechanism: the same epsilon after any step
+
+
+def test_trainer_config_refuses_bad_blt_settings():
+    from jaxdp.train.config import ConfigError, validate_config as validate
+    base = {"model": {"name": "logreg"}, "data": {"name": "digits"}, "optimizer": {"name": "sgd", "learning_rate": 1.0},
+            "training": {"epochs": 1, "batch_size": 64, "mechanism": "blt"}}
+    with pytest.raises(ConfigError, match="training.buffers"):
+        validate(base)
+    bad = {**base, "training": {**base["training"], "buffers": 2, "sampling": "shuffle",
+                                "dp": {"neighboring_relation": "replace_one", "noise_multiplier": 1.0}}}
+    with pytest.raises(ConfigError, match="fixed secret batch order"):
+        validate(bad)
+    bad = {**base, "training": {**base["training"], "buffers": 2, "dp": {"neighboring_relation": "replace_one"}}}
+    with pytest.raises(ConfigError, match="zero-out"):
+        validate(bad)
+    with pytest.raises(ConfigError, match="training.buffers' is for mechanism: blt"):
+        validate({**base, "training": {"epochs": 1, "batch_size": 64, "buffers": 2}})

@@ -254,7 +254,7 @@ def test_trainer_config_accepts_bandmf_and_names_bad_keys():
     base = {"optimizer": {"learning_rate": 0.1}, "training": {"epochs": 1, "batch_size": 8, "seed": 0}}
     cfg = validate_config({**base, "training": {**base["training"], "mechanism": "bandmf", "bands": 4}})
     assert cfg["training"]["mechanism"] == "bandmf" and cfg["training"]["bands"] == 4
-    for bad, key in ((dict(mechanism="blt"), "training.mechanism"), (dict(mechanism="bandmf"), "training.bands"),
+    for bad, key in ((dict(mechanism="dpftrl"), "training.mechanism"), (dict(mechanism="bandmf"), "training.bands"),
                      (dict(bands=3), "training.bands")):
         with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
             validate_config({**base, "training": {**base["training"], **bad}})

@@ -236,6 +236,13 @@ def guarantee_sentence(mp: Mapping[str, Any]) -> str:
         how = f"Poisson sampling rate q={_g(mp['sample_rate'])}"
     elif sampling == "shuffle":
         how = f"shuffled fixed-size batches of {_g(mp['expected_batch_size'])}"
+    elif sampling == "fixed_order":
+        h, b = mp.get("horizon"), mp.get("min_separation")
+        how = (f"buffered linear Toeplitz noise with d={mp.get('buffers')} buffers, a fixed secret order of "
+               f"batches of {_g(mp['expected_batch_size'])} examples, each example in at most "
+               f"{'an unrecorded number of' if h is None or b is None else -(-int(h) // int(b))} steps "
+               f"{'an unrecorded number of' if b is None else b} steps apart, noise scaled for the planned "
+               f"{'unrecorded' if h is None else h} steps")
     elif sampling == "cyclic_poisson":
         how = (f"banded matrix-factorization noise with b={mp.get('bands')} bands, cyclic Poisson sampling of "
                f"{mp.get('bands')} groups at rate p={_g(mp['sample_rate'])}")
@@ -243,8 +250,10 @@ def guarantee_sentence(mp: Mapping[str, Any]) -> str:
         how = f"{sampling} sampling rate q={_g(mp['sample_rate'])}"
     relation = {"add_remove": "add/remove-one", "replace_one": "replace-one"}.get(
         mp.get("neighboring_relation"), "an unrecorded")
+    if sampling == "fixed_order" and relation == "add/remove-one":
+        relation = "zero-out (add/remove-one with the fixed participation schema)"
     acc = str(mp.get("accountant") or "unrecorded").upper()
-    name = "BandMF" if sampling == "cyclic_poisson" else "DP-SGD"
+    name = {"cyclic_poisson": "BandMF", "fixed_order": "BLT"}.get(sampling, "DP-SGD")
     return (f"Trained with {name} ({how}, noise multiplier σ={_g(mp['noise_multiplier'])}, "
             f"clip norm C={_g(mp['max_grad_norm'])}, T={mp['steps']} steps, training set of "
             f"{mp['training_set_size']} examples): for any one training example, (ε={format_epsilon(mp['epsilon'])}, "
@@ -274,10 +283,13 @@ def build_model_privacy(run_dir: str | os.PathLike, *, audit: str | os.PathLike 
     led, led_why = ledger_total(ledger, dataset_id or m.get("dataset"))
     mp: dict[str, Any] = {
         "private": private,
-        "mechanism": (("BandMF (per-example clipping + banded matrix-factorization noise)"
-                       if m.get("mechanism") == "bandmf" else "DP-SGD (per-example clipping + Gaussian noise)")
+        "mechanism": ({"bandmf": "BandMF (per-example clipping + banded matrix-factorization noise)",
+                       "blt": "BLT (per-example clipping + buffered linear Toeplitz correlated noise)"}.get(
+                           m.get("mechanism"), "DP-SGD (per-example clipping + Gaussian noise)")
                       if private else "none (non-private SGD)"),
         "bands": m.get("bands"),
+        **({"buffers": m.get("buffers"), "min_separation": m.get("min_separation"), "horizon": m.get("horizon")}
+           if m.get("mechanism") == "blt" else {}),
         "library": "jaxdp",
         "library_version": m.get("jaxdp_version"),
         "epsilon": m.get("epsilon") if private else None,

@@ -45,9 +45,15 @@ def _event(m: Mapping[str, Any], steps: int) -> dict:
     if m.get("sampling") == "cyclic_poisson":
         return {"sampling": "cyclic_poisson", "mechanism": m["mechanism"], "bands": m["bands"],
                 "noise_multiplier": m["noise_multiplier"], "sample_rate": m["sample_rate"], "steps": steps}
+    if m.get("sampling") == "fixed_order":
+        if m.get("min_separation") is None or m.get("horizon") is None:
+            raise ValueError("the run's record names sampling 'fixed_order' but not its min_separation and "
+                             "horizon: its epsilon curve cannot be recomputed")
+        return {"sampling": "fixed_order", "mechanism": m["mechanism"], "min_separation": m["min_separation"],
+                "horizon": m["horizon"], "noise_multiplier": m["noise_multiplier"], "steps": steps}
     if m.get("sampling") != "poisson":
         raise ValueError(f"the run's record names sampling {m.get('sampling')!r}, which the report cannot "
-                         "recompute; expected poisson, shuffle or cyclic_poisson")
+                         "recompute; expected poisson, shuffle, cyclic_poisson or fixed_order")
     return {"sampling": "poisson", "noise_multiplier": m["noise_multiplier"], "sample_rate": m["sample_rate"],
             "steps": steps}
 

@@ -24,7 +24,7 @@ from jaxdp import data as data_lib
 from jaxdp import distributed
 from jaxdp import models
 from jaxdp.engine import PrivacyBudgetExhausted, PrivacyEngine, TrainState
-from jaxdp.sampling import PoissonSampler, ShuffleSampler
+from jaxdp.sampling import FixedOrderSampler, PoissonSampler, ShuffleSampler
 from jaxdp.train import checkpoint, lifecycle
 from jaxdp.train.config import config_hash, load_config, model_label, validate_config
 
@@ -34,6 +34,19 @@ CLIP_HIGH, CLIP_LOW = 0.9, 0.01  # warn when more than 90% / fewer than 1% of ex
 def _optimizer(cfg: dict, total_steps: int = 1) -> optax.GradientTransformation:
     from jaxdp.train.components import build_optimizer
     return build_optimizer(cfg["optimizer"], total_steps)
+
+
+def _heavy_ball(cfg: dict) -> float:
+    """The optimiser's heavy-ball momentum (``sgd``/``momentum`` without Nesterov), for the BLT strategy; else 0."""
+    o = cfg["optimizer"]
+    opts = o.get("options") or {}
+    if opts.get("nesterov"):
+        return 0.0
+    if o["name"] == "momentum":
+        return float(opts.get("momentum", o.get("momentum", 0.9)) or 0.0)
+    if o["name"] == "sgd":
+        return float(opts.get("momentum") or 0.0)
+    return 0.0
 
 
 def _seed(cfg: dict, out_dir: str, resume: bool) -> tuple[int, str]:
@@ -165,7 +178,8 @@ class DPTrainer:
 
     def _setup(self) -> None:
         t, dp = self.cfg["training"], self.cfg["training"]["dp"]
-        planned = (PoissonSampler(self.n, t["batch_size"] / self.n, 0) if t["sampling"] == "poisson" else
+        planned = (FixedOrderSampler(self.n, int(t["batch_size"]), 0) if self.dp and t["mechanism"] == "blt" else
+                   PoissonSampler(self.n, t["batch_size"] / self.n, 0) if t["sampling"] == "poisson" else
                    ShuffleSampler(self.n, int(round(t["batch_size"])), 0)).steps_for_epochs(self.epochs)
         optimizer = _optimizer(self.cfg, planned)  # a schedule's "total_steps" is the planned number of steps
         if self.dp:
@@ -180,6 +194,8 @@ class DPTrainer:
                           ledger=False)  # train() reserves in and checks against the ledger before step 1
             if t["mechanism"] == "bandmf":   # banded MF noise + cyclic Poisson sampling (jaxdp.matrix_factorization)
                 common.update(mechanism="bandmf", bands=int(t["bands"]))
+            if t["mechanism"] == "blt":   # BLT noise over a fixed batch order, stops at the horizon (jaxdp.blt)
+                common.update(mechanism="blt", buffers=int(t["buffers"]), momentum=_heavy_ball(self.cfg))
             if dp["noise_multiplier"] is None:
                 self.private = self.engine.make_private_with_epsilon(
                     target_epsilon=dp["epsilon"], target_delta=self.delta, epochs=self.epochs, **common)
@@ -417,6 +433,8 @@ class DPTrainer:
             "sampling": self.sampler.sampling, "accountant": t["accountant"] if self.dp else None,
             "neighboring_relation": t["dp"]["neighboring_relation"] if self.dp else None,
             "mechanism": t["mechanism"] if self.dp else None, "bands": t["bands"] if self.dp else None,
+            **({"buffers": t["buffers"], "min_separation": self.sampler.min_separation,
+                "horizon": self.private.horizon} if self.dp and t["mechanism"] == "blt" else {}),
             "clipping_method": t["method"], "config_hash": self.config_hash,
             "jaxdp_version": __import__("jaxdp").__version__,
             "final_test_accuracy": self.metrics[-1]["test_accuracy"] if self.metrics else None,
