@@ -353,6 +353,9 @@ def test_trainer_runs_blt_and_the_record_card_and_curve_state_it(tmp_path):
     steps, eps = epsilon_curve(m)
     assert steps[-1] == m["steps"] and eps[-1] == pytest.approx(m["epsilon"], rel=1e-9)
     assert max(eps) - min(eps) < 1e-9      # one Gaussian mechanism: the same epsilon after any step
+    from jaxdp.report.plots import plot_epsilon_vs_steps
+    svg_or_png = plot_epsilon_vs_steps(m)
+    assert len(svg_or_png) > 1000
 
 
 def test_trainer_config_refuses_bad_blt_settings():

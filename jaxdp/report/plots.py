@@ -91,7 +91,10 @@ def plot_epsilon_vs_steps(metrics: Mapping[str, Any], path: str | os.PathLike | 
         how = (f"batch {int(round(metrics['expected_batch_size']))} of {metrics['training_set_size']}, shuffled"
                if metrics.get("sampling") == "shuffle" else
                f"cyclic Poisson, {metrics['bands']} bands, p={metrics['sample_rate']:.3g}"
-               if metrics.get("sampling") == "cyclic_poisson" else f"Poisson q={metrics['sample_rate']:.3g}")
+               if metrics.get("sampling") == "cyclic_poisson" else
+               f"BLT, fixed batch order {metrics.get('min_separation')} apart, one Gaussian to step "
+               f"{metrics.get('horizon')}" if metrics.get("sampling") == "fixed_order" else
+               f"Poisson q={metrics['sample_rate']:.3g}")
         ax.plot(steps, eps, "-", color="C0", label=f"{str(metrics['accountant']).upper()} accountant "
                                                      f"(σ={metrics['noise_multiplier']:.3g}, {how}, "
                                                      f"{str(metrics['neighboring_relation']).replace('_', '/')})")
