@@ -157,10 +157,11 @@ def main(argv=None) -> int:
     extra = [r.run_id for r in runs if r.run_id not in trial_ids and r.run_id != ref_summary["run_id"]]
     # spend: the ledger's composition vs the composition of the steps actually taken (metrics.json of each run)
     taken = []
+    from jaxdp.train import RunSummary
     for d in ["reference"] + [f"trial{res['trial']:03d}" for res in results]:
-        m = json.load(open(os.path.join(work, d, "metrics.json")))
-        taken.append({"sampling": "poisson", "noise_multiplier": m["noise_multiplier"],
-                      "sample_rate": m["sample_rate"], "steps": m["steps"]})
+        m = RunSummary.read(os.path.join(work, d))
+        taken.append({"sampling": "poisson", "noise_multiplier": m.noise_multiplier,
+                      "sample_rate": m.sample_rate, "steps": m.steps})
     eps_taken = compose(normalize_events(taken), 1e-5, "rdp")
     spent = led.spent("digits")
     committed_steps = sum(sum(e["steps"] for e in (r.actual_events or [])) for r in runs if r.status == "committed")
@@ -186,6 +187,7 @@ def summarize(work: str) -> int:
     sys.path.insert(0, ROOT)
     from jaxdp.ledger import Ledger
     from jaxdp.ledger.events import compose, normalize_events
+    from jaxdp.train import RunSummary
     led = Ledger.open(os.path.join(work, "ledger.db"))
     ref = final_arrays(os.path.join(work, "reference"))
     dirs = sorted(d for d in os.listdir(work) if d.startswith("trial"))
@@ -193,14 +195,14 @@ def summarize(work: str) -> int:
     ids, taken = set(), []
     for d in ["reference"] + dirs:
         mpath = os.path.join(work, d, "metrics.json")
-        m = json.load(open(mpath)) if os.path.exists(mpath) else None
-        if d != "reference" and m and m["status"] == "finished":
+        m = RunSummary.read(mpath) if os.path.exists(mpath) else None
+        if d != "reference" and m and m.status == "finished":
             resumable += 1
             identical += same(final_arrays(os.path.join(work, d)), ref)
         if m:
-            ids.add(m["run_id"])
-            taken.append({"sampling": "poisson", "noise_multiplier": m["noise_multiplier"],
-                          "sample_rate": m["sample_rate"], "steps": m["steps"]})
+            ids.add(m.run_id)
+            taken.append({"sampling": "poisson", "noise_multiplier": m.noise_multiplier,
+                          "sample_rate": m.sample_rate, "steps": m.steps})
     runs = led.runs("digits")
     orphans = [r.run_id for r in runs if r.status == "reserved"]
     extra = [r.run_id for r in runs if r.run_id not in ids]

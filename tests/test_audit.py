@@ -258,8 +258,9 @@ def test_cli_writes_json_and_png_and_flags_broken_run(tmp_path, capsys):
     from jaxdp.cli import main
     cfg = tmp_path / "audit.yaml"
     cfg.write_text(
-        "data: {dataset: digits}\nmodel: {name: mlp, hidden: [16]}\n"
-        "training:\n  steps: 20\n  batch_size: 64\n  optimizer: {name: adam, learning_rate: 0.01}\n  seed: 0\n"
+        "data: {name: digits}\nmodel: {name: mlp, options: {hidden: [16]}}\n"
+        "optimizer: {name: adam, learning_rate: 0.01}\n"
+        "training:\n  epochs: 0.89\n  batch_size: 64\n  seed: 0\n"   # 20 steps at q = 64/1437
         "  dp: {enabled: false}\naudit: {pool_size: 60, num_shadow: 2}\n")
     out = tmp_path / "out"
     assert main(["audit", "--config", str(cfg), "--attack", "loss_threshold", "--out", str(out)]) == 0
@@ -271,8 +272,8 @@ def test_cli_writes_json_and_png_and_flags_broken_run(tmp_path, capsys):
 
     broken = tmp_path / "broken.yaml"
     broken.write_text(
-        "model: {hidden: [16]}\ntraining:\n  steps: 30\n  batch_size: 287\n"
-        "  optimizer: {name: sgd, learning_rate: 0.1}\n  seed: 0\n"
+        "model: {name: mlp, options: {hidden: [16]}}\noptimizer: {name: sgd, learning_rate: 0.1}\n"
+        "training:\n  epochs: 5.9\n  batch_size: 287\n  seed: 0\n"    # 30 steps at q = 287/1437
         "  dp: {enabled: true, epsilon: 1.0, delta: 1.0e-5, max_grad_norm: 1.0, noise_multiplier: 0.0}\n"
         "audit: {pool_size: 200}\n")
     rc = main(["audit", "--config", str(broken), "--attack", "one_run", "--out", str(out), "--json"])
@@ -285,10 +286,10 @@ def test_cli_reads_a_train_run_directory(tmp_path, capsys):
     from jaxdp.cli import main
     run = tmp_path / "run"
     run.mkdir()
-    # A run directory as `jaxdp train` writes it: the config YAML and metrics.json (keys read defensively).
+    # A run directory as `jaxdp train` writes it: the config YAML and metrics.json (keys it lacks: not recorded).
     (run / "config.yaml").write_text(
-        "model: {hidden: [16]}\ntraining:\n  steps: 30\n  batch_size: 287\n"
-        "  optimizer: {name: sgd, learning_rate: 0.1}\n  seed: 0\n"
+        "model: {name: mlp, options: {hidden: [16]}}\noptimizer: {name: sgd, learning_rate: 0.1}\n"
+        "training:\n  epochs: 5.9\n  batch_size: 287\n  seed: 0\n"    # 30 steps at q = 287/1437
         "  dp: {enabled: true, epsilon: 1.0, delta: 1.0e-5, max_grad_norm: 1.0, noise_multiplier: 0.0}\n"
         "audit: {pool_size: 200}\n")
     (run / "metrics.json").write_text('{"epsilon": 1.0, "delta": 1e-5, "noise_multiplier": 0.0}')
@@ -302,8 +303,9 @@ def test_cli_reads_a_train_run_directory(tmp_path, capsys):
 def test_cli_steps_override_changes_the_claim_consistently():
     from jaxdp.audit.cli import recipe_from_config
     sigma = _accounting.calibrate_noise_multiplier(1.0, 1e-5, 0.2, 30)
-    cfg = {"model": {"hidden": [16]}, "training": {"steps": 100, "batch_size": 287, "seed": 0,
-                                                   "dp": {"enabled": True, "epsilon": 1.0, "delta": 1e-5}}}
+    cfg = {"model": {"name": "mlp", "options": {"hidden": [16]}}, "optimizer": {"learning_rate": 0.1},
+           "training": {"epochs": 20, "batch_size": 287, "seed": 0,
+                        "dp": {"enabled": True, "epsilon": 1.0, "delta": 1e-5}}}
     metrics = {"epsilon": 1.0, "delta": 1e-5, "noise_multiplier": sigma, "steps": 30, "sample_rate": 0.2}
     # metrics.json states the steps the run took: they win over the config's (as docs/audit.md says).
     _, _, _, info = recipe_from_config(cfg, "one_run", metrics)
@@ -326,8 +328,8 @@ def test_cli_membership_attacks_are_indicative_and_model_swap_is_stated(tmp_path
     # score well, but their pooled Clopper-Pearson number is not a valid bound: never a verdict, exit 0.
     cfg = tmp_path / "cnn.yaml"
     cfg.write_text(
-        "data: {dataset: digits}\nmodel: {name: cnn_small, hidden: [16]}\n"
-        "training:\n  steps: 20\n  batch_size: 64\n  optimizer: {name: adam, learning_rate: 0.01}\n  seed: 0\n"
+        "data: {name: digits}\nmodel: {name: cnn_small}\noptimizer: {name: adam, learning_rate: 0.01}\n"
+        "training:\n  epochs: 0.89\n  batch_size: 64\n  seed: 0\n"   # 20 steps at q = 64/1437
         "  dp: {enabled: true, epsilon: 0.5, noise_multiplier: 0.0}\naudit: {pool_size: 60, num_shadow: 2}\n")
     rc = main(["audit", "--config", str(cfg), "--attack", "loss_threshold", "--json"])
     printed = json.loads(capsys.readouterr().out)

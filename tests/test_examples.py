@@ -52,3 +52,21 @@ def test_audit_card_report_example(tmp_path):
     mp = r["model_privacy"]
     assert mp["private"] and mp["epsilon"] <= 3.0 and mp["membership_inference_auc"] is not None
     assert (tmp_path / "run" / "report.html").exists() and (tmp_path / "run" / "report.md").exists()
+
+
+def test_tabular_csv_example(tmp_path):
+    """A user's CSV and own NNX module through the YAML trainer, then a model card (default suite, RDP)."""
+    from jaxdp.train.trainer import DPTrainer
+    r = _load("tabular_csv").main(["--tiny", "--out", str(tmp_path)])
+    m = r["metrics"]
+    assert m["steps"] == m["planned_steps"] > 0 and m["status"] == "finished"
+    assert m["epsilon"] <= r["target_epsilon"] and m["accountant"] == "rdp" and m["sampling"] == "poisson"
+    assert m["model"] == "tabular_model.py:WideAndDeep"      # the user's module, named without its absolute path
+    assert str(tmp_path) not in (tmp_path / "run" / "model_card.yaml").read_text()
+    assert m["final_test_accuracy"] > 0.45                     # 3 classes: chance is about 0.33
+    reloaded = DPTrainer.load(r["run"])                        # the run directory alone rebuilds the user's model
+    assert type(reloaded.model).__name__ == "WideAndDeep"
+    assert abs(reloaded.evaluate() - m["final_test_accuracy"]) < 1e-9
+    mp = r["model_privacy"]
+    assert mp["private"] and mp["epsilon"] == m["epsilon"] and mp["model"] == m["model"]
+    assert "(ε=3, δ=0.001)" in mp["guarantee"] and "add/remove" in mp["guarantee"]

@@ -61,6 +61,13 @@ def _is_png(data: bytes) -> bool:
     return data[:8] == PNG_SIGNATURE and len(data) > 1024
 
 
+def test_the_trainer_writes_metrics_json_through_run_summary(run_dir, metrics):
+    from jaxdp.train import RunSummary
+    record = RunSummary.read(run_dir)
+    assert record.to_dict() == metrics and metrics["format_version"] == 1   # the one writer, current format
+    assert record.private and record.steps == metrics["steps"] > 0 and record.epochs[-1].step == record.steps
+
+
 def test_model_card_fields_equal_metrics(run_dir, metrics):
     card = build_model_privacy(run_dir)
     assert card["private"] is True
@@ -306,7 +313,7 @@ def test_relation_of_an_old_record_comes_from_its_config_never_a_default(tmp_pat
     m = {k: v for k, v in metrics.items() if k != "neighboring_relation"}
     (tmp_path / "metrics.json").write_text(json.dumps(m))
     card = build_model_privacy(str(tmp_path))    # no config.yaml either: the relation is unknown, and said so
-    assert card["neighboring_relation"] is None and "an unrecorded neighbouring" in card["guarantee"]
+    assert card["neighboring_relation"] is None and "neighbouring datasets (relation not recorded)" in card["guarantee"]
     assert any("did not record its neighbouring relation" in c for c in card["caveats"])
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(
         {"training": {"dp": {"enabled": True, "neighboring_relation": "replace_one"}}}))

@@ -3,8 +3,9 @@
     jaxdp audit --config FILE --attack loss_threshold|lira|one_run [--out DIR] [--json]
     jaxdp audit --run RUN_DIR --attack one_run          # RUN_DIR written by `jaxdp train`
 
-The config is either a ``jaxdp train`` YAML (sections ``data``, ``model``, ``training`` with ``training.dp``) or
-the small audit YAML documented in ``docs/audit.md``; both are read defensively (missing keys take defaults).
+The config is a ``jaxdp train`` YAML, checked with the trainer's own schema (a misspelt key is an error, never a
+default), plus an optional ``audit:`` section (:mod:`jaxdp.audit.config`, ``docs/audit.md``). With ``--run``, the
+run's record (``metrics.json``, :class:`jaxdp.train.RunSummary`) states what the run did and claimed.
 The audit re-trains the recipe at audit scale (a pool of ``audit.pool_size`` examples) with the SAME sample
 rate, steps, clip norm and noise, so the claimed epsilon applies to the audited trainings. Exit status: 0 pass (or an
 indicative-only membership-inference result), 1 when the one-run audit's lower bound exceeds the claimed
@@ -19,40 +20,24 @@ import json
 import math
 import os
 import sys
-from typing import Any
-
 import numpy as np
 
-ATTACKS = ("loss_threshold", "lira", "one_run")
-
-
-def _get(d: Any, path: str, default=None):
-    cur = d
-    for part in path.split("."):
-        if not isinstance(cur, dict) or part not in cur or cur[part] is None:
-            return default
-        cur = cur[part]
-    return cur
-
-
-def _first(cfg: dict, paths, default=None):
-    for p in paths:
-        v = _get(cfg, p)
-        if v is not None:
-            return v
-    return default
+from jaxdp.audit.config import ATTACKS, load_audit_config, validate_audit_config
+from jaxdp.train.summary import RunSummary
 
 
 def load_config(path: str) -> dict:
-    import yaml
-    with open(path) as f:
-        cfg = yaml.safe_load(f) or {}
-    if not isinstance(cfg, dict):
-        raise ValueError(f"{path}: expected a YAML mapping with sections data/model/training (see docs/audit.md)")
-    return cfg
+    """Deprecated alias of :func:`jaxdp.audit.config.load_audit_config` (the audit reads trainer configs with the
+    trainer's schema now; this used to read any YAML mapping and let every key fall back to a default)."""
+    import warnings
+    warnings.warn("jaxdp.audit.cli.load_config is deprecated: use jaxdp.audit.config.load_audit_config",
+                  DeprecationWarning, stacklevel=2)
+    return load_audit_config(path)
 
 
-def _run_dir_config(run_dir: str) -> tuple[dict, dict]:
+def _run_dir_config(run_dir: str) -> tuple[dict, RunSummary | None]:
+    """The raw config YAML of a ``jaxdp train`` run directory and its record (None: no ``metrics.json`` yet)."""
+    from jaxdp.train.config import read_yaml
     if not os.path.isdir(run_dir):
         raise FileNotFoundError(f"--run {run_dir}: no such directory (give the run directory of `jaxdp train`)")
     candidates = [os.path.join(run_dir, n) for n in ("config.yaml", "config.yml")] + sorted(
@@ -60,89 +45,89 @@ def _run_dir_config(run_dir: str) -> tuple[dict, dict]:
     cfg_path = next((p for p in candidates if os.path.isfile(p)), None)
     if cfg_path is None:
         raise FileNotFoundError(f"--run {run_dir}: no config YAML in the run directory")
-    metrics = {}
-    mpath = os.path.join(run_dir, "metrics.json")
-    if os.path.isfile(mpath):
-        with open(mpath) as f:
-            metrics = json.load(f)
-    return load_config(cfg_path), metrics
+    record = RunSummary.read(run_dir) if os.path.isfile(os.path.join(run_dir, "metrics.json")) else None
+    return read_yaml(cfg_path), record
 
 
-def recipe_from_config(cfg: dict, attack: str, metrics: dict | None = None, overrides: dict | None = None):
-    """Turn a trainer/audit config into ``(ShadowConfig, x, y, info)`` for the audit (keys: docs/audit.md)."""
-    from jaxdp.audit import _accounting, bounds
+_AUDIT_OPTIMIZERS = ("sgd", "momentum", "adam")
+
+
+def recipe_from_config(cfg: dict, attack: str, metrics: RunSummary | dict | None = None,
+                       overrides: dict | None = None):
+    """Turn a trainer config (checked with the trainer's schema, plus its ``audit`` section) and the run's record
+    into ``(ShadowConfig, x, y, info)`` for the audit (keys: docs/audit.md).
+
+    The run's record (``metrics``: its ``metrics.json``) wins over the config for what the run did and claimed:
+    epsilon, noise multiplier, delta, sample rate, steps. The claim is the record's epsilon (what the run's
+    accountant proved), else the config's target ``training.dp.epsilon`` when it sets one, else the accountant's
+    epsilon of the noise: never a default target."""
+    from jaxdp.audit import _accounting
     from jaxdp.audit.shadow import ShadowConfig
     from jaxdp.data import load_dataset
+    from jaxdp.sampling import PoissonSampler
 
-    metrics = metrics or {}
+    cfg = validate_audit_config(cfg)
+    record = None if metrics is None else RunSummary.coerce(metrics)
+    a, t, dp, opt = cfg["audit"], cfg["training"], cfg["training"]["dp"], cfg["optimizer"]
     o = {k: v for k, v in (overrides or {}).items() if v is not None}
-    dataset_name = _first(cfg, ["data.dataset", "data.name", "data.path", "dataset"], None)
-    if dataset_name is None and isinstance(cfg.get("data"), str):
-        dataset_name = cfg["data"]
-    data_options = _first(cfg, ["data.options"], {}) or {}
-    data = load_dataset(dataset_name or "digits", **data_options)
+    data = load_dataset(cfg["data"]["name"], **cfg["data"]["options"])
     x_all = data.x_train.reshape(len(data.x_train), -1)
     y_all = data.y_train
     default_pool = 200 if attack in ("lira", "loss_threshold") else 300
-    pool = int(o.get("pool_size", _first(cfg, ["audit.pool_size"], default_pool)))
+    pool = int(o.get("pool_size", a["pool_size"] or default_pool))
     pool = min(pool, len(y_all))
-    rng = np.random.default_rng(int(_first(cfg, ["audit.data_seed"], 0)))
+    rng = np.random.default_rng(a["data_seed"])
     idx = np.sort(rng.choice(len(y_all), pool, replace=False))
     x, y = x_all[idx], y_all[idx]
 
-    model = cfg.get("model", "mlp")
-    name = model if isinstance(model, str) else _first(model, ["name", "type", "arch", "kind"], "mlp")
-    name = str(name).lower()
+    name = cfg["model"]["module"] or cfg["model"]["name"]
+    options = cfg["model"]["options"] if cfg["model"]["module"] is None else {}
     notes = []
     substituted = None
-    if name in ("logreg", "logistic_regression", "linear", "logistic"):
+    if name == "logreg":
         mname = "logreg"
     else:
         mname = "mlp"
-        if name not in ("mlp", "dense"):
+        if name != "mlp":
             substituted = name
             notes.append(f"config model {name!r}: the audit trainer uses an MLP on flattened inputs instead")
-    hidden = _first(model if isinstance(model, dict) else {},
-                    [f"{pre}{k}" for pre in ("options.", "") for k in ("hidden", "hidden_sizes", "features", "widths",
-                                                                         "width")], [128])
+    hidden = options.get("hidden", [128]) if name == "mlp" else [128]
     hidden = tuple(int(h) for h in (hidden if isinstance(hidden, (list, tuple)) else [hidden]))
-    activation = str(_first(model if isinstance(model, dict) else {}, ["options.activation", "activation"], "tanh"))
+    activation = str(options.get("activation", "tanh")) if name == "mlp" else "tanh"
     if mname == "mlp" and substituted is None and activation.lower() != "tanh":
         substituted = f"{name} ({activation})"
         notes.append(f"config activation {activation!r}: the audit trainer's MLP uses tanh")
 
-    t = lambda k: [f"training.{k}", k]  # noqa: E731  (keys may sit in `training` or at the top level)
-    dp_enabled = bool(_first(cfg, ["training.dp.enabled", "dp.enabled"], False))
-    batch_size = float(_first(cfg, t("batch_size"), 64))
-    # The run's own (q, T): metrics.json (what the run did) wins over the config (what it was asked to do).
-    run_q = float(metrics.get("sample_rate") or min(1.0, batch_size / len(y_all)))
-    run_steps = metrics.get("steps") or _first(cfg, t("steps"), None)
-    epochs = _first(cfg, t("epochs"), None)
-    if run_steps is None:
-        run_steps = math.ceil(float(epochs) / run_q - 1e-9) if epochs is not None else 300
-    run_steps = int(run_steps)
-    # The audited (q, T): the run's unless overridden (--steps, audit.sample_rate / --sample-rate).
-    q = float(o.get("sample_rate", _first(cfg, ["audit.sample_rate"], run_q)))
-    steps = int(o.get("steps", run_steps))
-    opt = _first(cfg, ["optimizer", "training.optimizer"], "adam" if not dp_enabled else "sgd")
-    opt_name = str(opt if isinstance(opt, str) else _get(opt, "name", "sgd")).lower()
-    lr = float(_first(cfg, ["optimizer.learning_rate", "optimizer.lr", "training.optimizer.learning_rate",
-                            "training.optimizer.lr", "training.learning_rate", "learning_rate", "training.lr"],
-                      0.01 if opt_name == "adam" else 0.1))
-    # As in `jaxdp train`: "sgd" is plain SGD, "momentum" is SGD with optimizer.momentum (default 0.9).
-    momentum = None
-    if opt_name == "momentum":
-        momentum = _first(cfg, ["optimizer.momentum", "training.optimizer.momentum"], 0.9)
-    seed = int(o.get("seed", _first(cfg, t("seed"), 0) or 0))  # a run whose seed was drawn from the OS: 0
+    dp_enabled = bool(dp["enabled"])
+    # The run's own (q, T): its record (what the run did) wins over the config (what it was asked to do).
+    run_q = record.sample_rate if record is not None and record.sample_rate is not None else \
+        min(1.0, float(t["batch_size"]) / len(y_all))
+    run_steps = record.steps if record is not None and record.steps is not None else \
+        PoissonSampler(len(y_all), run_q, 0).steps_for_epochs(t["epochs"])
+    # The audited (q, T): the run's unless overridden (--steps / audit.steps, --sample-rate / audit.sample_rate).
+    q = float(o.get("sample_rate", a["sample_rate"] or run_q))
+    steps = int(o.get("steps", a["steps"] or run_steps))
+    opt_name = opt["name"]
+    if opt_name not in _AUDIT_OPTIMIZERS:
+        notes.append(f"config optimizer {opt_name!r}: the audit trainer uses plain SGD at its learning rate")
+    ignored = [k for k, default in (("weight_decay", 0.0), ("schedule", {}), ("options", {})) if opt[k] != default]
+    if ignored:
+        notes.append(f"config optimizer.{', optimizer.'.join(ignored)}: not used by the audit trainer")
+    lr = float(opt["learning_rate"])
+    momentum = float(opt["momentum"]) if opt_name == "momentum" else None   # "sgd" is plain SGD, as in the trainer
+    seed = int(o.get("seed", t["seed"] if t["seed"] is not None else 0))  # a seed drawn from the OS: 0
 
-    delta = float(metrics.get("delta") or _first(cfg, ["training.dp.delta", "dp.delta"], bounds.DEFAULT_DELTA))
-    # A `jaxdp train` run's metrics.json states what the run used and claimed: it wins over the config.
-    claimed = metrics.get("epsilon") if metrics.get("epsilon") is not None else _first(
-        cfg, ["training.dp.epsilon", "dp.epsilon", "training.dp.target_epsilon"], None)
-    sigma = metrics.get("noise_multiplier") if metrics.get("noise_multiplier") is not None else _first(
-        cfg, ["training.dp.noise_multiplier", "dp.noise_multiplier"], None)
-    clip = float(_first(cfg, ["training.dp.max_grad_norm", "training.dp.l2_clip_norm", "dp.max_grad_norm"], 1.0))
-    clipping = bool(_first(cfg, ["training.dp.clipping", "dp.clipping"], True))
+    delta = float(record.delta if record is not None and record.delta is not None else dp["delta"])
+    if record is not None and record.epsilon is not None:
+        claimed = record.epsilon          # the run's own accounted epsilon
+    elif record is not None and record.private:
+        claimed = None                    # the run recorded no finite epsilon: the accountant's, below
+    else:
+        claimed = dp["epsilon"]           # the config's target (None when it sets only a noise multiplier)
+    sigma = record.noise_multiplier if record is not None and record.noise_multiplier is not None else \
+        dp["noise_multiplier"]
+    clip = float(dp["max_grad_norm"])
+    clipping = a["clipping"]
     run_claim, claim_note = None, None
     if dp_enabled:
         if sigma is None and claimed is None:
@@ -167,21 +152,21 @@ def recipe_from_config(cfg: dict, attack: str, metrics: dict | None = None, over
     else:
         sigma, acc_eps, claimed = 0.0, math.inf, math.inf
     if not clipping:
-        notes.append("training.dp.clipping is false: a DELIBERATELY BROKEN recipe without per-example clipping")
+        notes.append("audit.clipping is false: a DELIBERATELY BROKEN recipe without per-example clipping")
     included = pool // 2 if attack in ("lira", "loss_threshold") else pool
     sc = ShadowConfig(model=mname, hidden=hidden, num_classes=int(max(data.num_classes, y.max() + 1)),
                       steps=steps, learning_rate=lr, optimizer="adam" if opt_name == "adam" else "sgd",
-                      momentum=None if opt_name == "adam" else (float(momentum) if momentum else None),
-                      sample_rate=q, expected_dataset_size=max(1, included), dp=dp_enabled, l2_clip_norm=clip,
-                      noise_multiplier=sigma, clip=clipping)
+                      momentum=momentum, sample_rate=q, expected_dataset_size=max(1, included), dp=dp_enabled,
+                      l2_clip_norm=clip, noise_multiplier=sigma, clip=clipping)
+    recorded = {} if record is None else {k: getattr(record, k) for k in ("epsilon", "delta", "noise_multiplier")
+                                          if getattr(record, k) is not None}
     info = dict(dataset=data.name, pool_size=pool, model=mname, hidden=list(hidden), steps=steps, sample_rate=q,
                 optimizer=sc.optimizer, learning_rate=lr, dp=dp_enabled, noise_multiplier=sigma,
                 max_grad_norm=clip, clipping=clipping, delta=delta, claimed_epsilon=claimed,
                 accountant_epsilon=acc_eps, accountant=_accounting.accountant_name(), seed=seed, notes=notes,
                 run_steps=run_steps, run_sample_rate=run_q, run_claimed_epsilon=run_claim,
                 run_model=substituted or name, audited_model=f"{mname} {list(hidden)}" if mname == "mlp" else mname,
-                model_substituted=substituted is not None,
-                run_metrics={k: metrics[k] for k in ("epsilon", "delta", "noise_multiplier") if k in metrics})
+                model_substituted=substituted is not None, run_metrics=recorded)
     return sc, x, y, info
 
 
@@ -207,27 +192,26 @@ def run_audit(cfg: dict, attack: str, out_dir: str | None = None, metrics: dict 
     if attack not in ATTACKS:
         raise ValueError(f"--attack must be one of {ATTACKS}, got {attack!r}")
     o = overrides or {}
+    cfg = validate_audit_config(cfg)
+    a = cfg["audit"]
     sc, x, y, info = recipe_from_config(cfg, attack, metrics, o)
     key = jax.random.key(info["seed"])
-    alpha = float(_first(cfg, ["audit.alpha"], 0.05))
+    alpha = a["alpha"]
     result: dict = dict(attack=attack, recipe=info)
     png = None
     if attack == "one_run":
         r = one_run.one_run_audit(
             sc, x, y, claimed_epsilon=info["claimed_epsilon"], delta=info["delta"], key=key, seed=info["seed"],
-            canary=str(o.get("canary") or _first(cfg, ["audit.canary"], "gradient")),
-            num_canaries=o.get("num_canaries") or _first(cfg, ["audit.num_canaries"], None),
-            coordinates=str(o.get("coordinates") or _first(cfg, ["audit.coordinates"], "data_free")),
-            k_pos=_first(cfg, ["audit.k"], None), k_neg=_first(cfg, ["audit.k"], None),
-            beta=float(_first(cfg, ["audit.beta"], 0.05)), accountant_epsilon=info["accountant_epsilon"],
-            canary_scale=float(o.get("canary_scale") or _first(cfg, ["audit.canary_scale"],
-                                                                one_run.DEFAULT_CANARY_SCALE)))
+            canary=str(o.get("canary") or a["canary"]),
+            num_canaries=o.get("num_canaries") or a["num_canaries"],
+            coordinates=str(o.get("coordinates") or a["coordinates"]),
+            k_pos=a["k"], k_neg=a["k"], beta=a["beta"], accountant_epsilon=info["accountant_epsilon"],
+            canary_scale=float(o.get("canary_scale") or a["canary_scale"]))
         result.update(r.to_dict())
         result["summary"] = r.summary()
         verdict = r.verdict
     else:
-        m = int(o.get("num_models") or _first(cfg, ["audit.num_shadow", "audit.num_models"],
-                                              16 if attack == "lira" else 4))
+        m = int(o.get("num_models") or a["num_shadow"] or (16 if attack == "lira" else 4))
         names = (("loss_threshold",) if attack == "loss_threshold" else
                  ("loss_threshold", "lira_online", "lira_offline", "lira_online_fixed_variance",
                   "lira_offline_fixed_variance"))
@@ -262,9 +246,9 @@ def run_audit(cfg: dict, attack: str, out_dir: str | None = None, metrics: dict 
         if out_dir:
             os.makedirs(out_dir, exist_ok=True)
             try:
-                png = plot.plot_roc(list(attacks.values()), os.path.join(out_dir, f"roc_{attack}.png"),
-                                    title=f"{attack} on {info['dataset']} "
-                                          f"(eps {info['claimed_epsilon']:.3g})")
+                png = os.path.join(out_dir, f"roc_{attack}.png")
+                plot.plot_roc(list(attacks.values()), png,
+                              title=f"{attack} on {info['dataset']} (eps {info['claimed_epsilon']:.3g})")
             except ImportError as e:
                 result["plot_error"] = str(e)
     result["verdict"] = verdict
@@ -309,14 +293,16 @@ def audit_trained_model(run_dir: str) -> dict:
 def _handler(args: argparse.Namespace) -> int:
     if not args.config and not args.run:
         raise ValueError("give --config FILE (trainer or audit YAML) or --run RUN_DIR (from `jaxdp train`)")
-    metrics = {}
+    metrics = None
     if args.run:
-        cfg, metrics = _run_dir_config(args.run)
-        if args.config:
-            cfg = {**cfg, **load_config(args.config)}
+        from jaxdp.train.config import read_yaml
+        raw, metrics = _run_dir_config(args.run)
+        if args.config:   # its sections replace the run's
+            raw = {**raw, **(read_yaml(args.config) or {})}
+        cfg = validate_audit_config(raw)
     else:
-        cfg = load_config(args.config)
-    attack = args.attack or _first(cfg, ["audit.attack"], None)
+        cfg = load_audit_config(args.config)
+    attack = args.attack or cfg["audit"]["attack"]
     if attack is None:
         raise ValueError(f"give --attack {{{','.join(ATTACKS)}}} (or audit.attack in the config)")
     out = args.out or (os.path.join(args.run, "audit") if args.run else None)

@@ -129,10 +129,25 @@ def per_example_loss(params: PyTree, batch: dict, canary_scale: float = 1.0) -> 
     return jnp.where(coord >= 0, canary, ce)
 
 
+def optimizer_section(config: ShadowConfig) -> dict:
+    """The recipe's optimiser as a trainer config's ``optimizer`` section: ``adam``, ``sgd`` (plain) or
+    ``momentum`` (SGD with ``config.momentum``), built by the trainer's own
+    :func:`jaxdp.train.components.build_optimizer`."""
+    name = "adam" if config.optimizer == "adam" else ("momentum" if config.momentum else "sgd")
+    return {"name": name, "learning_rate": config.learning_rate, "momentum": config.momentum}
+
+
+def _build_optimizer(config: ShadowConfig) -> optax.GradientTransformation:
+    from jaxdp.train.components import build_optimizer
+    return build_optimizer(optimizer_section(config), config.steps)
+
+
 def _optimizer(config: ShadowConfig) -> optax.GradientTransformation:
-    if config.optimizer == "adam":
-        return optax.adam(config.learning_rate)
-    return optax.sgd(config.learning_rate, momentum=config.momentum)
+    """Deprecated: the audit builds its optimiser with the trainer's ``build_optimizer`` (:func:`optimizer_section`)."""
+    import warnings
+    warnings.warn("jaxdp.audit.shadow._optimizer is deprecated: use "
+                  "jaxdp.train.components.build_optimizer(optimizer_section(config))", DeprecationWarning, stacklevel=2)
+    return _build_optimizer(config)
 
 
 def batch_capacity(sample_rate: float, max_included: int) -> int:
@@ -190,9 +205,9 @@ def _train_core(config: ShadowConfig, cap: int, batch: dict, params0: PyTree, in
     if config.dp:
         grad_fn = jaxdp.clipped_grad(loss_fn, config.l2_clip_norm, method="vmap")
         tx = optax.chain(jaxdp.add_noise(config.noise_multiplier, config.l2_clip_norm, E, key=noise_key),
-                         _optimizer(config))
+                         _build_optimizer(config))
     else:
-        tx = _optimizer(config)
+        tx = _build_optimizer(config)
 
     def step(carry, t):
         params, opt_state = carry

@@ -20,7 +20,7 @@ API for the trainer and :class:`~jaxdp.engine.PrivacyEngine` (enforcement hooks)
                                               # or Ledger.init(path) to create one)
     led.register_dataset("mnist", max_epsilon=8.0, delta=1e-5, accountant="prv")
     led.is_protected("mnist") -> bool
-    res = led.reserve("mnist", run_id, events, model="cnn", config_hash=config_hash(cfg),
+    res = led.reserve("mnist", run_id, events, model="cnn", config_hash=jaxdp.train.config_hash(cfg),
                       code_version=code_version(), parent_run_id=None)   # -> Reservation
           # raises BudgetExceededError(.details: budget, spent, remaining, run epsilon, what fits)
     # trainer, before its first step (also pass parent_run_id when fine-tuning):
@@ -50,6 +50,9 @@ accounted)::
 Fine-tuning: a run reserved with ``parent_run_id`` is charged to every protected dataset its parent was
 charged to (transitively), in addition to its own dataset. This is conservative: by post-processing a
 fine-tune on disjoint data adds no loss to the parent's data, but the ledger cannot check disjointness.
+
+``jaxdp.ledger.config_hash`` is a deprecated alias of :func:`jaxdp.train.config_hash` (the trainer's hash, which
+a reservation for a ``jaxdp train`` run must record).
 
 All errors derive from :class:`LedgerError` (a ``ValueError``). Nothing is written when one is raised.
 """

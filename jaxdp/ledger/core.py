@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import getpass
-import hashlib
 import math
 import os
 import socket
@@ -141,8 +140,16 @@ def _who() -> dict:
 
 
 def config_hash(config: Any) -> str:
-    """SHA-256 of a JSON-able config in canonical form (sorted keys): what ``reserve(config_hash=...)`` records."""
-    return hashlib.sha256(ev.canonical(config).encode()).hexdigest()
+    """Deprecated alias of :func:`jaxdp.train.config.config_hash`, the one config hash of jaxdp.
+
+    It used to hash the raw config's JSON, which differed from the trainer's hash of the same config, so a run
+    reserved with ``config_hash=config_hash(cfg)`` (as ``docs/ledger.md`` showed) was refused by the trainer as
+    "reserved for another config"."""
+    import warnings
+    warnings.warn("jaxdp.ledger.config_hash is deprecated: use jaxdp.train.config_hash (the trainer's hash, "
+                  "which a reservation must record)", DeprecationWarning, stacklevel=2)
+    from jaxdp.train.config import config_hash as _config_hash
+    return _config_hash(config)
 
 
 def code_version() -> str:

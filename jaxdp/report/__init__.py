@@ -7,9 +7,10 @@ directory (mechanism, (epsilon, delta), accountant, audit AUC, ledger total, a g
 ``run_sweep`` trains a config at several epsilons plus the non-private baseline.
 """
 from jaxdp.report.modelcard import (  # noqa: F401
-    build_model_privacy, find_audit, guarantee_sentence, ledger_total, load_metrics, read_audit, write_model_card,
+    build_model_privacy, find_audit, guarantee_sentence, ledger_total, load_metrics, load_run, read_audit,
+    write_model_card,
 )
 from jaxdp.report.sweep import load_sweep, run_sweep  # noqa: F401
 
-__all__ = ["build_model_privacy", "find_audit", "guarantee_sentence", "ledger_total", "load_metrics",
+__all__ = ["build_model_privacy", "find_audit", "guarantee_sentence", "ledger_total", "load_metrics", "load_run",
            "read_audit", "write_model_card", "run_sweep", "load_sweep"]

@@ -14,27 +14,26 @@ import sys
 
 def _report(args: argparse.Namespace) -> int:
     from jaxdp.report import modelcard
-    metrics = modelcard.load_metrics(args.run)
+    record = modelcard.with_run_config(args.run, modelcard.load_run(args.run))   # the one read of metrics.json
     card = modelcard.build_model_privacy(args.run, audit=args.audit, ledger=args.ledger,
-                                         dataset_id=args.dataset_id, metrics=metrics)
+                                         dataset_id=args.dataset_id, metrics=record)
     written = []
     if args.model_card:
         modelcard.write_model_card(args.model_card, card)
         written.append(args.model_card)
     if args.html or args.markdown:
         from jaxdp.report import html
-        # The plots recompute epsilon from the run's own mechanism: give them what the card read from the run.
-        metrics = {**metrics, **{k: card[k] for k in ("neighboring_relation",) if metrics.get(k) is None}}
+        # The plots recompute epsilon from the run's own mechanism: the same record the card was built from.
         from jaxdp.report.sweep import load_sweep
         audit = modelcard.read_audit(modelcard.find_audit(args.run, args.audit))
         sweep = load_sweep(args.sweep) if args.sweep else None
         if args.html:
-            html.write_text(args.html, html.render_html(card, metrics, audit, sweep))
+            html.write_text(args.html, html.render_html(card, record, audit, sweep))
             written.append(args.html)
         if args.markdown:
             stem = os.path.splitext(os.path.basename(args.markdown))[0]
             html.write_text(args.markdown, html.render_markdown(
-                card, metrics, audit, sweep, image_dir=f"{stem}_files",
+                card, record, audit, sweep, image_dir=f"{stem}_files",
                 base_dir=os.path.dirname(os.path.abspath(args.markdown))))
             written.append(args.markdown)
     elif args.sweep:

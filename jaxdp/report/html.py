@@ -12,7 +12,11 @@ import html as _html
 import os
 from typing import Any, Mapping
 
+from jaxdp._io import atomic_write
 from jaxdp.report import plots
+from jaxdp.train.summary import RunSummary
+
+_EPOCH_COLUMNS = ("epoch", "step", "train_loss", "test_accuracy", "epsilon", "clip_fraction")
 
 _CSS = """
 body{font-family:-apple-system,Segoe UI,Helvetica,Arial,sans-serif;max-width:980px;margin:2em auto;padding:0 1em;
@@ -62,9 +66,10 @@ def _row_value(card: Mapping[str, Any], k: str) -> str:
     return _fmt(card.get(k))
 
 
-def collect_figures(metrics: Mapping[str, Any], audit: Mapping[str, Any] | None = None,
+def collect_figures(metrics: RunSummary | Mapping[str, Any], audit: Mapping[str, Any] | None = None,
                     sweep: Mapping[str, Any] | None = None) -> list[tuple[str, str, bytes]]:
-    """``[(title, caption, png_bytes)]`` for the report, in order."""
+    """``[(title, caption, png_bytes)]`` for the report, in order (``metrics``: the run's record)."""
+    metrics = RunSummary.coerce(metrics)
     figs = [("Epsilon against steps",
              "The accountant's ε after t steps of this run's mechanism (recomputed at 20 step counts); dots: the "
              "ε the trainer recorded at the end of each epoch.", plots.plot_epsilon_vs_steps(metrics)),
@@ -93,8 +98,8 @@ _CARD_ROWS = ("epsilon", "delta", "accountant", "neighboring_relation", "noise_m
               "library_version", "config_hash")
 
 
-def render_html(card: Mapping[str, Any], metrics: Mapping[str, Any], audit: Mapping[str, Any] | None = None,
-                sweep: Mapping[str, Any] | None = None) -> str:
+def render_html(card: Mapping[str, Any], metrics: RunSummary | Mapping[str, Any],
+                audit: Mapping[str, Any] | None = None, sweep: Mapping[str, Any] | None = None) -> str:
     """The report as one self-contained HTML string (``card`` is the ``model_privacy`` section)."""
     import yaml
     e = _html.escape
@@ -127,9 +132,8 @@ def render_html(card: Mapping[str, Any], metrics: Mapping[str, Any], audit: Mapp
         out.append("</table>")
     out.append("<h2>Per-epoch metrics</h2><table><tr><th>epoch</th><th>step</th><th>train loss</th>"
                "<th>test accuracy</th><th>ε</th><th>clip fraction</th></tr>")
-    for r in metrics.get("epochs") or []:
-        out.append("<tr>" + "".join(f"<td class='num'>{e(_fmt(r.get(k)))}</td>" for k in
-                                    ("epoch", "step", "train_loss", "test_accuracy", "epsilon", "clip_fraction"))
+    for r in RunSummary.coerce(metrics).epochs or ():
+        out.append("<tr>" + "".join(f"<td class='num'>{e(_fmt(getattr(r, k)))}</td>" for k in _EPOCH_COLUMNS)
                    + "</tr>")
     out.append("</table><h2>Model card section (YAML)</h2>")
     out.append(f"<pre>{e(yaml.safe_dump({'model_privacy': dict(card)}, sort_keys=False, allow_unicode=True, width=100))}"
@@ -137,7 +141,8 @@ def render_html(card: Mapping[str, Any], metrics: Mapping[str, Any], audit: Mapp
     return "\n".join(out)
 
 
-def render_markdown(card: Mapping[str, Any], metrics: Mapping[str, Any], audit: Mapping[str, Any] | None = None,
+def render_markdown(card: Mapping[str, Any], metrics: RunSummary | Mapping[str, Any],
+                    audit: Mapping[str, Any] | None = None,
                     sweep: Mapping[str, Any] | None = None, *, image_dir: str | None = None,
                     base_dir: str | os.PathLike = ".") -> str:
     """The report as Markdown.
@@ -157,37 +162,19 @@ def render_markdown(card: Mapping[str, Any], metrics: Mapping[str, Any], audit: 
         else:
             slug = "".join(c if c.isalnum() else "-" for c in title.lower()).strip("-")
             name = f"{i:02d}-{slug}.png"
-            _atomic_write_bytes(os.path.join(base_dir, image_dir, name), png)
+            atomic_write(os.path.join(base_dir, image_dir, name), png)
             link = f"{image_dir}/{name}"
         lines += ["", f"## {title}", "", f"![{title}]({link})", "", f"*{caption}*"]
     lines += ["", "## Per-epoch metrics", "", "| epoch | step | train loss | test accuracy | ε | clip fraction |",
               "|---|---|---|---|---|---|"]
-    for r in metrics.get("epochs") or []:
-        lines.append("| " + " | ".join(_fmt(r.get(k)) for k in ("epoch", "step", "train_loss", "test_accuracy",
-                                                                  "epsilon", "clip_fraction")) + " |")
+    for r in RunSummary.coerce(metrics).epochs or ():
+        lines.append("| " + " | ".join(_fmt(getattr(r, k)) for k in _EPOCH_COLUMNS) + " |")
     return "\n".join(lines) + "\n"
-
-
-def _atomic_write_bytes(path: str, data: bytes) -> None:
-    import tempfile
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".jaxdp.", suffix=".tmp", dir=d)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
     """Write ``text`` atomically (temporary file in the same directory, then rename)."""
-    from jaxdp.report.modelcard import _atomic_write
-    _atomic_write(path, text)
+    atomic_write(path, text)
 
 
 __all__ = ["collect_figures", "render_html", "render_markdown", "write_text"]

@@ -16,10 +16,18 @@ import json
 import math
 import os
 import re
-import tempfile
 from typing import Any, Mapping
 
+from jaxdp._io import atomic_write
+from jaxdp.train.summary import RunSummary
+
 SECTION = "model_privacy"
+NOT_RECORDED = "not recorded"   # privacy rule 10: what the record lacks is said to be missing, never guessed
+MECHANISM_LABELS = {   # the run record's `mechanism` -> how the card names it
+    "dpsgd": "DP-SGD (per-example clipping + Gaussian noise)",
+    "bandmf": "BandMF (per-example clipping + banded matrix-factorization noise)",
+    "blt": "BLT (per-example clipping + buffered linear Toeplitz correlated noise)",
+}
 AUDIT_FILES = ("audit_lira.json", "audit_loss_threshold.json")  # preferred first: LiRA is the stronger attack
 
 CAVEAT_FURTHER_TRAINING = (
@@ -44,13 +52,23 @@ NO_GUARANTEE = ("Trained WITHOUT differential privacy: this model carries no pri
 
 
 # -- reading a run ---------------------------------------------------------------------------------------------
-def load_metrics(run_dir: str | os.PathLike) -> dict:
-    """``metrics.json`` of a run directory written by ``jaxdp train`` / :class:`jaxdp.train.DPTrainer`."""
+def load_run(run_dir: str | os.PathLike) -> RunSummary:
+    """The run record (:class:`jaxdp.train.RunSummary`, ``metrics.json``) of a ``jaxdp train`` run directory.
+
+    Raises:
+      FileNotFoundError: no ``metrics.json`` in ``run_dir``.
+      jaxdp.train.RunSummaryError: the file is damaged (names the file and the field).
+    """
     path = os.path.join(run_dir, "metrics.json")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} not found: --run must be a run directory written by `jaxdp train`")
-    with open(path) as f:
-        return json.load(f)
+    return RunSummary.read(path)
+
+
+def load_metrics(run_dir: str | os.PathLike) -> dict:
+    """``metrics.json`` of a run directory as a dict, read and checked by :func:`load_run` (keys the file lacks
+    are ``None``: not recorded). Prefer :func:`load_run`, which gives the typed record."""
+    return load_run(run_dir).to_dict()
 
 
 def find_audit(run_dir: str | os.PathLike, audit_path: str | os.PathLike | None = None) -> str | None:
@@ -180,18 +198,25 @@ def _run_config(run_dir: str | os.PathLike) -> dict:
     return cfg if isinstance(cfg, dict) else {}
 
 
-def run_mechanism(run_dir: str | os.PathLike, metrics: Mapping[str, Any]) -> dict:
-    """The mechanism of a run as the run recorded it: sampling, neighbouring relation, accountant, delta, steps.
-
-    ``metrics.json`` first; a key it lacks (the neighbouring relation of runs written before it was recorded)
-    is read from the run's own ``config.yaml``. Nothing is filled from a default: a key found in neither is
-    ``None`` and the model card says it was not recorded."""
+def with_run_config(run_dir: str | os.PathLike, record: RunSummary | Mapping[str, Any]) -> RunSummary:
+    """The run's record, with the neighbouring relation of a record written before it was recorded taken from
+    the run's own ``config.yaml`` (what the trainer ran with). Nothing is filled from a default: a relation
+    found in neither stays ``None`` and the model card says it was not recorded."""
+    s = RunSummary.coerce(record)
+    if s.neighboring_relation is not None or not s.private:
+        return s
     dp = (_run_config(run_dir).get("training") or {}).get("dp") or {}
-    relation = metrics.get("neighboring_relation")
-    if relation is None and metrics.get("dp"):
-        relation = dp.get("neighboring_relation") if isinstance(dp, dict) else None
-    return {"sampling": metrics.get("sampling"), "neighboring_relation": relation if metrics.get("dp") else None,
-            "accountant": metrics.get("accountant"), "delta": metrics.get("delta"), "steps": metrics.get("steps")}
+    relation = dp.get("neighboring_relation") if isinstance(dp, dict) else None
+    return s.replace(neighboring_relation=relation) if isinstance(relation, str) else s
+
+
+def run_mechanism(run_dir: str | os.PathLike, metrics: RunSummary | Mapping[str, Any]) -> dict:
+    """The mechanism of a run as the run recorded it: sampling, neighbouring relation, accountant, delta, steps
+    (``None``: not recorded; the relation of an older record comes from its ``config.yaml``, see
+    :func:`with_run_config`)."""
+    s = with_run_config(run_dir, metrics)
+    return {"sampling": s.sampling, "neighboring_relation": s.neighboring_relation if s.private else None,
+            "accountant": s.accountant, "delta": s.delta, "steps": s.steps}
 
 
 def _run_ledger(run_dir: str | os.PathLike, dataset_id: str | None) -> tuple[str | None, str | None]:
@@ -209,7 +234,11 @@ def _run_ledger(run_dir: str | os.PathLike, dataset_id: str | None) -> tuple[str
 
 # -- the section -----------------------------------------------------------------------------------------------
 def _g(x: float | None, digits: int = 4) -> str:
-    return "n/a" if x is None else f"{x:.{digits}g}"
+    return NOT_RECORDED if x is None else f"{x:.{digits}g}"
+
+
+def _n(x: int | None) -> str:
+    return NOT_RECORDED if x is None else str(x)
 
 
 def format_epsilon(epsilon: float, digits: int = 4) -> str:
@@ -224,41 +253,48 @@ def format_epsilon(epsilon: float, digits: int = 4) -> str:
 
 
 def guarantee_sentence(mp: Mapping[str, Any]) -> str:
-    """One sentence stating the mechanism and the ``(epsilon, delta)`` it provably satisfies (or that there is none)."""
+    """One sentence stating the mechanism and the ``(epsilon, delta)`` it provably satisfies (or that there is none).
+
+    ``mp`` is the ``model_privacy`` section; every number and name in the sentence is one of its fields (taken from
+    the run's record), and a field the record lacks reads "not recorded"."""
     if not mp.get("private"):
         return NO_GUARANTEE
     if mp.get("epsilon") is None:  # DP-SGD run with noise multiplier 0 (or an infinite epsilon): no guarantee
         return (f"Trained with clipped SGD but noise multiplier σ={_g(mp.get('noise_multiplier'))}: no finite "
                 "epsilon holds (ε = ∞), so this model carries NO differential-privacy guarantee for its training "
                 "data.")
-    sampling = mp["sampling"]
+    sampling, q = mp.get("sampling"), _g(mp.get("sample_rate"))
     if sampling == "poisson":
-        how = f"Poisson sampling rate q={_g(mp['sample_rate'])}"
+        how = f"Poisson sampling rate q={q}"
     elif sampling == "shuffle":
-        how = f"shuffled fixed-size batches of {_g(mp['expected_batch_size'])}"
+        how = f"shuffled fixed-size batches of {_g(mp.get('expected_batch_size'))}"
+    elif sampling == "cyclic_poisson":
+        how = (f"banded matrix-factorization noise with b={_n(mp.get('bands'))} bands, cyclic Poisson sampling of "
+               f"{_n(mp.get('bands'))} groups at rate p={q}")
     elif sampling == "fixed_order":
         h, b = mp.get("horizon"), mp.get("min_separation")
-        how = (f"buffered linear Toeplitz noise with d={mp.get('buffers')} buffers, a fixed secret order of "
-               f"batches of {_g(mp['expected_batch_size'])} examples, each example in at most "
-               f"{'an unrecorded number of' if h is None or b is None else -(-int(h) // int(b))} steps "
-               f"{'an unrecorded number of' if b is None else b} steps apart, noise scaled for the planned "
-               f"{'unrecorded' if h is None else h} steps")
-    elif sampling == "cyclic_poisson":
-        how = (f"banded matrix-factorization noise with b={mp.get('bands')} bands, cyclic Poisson sampling of "
-               f"{mp.get('bands')} groups at rate p={_g(mp['sample_rate'])}")
+        k = NOT_RECORDED if h is None or b is None else -(-int(h) // int(b))
+        how = (f"buffered linear Toeplitz noise with d={_n(mp.get('buffers'))} buffers, one fixed secret order of "
+               f"batches of {_g(mp.get('expected_batch_size'))}, each example in at most {k} steps "
+               f"{_n(b)} steps apart, noise scaled for the planned {_n(h)} steps")
+    elif sampling is None:
+        how = f"sampling {NOT_RECORDED}"
     else:
-        how = f"{sampling} sampling rate q={_g(mp['sample_rate'])}"
-    relation = {"add_remove": "add/remove-one", "replace_one": "replace-one"}.get(
-        mp.get("neighboring_relation"), "an unrecorded")
-    if sampling == "fixed_order" and relation == "add/remove-one":
-        relation = "zero-out (add/remove-one with the fixed participation schema)"
-    acc = str(mp.get("accountant") or "unrecorded").upper()
-    name = {"cyclic_poisson": "BandMF", "fixed_order": "BLT"}.get(sampling, "DP-SGD")
-    return (f"Trained with {name} ({how}, noise multiplier σ={_g(mp['noise_multiplier'])}, "
-            f"clip norm C={_g(mp['max_grad_norm'])}, T={mp['steps']} steps, training set of "
-            f"{mp['training_set_size']} examples): for any one training example, (ε={format_epsilon(mp['epsilon'])}, "
-            f"δ={_g(mp['delta'])})-differential privacy holds under {relation} neighbouring datasets "
-            f"({acc} accountant).")
+        how = f"{sampling} sampling rate q={q}"
+    relation = {"add_remove": "under add/remove-one neighbouring datasets",
+                "replace_one": "under replace-one neighbouring datasets"}.get(
+        mp.get("neighboring_relation"), f"under neighbouring datasets (relation {NOT_RECORDED})")
+    if sampling == "fixed_order" and mp.get("neighboring_relation") == "add_remove":
+        relation = ("under zero-out neighbouring datasets (add/remove-one with the fixed participation schema)")
+    acc = f"{mp['accountant'].upper()} accountant" if mp.get("accountant") else f"accountant {NOT_RECORDED}"
+    label = mp.get("mechanism")
+    name = label.split(" (")[0] if isinstance(label, str) and label in MECHANISM_LABELS.values() else \
+        f"a mechanism that was {NOT_RECORDED}"
+    return (f"Trained with {name} ({how}, noise multiplier σ={_g(mp.get('noise_multiplier'))}, "
+            f"clip norm C={_g(mp.get('max_grad_norm'))}, T={_n(mp.get('steps'))} steps, "
+            f"training set of {_n(mp.get('training_set_size'))} examples): for any one training example, "
+            f"(ε={format_epsilon(mp['epsilon'])}, δ={_g(mp.get('delta'))})-differential privacy holds {relation} "
+            f"({acc}).")
 
 
 def build_model_privacy(run_dir: str | os.PathLike, *, audit: str | os.PathLike | None = None,
@@ -273,45 +309,42 @@ def build_model_privacy(run_dir: str | os.PathLike, *, audit: str | os.PathLike 
         (all runs charged to it, composed). Default: the ``ledger.path`` / ``ledger.dataset_id`` of the run's
         ``config.yaml`` when it has them, and the run's dataset name as the id.
     """
-    m = metrics if metrics is not None else load_metrics(run_dir)
-    private = bool(m.get("dp"))
-    mech = run_mechanism(run_dir, m)
+    m = with_run_config(run_dir, metrics if metrics is not None else load_run(run_dir))
+    private = m.private
     aud = read_audit(find_audit(run_dir, audit))
     one_run = read_one_run_audit(find_one_run_audit(run_dir))
     if ledger is None:  # the ledger the run itself was charged to (config.yaml's `ledger` section), if any
         ledger, dataset_id = _run_ledger(run_dir, dataset_id)
-    led, led_why = ledger_total(ledger, dataset_id or m.get("dataset"))
+    led, led_why = ledger_total(ledger, dataset_id or m.dataset)
     mp: dict[str, Any] = {
         "private": private,
-        "mechanism": ({"bandmf": "BandMF (per-example clipping + banded matrix-factorization noise)",
-                       "blt": "BLT (per-example clipping + buffered linear Toeplitz correlated noise)"}.get(
-                           m.get("mechanism"), "DP-SGD (per-example clipping + Gaussian noise)")
-                      if private else "none (non-private SGD)"),
-        "bands": m.get("bands"),
-        **({"buffers": m.get("buffers"), "min_separation": m.get("min_separation"), "horizon": m.get("horizon")}
-           if m.get("mechanism") == "blt" else {}),
+        "mechanism": (MECHANISM_LABELS[m.mechanism] if m.mechanism is not None else NOT_RECORDED) if private
+        else "none (non-private SGD)",
+        "bands": m.bands,
+        **({"buffers": m.buffers} if m.buffers is not None else {}),
+        **({"min_separation": m.min_separation, "horizon": m.horizon} if m.sampling == "fixed_order" else {}),
         "library": "jaxdp",
-        "library_version": m.get("jaxdp_version"),
-        "epsilon": m.get("epsilon") if private else None,
-        "delta": mech["delta"] if private else None,
-        "target_epsilon": m.get("target_epsilon"),
-        "accountant": mech["accountant"],
-        "neighboring_relation": mech["neighboring_relation"],
-        "max_grad_norm": m.get("max_grad_norm"),
-        "noise_multiplier": m.get("noise_multiplier"),
-        "clipping_method": m.get("clipping_method"),
-        "sampling": mech["sampling"],
-        "sample_rate": m.get("sample_rate"),
-        "expected_batch_size": m.get("expected_batch_size"),
-        "steps": mech["steps"],
-        "epochs": len(m.get("epochs") or []),
-        "training_set_size": m.get("training_set_size"),
-        "dataset": m.get("dataset"),
-        "model": m.get("model"),
-        "run_id": m.get("run_id"),
-        "run_status": m.get("status"),
-        "config_hash": m.get("config_hash"),
-        "final_test_accuracy": m.get("final_test_accuracy"),
+        "library_version": m.jaxdp_version,
+        "epsilon": m.epsilon if private else None,
+        "delta": m.delta if private else None,
+        "target_epsilon": m.target_epsilon,
+        "accountant": m.accountant,
+        "neighboring_relation": m.neighboring_relation if private else None,
+        "max_grad_norm": m.max_grad_norm,
+        "noise_multiplier": m.noise_multiplier,
+        "clipping_method": m.clipping_method,
+        "sampling": m.sampling,
+        "sample_rate": m.sample_rate,
+        "expected_batch_size": m.expected_batch_size,
+        "steps": m.steps,
+        "epochs": m.epochs_run,
+        "training_set_size": m.training_set_size,
+        "dataset": m.dataset,
+        "model": m.model,
+        "run_id": m.run_id,
+        "run_status": m.status,
+        "config_hash": m.config_hash,
+        "final_test_accuracy": m.final_test_accuracy,
         "membership_inference_auc": aud["auc"] if aud else None,
         "membership_inference_attack": aud["attack"] if aud and aud["auc"] is not None else None,
         "membership_inference": None if aud is None else {
@@ -324,12 +357,15 @@ def build_model_privacy(run_dir: str | os.PathLike, *, audit: str | os.PathLike 
     caveats = []
     if private:
         caveats += [CAVEAT_FURTHER_TRAINING, CAVEAT_PER_EXAMPLE, CAVEAT_TUNING]
-        if m.get("status") not in (None, "finished"):
-            caveats.append(f"The run's status is {m.get('status')!r}: epsilon is for the {m.get('steps')} steps "
+        if m.status is None:
+            caveats.append("The run's status was not recorded: whether it finished is unknown; epsilon is for the "
+                           f"{_n(m.steps)} steps recorded.")
+        elif m.status != "finished":
+            caveats.append(f"The run's status is {m.status!r}: epsilon is for the {_n(m.steps)} steps "
                            "actually taken.")
-        n = m.get("training_set_size")
-        if m.get("delta_at_least_one_over_n") or (n and m.get("delta") is not None and m["delta"] >= 1.0 / n):
-            caveats.insert(0, f"delta = {m.get('delta')} is not below 1/N = 1/{n} (trained with "
+        n = m.training_set_size
+        if m.delta_at_least_one_over_n or (n and m.delta is not None and m.delta >= 1.0 / n):
+            caveats.insert(0, f"delta = {m.delta} is not below 1/N = 1/{n} (trained with "
                               "training.dp.allow_large_delta): a mechanism that publishes one training example "
                               "in the clear meets this guarantee, so it does not protect individual examples.")
     else:
@@ -339,7 +375,7 @@ def build_model_privacy(run_dir: str | os.PathLike, *, audit: str | os.PathLike 
         caveats.append(f"The one-run audit FAILED: its empirical epsilon lower bound "
                        f"{_g(one_run.get('epsilon_lower_bound'))} exceeds the epsilon it checked "
                        f"({_g(one_run.get('claimed_epsilon'))}); the stated guarantee is not supported.")
-    if private and mech["neighboring_relation"] is None:
+    if private and m.neighboring_relation is None:
         caveats.append("The run did not record its neighbouring relation (add/remove-one or replace-one), so "
                        "the guarantee above does not say which datasets count as neighbours; re-train with a "
                        "current jaxdp to record it.")
@@ -356,28 +392,6 @@ def build_model_privacy(run_dir: str | os.PathLike, *, audit: str | os.PathLike 
 
 
 # -- writing ---------------------------------------------------------------------------------------------------
-def _atomic_write(path: str | os.PathLike, text: str) -> None:
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".jaxdp.", suffix=".tmp", dir=d)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        if os.path.exists(path):
-            os.chmod(tmp, os.stat(path).st_mode & 0o7777)
-        else:  # mkstemp makes 0600 files; give a new file the usual permissions
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 _MARKDOWN = (".md", ".markdown")
 
 
@@ -486,10 +500,11 @@ def write_model_card(path: str | os.PathLike, section: Mapping[str, Any]) -> dic
         warnings.warn(f"{path}: could not replace {SECTION} line by line; the card is rewritten from its parsed "
                       "content (its comments and formatting are lost)", stacklevel=2)
         new_yaml = yaml.safe_dump(card, sort_keys=False, allow_unicode=True, width=100)
-    _atomic_write(path, "---\n" + new_yaml + rest if markdown else new_yaml)
+    atomic_write(path, "---\n" + new_yaml + rest if markdown else new_yaml)
     return card
 
 
-__all__ = ["SECTION", "format_epsilon", "load_metrics", "find_audit", "read_audit", "find_one_run_audit",
+__all__ = ["SECTION", "NOT_RECORDED", "MECHANISM_LABELS", "format_epsilon", "load_run", "load_metrics",
+           "with_run_config", "find_audit", "read_audit", "find_one_run_audit",
            "read_one_run_audit", "ledger_total", "guarantee_sentence",
            "build_model_privacy", "run_mechanism", "write_model_card"]

@@ -8,9 +8,12 @@ from __future__ import annotations
 import io
 import math
 import os
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 import numpy as np
+
+from jaxdp.audit.plot import plot_roc  # noqa: F401  (the one ROC plot; re-exported for the report)
+from jaxdp.train.summary import RunSummary
 
 
 def _plt():
@@ -58,63 +61,76 @@ def _event(m: Mapping[str, Any], steps: int) -> dict:
             "steps": steps}
 
 
-def epsilon_curve(metrics: Mapping[str, Any], points: int = 20) -> tuple[list[int], list[float]]:
+def _num(x: float | None) -> str:
+    return "not recorded" if x is None else f"{x:.3g}"
+
+
+def _how(s: RunSummary) -> str:
+    """The sampling of the run's record, in a few words for a legend."""
+    if s.sampling == "shuffle":
+        b = "not recorded" if s.expected_batch_size is None else int(round(s.expected_batch_size))
+        return f"batch {b} of {s.training_set_size}, shuffled"
+    if s.sampling == "cyclic_poisson":
+        return f"cyclic Poisson, {s.bands} bands, p={_num(s.sample_rate)}"
+    if s.sampling == "fixed_order":
+        return f"BLT, fixed batch order {s.min_separation} apart, one Gaussian to step {s.horizon}"
+    return f"Poisson q={_num(s.sample_rate)}" if s.sampling == "poisson" else f"{s.sampling} q={_num(s.sample_rate)}"
+
+
+def epsilon_curve(metrics: RunSummary | Mapping[str, Any], points: int = 20) -> tuple[list[int], list[float]]:
     """``(steps, epsilons)`` at ``points`` step counts from 1 to the run's steps, recomputed from the mechanism
     (noise multiplier, sampling, sample rate) with the run's accountant and neighbouring relation at the run's
     delta -- all read from the run's record, never defaulted. A record without its neighbouring relation
     (runs written before it was recorded; ``jaxdp report`` fills it from the run's config.yaml) gives no curve."""
     from jaxdp.accounting import events_epsilon
-    total = int(metrics.get("steps") or 0)
-    relation = metrics.get("neighboring_relation")
-    if not metrics.get("dp") or total <= 0 or relation is None:
+    s = RunSummary.coerce(metrics)
+    total, relation = s.steps or 0, s.neighboring_relation
+    if not s.private or total <= 0 or relation is None:
         return [], []
+    if s.delta is None or s.accountant is None:
+        missing = "delta" if s.delta is None else "accountant"
+        raise ValueError(f"the run's record has no {missing} (not recorded): its epsilon curve cannot be computed")
+    record = s.to_dict()
     grid = sorted({int(round(t)) for t in np.linspace(1, total, min(points, total))} | {total})
     from absl import logging as absl_logging  # dp-accounting's RDP logs one line per excluded order
     level = absl_logging.get_verbosity()
     absl_logging.set_verbosity(absl_logging.ERROR)
     try:
-        eps = [float(events_epsilon([_event(metrics, t)], metrics["delta"], accountant=metrics["accountant"],
+        eps = [float(events_epsilon([_event(record, t)], s.delta, accountant=s.accountant,
                                     neighboring_relation=relation)) for t in grid]
     finally:
         absl_logging.set_verbosity(level)
     return grid, eps
 
 
-def plot_epsilon_vs_steps(metrics: Mapping[str, Any], path: str | os.PathLike | None = None,
+def plot_epsilon_vs_steps(metrics: RunSummary | Mapping[str, Any], path: str | os.PathLike | None = None,
                           points: int = 20) -> bytes:
     """Epsilon spent against training steps: the accountant's curve for the mechanism, the per-epoch epsilons
     the trainer recorded (markers) and the target epsilon (dashed) when there was one."""
     plt = _plt()
+    s = RunSummary.coerce(metrics)
     fig, ax = plt.subplots(figsize=(5.5, 3.6), dpi=110)
-    steps, eps = epsilon_curve(metrics, points)
+    steps, eps = epsilon_curve(s, points)
     if steps:
-        how = (f"batch {int(round(metrics['expected_batch_size']))} of {metrics['training_set_size']}, shuffled"
-               if metrics.get("sampling") == "shuffle" else
-               f"cyclic Poisson, {metrics['bands']} bands, p={metrics['sample_rate']:.3g}"
-               if metrics.get("sampling") == "cyclic_poisson" else
-               f"BLT, fixed batch order {metrics.get('min_separation')} apart, one Gaussian to step "
-               f"{metrics.get('horizon')}" if metrics.get("sampling") == "fixed_order" else
-               f"Poisson q={metrics['sample_rate']:.3g}")
-        ax.plot(steps, eps, "-", color="C0", label=f"{str(metrics['accountant']).upper()} accountant "
-                                                     f"(σ={metrics['noise_multiplier']:.3g}, {how}, "
-                                                     f"{str(metrics['neighboring_relation']).replace('_', '/')})")
-        rows = [r for r in metrics.get("epochs") or [] if r.get("epsilon") is not None]
+        ax.plot(steps, eps, "-", color="C0", label=f"{str(s.accountant).upper()} accountant "
+                                                     f"(σ={_num(s.noise_multiplier)}, {_how(s)}, "
+                                                     f"{str(s.neighboring_relation).replace('_', '/')})")
+        rows = [r for r in s.epochs or () if r.epsilon is not None and r.step is not None]
         if rows:
-            ax.plot([r["step"] for r in rows], [r["epsilon"] for r in rows], "o", color="C1",
+            ax.plot([r.step for r in rows], [r.epsilon for r in rows], "o", color="C1",
                     label="recorded at epoch ends")
-        if metrics.get("target_epsilon"):
-            ax.axhline(metrics["target_epsilon"], ls="--", color="0.4", lw=0.9,
-                       label=f"target ε={metrics['target_epsilon']:g}")
+        if s.target_epsilon:
+            ax.axhline(s.target_epsilon, ls="--", color="0.4", lw=0.9, label=f"target ε={s.target_epsilon:g}")
         ax.set_ylim(bottom=0)
         ax.legend(fontsize=7, loc="lower right")
     else:
-        ax.text(0.5, 0.5, "non-private run: ε = ∞ (no guarantee)" if not metrics.get("dp") else
+        ax.text(0.5, 0.5, "non-private run: ε = ∞ (no guarantee)" if not s.private else
                 "the run's record lacks its neighbouring relation: no curve", ha="center", va="center",
                 transform=ax.transAxes)
         ax.set_xticks([])
         ax.set_yticks([])
     ax.set_xlabel("training step")
-    ax.set_ylabel(f"ε (δ={metrics['delta']:g})" if metrics.get("delta") else "ε")
+    ax.set_ylabel(f"ε (δ={s.delta:g})" if s.delta else "ε")
     ax.set_title("Privacy spent during training", fontsize=10)
     ax.grid(alpha=0.3)
     return _finish(fig, path)
@@ -152,50 +168,35 @@ def plot_accuracy_vs_epsilon(sweep: Mapping[str, Any], path: str | os.PathLike |
     return _finish(fig, path)
 
 
-def plot_roc(roc: Mapping[str, Mapping[str, Sequence[float]]], path: str | os.PathLike | None = None,
-             aucs: Mapping[str, float] | None = None, title: str = "Membership inference ROC") -> bytes:
-    """Log-log ROC curves (TPR against FPR, 1e-4..1) of the audit's attacks; the diagonal is a random guess."""
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(4.6, 4.2), dpi=110)
-    lo = 1e-4
-    for name, r in roc.items():
-        fpr = np.clip(np.asarray(r["fpr"], float), lo, 1)
-        tpr = np.clip(np.asarray(r["tpr"], float), lo, 1)
-        auc = (aucs or {}).get(name)
-        ax.plot(fpr, tpr, label=name + (f" (AUC {auc:.3f})" if auc is not None else ""))
-    from jaxdp.audit.plot import style_roc_axes
-    style_roc_axes(ax, title, lo, fontsize=10)
-    return _finish(fig, path)
-
-
-def plot_clipping(metrics: Mapping[str, Any], path: str | os.PathLike | None = None) -> bytes:
+def plot_clipping(metrics: RunSummary | Mapping[str, Any], path: str | os.PathLike | None = None) -> bytes:
     """Clipping over training, per epoch: left, the fraction of examples clipped (overall and per clipping
     group; with flat clipping there is one group, ``all``); right, the mean per-example gradient norm of each
     layer (log scale) against the clip norm C."""
     plt = _plt()
-    rows = [r for r in metrics.get("epochs") or [] if r.get("clip_fraction") is not None]
+    s = RunSummary.coerce(metrics)
+    rows = [r for r in s.epochs or () if r.clip_fraction is not None]
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.6), dpi=110)
     if not rows:
         for a in (a1, a2):
             a.text(0.5, 0.5, "no clipping statistics\n(non-private run)", ha="center", va="center",
                    transform=a.transAxes)
         return _finish(fig, path)
-    ep = [r["epoch"] for r in rows]
-    a1.plot(ep, [r["clip_fraction"] for r in rows], "o-", color="k", lw=2, label="overall")
-    groups = sorted({g for r in rows for g in (r.get("group_clip_fraction") or {})} - {"all"})
+    ep = [r.epoch for r in rows]
+    a1.plot(ep, [r.clip_fraction for r in rows], "o-", color="k", lw=2, label="overall")
+    groups = sorted({g for r in rows for g in (r.group_clip_fraction or {})} - {"all"})
     for g in groups:
-        a1.plot(ep, [(r.get("group_clip_fraction") or {}).get(g, math.nan) for r in rows], ".-", label=g)
+        a1.plot(ep, [(r.group_clip_fraction or {}).get(g, math.nan) for r in rows], ".-", label=g)
     a1.set_ylim(-0.02, 1.02)
     a1.set_xlabel("epoch")
     a1.set_ylabel("fraction of examples clipped")
     a1.set_title("Clip fraction" + (" per clipping group" if groups else " (flat clipping)"), fontsize=10)
     a1.grid(alpha=0.3)
     a1.legend(fontsize=6)
-    layers = sorted({k for r in rows for k in (r.get("layer_grad_norm_mean") or {})})
+    layers = sorted({k for r in rows for k in (r.layer_grad_norm_mean or {})})
     for k in layers:
-        a2.plot(ep, [(r.get("layer_grad_norm_mean") or {}).get(k, math.nan) for r in rows], ".-", label=k)
-    if metrics.get("max_grad_norm"):
-        a2.axhline(metrics["max_grad_norm"], ls="--", color="0.3", lw=0.9, label=f"C={metrics['max_grad_norm']:g}")
+        a2.plot(ep, [(r.layer_grad_norm_mean or {}).get(k, math.nan) for r in rows], ".-", label=k)
+    if s.max_grad_norm:
+        a2.axhline(s.max_grad_norm, ls="--", color="0.3", lw=0.9, label=f"C={s.max_grad_norm:g}")
     a2.set_yscale("log")
     from matplotlib.ticker import FormatStrFormatter
     a2.yaxis.set_major_formatter(FormatStrFormatter("%g"))
@@ -217,17 +218,19 @@ def plot_clipping(metrics: Mapping[str, Any], path: str | os.PathLike | None = N
     return _finish(fig, path)
 
 
-def plot_training(metrics: Mapping[str, Any], path: str | os.PathLike | None = None) -> bytes:
+def plot_training(metrics: RunSummary | Mapping[str, Any], path: str | os.PathLike | None = None) -> bytes:
     """Training loss and test accuracy per epoch."""
     plt = _plt()
-    rows = metrics.get("epochs") or []
+    rows = RunSummary.coerce(metrics).epochs or ()
     fig, a1 = plt.subplots(figsize=(5.5, 3.4), dpi=110)
-    ep = [r["epoch"] for r in rows]
-    a1.plot(ep, [r["train_loss"] for r in rows], "o-", color="C0", label="train loss")
+    ep = [r.epoch for r in rows]
+    a1.plot(ep, [math.nan if r.train_loss is None else r.train_loss for r in rows], "o-", color="C0",
+            label="train loss")
     a1.set_xlabel("epoch")
     a1.set_ylabel("train loss", color="C0")
     a2 = a1.twinx()
-    a2.plot(ep, [r["test_accuracy"] for r in rows], "s-", color="C2", label="test accuracy")
+    a2.plot(ep, [math.nan if r.test_accuracy is None else r.test_accuracy for r in rows], "s-", color="C2",
+            label="test accuracy")
     a2.set_ylabel("test accuracy", color="C2")
     a1.xaxis.get_major_locator().set_params(integer=True)
     a1.set_title("Training curve", fontsize=10)

@@ -11,12 +11,15 @@ import json
 import os
 from typing import Any, Sequence
 
+from jaxdp.train.summary import RunSummary
+
 SUMMARY_KEYS = ("run_id", "status", "epsilon", "delta", "target_epsilon", "noise_multiplier", "max_grad_norm",
                 "sample_rate", "steps", "accountant", "final_test_accuracy")
 
 
 def _row(summary: dict, run_dir: str) -> dict:
-    row = {k: summary.get(k) for k in SUMMARY_KEYS}
+    record = RunSummary.coerce(summary)   # the trainer's result: the run's record (metrics.json)
+    row = {k: getattr(record, k) for k in SUMMARY_KEYS}
     row["run_dir"] = run_dir
     return row
 
@@ -68,10 +71,8 @@ def run_sweep(config: dict | str | os.PathLike, epsilons: Sequence[float], out_d
         except ImportError as e:  # pragma: no cover - without the plots extra
             result["plot"] = None
             result["plot_error"] = str(e)
-    tmp = os.path.join(out, ".sweep.json.tmp")
-    with open(tmp, "w") as f:
-        json.dump(result, f, indent=1)
-    os.replace(tmp, os.path.join(out, "sweep.json"))
+    from jaxdp._io import atomic_write
+    atomic_write(os.path.join(out, "sweep.json"), json.dumps(result, indent=1))
     result["json_path"] = os.path.join(out, "sweep.json")
     return result
 

@@ -66,7 +66,7 @@ import copy
 import hashlib
 import json
 import os
-from typing import Any
+from typing import Any, Callable, Mapping
 
 REQUIRED = object()
 
@@ -277,9 +277,19 @@ def _yaml_numbers(obj: Any) -> Any:
     return obj
 
 
-def validate_config(raw: dict) -> dict:
-    """Return the full config (defaults filled in) or raise :class:`ConfigError` naming the bad key."""
+def validate_config(raw: dict, *, sections: Mapping[str, Callable[[Any], dict]] | None = None) -> dict:
+    """Return the full config (defaults filled in) or raise :class:`ConfigError` naming the bad key.
+
+    ``sections`` lets another tool that reads trainer configs (``jaxdp audit``) add its own top-level section:
+    ``{name: check}``, where ``check(value_or_None)`` returns the section with its defaults filled in or raises
+    :class:`ConfigError`. Every other key is checked exactly as for the trainer.
+    """
     raw = _yaml_numbers(raw or {})
+    extra: dict[str, Any] = {}
+    if sections and isinstance(raw, dict):
+        raw = dict(raw)
+        for name, check in sections.items():
+            extra[name] = check(raw.pop(name, None))
     cfg = _merge(SCHEMA, raw, "")
     if cfg["model"]["module"] is not None:
         given = raw.get("model") or {}
@@ -289,24 +299,55 @@ def validate_config(raw: dict) -> dict:
                               "takes its arguments from model.kwargs)")
         cfg["model"]["name"] = None
     _check_values(cfg)
+    cfg.update(extra)
     return cfg
 
 
 def model_label(cfg: dict) -> str:
-    """How the config's model is named in metrics, ledgers and model cards: the built-in name or the module."""
-    return cfg["model"]["module"] or cfg["model"]["name"]
+    """How the config's model is named in metrics, ledgers and model cards: the built-in name or the module.
+
+    A module given by file is named by the file's name (``mymodel.py:Net``), never by its absolute path: the
+    label is published in model cards and must not depend on (or reveal) where the checkout lives.
+
+    >>> model_label({"model": {"module": "/home/me/proj/mymodel.py:Net", "name": "cnn_small"}})
+    'mymodel.py:Net'
+    >>> model_label({"model": {"module": None, "name": "mlp"}})
+    'mlp'
+    """
+    module = cfg["model"]["module"]
+    if not module:
+        return cfg["model"]["name"]
+    file, sep, cls = str(module).rpartition(":")
+    if sep and file.endswith(".py"):
+        return f"{os.path.basename(file)}:{cls}"
+    return str(module)
 
 
-def load_config(path: str | os.PathLike) -> dict:
+def read_yaml(path: str | os.PathLike) -> Any:
+    """The parsed YAML of a config file (a missing file or bad YAML is an error naming the file)."""
     import yaml
     if not os.path.exists(path):
         raise FileNotFoundError(f"config file {path} does not exist")
     with open(path) as f:
         try:
-            raw = yaml.safe_load(f)
+            return yaml.safe_load(f)
         except yaml.YAMLError as e:
             raise ConfigError(f"{path} is not valid YAML: {e}") from None
-    cfg = validate_config(raw)
+
+
+def load_config(path: str | os.PathLike, *, sections: Mapping[str, Callable[[Any], dict]] | None = None) -> dict:
+    """The validated config of a YAML file (see :func:`validate_config`; ``sections``: extra top-level sections
+    of another tool, e.g. the audit's). A ``model.module: "file.py:Class"`` is resolved next to the file.
+
+    Raises:
+      FileNotFoundError: no such file.
+      ConfigError: bad YAML, or a key that is unknown, missing or has a bad value (the message names it).
+    """
+    return resolve_paths(validate_config(read_yaml(path), sections=sections), path)
+
+
+def resolve_paths(cfg: dict, path: str | os.PathLike) -> dict:
+    """``model.module: "file.py:Class"`` made absolute when the file lies next to the config file ``path``."""
     module = cfg["model"]["module"]
     if isinstance(module, str) and module.count(":") == 1 and module.split(":")[0].endswith(".py"):
         file, cls = module.split(":")
@@ -316,18 +357,37 @@ def load_config(path: str | os.PathLike) -> dict:
     return cfg
 
 
-def config_hash(cfg: dict) -> str:
-    """SHA-256 of the canonical JSON of the config, excluding output settings."""
-    body = copy.deepcopy({k: v for k, v in cfg.items() if k != "output"})
-    for where in _HASH_OMIT_IF_DEFAULT:
-        section, key = where.split(".")
-        default = SCHEMA[section][key]
-        if section in body and key in body[section] and body[section][key] == default:
-            del body[section][key]
-    return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()
+def config_hash(cfg: Any) -> str:
+    """SHA-256 of a config in canonical form: the one config hash of jaxdp (the trainer's checkpoints and
+    ``run.json``, ``metrics.json``, and the ledger's reservations all record this one).
+
+    A trainer config (a mapping whose top-level keys are trainer sections) is validated first, so the raw YAML
+    dict and the validated config (defaults filled in) hash the same; its ``output`` section (where files go)
+    and any other tool's section (``audit``) are left out, and so are keys added after configs were first
+    written while they hold their default (old runs keep their hash). Any other JSON-able object (another
+    tool's config) is hashed as its canonical JSON.
+
+    Raises:
+      ConfigError: a trainer config with a bad key or value (a config that cannot run has no hash).
+
+    Example:
+      >>> raw = {"optimizer": {"learning_rate": 0.1}, "training": {"epochs": 1, "batch_size": 64}}
+      >>> config_hash(raw) == config_hash(validate_config(raw))
+      True
+    """
+    if isinstance(cfg, Mapping):
+        body = {k: v for k, v in cfg.items() if k not in _NOT_HASHED}
+        if body and set(body) <= set(SCHEMA):
+            body = {k: v for k, v in validate_config(copy.deepcopy(body)).items() if k not in _NOT_HASHED}
+            for where in _HASH_OMIT_IF_DEFAULT:
+                section, key = where.split(".")
+                if key in body[section] and body[section][key] == SCHEMA[section][key]:
+                    del body[section][key]
+        cfg = body
+    return hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()
 
 
-
+_NOT_HASHED = ("output", "audit")   # where files go, and the audit's own settings: not part of a run's identity
 
 
 _EXAMPLE_VALUES = {"learning_rate": "0.1", "epochs": "10", "batch_size": "256"}
@@ -349,4 +409,5 @@ def example_config() -> str:
             "# shown for them are examples. Delete what you do not change.\n")
     return head + "\n".join(lines) + "\n"
 
-__all__ = ["SCHEMA", "ConfigError", "validate_config", "load_config", "config_hash", "model_label", "example_config"]
+__all__ = ["SCHEMA", "ConfigError", "validate_config", "load_config", "read_yaml", "config_hash", "model_label",
+           "example_config"]

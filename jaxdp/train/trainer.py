@@ -27,11 +27,16 @@ from jaxdp.engine import PrivacyBudgetExhausted, PrivacyEngine, TrainState
 from jaxdp.sampling import FixedOrderSampler, PoissonSampler, ShuffleSampler
 from jaxdp.train import checkpoint, lifecycle
 from jaxdp.train.config import config_hash, load_config, model_label, validate_config
+from jaxdp.train.summary import RunSummary
 
 CLIP_HIGH, CLIP_LOW = 0.9, 0.01  # warn when more than 90% / fewer than 1% of examples are clipped
 
 
 def _optimizer(cfg: dict, total_steps: int = 1) -> optax.GradientTransformation:
+    """Deprecated alias: ``jaxdp.train.components.build_optimizer(cfg["optimizer"], total_steps)``."""
+    warnings.warn("jaxdp.train.trainer._optimizer is deprecated: use "
+                  "jaxdp.train.components.build_optimizer(cfg['optimizer'], total_steps)", DeprecationWarning,
+                  stacklevel=2)
     from jaxdp.train.components import build_optimizer
     return build_optimizer(cfg["optimizer"], total_steps)
 
@@ -181,7 +186,8 @@ class DPTrainer:
         planned = (FixedOrderSampler(self.n, int(t["batch_size"]), 0) if self.dp and t["mechanism"] == "blt" else
                    PoissonSampler(self.n, t["batch_size"] / self.n, 0) if t["sampling"] == "poisson" else
                    ShuffleSampler(self.n, int(round(t["batch_size"])), 0)).steps_for_epochs(self.epochs)
-        optimizer = _optimizer(self.cfg, planned)  # a schedule's "total_steps" is the planned number of steps
+        from jaxdp.train.components import build_optimizer
+        optimizer = build_optimizer(self.cfg["optimizer"], planned)  # a schedule's "total_steps": the planned steps
         if self.dp:
             from jaxdp import _checks   # refuse delta >= 1/N in the config's own terms (the engine re-checks)
             _checks.delta_for_dataset(self.delta, self.n, allow_large_delta=dp["allow_large_delta"],
@@ -419,7 +425,7 @@ class DPTrainer:
                 yaml.safe_dump(self.cfg, f, sort_keys=False)
         eps, delta = self.get_privacy_spent()
         t = self.cfg["training"]
-        summary = {
+        summary = RunSummary.from_dict({
             "run_id": self.run_id, "status": self.status, "dp": self.dp,
             "dataset": self.dataset.name, "training_set_size": self.n, "model": self.model_name,
             "seed_source": self.seed_source,  # "config" (pinned by the user) or "os" (drawn, kept secret)
@@ -439,13 +445,10 @@ class DPTrainer:
             "jaxdp_version": __import__("jaxdp").__version__,
             "final_test_accuracy": self.metrics[-1]["test_accuracy"] if self.metrics else None,
             "epochs": self.metrics,
-        }
+        }, source=f"the record of run {self.run_id!r}")
         if self.main:
-            tmp = os.path.join(self.out_dir, ".metrics.json.tmp")
-            with open(tmp, "w") as f:
-                json.dump(summary, f, indent=1)
-            os.replace(tmp, os.path.join(self.out_dir, "metrics.json"))
-        return summary
+            summary.write(self.out_dir)   # the one writer of metrics.json (atomic)
+        return summary.to_dict()
 
     def _clip_warnings(self) -> None:
         """Warn when the clip norm looks mis-set, judged on the epochs after the first (early gradients are
