@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 export XLA_FLAGS ?= --xla_cpu_multi_thread_eigen=true
 export PYTHONUNBUFFERED := 1
 
-.PHONY: demo test test-deps test-slow bench venv clean
+.PHONY: demo test test-deps test-slow test-parity lint bench venv clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,15 @@ test-deps:
 test-slow: $(VENV)/.installed test-deps
 	$(PY) -m pytest -q -m slow
 
+# The comparisons with independent implementations (Opacus, PyTorch, Hugging Face) alone; `make test` runs them too.
+test-parity: $(VENV)/.installed
+	$(PY) -m pytest -q -m 'parity and not slow'
+
+# ruff (style and likely bugs) and mypy (types), both configured and pinned in pyproject.toml.
+lint: $(VENV)/.installed
+	$(PY) -m ruff check .
+	$(PY) -m mypy
+
 bench: $(VENV)/.installed
 	$(PY) -m pip install -q -e '.[bench]'
 	$(PY) benchmarks/step_speed.py
@@ -45,4 +54,4 @@ bench: $(VENV)/.installed
 	$(PY) benchmarks/parity_report.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache runs
+	rm -rf $(VENV) .pytest_cache runs .cache

@@ -107,7 +107,8 @@ def _train_fn(method: str, steps: int, e: float, bands: int, n_train: int):
     opt = optax.sgd(CFG["lr"] if private else CFG["lr_nonprivate"], momentum=CFG["momentum"] or None)
     if method.startswith("bandmf"):
         def noise(key):
-            return jaxdp.bandmf_noise(1.0, CFG["clip"], e, key, bands=bands, steps=steps)
+            return jaxdp.bandmf_noise(noise_multiplier=1.0, l2_clip_norm=CFG["clip"], expected_batch_size=e, key=key,
+                                      bands=bands, steps=steps)
     elif method.startswith("blt"):
         sep = int(n_train) // CFG["batch_size"]
 
@@ -117,7 +118,7 @@ def _train_fn(method: str, steps: int, e: float, bands: int, n_train: int):
                              momentum=CFG["momentum"])
     else:
         def noise(key):
-            return jaxdp.add_noise(1.0, CFG["clip"], e, key)
+            return jaxdp.add_noise(noise_multiplier=1.0, l2_clip_norm=CFG["clip"], expected_batch_size=e, key=key)
     aug = method.startswith("dpsgd+aug")
     augment = {"shift": _shift, "jitter": _jitter}[CFG["augment"]]
     loss = augmentation_multiplicity(_loss, augment, CFG["aug_k"]) if aug else _loss

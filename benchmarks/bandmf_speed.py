@@ -34,9 +34,11 @@ def main() -> None:
     params = {"w": jnp.zeros((args.params,), jnp.float32)}
     grads = {"w": jnp.ones((args.params,), jnp.float32)}
     key = jax.random.key(0)
-    txs = {"dpsgd (add_noise)": jaxdp.add_noise(1.0, 1.0, 256.0, key)}
+    txs = {"dpsgd (add_noise)": jaxdp.add_noise(noise_multiplier=1.0, l2_clip_norm=1.0, expected_batch_size=256.0,
+                                                key=key)}
     for b in args.bands:
-        txs[f"bandmf b={b}"] = jaxdp.bandmf_noise(1.0, 1.0, 256.0, key, bands=b, steps=1000)
+        txs[f"bandmf b={b}"] = jaxdp.bandmf_noise(noise_multiplier=1.0, l2_clip_norm=1.0, expected_batch_size=256.0,
+                                                  key=key, bands=b, steps=1000)
     fns, states, compile_s, state_bytes = {}, {}, {}, {}
     for name, tx in txs.items():
         st = tx.init(params)

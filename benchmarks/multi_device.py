@@ -72,7 +72,8 @@ def child(n: int, batch_size: int, steps: int, backend: str) -> dict:
         return optax.apply_updates(params, upd), state, None
 
     def make(mesh):
-        tx = jaxdp.dpsgd(0.1, 1.0, 1.0, sampler.expected_batch_size, key=jax.random.key(2))
+        tx = jaxdp.dpsgd(0.1, l2_clip_norm=1.0, noise_multiplier=1.0,
+                         expected_batch_size=sampler.expected_batch_size, key=jax.random.key(2))
         return dist.make_private_step(loss_fn, 1.0, tx, mesh=mesh, method="vmap"), tx.init(params0)
 
     one_step, one_state = make(dist.data_mesh(devices[:1]))
@@ -131,7 +132,8 @@ def mp_child(batch_size: int, steps: int, out_path: str) -> None:
     data = {"x": rng.normal(size=(60_000, 64)).astype(np.float32), "y": rng.integers(0, 10, 60_000).astype(np.int32)}
     idx, mask = sampler.sample(0)
     batch, lmask = dist.local_batch(idx, mask, lambda i: {k: v[i] for k, v in data.items()})
-    tx = jaxdp.dpsgd(0.1, 1.0, 1.0, sampler.expected_batch_size, key=jax.random.key(2))
+    tx = jaxdp.dpsgd(0.1, l2_clip_norm=1.0, noise_multiplier=1.0, expected_batch_size=sampler.expected_batch_size,
+                     key=jax.random.key(2))
     step = dist.make_private_step(loss_fn, 1.0, tx, method="vmap")
     opt_state = tx.init(params)
     t0 = time.perf_counter()

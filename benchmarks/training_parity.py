@@ -53,8 +53,8 @@ def train_jaxdp(seed: int, epochs: int) -> dict:
         return optax.softmax_cross_entropy_with_integer_labels(module.apply({"params": p}, x), y)
 
     grad_fn = jaxdp.clipped_grad(loss_fn, CONFIG["max_grad_norm"], method="vmap")
-    tx = jaxdp.dpsgd(CONFIG["lr"], CONFIG["max_grad_norm"], CONFIG["noise_multiplier"], e,
-                     key=jax.random.key(1000 + seed))
+    tx = jaxdp.dpsgd(CONFIG["lr"], l2_clip_norm=CONFIG["max_grad_norm"], noise_multiplier=CONFIG["noise_multiplier"],
+                     expected_batch_size=e, key=jax.random.key(1000 + seed))
     state = tx.init(params)
 
     @jax.jit
@@ -144,7 +144,8 @@ def same_batch_trajectory(seed: int = 0, epochs: int = 10) -> dict:
         return optax.softmax_cross_entropy_with_integer_labels(module.apply({"params": p}, x), y)
 
     grad_fn = jaxdp.clipped_grad(loss_fn, CONFIG["max_grad_norm"], method="vmap")
-    tx = jaxdp.dpsgd(CONFIG["lr"], CONFIG["max_grad_norm"], 0.0, e, key=jax.random.key(0))
+    tx = jaxdp.dpsgd(CONFIG["lr"], l2_clip_norm=CONFIG["max_grad_norm"], noise_multiplier=0.0, expected_batch_size=e,
+                     key=jax.random.key(0))
     state = tx.init(params)
 
     @jax.jit

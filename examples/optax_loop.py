@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> dict:
     params = {"w": jnp.zeros((64, 10)), "b": jnp.zeros(10)}
     sampler = jaxdp.PoissonSampler(n, q, seed=args.seed, pad_to_multiple=256)   # one padded shape: one compile
     grad_fn = jaxdp.clipped_grad(loss_fn, l2_clip_norm=clip)
-    tx = optax.chain(jaxdp.add_noise(sigma, clip, expected_batch_size=q * n,
+    tx = optax.chain(jaxdp.add_noise(noise_multiplier=sigma, l2_clip_norm=clip, expected_batch_size=q * n,
                                      key=jax.random.fold_in(jax.random.key(args.seed), 1)),
                      optax.adam(0.05))
     opt_state = tx.init(params)

@@ -8,8 +8,9 @@ The recipe is the same in both loops:
 1. a loss function of (params, batch) that returns one loss PER EXAMPLE (shape [B], not reduced);
 2. ``jaxdp.clipped_grad(loss_fn, l2_clip_norm)``: the SUM over the batch of per-example gradients, each
    clipped to L2 norm <= C (padding examples, mask False, contribute exactly zero);
-3. ``optax.chain(jaxdp.add_noise(sigma, C, E, key), optax.adam(lr))``: Gaussian noise N(0, (sigma C)^2) is
-   added to the sum once per step, which is then divided by the PUBLIC expected batch size E = q N;
+3. ``optax.chain(jaxdp.add_noise(noise_multiplier=sigma, l2_clip_norm=C, expected_batch_size=E, key=key),
+   optax.adam(lr))``: Gaussian noise N(0, (sigma C)^2) is added to the sum once per step, which is then divided
+   by the PUBLIC expected batch size E = q N (the arguments are keyword-only: sigma and C cannot be swapped);
 4. ``jaxdp.PoissonSampler``: each example joins each batch independently with probability q (what the
    accountant assumes); batches are padded to a few fixed shapes so ``jax.jit`` compiles only a few times.
 """
@@ -51,7 +52,8 @@ def train_dp(loss_fn: Callable, params: Any, predict: Callable, data: jaxdp.data
     sampler = jaxdp.PoissonSampler(n, BATCH_SIZE / n, seed=seed, pad_to_multiple=128)
     grad_fn = jaxdp.clipped_grad(loss_fn, L2_CLIP_NORM)
     tx = optax.chain(
-        jaxdp.add_noise(NOISE_MULTIPLIER, L2_CLIP_NORM, sampler.expected_batch_size,
+        jaxdp.add_noise(noise_multiplier=NOISE_MULTIPLIER, l2_clip_norm=L2_CLIP_NORM,
+                        expected_batch_size=sampler.expected_batch_size,
                         key=jax.random.key(seed + 1)),     # keep the seed secret in a real deployment
         optax.adam(LEARNING_RATE),
     )

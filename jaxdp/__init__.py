@@ -2,7 +2,8 @@
 
 The package is organised by idea (see ``README.md`` for the architecture):
 
-* :mod:`jaxdp.clipping`  -- per-example gradients, clipping, the clipped SUM (privacy unit: one example).
+* :mod:`jaxdp.clipping`  -- per-example clipping, the clipped SUM (privacy unit: one example).
+* :mod:`jaxdp.per_example` -- per-example backends (vmap, ghost, auto, registered ones) and their invariants.
 * :mod:`jaxdp.ghost`     -- per-example norms without materialising per-example gradients.
 * :mod:`jaxdp.noise`     -- Gaussian noise and aggregation as optax ``GradientTransformation`` s.
 * :mod:`jaxdp.matrix_factorization` -- banded matrix-factorization (correlated) noise, BandMF.

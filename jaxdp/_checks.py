@@ -1,8 +1,11 @@
 """Argument validation shared by the public API: errors that say what is wrong and what to do."""
 from __future__ import annotations
 
+import functools
+import inspect
 import math
-from typing import Any
+import warnings
+from typing import Any, Callable, TypeVar
 
 import jax
 import numpy as np
@@ -62,6 +65,47 @@ def prng_key(key: Any, who: str) -> jax.Array:
         if key.dtype == np.uint32 and key.shape == (2,):
             return jax.random.wrap_key_data(key)
     raise TypeError(f"{who}: key must be a jax PRNG key (jax.random.key(seed)) or an int seed, got {key!r}")
+
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def keyword_only(*names: str) -> Callable[[_F], _F]:
+    """Decorator for a function whose parameters ``names`` became keyword-only (noise multiplier and clip norm are
+    floats that different functions used to take in different orders; a swap is silent and changes the privacy).
+
+    A call that still passes them by position, in the old order after the function's own positional parameters,
+    keeps working and warns with a ``DeprecationWarning`` naming the keywords to use. The wrapped function's
+    signature (``inspect.signature``) is the keyword-only one.
+    """
+    def decorate(fn: _F) -> _F:
+        kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+        n_pos = sum(p.kind in kinds for p in inspect.signature(fn).parameters.values())
+        who = f"jaxdp.{fn.__name__}"
+
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            if len(args) > n_pos:
+                extra = args[n_pos:]
+                if len(extra) > len(names):
+                    raise TypeError(f"{who}() takes at most {n_pos + len(names)} positional arguments "
+                                    f"({len(args)} given); pass {', '.join(names)} by keyword")
+                moved = names[:len(extra)]
+                for name in moved:
+                    if name in kwargs:
+                        raise TypeError(f"{who}() got multiple values for argument {name!r}")
+                warnings.warn(
+                    f"{who}: passing {', '.join(moved)} by position is deprecated and will stop working; pass them "
+                    f"by keyword: {who}({', '.join(f'{n}=...' for n in moved)}). (noise_multiplier and "
+                    "l2_clip_norm are both floats, and a swapped pair would silently change the privacy.)",
+                    DeprecationWarning, stacklevel=2)
+                kwargs.update(zip(moved, extra))
+                args = args[:n_pos]
+            return fn(*args, **kwargs)
+
+        return wrapper  # type: ignore[return-value]
+
+    return decorate
 
 
 def delta_for_dataset(delta: float, dataset_size: int, *, allow_large_delta: bool = False,

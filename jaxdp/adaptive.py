@@ -23,6 +23,11 @@ the gradient gets the slightly larger ``sigma_eff`` (needs ``2 sigma_b > sigma``
 dividing by it, or using it as the next clip norm, costs nothing. The estimate ``b_t`` subtracts the realised
 batch size only inside the released, noised ``r_t`` and divides by the public ``E``, never by the batch size.
 
+Both releases are drawn by :func:`jaxdp.add_noise` (each from its own key stream, ``fold_in(key, step)`` per
+step, or OS entropy in secure mode), so the noise is the one sampler every other mechanism uses. (Since this
+change, the count noise of a given seed differs from earlier versions -- same distribution, other draws; the
+gradient noise is unchanged. Like the seed itself, these draws are private and never reported.)
+
 Why ``normalize=True``. With plain SGD the step size of ``G_t / E`` grows linearly with ``C_t``: when the
 median gradient norm is large (early training, a CNN), ``C_t`` climbs, the larger steps raise the loss and
 the gradient norms, and ``C_t`` climbs further -- the run diverges (seen on MNIST: ``C`` ~13, accuracy 0.31
@@ -41,7 +46,7 @@ import jax.numpy as jnp
 
 from jaxdp import _checks
 from jaxdp.clipping import ClipStats, LossFn, clipped_grad
-from jaxdp.noise import AddNoiseState, add_noise, gaussian_like, os_entropy_key
+from jaxdp.noise import AddNoiseState, add_noise
 
 PyTree = Any
 
@@ -190,9 +195,15 @@ def adaptive_clipping(
             return loss_fn(p, b["batch"]) * b["inv_c"]
     grad_fn = clipped_grad(scaled_loss, 1.0, method, has_aux=has_aux, microbatch_size=microbatch_size,
                            trainable=trainable)
-    # (sum + N(0, sigma_eff^2)) / E on the scaled sum, i.e. (G_t / C_t) / E: jaxdp's own noise transform.
-    # (Its own init key is never used: every step passes AddNoiseState(count, key of the gradient stream).)
-    noise_tx = add_noise(sigma_eff, 1.0, e, None if secure else base_key, secure=secure, trainable=trainable)
+    # Both releases are drawn by jaxdp's public noise transform, each from its own stream (privacy rule 7):
+    # (sum + N(0, sigma_eff^2)) / E on the scaled sum, i.e. (G_t / C_t) / E; and the centred count
+    # r_t = centred + N(0, sigma_b^2) (l2_clip_norm 1 and E 1: std sigma_b, no division). Their own init keys are
+    # never used: every step passes AddNoiseState(count, key of its stream), derived from the state's key.
+    noise_key = None if secure else base_key
+    noise_tx = add_noise(noise_multiplier=sigma_eff, l2_clip_norm=1.0, expected_batch_size=e, key=noise_key,
+                         secure=secure, trainable=trainable)
+    count_tx = add_noise(noise_multiplier=sigma_b, l2_clip_norm=1.0, expected_batch_size=1.0, key=noise_key,
+                         secure=secure)
 
     def init() -> AdaptiveClipState:
         return AdaptiveClipState(jnp.asarray(initial_clip_norm, jnp.float32), jnp.zeros((), jnp.int32), base_key)
@@ -207,12 +218,9 @@ def adaptive_clipping(
         centred = unclipped - 0.5 * cs.num_examples                          # sensitivity 1/2
         # two independent streams from the state's key (not baked into the compiled step): gradient, count
         grad_key = None if secure else jax.random.fold_in(state.key, _GRAD_STREAM)
-        if secure:
-            (z,) = gaussian_like(os_entropy_key(), [jnp.zeros((), jnp.float32)], 1.0, secure=True)
-        else:
-            z = jax.random.normal(jax.random.fold_in(jax.random.fold_in(state.key, _COUNT_STREAM), state.count),
-                                  (), jnp.float32)
-        frac = (centred + sigma_b * z) / e + 0.5
+        count_key = None if secure else jax.random.fold_in(state.key, _COUNT_STREAM)
+        released, _ = count_tx.update(centred.astype(jnp.float32), AddNoiseState(state.count, count_key))
+        frac = released / e + 0.5
         new_C = (C * jnp.exp(-learning_rate * (frac - target_quantile))).astype(jnp.float32)
         update, _ = noise_tx.update(summed, AddNoiseState(state.count, grad_key))
         if not normalize:

@@ -17,11 +17,16 @@ Per-layer (group) clipping: when ``l2_clip_norm`` is a pytree that is a prefix o
 
 Examples whose gradient is not finite (NaN/Inf) are dropped from the sum (factor 0) and counted in
 ``ClipStats.num_nonfinite``; padding examples (mask False) contribute exactly zero and are not counted.
+
+The rule lives here; the arithmetic (per-example norms and the weighted sum) is a per-example backend of
+:mod:`jaxdp.per_example` (``"vmap"``, ``"ghost"``, ``"auto"`` or one registered there), whose invariants its
+docstring states.
 """
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, NamedTuple, Sequence
+import warnings
+from typing import Any, Callable, NamedTuple
 
 import chex
 import jax
@@ -29,12 +34,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdp import _checks
+from jaxdp import ghost as _ghost  # noqa: F401  (registers the "ghost" and "auto" backends; must not fail quietly)
+from jaxdp import per_example
+from jaxdp.per_example import (  # noqa: F401  (the shared primitives, re-exported under their old names)
+    CLIP_EPS, ClipGroups, ClipWeights, LossFn, acc_dtype, clip_factor, leaf_names, output_scale,
+    pin_low_precision, sq_norms, to_output, weighted_sum,
+)
 
 PyTree = Any
-LossFn = Callable[..., Any]
 
-CLIP_EPS = 1e-6  # Opacus's constant in the clip factor; part of the public contract (docs/privacy.md rule 1).
-METHODS = ("auto", "vmap", "ghost")
+METHODS = per_example.BUILTIN_BACKENDS  # the built-in methods; jaxdp.per_example.backend_names() lists all
 
 
 class ClipStats(NamedTuple):
@@ -69,11 +78,6 @@ class ClipStats(NamedTuple):
 # Clip norms and groups
 
 
-def clip_factor(norms: jax.Array, l2_clip_norm: float | jax.Array) -> jax.Array:
-    """Opacus's per-example clip factor ``min(1, C / (norm + 1e-6))``."""
-    return jnp.minimum(1.0, l2_clip_norm / (norms + CLIP_EPS))
-
-
 def total_clip_norm(l2_clip_norm: float | PyTree) -> float:
     """L2 sensitivity of a clipped sum: ``C`` for flat clipping, ``||(C_1..C_K)||_2`` for per-layer clipping."""
     leaves = jax.tree_util.tree_leaves(l2_clip_norm)
@@ -84,42 +88,16 @@ def total_clip_norm(l2_clip_norm: float | PyTree) -> float:
     return float(np.sqrt(sum(float(c) ** 2 for c in leaves)))
 
 
-def _path_name(path: Sequence[Any]) -> str:
-    parts = []
-    for k in path:
-        if isinstance(k, jax.tree_util.DictKey):
-            parts.append(str(k.key))
-        elif isinstance(k, jax.tree_util.SequenceKey):
-            parts.append(str(k.idx))
-        elif isinstance(k, jax.tree_util.GetAttrKey):
-            parts.append(str(k.name))
-        elif isinstance(k, jax.tree_util.FlattenedIndexKey):
-            parts.append(str(k.key))
-        else:
-            parts.append(str(k))
-    return "/".join(parts) if parts else "all"
+_Groups = ClipGroups  # old private name
 
 
-def leaf_names(tree: PyTree) -> list[str]:
-    """Slash-joined key paths of the leaves of ``tree`` (in ``tree_leaves`` order)."""
-    return [_path_name(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
-
-
-class _Groups(NamedTuple):
-    """Static description of the clip groups: which group each trainable leaf belongs to, and its C."""
-
-    norms: tuple[float, ...]       # C_k per group
-    names: tuple[str, ...]         # group names
-    leaf_group: tuple[int, ...]    # group index of every trainable leaf (tree_leaves order of the train tree)
-
-
-def _make_groups(l2_clip_norm: float | PyTree, train_params: PyTree) -> _Groups:
+def _make_groups(l2_clip_norm: float | PyTree, train_params: PyTree) -> ClipGroups:
     if jax.tree_util.treedef_is_leaf(jax.tree_util.tree_structure(l2_clip_norm)):
         n_leaves = len(jax.tree_util.tree_leaves(train_params))
-        return _Groups((float(l2_clip_norm),), ("all",), (0,) * n_leaves)
+        return ClipGroups((float(l2_clip_norm),), ("all",), (0,) * n_leaves)
     flat, treedef = jax.tree_util.tree_flatten_with_path(l2_clip_norm)
     norms = tuple(float(c) for _, c in flat)
-    names = tuple(_path_name(p) for p, _ in flat)
+    names = tuple(leaf_names(l2_clip_norm))
     idx_tree = jax.tree_util.tree_unflatten(treedef, list(range(len(flat))))
     try:
         grouped = jax.tree_util.tree_map(
@@ -131,7 +109,7 @@ def _make_groups(l2_clip_norm: float | PyTree, train_params: PyTree) -> _Groups:
             "{'dense1': 1.0, 'dense2': 0.5} for params {'dense1': {...}, 'dense2': {...}}; "
             f"the structures do not match: {e}") from None
     leaf_group = tuple(int(i) for i in jax.tree_util.tree_leaves(grouped))
-    return _Groups(norms, names, leaf_group)
+    return ClipGroups(norms, names, leaf_group)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -155,131 +133,18 @@ def _merge(train: PyTree, frozen: PyTree) -> PyTree:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Method implementations.
-#
-# An implementation computes, for one chunk of examples, the per-leaf squared per-example norms and the
-# weighted sum of per-example gradients, where the weights come from the norms:
-#
-#   impl(loss_fn, has_aux, params, batch, weight_fn) -> (summed, sq_norms, losses, aux)
-#
-#   loss_fn(params, batch) -> losses [B] (or (losses, aux) with has_aux), params = trainable tree only;
-#   sq_norms: list over trainable leaves (tree_leaves order) of [B] squared norms;
-#   weight_fn(sq_norms) -> list over leaves of [B] weights (0 for padding / dropped examples);
-#   summed: tree like params, sum_i w_i[leaf] * g_i[leaf], with non-finite dropped examples contributing 0.
+# Backends (jaxdp.per_example) under their old names
 
 
-def _check_losses(losses: jax.Array, batch_size: int) -> None:
-    if losses.ndim != 1 or losses.shape[0] != batch_size:
-        raise ValueError(
-            f"loss_fn must return per-example losses of shape [B] = [{batch_size}], got shape {losses.shape}. "
-            "Return the unreduced losses (no mean or sum over the batch): clipping needs each example's loss.")
-
-
-def acc_dtype(dtype: Any) -> Any:
-    """The dtype norms, clip factors and clipped sums are computed in: ``dtype`` promoted to at least float32."""
-    return jnp.promote_types(dtype, jnp.float32) if jnp.issubdtype(dtype, jnp.floating) else jnp.float32
-
-
-def sq_norms(g: jax.Array) -> jax.Array:
-    """Per-example squared L2 norms ``[B]`` of a leaf with leading axis ``B``, accumulated in >= float32."""
-    g = g.astype(acc_dtype(g.dtype))
-    return jnp.sum(jnp.square(g.reshape(g.shape[0], -1)), axis=1)
-
-
-def weighted_sum(weights: jax.Array, g: jax.Array) -> jax.Array:
-    """``sum_i w_i g_i`` over the leading axis, accumulated in >= float32 and rounded to ``g``'s dtype by
-    :func:`to_output`. Examples with weight 0 contribute exactly zero even when their gradient holds NaN/Inf
-    (``0 * NaN`` would poison the sum)."""
-    out_dtype, acc = g.dtype, acc_dtype(g.dtype)
-    keep = (weights != 0).reshape((-1,) + (1,) * (g.ndim - 1))
-    g = jnp.where(keep, g.astype(acc), jnp.zeros((), acc))
-    return to_output(jnp.tensordot(weights.astype(acc), g, axes=1), out_dtype)
-
-
-def output_scale(dtype: Any) -> float:
-    """Factor applied to a clipped sum before it is rounded to a parameter dtype coarser than float32.
-
-    Rounding a vector to a dtype with unit roundoff ``u`` (``2^-8`` for bfloat16, ``2^-11`` for float16) can
-    lengthen it by a factor up to ``1 + u``. Scaling the float32 sum by ``1 - u`` first keeps each example's
-    rounded contribution within ``C (1 - u)(1 + u) = C (1 - u^2) < C``. float32 and float64 outputs are not
-    scaled (their rounding, ``2^-24`` relative, is below the clip factor's own ``1e-6`` slack).
-    """
-    if not jnp.issubdtype(dtype, jnp.floating) or jnp.finfo(dtype).bits >= 32:
-        return 1.0
-    return 1.0 - float(jnp.finfo(dtype).eps) / 2.0
-
-
-def to_output(summed: jax.Array, dtype: Any) -> jax.Array:
-    """Round a >= float32 clipped sum to the parameter dtype under the rule of :func:`output_scale`."""
-    scale = output_scale(dtype)
-    if scale != 1.0:
-        summed = summed * jnp.asarray(scale, summed.dtype)
-    return summed.astype(dtype)
-
-
-def pin_low_precision(tree: PyTree) -> PyTree:
-    """Materialise the sub-float32 floating leaves of ``tree`` behind an optimisation barrier.
-
-    XLA may keep bfloat16/float16 intermediates in excess precision (``xla_allow_excess_precision``) and does
-    so per fusion: a value read by both the norm computation and the weighted sum could be rounded in one and
-    not in the other, and the sum would then hold a vector slightly longer than the norm that clipped it
-    (measured: 3.5e-6 relative). The barrier makes both read the same rounded buffer. float32 and wider leaves
-    are returned untouched (no cost)."""
-    leaves, treedef = jax.tree_util.tree_flatten(tree)
-    low = [i for i, x in enumerate(leaves)
-           if jnp.issubdtype(x.dtype, jnp.floating) and jnp.finfo(x.dtype).bits < 32]
-    if not low:
-        return tree
-    pinned = jax.lax.optimization_barrier([leaves[i] for i in low])
-    for i, x in zip(low, pinned):
-        leaves[i] = x
-    return jax.tree_util.tree_unflatten(treedef, leaves)
-
-
-def vmap_impl(loss_fn, has_aux, params, batch, weight_fn):
-    """Materialise per-example gradients with ``vmap(grad)``; exact for any differentiable loss.
-
-    Norms, weights and the weighted sum are computed in >= float32 whatever the parameter dtype, and the sum
-    is rounded to the parameter dtype by :func:`to_output`.
-    """
-
-    def single(p, example):
-        ex1 = jax.tree_util.tree_map(lambda x: x[None], example)
-        out = loss_fn(p, ex1)
-        losses, aux = out if has_aux else (out, None)
-        _check_losses(losses, 1)
-        aux = jax.tree_util.tree_map(lambda a: a[0], aux)
-        return losses[0], (losses[0], aux)
-
-    grads, (losses, aux) = jax.vmap(jax.grad(single, has_aux=True), in_axes=(None, 0))(params, batch)
-    g_leaves, treedef = jax.tree_util.tree_flatten(pin_low_precision(grads))
-    sq = [sq_norms(g) for g in g_leaves]
-    weights = weight_fn(sq)
-    summed = [weighted_sum(w, g) for g, w in zip(g_leaves, weights)]
-    return jax.tree_util.tree_unflatten(treedef, summed), sq, losses, aux
-
-
-_IMPLS: dict[str, Callable] = {"vmap": vmap_impl}
+_check_losses = per_example.check_losses
+vmap_impl = per_example.vmap_backend
 
 
 def register_method(name: str, impl: Callable) -> None:
-    """Register a per-example-norm implementation (used by :mod:`jaxdp.ghost`)."""
-    _IMPLS[name] = impl
-
-
-def _resolve_method(method: str) -> Callable:
-    if method not in METHODS and method not in _IMPLS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    if method in ("ghost", "auto"):
-        try:
-            import jaxdp.ghost  # noqa: F401  (registers "ghost" and "auto")
-        except ImportError:
-            pass
-        if method not in _IMPLS:
-            if method == "auto":
-                return _IMPLS["vmap"]
-            raise NotImplementedError("method='ghost' is not available in this build; use method='vmap'")
-    return _IMPLS[method]
+    """Deprecated: use :func:`jaxdp.per_example.register_backend` (same arguments, plus ``replace=``)."""
+    warnings.warn("jaxdp.clipping.register_method is deprecated; use jaxdp.per_example.register_backend",
+                  DeprecationWarning, stacklevel=2)
+    per_example.register_backend(name, impl, replace=True)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -315,8 +180,10 @@ def clipped_grad(
         depend on other examples in the batch (no BatchNorm): otherwise the sensitivity bound is void.
       l2_clip_norm: ``C``, the bound on each example's contribution (privacy: the sensitivity of the sum).
         A number for flat clipping over all trainable leaves; a pytree prefix of params for per-layer clipping.
-      method: ``"vmap"`` materialises per-example gradients; ``"ghost"`` computes per-example norms from
-        activations and output gradients (much faster for dense layers); ``"auto"`` picks the fastest exact one.
+      method: the per-example backend (:mod:`jaxdp.per_example`): ``"vmap"`` materialises per-example
+        gradients; ``"ghost"`` computes per-example norms from activations and output gradients (much faster for
+        dense layers); ``"auto"`` picks the fastest exact one per layer; or a name registered with
+        :func:`jaxdp.per_example.register_backend`.
       has_aux: whether ``loss_fn`` returns ``(losses, aux)``.
       microbatch_size: process the batch in sequential chunks of this many examples (bounded memory);
         the result does not depend on the chunk size (up to float summation order).
@@ -328,15 +195,37 @@ def clipped_grad(
       example. ``grad_fn`` returns ``(summed, stats)``: ``summed`` has the structure of params and holds
       ``sum_i mask_i * clip(g_i)`` (zeros on frozen leaves), ``stats`` is a :class:`ClipStats`.
       ``grad_fn`` is a pure function and can be wrapped in ``jax.jit``.
+
+    Example: squared error of a linear model on two examples. Example 0's gradient ``(42, 56)`` has norm 70
+    and is scaled down to norm ``C = 1``; example 1's ``(0.02, 0)`` is below ``C`` and kept as it is:
+
+    >>> import jax
+    >>> import jax.numpy as jnp
+    >>> import jaxdp
+    >>> def loss_fn(params, batch):                  # one loss per example, not reduced
+    ...     return (batch["x"] @ params["w"] - batch["y"]) ** 2
+    >>> params = {"w": jnp.ones(2)}
+    >>> batch = {"x": jnp.array([[3.0, 4.0], [0.1, 0.0]]), "y": jnp.zeros(2)}
+    >>> grad_fn = jax.jit(jaxdp.clipped_grad(loss_fn, l2_clip_norm=1.0))
+    >>> summed, stats = grad_fn(params, batch)
+    >>> [round(float(v), 4) for v in stats.per_example_norms]      # before clipping
+    [70.0, 0.02]
+    >>> [round(float(v), 4) for v in summed["w"]]                  # (0.6, 0.8) + (0.02, 0)
+    [0.62, 0.8]
+    >>> float(stats.clip_fraction)
+    0.5
+
+    Raises:
+      TypeError: ``loss_fn`` is not callable.
+      ValueError: a clip norm is not positive, ``method`` names no registered backend, or ``microbatch_size``
+        is not a positive integer; when called, a malformed batch or mask, or a loss that is not per example.
     """
     if not callable(loss_fn):
         raise TypeError("loss_fn must be callable: loss_fn(params, batch) -> per-example losses [B]")
     total_clip_norm(l2_clip_norm)  # validates every C > 0
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    backend = per_example.get_backend(method)  # refuses an unknown name, listing the registered ones
     if microbatch_size is not None:
         _checks.positive_int("microbatch_size", microbatch_size)
-    impl = _resolve_method(method)
 
     def grad_fn(params: PyTree, batch: PyTree, mask: jax.Array | None = None):
         train, frozen = _split(params, trainable)
@@ -359,32 +248,15 @@ def clipped_grad(
         n_chunks = -(-B // chunk)
 
         def run_chunk(b, m):
-            out = {}
-
-            def weight_fn(sq):
-                sq = [x.astype(acc_dtype(x.dtype)) for x in sq]
-                acc = functools.reduce(jnp.promote_types, [x.dtype for x in sq])
-                group_sq = [jnp.zeros(m.shape, acc) for _ in groups.norms]
-                for leaf_sq, gi in zip(sq, groups.leaf_group):
-                    group_sq[gi] = group_sq[gi] + leaf_sq
-                total_sq = sum(group_sq)
-                # A squared norm that is NaN, infinite or negative is no norm: drop the example (weight 0)
-                # rather than let sqrt(NaN) or a 0 clamp become its clip factor (privacy rule: never trust it).
-                finite = jnp.isfinite(total_sq) & functools.reduce(
-                    jnp.logical_and, [gs >= 0 for gs in group_sq])
-                real = m & finite
-                factors = [jnp.where(real, clip_factor(jnp.sqrt(jnp.where(real, gs, 0)), c), 0.0)
-                           for gs, c in zip(group_sq, groups.norms)]
-                out["total_sq"] = total_sq
-                out["finite"] = finite
-                out["group_clipped"] = jnp.stack([(f < 1.0) & real for f in factors])
-                out["sq"] = sq
-                return [factors[gi] for gi in groups.leaf_group]
-
-            summed, _, losses, aux = impl(train_loss, has_aux, train, b, weight_fn)
+            out = backend(train_loss, has_aux, train, b, functools.partial(per_example.clip_weights, mask=m,
+                                                                            groups=groups))
+            if not isinstance(out, tuple) or len(out) != 5 or not isinstance(out[4], ClipWeights):
+                raise TypeError(f"per-example backend {method!r} must return a BackendOutput(summed, sq_norms, "
+                                "losses, aux, weights) whose weights are the ClipWeights its weight_fn returned")
+            summed, sq, losses, aux, cw = out
             _check_losses(losses, m.shape[0])
-            per_ex = dict(total_sq=out["total_sq"], finite=out["finite"],
-                          group_clipped=out["group_clipped"], sq=out["sq"], losses=losses, aux=aux)
+            per_ex = dict(total_sq=cw.total_sq, finite=cw.finite, group_clipped=cw.group_clipped, sq=list(sq),
+                          losses=losses, aux=aux)
             return summed, per_ex
 
         if n_chunks == 1:

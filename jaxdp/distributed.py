@@ -377,7 +377,7 @@ def make_private_step(
     """``private_update(clipped_grad(loss_fn, l2_clip_norm, ...), optimizer, mesh)``: the whole private step.
 
     ``loss_fn(params, batch) -> per-example losses [B]``; ``optimizer`` e.g.
-    ``jaxdp.dpsgd(lr, l2_clip_norm, noise_multiplier, expected_batch_size=q * N, key=...)`` with the same
+    ``jaxdp.dpsgd(lr, l2_clip_norm=C, noise_multiplier=sigma, expected_batch_size=q * N, key=...)`` with the same
     ``l2_clip_norm``. ``mesh=None`` uses every device (``jax.devices()``); with one device nothing is sharded.
     ``microbatch_size`` bounds memory per device (it applies to each device's shard).
     """

@@ -161,8 +161,8 @@ class PrivateTraining:
                                     trainable=trainable)
         self.tx = optax.chain(
             noise_tx if noise_tx is not None else add_noise(
-                self.noise_multiplier, max_grad_norm, self.expected_batch_size, key, secure=secure_mode,
-                trainable=trainable),
+                noise_multiplier=self.noise_multiplier, l2_clip_norm=max_grad_norm,
+                expected_batch_size=self.expected_batch_size, key=key, secure=secure_mode, trainable=trainable),
             optimizer)
         self.max_steps = self._max_steps() if target_epsilon is not None else None
         # One step on one device or data-parallel over all local devices: each device clips and sums its
@@ -673,8 +673,9 @@ class PrivacyEngine:
         noise_tx = None
         if mechanism == "bandmf":
             from jaxdp.matrix_factorization import bandmf_noise
-            noise_tx = bandmf_noise(sigma, max_grad_norm, e, key, bands=bands, steps=max(planned, 1),
-                                    momentum=momentum, secure=self.secure_mode, trainable=trainable)
+            noise_tx = bandmf_noise(noise_multiplier=sigma, l2_clip_norm=max_grad_norm, expected_batch_size=e,
+                                    key=key, bands=bands, steps=max(planned, 1), momentum=momentum,
+                                    secure=self.secure_mode, trainable=trainable)
         elif mechanism == "blt":
             from jaxdp.blt import blt_noise
             noise_tx = blt_noise(noise_multiplier=sigma, l2_clip_norm=max_grad_norm, expected_batch_size=e, key=key,

@@ -47,7 +47,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.extend import core as jcore
 
-from jaxdp import clipping
+from jaxdp import per_example as pe
 
 _CHAIN = frozenset({"transpose", "reshape", "convert_element_type", "squeeze", "copy", "copy_p"})
 _CALLS = frozenset({"jit", "pjit", "closed_call", "core_call"})
@@ -454,7 +454,7 @@ def _exact(site: _Site, w, A, G, sel, weights):
     materialised a chunk of examples at a time (bounded memory). Returns ``(sq [B], weighted sum)``:
     squared norms of the materialised vectors (0 where not selected) and, when ``weights`` is given,
     ``sum_i sel_i weights_i g_i`` of the same vectors. Runs under ``lax.cond`` only when some example needs it."""
-    acc = clipping.acc_dtype(w.dtype)
+    acc = pe.acc_dtype(w.dtype)
     w32 = w.astype(acc)
     B = A.shape[0]
     k = _chunk_size(B, math.prod(w.shape))
@@ -478,7 +478,7 @@ def _exact(site: _Site, w, A, G, sel, weights):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# The implementation registered with jaxdp.clipping
+# The backends registered with jaxdp.per_example
 
 
 def _zero_dropped(x, keep):
@@ -498,7 +498,7 @@ def _plan(loss_fn, has_aux, leaves, treedef, b_leaves, b_def, policy, kappa=None
         ex1 = jax.tree_util.tree_unflatten(b_def, list(flat[n:]))
         out = loss_fn(p, ex1)
         losses, aux = out if has_aux else (out, None)
-        clipping._check_losses(losses, 1)
+        pe.check_losses(losses, 1)
         a_leaves, a_def = jax.tree_util.tree_flatten(jax.tree_util.tree_map(lambda a: a[0], aux))
         aux_def[:] = [a_def]
         return [losses[0]] + a_leaves
@@ -535,7 +535,7 @@ def explain(loss_fn: Callable, params: Any, batch: Any, method: str = "auto", ha
     if method == "auto" and (not ghost or len(mat) == len(ghost)):
         ghost, mat = {}, set()
     kinds = ["materialise" if i in mat else "ghost" if i in ghost else "vmap" for i in range(len(leaves))]
-    return dict(zip(clipping.leaf_names(params), kinds))
+    return dict(zip(pe.leaf_names(params), kinds))
 
 
 def _make_impl(policy: str, second_pass: bool = False, certify: bool = True) -> Callable:
@@ -546,7 +546,7 @@ def _make_impl(policy: str, second_pass: bool = False, certify: bool = True) -> 
         closed, aux_def, ghost, materialise = _plan(loss_fn, has_aux, leaves, treedef, b_leaves, b_def, policy,
                                                     None if certify else _KAPPA_BARE)
         if not ghost or (policy == "auto" and len(materialise) == len(ghost)):
-            return clipping.vmap_impl(loss_fn, has_aux, params, batch, weight_fn)
+            return pe.vmap_backend(loss_fn, has_aux, params, batch, weight_fn)
         # Layers to materialise are differentiated per example inside the same vmapped backward pass, like
         # the fallback leaves (measured faster than recomputing A_i^T G_i from recorded activations).
         ghost = {i: s for i, s in ghost.items() if i not in materialise}
@@ -572,17 +572,17 @@ def _make_impl(policy: str, second_pass: bool = False, certify: bool = True) -> 
         B = b_leaves[0].shape[0]
         probes = {i: jnp.zeros((B,) + s.out_shape, s.out_dtype) for i, s in ghost.items()}
         g_fb, g_probes, losses, aux_leaves, acts = jax.vmap(one)(b_leaves, probes)
-        # Norms and sums below must read the same values (see clipping.pin_low_precision).
-        g_fb, g_probes, acts = clipping.pin_low_precision((g_fb, g_probes, acts))
+        # Norms and sums below must read the same values (see jaxdp.per_example.pin_low_precision).
+        g_fb, g_probes, acts = pe.pin_low_precision((g_fb, g_probes, acts))
 
         sq: list = [None] * n
         per_ex: dict[int, jax.Array] = {}
         exact_sel: dict[int, jax.Array] = {}
         for i, g in zip(fb, g_fb):
             per_ex[i] = g
-            sq[i] = clipping.sq_norms(g)
+            sq[i] = pe.sq_norms(g)
         for i, site in ghost.items():
-            acc = clipping.acc_dtype(leaves[i].dtype)
+            acc = pe.acc_dtype(leaves[i].dtype)
             sq_g, sel = _ghost_sq(site, leaves[i].shape, acts[i], g_probes[i], acc, certify)
             if sel is None:   # T = 1 sites (no cancellation possible) and certify=False (benchmarks only)
                 sq[i], exact_sel[i] = sq_g, None
@@ -593,7 +593,8 @@ def _make_impl(policy: str, second_pass: bool = False, certify: bool = True) -> 
             sq[i] = jnp.where(sel, sq_x, sq_g)
             exact_sel[i] = sel
 
-        weights = weight_fn(sq)
+        clip = weight_fn(sq)
+        weights = clip.leaf_weights
         if second_pass:  # measured alternative (benchmarks only): grad of sum_i w_i L_i, flat weights only
             w = jax.lax.stop_gradient(weights[0])
 
@@ -601,17 +602,17 @@ def _make_impl(policy: str, second_pass: bool = False, certify: bool = True) -> 
                 out = loss_fn(p, batch)
                 return jnp.sum(w * (out[0] if has_aux else out))
             aux = jax.tree_util.tree_unflatten(aux_def[0], aux_leaves) if has_aux else None
-            return jax.grad(weighted)(params), sq, losses, aux
+            return pe.BackendOutput(jax.grad(weighted)(params), sq, losses, aux, clip)
         summed: list = [None] * n
         for i in range(n):
             if i in per_ex:
-                summed[i] = clipping.weighted_sum(weights[i], per_ex[i])
+                summed[i] = pe.weighted_sum(weights[i], per_ex[i])
                 continue
             site, sel = ghost[i], exact_sel[i]
-            w = weights[i].astype(clipping.acc_dtype(leaves[i].dtype))
+            w = weights[i].astype(pe.acc_dtype(leaves[i].dtype))
             if sel is None:   # no example needs the exact fallback at this site
                 keep = w != 0
-                summed[i] = clipping.to_output(_bookkeep(site, leaves[i], _zero_dropped(acts[i], keep),
+                summed[i] = pe.to_output(_bookkeep(site, leaves[i], _zero_dropped(acts[i], keep),
                                                          _zero_dropped(g_probes[i], keep), w), leaves[i].dtype)
                 continue
             w_bk = jnp.where(sel, 0, w)
@@ -622,9 +623,9 @@ def _make_impl(policy: str, second_pass: bool = False, certify: bool = True) -> 
                 jnp.any(sel_w),
                 lambda s=site, i=i, sel_w=sel_w, w=w: _exact(s, leaves[i], acts[i], g_probes[i], sel_w, w)[1],
                 lambda t=total: jnp.zeros_like(t))
-            summed[i] = clipping.to_output(total, leaves[i].dtype)
+            summed[i] = pe.to_output(total, leaves[i].dtype)
         aux = jax.tree_util.tree_unflatten(aux_def[0], aux_leaves) if has_aux else None
-        return jax.tree_util.tree_unflatten(treedef, summed), sq, losses, aux
+        return pe.BackendOutput(jax.tree_util.tree_unflatten(treedef, summed), sq, losses, aux, clip)
 
     impl.__name__ = f"{policy}_impl"
     return impl
@@ -634,7 +635,7 @@ ghost_impl = _make_impl("ghost")
 auto_impl = _make_impl("auto")
 _second_pass_impl = _make_impl("ghost", second_pass=True)  # NOT registered: no per-layer weights, NaN-unsafe
 _auto_unbounded_impl = _make_impl("auto", certify=False)   # NOT registered: the pre-bound formula, benchmarks only
-clipping.register_method("ghost", ghost_impl)
-clipping.register_method("auto", auto_impl)
+pe.register_backend("ghost", ghost_impl)
+pe.register_backend("auto", auto_impl)
 
 __all__ = ["ghost_impl", "auto_impl", "explain"]

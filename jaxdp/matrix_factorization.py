@@ -256,12 +256,13 @@ def _coefficients(bands, steps, coefficients, momentum=0.0) -> np.ndarray:
     return optimal_banded_toeplitz(steps, b, momentum)
 
 
+@_checks.keyword_only("noise_multiplier", "l2_clip_norm", "expected_batch_size", "key")
 def bandmf_noise(
+    *,
     noise_multiplier: float,
     l2_clip_norm: float | PyTree,
     expected_batch_size: float,
     key: jax.Array | int | None = None,
-    *,
     bands: int | None = None,
     steps: int | None = None,
     coefficients: np.ndarray | None = None,
@@ -288,7 +289,8 @@ def bandmf_noise(
     epsilon does NOT hold.
 
     Args:
-      noise_multiplier, l2_clip_norm, expected_batch_size, key, secure, trainable: as in :func:`jaxdp.add_noise`.
+      noise_multiplier, l2_clip_norm, expected_batch_size, key, secure, trainable: as in :func:`jaxdp.add_noise`
+        (keyword-only; positional calls still work, with a ``DeprecationWarning``).
       bands: ``b``, the number of bands (1 = DP-SGD).
       steps: the planned number of steps; the strategy is optimised for this horizon
         (:func:`optimal_banded_toeplitz`, cached). Not needed with ``bands=1`` or explicit ``coefficients``.

@@ -150,18 +150,26 @@ def _noisy_update(updates, state: AddNoiseState, std: float, e: float, secure: b
     return jax.tree_util.tree_unflatten(treedef, out), new_state
 
 
+@_checks.keyword_only("noise_multiplier", "l2_clip_norm", "expected_batch_size", "key")
 def add_noise(
+    *,
     noise_multiplier: float,
     l2_clip_norm: float | PyTree,
     expected_batch_size: float,
     key: jax.Array | int | None = None,
-    *,
     secure: bool = False,
     trainable: PyTree | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """Add Gaussian noise to a SUM of clipped gradients and divide by the public expected batch size.
 
-    ``update(S) = (S + N(0, (noise_multiplier * C)^2)) / expected_batch_size`` per coordinate.
+    ``update(S) = (S + N(0, (noise_multiplier * C)^2)) / expected_batch_size`` per coordinate. Every argument is
+    keyword-only (positional calls still work, with a ``DeprecationWarning``).
+
+    >>> import jax, jax.numpy as jnp, jaxdp
+    >>> tx = jaxdp.add_noise(noise_multiplier=0.0, l2_clip_norm=1.0, expected_batch_size=4.0, key=jax.random.key(0))
+    >>> update, _ = tx.update({"w": jnp.full(2, 8.0)}, tx.init(None))
+    >>> update["w"].tolist()
+    [2.0, 2.0]
 
     Args:
       noise_multiplier: ``sigma``; the noise std is ``sigma * C``. With Poisson sampling rate ``q`` and ``T``
@@ -172,6 +180,11 @@ def add_noise(
       key: a PRNG key (``jax.random.key(seed)``) or int seed. Required unless ``secure=True``.
       secure: draw fresh OS entropy every step and use the sum-of-four-Gaussians sampler (module docstring).
       trainable: optional bool pytree prefix; frozen leaves get no noise (their update stays zero).
+
+    Raises:
+      ValueError: a negative ``noise_multiplier``, a clip norm or ``expected_batch_size`` that is not positive, or
+        no ``key`` without ``secure``.
+      TypeError: ``key`` is neither a PRNG key nor an int seed.
     """
     sigma, c, e = _noise_params(noise_multiplier, l2_clip_norm, expected_batch_size)
     base_key = None if secure else _checks.prng_key(key, "add_noise")
@@ -188,19 +201,24 @@ def add_noise(
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
+@_checks.keyword_only("l2_clip_norm", "noise_multiplier", "expected_batch_size", "key")
 def dp_aggregate(
+    *,
     l2_clip_norm: float,
     noise_multiplier: float,
     expected_batch_size: float,
     key: jax.Array | int | None = None,
-    *,
     secure: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     """Clip, sum, noise and normalise PER-EXAMPLE gradients (leaves with a leading batch axis ``B``).
 
     ``update(G, mask=m) = (sum_i m_i min(1, C/(||G_i|| + 1e-6)) G_i + N(0, (sigma C)^2)) / E``.
     Flat clipping only; for per-layer clipping or speed use :func:`jaxdp.clipped_grad` + :func:`add_noise`.
-    Pass the padding mask as ``tx.update(per_example_grads, state, params, mask=mask)``.
+    Pass the padding mask as ``tx.update(per_example_grads, state, params, mask=mask)``. Every argument is
+    keyword-only (positional calls, in the old order ``C, sigma, E, key``, still work with a ``DeprecationWarning``).
+
+    Raises:
+      ValueError: as :func:`add_noise`, or a per-layer (pytree) ``l2_clip_norm``.
     """
     sigma, c, e = _noise_params(noise_multiplier, l2_clip_norm, expected_batch_size)
     if jax.tree_util.tree_structure(l2_clip_norm).num_leaves != 1:

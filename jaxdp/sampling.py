@@ -104,6 +104,19 @@ class PoissonSampler(_Sampler):
     Iterating the sampler yields one epoch and advances ``step``; epoch ``k`` ends at step ``ceil(k / q)``
     (:meth:`steps_for_epochs`), so an epoch has ``floor(1/q)`` or ``ceil(1/q)`` steps and ``E`` epochs take
     exactly ``steps_for_epochs(E)`` steps. ``steps_per_epoch = ceil(1/q)`` is the longest epoch.
+
+    Example: each of 1,000 examples joins each batch with probability 0.01 (expected batch size 10); the
+    batch is padded to a fixed shape so a jitted step compiles once:
+
+    >>> from jaxdp.sampling import PoissonSampler
+    >>> sampler = PoissonSampler(dataset_size=1000, sample_rate=0.01, seed=0)
+    >>> indices, mask = sampler.sample(0)
+    >>> indices.shape, mask.dtype
+    ((16,), dtype('bool'))
+    >>> int(mask.sum())    # the realised batch size: random, about q * N
+    11
+    >>> sampler.expected_batch_size, sampler.steps_for_epochs(2)
+    (10.0, 200)
     """
 
     def __init__(self, dataset_size: int, sample_rate: float, seed: int | None = None, *,

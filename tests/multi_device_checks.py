@@ -46,7 +46,7 @@ _STEPS: dict = {}
 def run(mesh, batches, clip, *, sigma=1.0, E=12.0):
     """Train from the same params with the same noise key; steps are cached so each shape compiles once."""
     params = init_params(jax.random.key(1))
-    tx = jaxdp.dpsgd(0.5, clip, sigma, E, key=jax.random.key(0))
+    tx = jaxdp.dpsgd(0.5, l2_clip_norm=clip, noise_multiplier=sigma, expected_batch_size=E, key=jax.random.key(0))
     opt_state = tx.init(params)
     cache_key = (id(mesh), repr(clip), sigma, E)
     if cache_key not in _STEPS:
@@ -168,7 +168,7 @@ def main() -> dict:
         return jnp.zeros(batch.shape[0]) + 0.0 * jnp.sum(params["w"])
 
     params = {"w": jnp.zeros((4, 5000))}
-    tx = jaxdp.dpsgd(1.0, C, sigma, E, key=jax.random.key(7))
+    tx = jaxdp.dpsgd(1.0, l2_clip_norm=C, noise_multiplier=sigma, expected_batch_size=E, key=jax.random.key(7))
     opt_state = tx.init(params)
     step = dist.make_private_step(zero_loss, C, tx, mesh=mesh4)
     xs = np.zeros((16, 2), np.float32)

@@ -195,7 +195,7 @@ def test_huge_clip_norm_gives_nonprivate_gradient(name):
     assert float(stats.clip_fraction) == 0.0
     # add_noise with sigma = 0 divides by the public E: the mean-loss gradient times B / E.
     E = 20.0
-    tx = jaxdp.add_noise(0.0, 1e9, E, key=jax.random.key(0))
+    tx = jaxdp.add_noise(noise_multiplier=0.0, l2_clip_norm=1e9, expected_batch_size=E, key=jax.random.key(0))
     update, _ = tx.update(summed, tx.init(params))
     mean_grad = jax.grad(lambda p: jnp.mean(loss_fn(p, batch)))(params)
     assert_trees_close(update, jax.tree_util.tree_map(lambda g: g * B / E, mean_grad), atol=1e-6)

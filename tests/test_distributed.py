@@ -82,7 +82,7 @@ def test_one_device_mesh_is_the_plain_step():
     params = {"w": jnp.ones((3, 2))}
     batch = {"x": jnp.arange(12.0).reshape(4, 3) / 10, "y": jnp.zeros((4, 2))}
     mask = np.array([1, 1, 0, 1], bool)
-    tx = jaxdp.dpsgd(0.1, 1.0, 1.0, 4.0, key=jax.random.key(0))
+    tx = jaxdp.dpsgd(0.1, l2_clip_norm=1.0, noise_multiplier=1.0, expected_batch_size=4.0, key=jax.random.key(0))
     step = dist.make_private_step(loss, 1.0, tx, mesh=dist.data_mesh(jax.devices()[:1]))
     new, state, stats = step(params, tx.init(params), batch, mask)
     summed, _ = jaxdp.clipped_grad(loss, 1.0)(params, batch, mask)

@@ -104,12 +104,14 @@ def _run(tx, steps, updates=None):
 def test_bands_1_is_add_noise_bit_for_bit():
     key = jax.random.key(42)
     g = jax.tree_util.tree_map(lambda p: jnp.ones_like(p) * 0.25, PARAMS)
-    ref = _run(jaxdp.add_noise(1.3, 0.7, 32.0, key), 3, g)
-    got = _run(jaxdp.bandmf_noise(1.3, 0.7, 32.0, key, bands=1), 3, g)
+    ref = _run(jaxdp.add_noise(noise_multiplier=1.3, l2_clip_norm=0.7, expected_batch_size=32.0, key=key), 3, g)
+    got = _run(jaxdp.bandmf_noise(noise_multiplier=1.3, l2_clip_norm=0.7, expected_batch_size=32.0, key=key,
+                                  bands=1), 3, g)
     for a, b in zip(ref, got):
         for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
             assert np.array_equal(np.asarray(x), np.asarray(y))
-    assert jaxdp.bandmf_noise(1.3, 0.7, 32.0, key, bands=1).init(PARAMS).history == ()   # no state memory
+    assert jaxdp.bandmf_noise(noise_multiplier=1.3, l2_clip_norm=0.7, expected_batch_size=32.0, key=key,
+                              bands=1).init(PARAMS).history == ()   # no state memory
 
 
 def test_noise_covariance_matches_c_inverse_c_inverse_transpose():
@@ -120,7 +122,8 @@ def test_noise_covariance_matches_c_inverse_c_inverse_transpose():
     independent noise's identity somewhere (so the test can fail)."""
     t, b, d, sigma = 8, 3, 40_000, 1.5
     coef = mf.optimal_banded_toeplitz(t, b)
-    tx = mf.bandmf_noise(sigma, 1.0, 1.0, jax.random.key(7), bands=b, steps=t)
+    tx = mf.bandmf_noise(noise_multiplier=sigma, l2_clip_norm=1.0, expected_batch_size=1.0, key=jax.random.key(7),
+                         bands=b, steps=t)
     params = {"p": jnp.zeros((d,), jnp.float32)}
     state = tx.init(params)
     update = jax.jit(tx.update)
@@ -141,10 +144,11 @@ def test_noise_covariance_matches_c_inverse_c_inverse_transpose():
 
 def test_bandmf_noise_needs_a_horizon_or_coefficients_and_a_key():
     with pytest.raises(ValueError, match="steps="):
-        mf.bandmf_noise(1.0, 1.0, 8.0, jax.random.key(0), bands=3)
+        mf.bandmf_noise(noise_multiplier=1.0, l2_clip_norm=1.0, expected_batch_size=8.0, key=jax.random.key(0), bands=3)
     with pytest.raises(ValueError, match="PRNG key"):
-        mf.bandmf_noise(1.0, 1.0, 8.0, None, bands=3, steps=10)
-    tx = mf.bandmf_noise(0.0, 1.0, 2.0, jax.random.key(0), coefficients=[2.0, 1.0])   # sigma 0: (S + 0) / E
+        mf.bandmf_noise(noise_multiplier=1.0, l2_clip_norm=1.0, expected_batch_size=8.0, key=None, bands=3, steps=10)
+    tx = mf.bandmf_noise(noise_multiplier=0.0, l2_clip_norm=1.0, expected_batch_size=2.0, key=jax.random.key(0),
+                         coefficients=[2.0, 1.0])   # sigma 0: (S + 0) / E
     u, _ = tx.update(PARAMS, tx.init(PARAMS))
     assert all(float(jnp.abs(x).max()) == 0.0 for x in jax.tree_util.tree_leaves(u))
 

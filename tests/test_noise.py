@@ -47,8 +47,9 @@ def _updates(seed=0):
 def test_noise_std_is_sigma_C_over_E(secure):
     sigma, C, E = 1.3, 0.7, 50.0
     g = _updates()
-    noisy_tx = jaxdp.add_noise(sigma, C, E, key=None if secure else jax.random.key(42), secure=secure)
-    clean_tx = jaxdp.add_noise(0.0, C, E, key=jax.random.key(0))
+    noisy_tx = jaxdp.add_noise(noise_multiplier=sigma, l2_clip_norm=C, expected_batch_size=E,
+                               key=None if secure else jax.random.key(42), secure=secure)
+    clean_tx = jaxdp.add_noise(noise_multiplier=0.0, l2_clip_norm=C, expected_batch_size=E, key=jax.random.key(0))
     noisy, state = jax.jit(noisy_tx.update)(g, noisy_tx.init(g))
     clean, _ = clean_tx.update(g, clean_tx.init(g))
     for name in g:
@@ -60,7 +61,7 @@ def test_noise_std_is_sigma_C_over_E(secure):
 
 
 def test_noise_uncorrelated_across_leaves_and_steps():
-    tx = jaxdp.add_noise(1.0, 1.0, 1.0, key=jax.random.key(7))
+    tx = jaxdp.add_noise(noise_multiplier=1.0, l2_clip_norm=1.0, expected_batch_size=1.0, key=jax.random.key(7))
     zeros = {"a": jnp.zeros(N), "b": jnp.zeros(N)}
     update = jax.jit(tx.update)
     state = tx.init(zeros)
@@ -74,13 +75,13 @@ def test_noise_uncorrelated_across_leaves_and_steps():
     # Same key and step -> same noise (reproducible, resumable); a different key -> independent noise.
     again, _ = update(zeros, tx.init(zeros))
     np.testing.assert_array_equal(again["a"], n0["a"])
-    other = jaxdp.add_noise(1.0, 1.0, 1.0, key=jax.random.key(8))
+    other = jaxdp.add_noise(noise_multiplier=1.0, l2_clip_norm=1.0, expected_batch_size=1.0, key=jax.random.key(8))
     o0, _ = other.update(zeros, other.init(zeros))
     assert_uncorrelated(o0["a"], n0["a"])
 
 
 def test_secure_mode_draws_fresh_noise_each_call():
-    tx = jaxdp.add_noise(1.0, 1.0, 1.0, secure=True)
+    tx = jaxdp.add_noise(noise_multiplier=1.0, l2_clip_norm=1.0, expected_batch_size=1.0, secure=True)
     zeros = {"a": jnp.zeros(N)}
     update = jax.jit(tx.update)
     a, _ = update(zeros, tx.init(zeros))
@@ -93,7 +94,7 @@ def test_per_layer_sensitivity_in_noise():
     Cs = {"w": 0.3, "b": 0.4}  # ||(0.3, 0.4)||_2 = 0.5
     sigma, E = 2.0, 10.0
     zeros = jax.tree_util.tree_map(jnp.zeros_like, _updates())
-    tx = jaxdp.add_noise(sigma, Cs, E, key=jax.random.key(1))
+    tx = jaxdp.add_noise(noise_multiplier=sigma, l2_clip_norm=Cs, expected_batch_size=E, key=jax.random.key(1))
     out, _ = tx.update(zeros, tx.init(zeros))
     for leaf in out.values():
         assert_std(leaf, sigma * 0.5 / E)
@@ -101,7 +102,8 @@ def test_per_layer_sensitivity_in_noise():
 
 def test_trainable_leaves_only_get_noise():
     zeros = {"frozen": jnp.zeros(100), "train": jnp.zeros(N)}
-    tx = jaxdp.add_noise(1.0, 1.0, 4.0, key=jax.random.key(3), trainable={"frozen": False, "train": True})
+    tx = jaxdp.add_noise(noise_multiplier=1.0, l2_clip_norm=1.0, expected_batch_size=4.0, key=jax.random.key(3),
+                         trainable={"frozen": False, "train": True})
     out, _ = tx.update(zeros, tx.init(zeros))
     np.testing.assert_array_equal(out["frozen"], 0.0)
     assert_std(out["train"], 0.25)
@@ -109,20 +111,20 @@ def test_trainable_leaves_only_get_noise():
 
 def test_missing_key_is_an_error():
     with pytest.raises(ValueError, match="PRNG key"):
-        jaxdp.add_noise(1.0, 1.0, 10.0)
+        jaxdp.add_noise(noise_multiplier=1.0, l2_clip_norm=1.0, expected_batch_size=10.0)
     with pytest.raises(ValueError, match="PRNG key"):
-        jaxdp.dp_aggregate(1.0, 1.0, 10.0)
+        jaxdp.dp_aggregate(l2_clip_norm=1.0, noise_multiplier=1.0, expected_batch_size=10.0)
     with pytest.raises(ValueError, match="PRNG key"):
-        jaxdp.dpsgd(0.1, 1.0, 1.0, 10.0, None)
+        jaxdp.dpsgd(0.1, l2_clip_norm=1.0, noise_multiplier=1.0, expected_batch_size=10.0, key=None)
     with pytest.raises(ValueError, match="PRNG key"):
-        jaxdp.dpadam(0.1, 1.0, 1.0, 10.0, None)
+        jaxdp.dpadam(0.1, l2_clip_norm=1.0, noise_multiplier=1.0, expected_batch_size=10.0, key=None)
     with pytest.raises(TypeError, match="key"):
-        jaxdp.add_noise(1.0, 1.0, 10.0, key="secret")
+        jaxdp.add_noise(noise_multiplier=1.0, l2_clip_norm=1.0, expected_batch_size=10.0, key="secret")
     # Int seeds and raw uint32[2] keys are accepted and equivalent to jax.random.key.
     zeros = {"a": jnp.zeros(10)}
     outs = []
     for key in (5, jax.random.key(5), jax.random.key_data(jax.random.key(5))):
-        tx = jaxdp.add_noise(1.0, 1.0, 1.0, key=key)
+        tx = jaxdp.add_noise(noise_multiplier=1.0, l2_clip_norm=1.0, expected_batch_size=1.0, key=key)
         outs.append(np.asarray(tx.update(zeros, tx.init(zeros))[0]["a"]))
     np.testing.assert_array_equal(outs[0], outs[1])
     np.testing.assert_array_equal(outs[0], outs[2])
@@ -160,15 +162,15 @@ def test_dp_aggregate_equals_clip_sum_noise_divide():
         if mask[i]:
             for k in G:
                 manual[k] += f * np.asarray(G[k][i], np.float64)
-    tx0 = jaxdp.dp_aggregate(C, 0.0, E, key=jax.random.key(0))
+    tx0 = jaxdp.dp_aggregate(l2_clip_norm=C, noise_multiplier=0.0, expected_batch_size=E, key=jax.random.key(0))
     out0, _ = tx0.update(G, tx0.init(None), mask=mask)
     for k in G:
         np.testing.assert_allclose(out0[k], manual[k] / E, atol=1e-6)
     # With noise: exactly add_noise applied to the clipped sum with the same key.
     key = jax.random.key(9)
-    tx = jaxdp.dp_aggregate(C, sigma, E, key=key)
+    tx = jaxdp.dp_aggregate(l2_clip_norm=C, noise_multiplier=sigma, expected_batch_size=E, key=key)
     out, st = jax.jit(lambda g, s, m: tx.update(g, s, mask=m))(G, tx.init(None), mask)
-    ref_tx = jaxdp.add_noise(sigma, C, E, key=key)
+    ref_tx = jaxdp.add_noise(noise_multiplier=sigma, l2_clip_norm=C, expected_batch_size=E, key=key)
     summed = {k: jnp.asarray(v, jnp.float32) for k, v in manual.items()}
     ref, _ = ref_tx.update(summed, ref_tx.init(summed))
     for k in G:
@@ -183,26 +185,26 @@ def test_dp_aggregate_equals_clip_sum_noise_divide():
     with pytest.raises(ValueError, match="mask must have shape"):
         tx0.update(G, tx0.init(None), mask=np.ones(5, bool))
     with pytest.raises(ValueError, match="flat clipping"):
-        jaxdp.dp_aggregate({"w": 1.0, "b": 1.0}, 1.0, 4.0, key=key)
+        jaxdp.dp_aggregate(l2_clip_norm={"w": 1.0, "b": 1.0}, noise_multiplier=1.0, expected_batch_size=4.0, key=key)
 
 
 def test_dpsgd_and_dpadam_are_noise_then_optimizer():
     g = _updates()
     params = jax.tree_util.tree_map(jnp.zeros_like, g)
     key = jax.random.key(4)
-    noise = jaxdp.add_noise(1.1, 0.5, 8.0, key=key)
+    noise = jaxdp.add_noise(noise_multiplier=1.1, l2_clip_norm=0.5, expected_batch_size=8.0, key=key)
     noisy, _ = noise.update(g, noise.init(params))
-    tx = jaxdp.dpsgd(0.1, 0.5, 1.1, 8.0, key)
+    tx = jaxdp.dpsgd(0.1, l2_clip_norm=0.5, noise_multiplier=1.1, expected_batch_size=8.0, key=key)
     upd, _ = tx.update(g, tx.init(params), params)
     for k in g:
         np.testing.assert_allclose(upd[k], -0.1 * noisy[k], rtol=1e-5, atol=1e-7)
     adam = optax.adam(0.01)
     ref, _ = adam.update(noisy, adam.init(params), params)
-    tx = jaxdp.dpadam(0.01, 0.5, 1.1, 8.0, key)
+    tx = jaxdp.dpadam(0.01, l2_clip_norm=0.5, noise_multiplier=1.1, expected_batch_size=8.0, key=key)
     upd, _ = tx.update(g, tx.init(params), params)
     for k in g:
         np.testing.assert_allclose(upd[k], ref[k], rtol=1e-5, atol=1e-7)
-    tx = jaxdp.dpsgd(0.1, 0.5, 1.1, 8.0, key, momentum=0.9)
+    tx = jaxdp.dpsgd(0.1, l2_clip_norm=0.5, noise_multiplier=1.1, expected_batch_size=8.0, key=key, momentum=0.9)
     upd, _ = tx.update(g, tx.init(params), params)
     for k in g:
         np.testing.assert_allclose(upd[k], -0.1 * noisy[k], rtol=1e-5, atol=1e-7)  # first step: trace = g

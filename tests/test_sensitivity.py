@@ -18,7 +18,7 @@ from flax import nnx
 from hypothesis import given, settings, strategies as st
 
 import jaxdp
-from jaxdp import clipping, ghost
+from jaxdp import clipping, ghost, per_example
 
 METHODS = ("vmap", "ghost", "auto")
 REL = 1e-6
@@ -327,17 +327,18 @@ def test_cancellation_falls_back_to_the_exact_gradient(name, method):
 def test_negative_gram_sum_never_becomes_a_clip_factor():
     """A squared norm that is negative or NaN must drop the example (weight 0), never turn into NaN weights
     that poison the sum or a 0 clamp that leaves the example unclipped."""
-    def bad_impl(loss_fn, has_aux, params, batch, weight_fn):
+    def bad_backend(loss_fn, has_aux, params, batch, weight_fn):
         g = jnp.ones((2, 3))
-        w = weight_fn([jnp.array([-1.0, jnp.nan])])[0]
-        return {"w": clipping.weighted_sum(w, g)}, [jnp.array([-1.0, jnp.nan])], jnp.zeros(2), None
-    orig = clipping._IMPLS["vmap"]
-    clipping._IMPLS["vmap"] = bad_impl
+        sq = [jnp.array([-1.0, jnp.nan])]
+        cw = weight_fn(sq)
+        return per_example.BackendOutput({"w": per_example.weighted_sum(cw.leaf_weights[0], g)}, sq, jnp.zeros(2),
+                                         None, cw)
+    per_example.register_backend("test_bad_norms", bad_backend)
     try:
-        fn = jaxdp.clipped_grad(lambda p, b: jnp.zeros(2), 1.0, method="vmap")
+        fn = jaxdp.clipped_grad(lambda p, b: jnp.zeros(2), 1.0, method="test_bad_norms")
         summed, st_ = fn({"w": jnp.zeros(3)}, {"x": jnp.zeros((2, 1))})
     finally:
-        clipping._IMPLS["vmap"] = orig
+        per_example.unregister_backend("test_bad_norms")
     np.testing.assert_array_equal(summed["w"], 0.0)
     assert int(st_.num_nonfinite) == 2
 

@@ -10,17 +10,11 @@ from jaxdp import accounting
 from jaxdp.cli import main
 from jaxdp.train import ConfigError, DPTrainer, compare, validate_config
 
+import tiny
+
 
 def tiny_config(tmp_path, **dp):
-    return {
-        "model": {"name": "logreg"},
-        "data": {"name": "digits"},
-        "optimizer": {"name": "sgd", "learning_rate": 2.0},
-        "training": {"epochs": 2, "batch_size": 256, "seed": 7, "accountant": "rdp",
-                     "dp": dict({"enabled": True, "epsilon": 2.0, "delta": 1e-5, "max_grad_norm": 1.0,
-                                 "noise_multiplier": None}, **dp)},
-        "output": {"dir": str(tmp_path / "run"), "progress": False},
-    }
+    return tiny.tiny_config(tmp_path / "run", **dp)
 
 
 @pytest.mark.parametrize("mutate, key", [
@@ -48,12 +42,12 @@ def test_yaml_scientific_notation_is_a_number():
     assert cfg["training"]["dp"]["delta"] == 1e-5 and cfg["optimizer"]["learning_rate"] == 1e-3
 
 
-def test_private_run_writes_outputs_and_epsilon_matches_accountant(tmp_path):
-    trainer = DPTrainer(tiny_config(tmp_path), log=False)
-    s = trainer.train()
-    run = tmp_path / "run"
+def test_private_run_writes_outputs_and_epsilon_matches_accountant(tiny_private_run):
+    trainer, s = tiny_private_run.trainer, tiny_private_run.summary     # tiny_config(...), trained once
+    run = tiny_private_run.run_dir
     assert {"metrics.json", "config.yaml", "checkpoint"} <= set(os.listdir(run))
-    m = json.loads((run / "metrics.json").read_text())
+    with open(os.path.join(run, "metrics.json")) as f:
+        m = json.load(f)
     q = 256 / trainer.n
     assert m["steps"] == math.ceil(2 / q)
     assert len(m["epochs"]) == 2 and m["epochs"][-1]["step"] == m["steps"]
@@ -108,9 +102,8 @@ def test_clip_warnings(tmp_path):
         DPTrainer(cfg, out_dir=str(tmp_path / "high"), log=False).train()
 
 
-def test_non_private_baseline_and_cli(tmp_path, capsys):
-    cfg = tiny_config(tmp_path, enabled=False)
-    s = DPTrainer(cfg, log=False).train()
+def test_non_private_baseline_and_cli(tmp_path, capsys, tiny_nonprivate_run):
+    s = tiny_nonprivate_run.summary                                   # tiny_config(..., enabled=False)
     assert s["epsilon"] is None and s["dp"] is False and s["final_test_accuracy"] > 0.5
     import yaml
     path = tmp_path / "c.yaml"
@@ -128,15 +121,13 @@ def test_compare_reports_both(tmp_path):
     assert os.path.exists(tmp_path / "cmp" / "comparison.json")
 
 
-def test_audit_of_the_trained_checkpoint(tmp_path):
+def test_audit_of_the_trained_checkpoint(tiny_nonprivate_run):
     from jaxdp.audit.cli import audit_trained_model
-    cfg = tiny_config(tmp_path, enabled=False)
-    trainer = DPTrainer(cfg, log=False)
-    trainer.train()
-    res = audit_trained_model(str(tmp_path / "run"))
+    trainer = tiny_nonprivate_run.trainer                             # tiny_config(..., enabled=False)
+    res = audit_trained_model(tiny_nonprivate_run.run_dir)
     assert res["members"] == trainer.n and res["nonmembers"] == 360
     assert 0.0 <= res["auc"] <= 1.0 and "train vs test" in res["summary"]
-    loaded = DPTrainer.load(str(tmp_path / "run"))
+    loaded = DPTrainer.load(tiny_nonprivate_run.run_dir)
     assert np.array_equal(loaded.per_example_losses("test"), trainer.per_example_losses("test"))
 
 

@@ -31,7 +31,7 @@ def test_virtual_batches_equal_one_big_batch_for_any_chunk_size(method):
         assert int(gst.num_examples) == 8
 
     # The noisy step (noise added once to the sum) is then identical for the same key.
-    tx = jaxdp.add_noise(1.0, 0.5, 10.0, key=jax.random.key(1))
+    tx = jaxdp.add_noise(noise_multiplier=1.0, l2_clip_norm=0.5, expected_batch_size=10.0, key=jax.random.key(1))
     s = tx.init(p)
     u1, _ = tx.update(ref, s)
     got, _ = jax.jit(jaxdp.virtual_batch_grad(_loss, 0.5, 3, method=method))(p, b, mask)

@@ -605,6 +605,15 @@ def compute_epsilon(noise_multiplier: float, sample_rate: float, steps: int, del
     ``neighboring_relation="replace_one"``) or ``"truncated_poisson"`` (needs ``dataset_size`` and
     ``max_batch_size``) otherwise. ``sigma = 0`` gives ``inf``; ``steps = 0`` gives 0. With ``dataset_size``
     given, warns (:class:`DeltaWarning`) unless ``delta < 1/N``.
+
+    Example: 60 epochs of Poisson batches of expected size 256 from 60,000 examples at noise multiplier 1.1:
+
+    >>> from jaxdp import accounting
+    >>> eps = accounting.compute_epsilon(1.1, 256 / 60000, steps=14063, delta=1e-5, accountant="rdp")
+    >>> round(eps, 2)
+    2.6
+    >>> accounting.compute_epsilon(1.1, 256 / 60000, steps=0, delta=1e-5)   # nothing released
+    0.0
     """
     delta = check_delta(delta)
     _check_accountant(accountant)
@@ -626,6 +635,15 @@ def calibrate_noise_multiplier(target_epsilon: float, target_delta: float, sampl
     above ``target_epsilon``) and lies within ``tol`` of the optimum; Opacus's bisection stops up to 0.01 in
     epsilon short of the target, so for the same inputs it never returns a smaller sigma than ours (beyond
     ``tol``). Raises ``ValueError`` if even ``sigma = 1e6`` does not reach the target.
+
+    Example: the noise for epsilon 3 at delta 1e-5 over 10 epochs at sample rate 0.01 (1,000 steps):
+
+    >>> from jaxdp import accounting
+    >>> sigma = accounting.calibrate_noise_multiplier(3.0, 1e-5, 0.01, epochs=10, accountant="rdp")
+    >>> round(sigma, 3)
+    0.865
+    >>> accounting.compute_epsilon(sigma, 0.01, steps=1000, delta=1e-5, accountant="rdp") <= 3.0
+    True
     """
     target_epsilon = check_epsilon(target_epsilon, "target_epsilon")
     target_delta = check_delta(target_delta, "target_delta")

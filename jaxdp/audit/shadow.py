@@ -204,7 +204,8 @@ def _train_core(config: ShadowConfig, cap: int, batch: dict, params0: PyTree, in
     include = jnp.asarray(include_mask, bool)
     if config.dp:
         grad_fn = jaxdp.clipped_grad(loss_fn, config.l2_clip_norm, method="vmap")
-        tx = optax.chain(jaxdp.add_noise(config.noise_multiplier, config.l2_clip_norm, E, key=noise_key),
+        tx = optax.chain(jaxdp.add_noise(noise_multiplier=config.noise_multiplier, l2_clip_norm=config.l2_clip_norm,
+                                         expected_batch_size=E, key=noise_key),
                          _build_optimizer(config))
     else:
         tx = _build_optimizer(config)

@@ -83,7 +83,8 @@ def make_dp_step(graphdef, *, l2_clip_norm: float, noise_multiplier: float, expe
     loss_fn = make_loss_fn(graphdef)
     grad_fn = jaxdp.clipped_grad(loss_fn, l2_clip_norm, method=method, trainable=TRAINABLE)
     tx = optax.chain(
-        jaxdp.add_noise(noise_multiplier, l2_clip_norm, expected_batch_size, key, trainable=TRAINABLE),
+        jaxdp.add_noise(noise_multiplier=noise_multiplier, l2_clip_norm=l2_clip_norm,
+                        expected_batch_size=expected_batch_size, key=key, trainable=TRAINABLE),
         optax.masked(optimizer(learning_rate), TRAINABLE))
 
     @jax.jit

@@ -33,7 +33,7 @@ Schema (``REQUIRED`` keys must be present, others have the defaults shown)::
                                  #   Gaussian mechanism for the planned steps; stops there)
       bands: null                # bandmf: number of bands b (noise state b x |params|; needs b * batch_size <= N)
       buffers: null              # blt: number of buffers d (noise state d x |params|)
-      method: auto               # clipping method: auto | vmap | ghost
+      method: auto               # clipping method: auto | vmap | ghost | a registered per-example backend
       microbatch_size: null      # physical batch for per-example gradients (memory bound)
       dp:
         enabled: true
@@ -188,6 +188,9 @@ def _check_values(cfg: dict) -> None:
     if dp["enabled"] and t["sampling"] == "shuffle" and dp["noise_multiplier"] is None:
         raise ConfigError("config key 'training.dp.noise_multiplier' must be set with training.sampling: shuffle "
                           "(calibration to a target epsilon is for Poisson sampling)")
+    if not isinstance(t["method"], str):   # the name is checked against the registered backends by the trainer
+        raise ConfigError(f"config key 'training.method' must be a name such as auto, vmap or ghost, "
+                          f"got {t['method']!r}")
     if t["microbatch_size"] is not None:
         num("training.microbatch_size", t["microbatch_size"], integer=True)
     if t["mechanism"] not in ("dpsgd", "bandmf", "blt"):

@@ -189,6 +189,11 @@ class DPTrainer:
         from jaxdp.train.components import build_optimizer
         optimizer = build_optimizer(self.cfg["optimizer"], planned)  # a schedule's "total_steps": the planned steps
         if self.dp:
+            from jaxdp.per_example import backend_names   # built-ins, and any the model module registered
+            if t["method"] not in backend_names():
+                from jaxdp.train.config import ConfigError
+                raise ConfigError(f"config key 'training.method' must be one of {', '.join(backend_names())} (the "
+                                  "registered per-example backends), got {!r}".format(t["method"]))
             from jaxdp import _checks   # refuse delta >= 1/N in the config's own terms (the engine re-checks)
             _checks.delta_for_dataset(self.delta, self.n, allow_large_delta=dp["allow_large_delta"],
                                       override="training.dp.allow_large_delta: true", warn=False)

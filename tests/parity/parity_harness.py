@@ -349,7 +349,8 @@ def jaxdp_step(pair: ModelPair, x_jax, y, *, clip, expected_batch_size, noise_mu
     """
     grad_fn = jaxdp.clipped_grad(pair.loss_fn, clip, method=method)  # eager: tiny models, no compile
     summed, stats = grad_fn(pair.flax_params, (jnp.asarray(x_jax), jnp.asarray(y)))
-    tx = jaxdp.add_noise(noise_multiplier, clip, expected_batch_size, key=key)
+    tx = jaxdp.add_noise(noise_multiplier=noise_multiplier, l2_clip_norm=clip,
+                         expected_batch_size=expected_batch_size, key=key)
     update, _ = tx.update(summed, tx.init(pair.flax_params))
     return np.asarray(stats.per_example_norms), pair.to_torch(summed), pair.to_torch(update)
 
@@ -446,7 +447,8 @@ def noise_samples(noise_multiplier: float, clip, expected_batch_size: float, see
     # jaxdp: the noise transformation applied to a zero clipped sum of the same shapes.
     zeros = {n: jnp.zeros(o_sum[n].shape, jnp.float32) for n in names}
     c_tree = dict(zip(names, clip)) if isinstance(clip, (list, tuple)) else clip
-    tx = jaxdp.add_noise(noise_multiplier, c_tree, expected_batch_size, key=jax.random.key(seed))
+    tx = jaxdp.add_noise(noise_multiplier=noise_multiplier, l2_clip_norm=c_tree,
+                         expected_batch_size=expected_batch_size, key=jax.random.key(seed))
     upd, _ = tx.update(zeros, tx.init(zeros))
     j_noise = np.concatenate([np.asarray(upd[n]).ravel() for n in names])
     c_total = math.sqrt(sum(c * c for c in clip)) if isinstance(clip, (list, tuple)) else clip
