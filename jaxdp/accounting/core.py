@@ -229,7 +229,8 @@ def merge_events(events: Iterable[Mapping[str, Any]]) -> list[dict]:
         e = validate_event(e)
         if e["steps"] == 0:
             continue
-        if out and e["sampling"] not in ("cyclic_poisson", "fixed_order") and {k: v for k, v in out[-1].items() if k != "steps"} == {
+        never = ("cyclic_poisson", "fixed_order")   # each run restarts its schedule: never merged across runs
+        if out and e["sampling"] not in never and {k: v for k, v in out[-1].items() if k != "steps"} == {
                 k: v for k, v in e.items() if k != "steps"}:
             out[-1]["steps"] += e["steps"]
         else:
@@ -459,7 +460,8 @@ class Accountant:
         ``sample_rate``; ``"shuffle"`` needs ``batch_size`` and ``dataset_size``; ``"truncated_poisson"`` needs
         ``sample_rate``, ``max_batch_size`` and ``dataset_size``; ``"cyclic_poisson"`` needs ``sample_rate``,
         ``bands`` and ``mechanism`` (consecutive steps of ONE cyclic schedule); ``"fixed_order"`` needs
-        ``mechanism``, ``min_separation`` and ``horizon`` (consecutive steps of ONE run); ``"none"`` records non-private steps.
+        ``mechanism``, ``min_separation`` and ``horizon`` (consecutive steps of ONE run); ``"none"`` records
+        non-private steps.
         Raises ``ValueError`` at once if this accountant cannot account the sampling (privacy rule 5).
         """
         if sampling == "poisson":
