@@ -51,7 +51,7 @@ def run(setting: dict, seed: int, sigma: float, *, clip: float, adaptive: dict |
     model = models.create(setting["model"], data.input_shape, data.num_classes, seed=seed, **setting["options"])
     engine = jaxdp.PrivacyEngine(accountant="rdp")
     private = engine.make_private(loss_fn=_loss, model=model, optimizer=optax.sgd(lr), dataset_size=n,
-                                  batch_size=B, noise_multiplier=sigma, max_grad_norm=clip, seed=10_000 + seed,
+                                  batch_size=B, noise_multiplier=sigma, l2_clip_norm=clip, seed=10_000 + seed,
                                   epochs=setting["epochs"], adaptive_clipping=adaptive, method="vmap")
     state = private.init()
     steps = private.sampler.steps_for_epochs(setting["epochs"])

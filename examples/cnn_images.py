@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> dict:
     engine = jaxdp.PrivacyEngine(accountant="prv")
     private = engine.make_private_with_epsilon(
         model=DigitCNN(rngs=nnx.Rngs(args.seed)), loss_fn=loss_fn, optimizer=optax.adam(2e-3),
-        dataset_size=n, batch_size=64, max_grad_norm=1.0, target_epsilon=args.epsilon, target_delta=delta,
+        dataset_size=n, batch_size=64, l2_clip_norm=1.0, target_epsilon=args.epsilon, target_delta=delta,
         epochs=args.epochs, seed=args.seed)
     print(f"noise multiplier {private.noise_multiplier:.3f} for epsilon {args.epsilon} over {args.epochs} epochs "
           f"({private.planned_steps} steps, delta {delta:.2g})")

@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> dict:
     engine = jaxdp.PrivacyEngine()
     private = engine.make_private_with_epsilon(
         model=module, variables=variables, loss_fn=loss_fn, optimizer=optax.adam(2e-3), dataset_size=len(y),
-        batch_size=64, max_grad_norm=1.0, target_epsilon=args.epsilon, target_delta=1.0 / len(y) ** 1.1,
+        batch_size=64, l2_clip_norm=1.0, target_epsilon=args.epsilon, target_delta=1.0 / len(y) ** 1.1,
         epochs=args.epochs, seed=args.seed)
     state = private.init()
     predict = jax.jit(lambda p, xx: module.apply({"params": p}, xx, train=False))

@@ -132,3 +132,20 @@ def delta_for_dataset(delta: float, dataset_size: int, *, allow_large_delta: boo
         from jaxdp.accounting.core import DeltaWarning
         warnings.warn(msg + f" ({override} given: recorded with the run).", DeltaWarning, stacklevel=3)
     return d
+
+
+def renamed_keyword(where: str, new: str, new_value: Any, old: str, old_value: Any, *, new_default: Any = None,
+                    stacklevel: int = 3) -> Any:
+    """The value of keyword ``new`` whose old name ``old`` still works, with a DeprecationWarning naming ``new``.
+
+    ``old_value is None`` means the old name was not used; ``new_value is new_default`` that the new one was not.
+    Giving both is a ``TypeError`` (two values for one parameter).
+    """
+    if old_value is None:
+        return new_value
+    if new_value is not new_default:
+        raise TypeError(f"{where}: give {new}= only ({old}= is its deprecated old name)")
+    import warnings
+    warnings.warn(f"{where}: {old}= is deprecated; use {new}= (same meaning)", DeprecationWarning,
+                  stacklevel=stacklevel)
+    return old_value

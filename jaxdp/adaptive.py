@@ -81,7 +81,7 @@ class AdaptiveClipping(NamedTuple):
 class AdaptiveClipConfig(NamedTuple):
     """Settings of adaptive clipping for :meth:`jaxdp.PrivacyEngine.make_private` (``adaptive_clipping=``).
 
-    The initial clip norm is the engine's ``max_grad_norm``. See :func:`adaptive_clipping` for the meaning.
+    The initial clip norm is :meth:`~jaxdp.PrivacyEngine.make_private`'s ``l2_clip_norm``. See :func:`adaptive_clipping` for the meaning.
     """
 
     target_quantile: float = DEFAULT_TARGET_QUANTILE

@@ -2,7 +2,8 @@
 
 A module listed in ``_COMMAND_MODULES`` exposes ``register(subparsers)``, which adds its sub-commands with
 ``set_defaults(func=handler)``; ``handler(args) -> int`` is the exit status. Results go to stdout (one JSON
-object with ``--json``), diagnostics to stderr.
+object with ``--json``), diagnostics to stderr. A handler raises on failure; :func:`main` turns the error into
+one line on stderr, the JSON error object and the exit status (:mod:`jaxdp._cli`, docs/cli.md).
 """
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ import importlib
 import os
 import sys
 import warnings
+
+from jaxdp import _cli
 
 _COMMAND_MODULES = (
     "jaxdp.accounting.cli",   # epsilon, calibrate
@@ -65,22 +68,17 @@ def _stdout_gone() -> int:
         os.close(devnull)
     except (OSError, ValueError):
         pass
-    return 141  # 128 + SIGPIPE, the status of a command killed by a broken pipe
-
-
-def _message(e: BaseException) -> str:
-    text = e.args[0] if isinstance(e, KeyError) and len(e.args) == 1 and isinstance(e.args[0], str) else str(e)
-    if isinstance(e, OSError) and e.filename and e.strerror:
-        text = f"{e.filename}: {e.strerror}"
-    return text
+    return _cli.EXIT_BROKEN_PIPE  # 128 + SIGPIPE, the status of a command killed by a broken pipe
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; returns its exit status (the map is in :mod:`jaxdp._cli` and docs/cli.md)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
-        return 2
+        return _cli.EXIT_USAGE
+    command = " ".join(filter(None, (args.command, getattr(args, "ledger_command", None))))
     try:
         with _plain_warnings():
             status = int(args.func(args) or 0)
@@ -88,9 +86,14 @@ def main(argv: list[str] | None = None) -> int:
         return status
     except BrokenPipeError:
         return _stdout_gone()
-    except (ValueError, KeyError, OSError) as e:  # FileNotFoundError, IsADirectoryError, ... are OSErrors
-        print(f"jaxdp {args.command}: error: {_message(e)}", file=sys.stderr)
-        return 2
+    except (Exception, KeyboardInterrupt) as e:
+        try:
+            code = _cli.fail(command, e, getattr(args, "json", False))
+        except BrokenPipeError:
+            return _stdout_gone()
+        if code is None:
+            raise  # a bug in jaxdp: keep the traceback
+        return code
 
 
 if __name__ == "__main__":

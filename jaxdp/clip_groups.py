@@ -43,30 +43,36 @@ def _as_params_type(tree: dict, params: PyTree) -> PyTree:
     return type(params)(tree)
 
 
-def clip_norm_tree(params: PyTree, per_layer: Mapping | str, max_grad_norm: float | None = None) -> PyTree:
+def clip_norm_tree(params: PyTree, per_layer: Mapping | str, l2_clip_norm: float | None = None, *,
+                   max_grad_norm: float | None = None) -> PyTree:
     """The per-layer ``l2_clip_norm`` tree for ``params``.
 
     Args:
       params: the (trainable) params tree whose top-level keys are the groups.
       per_layer: ``{group: C_k}`` naming EVERY group with a clip norm > 0, or a rule ``"equal"`` / ``"by_size"``
-        that splits ``max_grad_norm`` over all groups (module docstring).
-      max_grad_norm: the total ``C`` for a rule (the sensitivity of the clipped sum stays ``C``).
+        that splits ``l2_clip_norm`` over all groups (module docstring).
+      l2_clip_norm: the total ``C`` for a rule (the sensitivity of the clipped sum stays ``C``).
+      max_grad_norm: deprecated name of ``l2_clip_norm``.
 
     Raises ``ValueError`` naming the valid group names when a group is unknown or missing.
     """
+    from jaxdp import _checks
+    l2_clip_norm = _checks.renamed_keyword("clip_norm_tree", "l2_clip_norm", l2_clip_norm, "max_grad_norm",
+                                           max_grad_norm)
     names = group_names(params)
     if isinstance(per_layer, str):
         if per_layer not in RULES:
             raise ValueError(f"per-layer clipping rule must be one of {RULES} or a mapping {{group: C_k}} with "
                              f"groups {names}; got {per_layer!r}")
-        if max_grad_norm is None or not max_grad_norm > 0:
-            raise ValueError(f"per-layer rule {per_layer!r} splits max_grad_norm, which must be > 0")
+        if l2_clip_norm is None or not l2_clip_norm > 0:
+            raise ValueError(f"per-layer rule {per_layer!r} splits the total clip norm, which must be > 0, got "
+                             f"{l2_clip_norm!r}")
         if per_layer == "equal":
-            norms = {k: float(max_grad_norm) / math.sqrt(len(names)) for k in names}
+            norms = {k: float(l2_clip_norm) / math.sqrt(len(names)) for k in names}
         else:
             sizes = {k: sum(int(x.size) for x in jax.tree_util.tree_leaves(params[k])) for k in names}
             total = sum(sizes.values())
-            norms = {k: float(max_grad_norm) * math.sqrt(sizes[k] / total) for k in names}
+            norms = {k: float(l2_clip_norm) * math.sqrt(sizes[k] / total) for k in names}
         return _as_params_type(norms, params)
     if not isinstance(per_layer, Mapping) and not hasattr(per_layer, "keys"):
         raise ValueError(f"per-layer clip norms must be a mapping {{group: C_k}} with groups {names} or a rule "

@@ -387,7 +387,27 @@ def make_private_step(
 
 
 def local_device_count() -> int:
-    """Number of devices :func:`data_mesh` spans by default (all hosts' devices)."""
+    """Number of devices attached to THIS process (``jax.local_device_count()``): the devices whose rows of
+    the global batch this process loads. With one process it equals :func:`device_count`.
+
+    jaxdp 0.1.0 returned the job's count here; that is now :func:`device_count`.
+
+    Example:
+        >>> local_device_count() <= device_count()
+        True
+    """
+    return jax.local_device_count()
+
+
+def device_count() -> int:
+    """Number of devices of the whole job, all processes and hosts together (``jax.device_count()``): the
+    devices :func:`data_mesh` spans by default, over which one step's clipped sum is psum-ed before the noise is
+    added once.
+
+    Example:
+        >>> device_count() == len(data_mesh().devices.ravel())
+        True
+    """
     return jax.device_count()
 
 
@@ -644,8 +664,8 @@ def on_main_process(fn: Callable[[], Any], what: str) -> Any:
     return out
 
 
-__all__ = ["DATA_AXIS", "data_mesh", "shard_batch", "ShardedSampler", "process_rows", "global_batch", "data_parallel_clipped_grad",
-           "private_update", "make_private_step", "local_device_count", "initialize_from_env", "process_index",
-           "process_count", "is_main_process", "replicate", "host_local", "local_batch", "all_equal",
-           "check_same_on_all_processes", "any_process", "process_sum", "broadcast_from_main", "on_main_process",
-           "OtherProcessFailed"]
+__all__ = ["DATA_AXIS", "data_mesh", "shard_batch", "ShardedSampler", "process_rows", "global_batch",
+           "data_parallel_clipped_grad", "private_update", "make_private_step", "local_device_count", "device_count",
+           "initialize_from_env", "process_index", "process_count", "is_main_process", "replicate", "host_local",
+           "local_batch", "all_equal", "check_same_on_all_processes", "any_process", "process_sum",
+           "broadcast_from_main", "on_main_process", "OtherProcessFailed"]

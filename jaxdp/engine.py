@@ -126,13 +126,14 @@ class PrivateTraining:
 
     Attributes:
       sampler: the :class:`~jaxdp.PoissonSampler` (or ShuffleSampler) that selects every batch.
-      noise_multiplier, max_grad_norm, sample_rate, expected_batch_size: the mechanism's parameters.
+      noise_multiplier, l2_clip_norm, sample_rate, expected_batch_size: the mechanism's parameters
+        (``max_grad_norm``: deprecated name of ``l2_clip_norm``).
       accountant: the engine's accountant; every :meth:`step` records one step in it.
       max_steps: the last step allowed by the target epsilon (None when there is no target).
     """
 
     def __init__(self, *, engine: "PrivacyEngine", pure_loss: Callable, params: PyTree, optimizer,
-                 dataset_size: int, sampler, noise_multiplier: float, max_grad_norm, key, secure_mode: bool,
+                 dataset_size: int, sampler, noise_multiplier: float, l2_clip_norm, key, secure: bool,
                  method: str, microbatch_size: int | None, trainable, expected_batch_size: float,
                  target_epsilon: float | None, target_delta: float | None, planned_steps: int | None,
                  nnx_graph: tuple | None, noise_tx: Any = None, mechanism: str = "dpsgd",
@@ -142,7 +143,7 @@ class PrivateTraining:
         self.sampler = sampler
         self.dataset_size = dataset_size
         self.noise_multiplier = float(noise_multiplier)
-        self.max_grad_norm = max_grad_norm
+        self.l2_clip_norm = l2_clip_norm
         self.sample_rate = sampler.sample_rate
         self.expected_batch_size = float(expected_batch_size)
         self.target_epsilon = target_epsilon
@@ -157,12 +158,12 @@ class PrivateTraining:
         self._example_key = None  # set by make_private when the loss needs per-example keys (dropout)
         self._data_checked: tuple | None = None  # ids of the last data checked by batches()
         self.loss_fn = pure_loss
-        self.grad_fn = clipped_grad(pure_loss, max_grad_norm, method=method, microbatch_size=microbatch_size,
+        self.grad_fn = clipped_grad(pure_loss, l2_clip_norm, method=method, microbatch_size=microbatch_size,
                                     trainable=trainable)
         self.tx = optax.chain(
             noise_tx if noise_tx is not None else add_noise(
-                noise_multiplier=self.noise_multiplier, l2_clip_norm=max_grad_norm,
-                expected_batch_size=self.expected_batch_size, key=key, secure=secure_mode, trainable=trainable),
+                noise_multiplier=self.noise_multiplier, l2_clip_norm=l2_clip_norm,
+                expected_batch_size=self.expected_batch_size, key=key, secure=secure, trainable=trainable),
             optimizer)
         self.max_steps = self._max_steps() if target_epsilon is not None else None
         # One step on one device or data-parallel over all local devices: each device clips and sums its
@@ -173,21 +174,29 @@ class PrivateTraining:
         self.num_devices = jax.device_count()
         self.num_processes = jax.process_count()
         if self.num_processes > 1:
-            if secure_mode:
-                raise ValueError("secure_mode draws batches and noise from each process's own OS entropy, which "
+            if secure:
+                raise ValueError("secure=True draws batches and noise from each process's own OS entropy, which "
                                  "would differ between the processes; it is not supported with several processes")
             distributed.check_same_on_all_processes(
                 [getattr(sampler, "seed", None), sampler.sampling, sampler.sample_rate, dataset_size,
-                 self.noise_multiplier, repr(max_grad_norm), self.expected_batch_size, method, mechanism,
+                 self.noise_multiplier, repr(l2_clip_norm), self.expected_batch_size, method, mechanism,
                  np.asarray(jax.random.key_data(key)).tolist()],
                 "the sampler seed, noise key or mechanism (sigma, C, q, N, E)")
         self._update = distributed.private_update(self.grad_fn, self.tx)
         self._opt_init = self.tx.init
         self.adaptive = None
         if adaptive is not None:
-            self._setup_adaptive(adaptive, optimizer, key, secure_mode, microbatch_size, trainable)
+            self._setup_adaptive(adaptive, optimizer, key, secure, microbatch_size, trainable)
 
-    def _setup_adaptive(self, config, optimizer, key, secure_mode, microbatch_size, trainable) -> None:
+    @property
+    def max_grad_norm(self):
+        """Deprecated name of :attr:`l2_clip_norm`."""
+        import warnings
+        warnings.warn("PrivateTraining.max_grad_norm is deprecated; use .l2_clip_norm (same value)",
+                      DeprecationWarning, stacklevel=2)
+        return self.l2_clip_norm
+
+    def _setup_adaptive(self, config, optimizer, key, secure, microbatch_size, trainable) -> None:
         """Adaptive clipping (jaxdp.adaptive): the step clips at the current C_t held in the optimiser state,
         noises the gradient with sigma_eff and the centred unclipped count with sigma_b; the accountant records
         ``self.noise_multiplier``, the sigma that composes both releases."""
@@ -197,18 +206,18 @@ class PrivateTraining:
         self.adaptive = adaptive.AdaptiveClipConfig.from_any(config)
         ada = adaptive.adaptive_clipping(
             self.loss_fn, noise_multiplier=self.noise_multiplier, expected_batch_size=self.expected_batch_size,
-            key=key, initial_clip_norm=float(self.max_grad_norm), target_quantile=self.adaptive.target_quantile,
+            key=key, initial_clip_norm=float(self.l2_clip_norm), target_quantile=self.adaptive.target_quantile,
             learning_rate=self.adaptive.learning_rate, count_noise_std=self.adaptive.count_noise_std,
             normalize=self.adaptive.normalize, method=self.method, microbatch_size=microbatch_size,
-            trainable=trainable, secure=secure_mode)
+            trainable=trainable, secure=secure)
         self.effective_noise_multiplier = ada.effective_noise_multiplier
         self.count_noise_std = ada.count_noise_std
         self._opt_init, self._update = adaptive.private_update(ada, optimizer)
 
     def clip_norm(self, state: TrainState) -> float:
-        """The clip norm the next step uses: ``C_t`` with adaptive clipping, else ``max_grad_norm``."""
+        """The clip norm the next step uses: ``C_t`` with adaptive clipping, else ``l2_clip_norm``."""
         if self.adaptive is None:
-            return float(total_clip_norm(self.max_grad_norm))
+            return float(total_clip_norm(self.l2_clip_norm))
         return float(state.opt_state.clip.clip_norm)
 
     # -- accounting ------------------------------------------------------------------------------------
@@ -246,7 +255,7 @@ class PrivateTraining:
     def _epsilon_after(self, extra_steps: int) -> float:
         acc = _accounting()
         events = list(self.accountant.history) + self.events(extra_steps)
-        return acc.events_epsilon(events, self.target_delta, accountant=self.accountant.accountant,
+        return acc.events_epsilon(events, self.target_delta, accountant=self.accountant.method,
                                   neighboring_relation=self.accountant.neighboring_relation)
 
     def _max_steps(self) -> int:
@@ -293,7 +302,7 @@ class PrivateTraining:
             try:
                 sigma = _accounting().calibrate_noise_multiplier(
                     self.target_epsilon, self.target_delta, s.sample_rate, steps=self.planned_steps,
-                    accountant=self.accountant.accountant,
+                    accountant=self.accountant.method,
                     neighboring_relation=self.accountant.neighboring_relation)
                 options.insert(1, f"noise_multiplier >= {sigma:.4f}")
             except ValueError:
@@ -301,7 +310,7 @@ class PrivateTraining:
         if s.sampling == "fixed_order" and self.mechanism == "blt" and done == 0:
             try:   # one Gaussian mechanism, whatever the number of steps
                 sigma = _accounting().calibrate_noise_multiplier(
-                    self.target_epsilon, self.target_delta, 1.0, steps=1, accountant=self.accountant.accountant,
+                    self.target_epsilon, self.target_delta, 1.0, steps=1, accountant=self.accountant.method,
                     neighboring_relation=self.accountant.neighboring_relation)
                 options.insert(1, f"noise_multiplier >= {sigma:.4f}")
             except ValueError:
@@ -482,14 +491,26 @@ class PrivacyEngine:
 
     Args:
       accountant: ``"prv"`` (default, tight upper bound), ``"rdp"`` or ``"pld"`` (see :mod:`jaxdp.accounting`).
-      secure_mode: draw noise and batch selection from the OS entropy source (not reproducible).
+      secure: draw noise and batch selection from the OS entropy source (not reproducible), as
+        :func:`jaxdp.add_noise` and the samplers do with ``secure=True``.
       neighboring_relation: ``"add_remove"`` (default) or ``"replace_one"``.
+      secure_mode: deprecated name of ``secure`` (a DeprecationWarning says so).
     """
 
-    def __init__(self, accountant: str = "prv", *, secure_mode: bool = False,
-                 neighboring_relation: str = "add_remove") -> None:
+    def __init__(self, accountant: str = "prv", *, secure: bool = False,
+                 neighboring_relation: str = "add_remove", secure_mode: bool | None = None) -> None:
+        secure = _checks.renamed_keyword("PrivacyEngine", "secure", secure, "secure_mode", secure_mode,
+                                         new_default=False)
         self.accountant = _accounting().Accountant(accountant, neighboring_relation=neighboring_relation)
-        self.secure_mode = bool(secure_mode)
+        self.secure = bool(secure)
+
+    @property
+    def secure_mode(self) -> bool:
+        """Deprecated name of :attr:`secure`."""
+        import warnings
+        warnings.warn("PrivacyEngine.secure_mode is deprecated; use .secure (same value)", DeprecationWarning,
+                      stacklevel=2)
+        return self.secure
 
     def _prepare(self, loss_fn, model, variables, params, sample_input):
         if model is not None and isinstance(model, nnx.Module):
@@ -534,7 +555,7 @@ class PrivacyEngine:
         dataset_size: int,
         batch_size: float,
         noise_multiplier: float,
-        max_grad_norm: float | PyTree,
+        l2_clip_norm: float | PyTree = None,
         seed: int | None = None,
         model: Any = None,
         variables: PyTree = None,
@@ -559,6 +580,7 @@ class PrivacyEngine:
         buffers: int | None = None,
         momentum: float = 0.0,
         allow_large_delta: bool = False,
+        max_grad_norm: float | PyTree = None,
     ) -> PrivateTraining:
         """Wrap a model, a per-example loss and an optax optimiser into a :class:`PrivateTraining`.
 
@@ -568,14 +590,15 @@ class PrivacyEngine:
           optimizer: any optax optimiser; it receives the noisy average gradient.
           dataset_size: ``N``, the number of examples (one example = the privacy unit).
           batch_size: the EXPECTED batch size; the sampling rate is ``q = batch_size / N``.
-          noise_multiplier: ``sigma``; noise std is ``sigma * max_grad_norm``.
-          max_grad_norm: clip norm ``C`` (a number, or a per-layer pytree).
-          seed: int seed for batch selection and noise (required unless ``secure_mode``); keep it secret.
+          noise_multiplier: ``sigma``; noise std is ``sigma * l2_clip_norm``.
+          l2_clip_norm: clip norm ``C`` (a number, or a per-layer pytree): the bound on each example's
+            contribution, the name :func:`jaxdp.clipped_grad` and :func:`jaxdp.add_noise` use.
+          seed: int seed for batch selection and noise (required unless ``secure``); keep it secret.
           epochs: planned epochs (sets the budget-stop search start; ``make_private_with_epsilon`` needs it).
           poisson_sampling: False = shuffled fixed-size batches, accounted as such (not as Poisson).
           opacus_compat: divide by ``int(N * q)`` as Opacus does instead of ``q * N``.
           adaptive_clipping: ``True``, a dict or a :class:`jaxdp.adaptive.AdaptiveClipConfig`: the clip norm
-            starts at ``max_grad_norm`` (a number) and tracks a private quantile of the gradient norms
+            starts at ``l2_clip_norm`` (a number) and tracks a private quantile of the gradient norms
             (Andrew et al. 2021; docs/adaptive.md). ``noise_multiplier`` stays the sigma the accountant records;
             the gradient gets ``effective_noise_multiplier`` and the unclipped count ``count_noise_std``.
           target_epsilon, target_delta: stop (PrivacyBudgetExhausted) at the step that would exceed epsilon.
@@ -598,7 +621,12 @@ class PrivacyEngine:
             BLT optimise their noise strategy for it (accuracy only; privacy does not depend on it).
           allow_large_delta: accept ``target_delta >= 1/N`` (refused by default: such a delta allows publishing
             an example outright); recorded as ``private.allow_large_delta``.
+          max_grad_norm: deprecated name of ``l2_clip_norm`` (Opacus's name; a DeprecationWarning says so).
         """
+        l2_clip_norm = _checks.renamed_keyword("make_private", "l2_clip_norm", l2_clip_norm, "max_grad_norm",
+                                               max_grad_norm)
+        if l2_clip_norm is None:
+            raise TypeError("make_private needs l2_clip_norm= (the clip norm C: a number, or a per-layer pytree)")
         n = _checks.positive_int("dataset_size", dataset_size)
         b = _checks.positive("batch_size", batch_size)
         q = _checks.sample_rate(b / n, "batch_size / dataset_size")
@@ -606,17 +634,17 @@ class PrivacyEngine:
             # Opacus's DPDataLoader: q = 1 / ceil(N / B), normaliser int(N * q) (63 for B=64, N=60,000).
             q = compat.sample_rate(n, int(round(b)), opacus_compat=True)
         sigma = _checks.non_negative("noise_multiplier", noise_multiplier)
-        total_clip_norm(max_grad_norm)
+        total_clip_norm(l2_clip_norm)
         if adaptive_clipping is not None and adaptive_clipping is not False:
             if mechanism != "dpsgd":
                 raise ValueError("adaptive_clipping is for mechanism='dpsgd' (its count release is accounted as "
-                                 f"part of a DP-SGD step); use a fixed max_grad_norm with mechanism={mechanism!r}")
-            _check_adaptive(adaptive_clipping, max_grad_norm, b, sigma)
+                                 f"part of a DP-SGD step); use a fixed l2_clip_norm with mechanism={mechanism!r}")
+            _check_adaptive(adaptive_clipping, l2_clip_norm, b, sigma)
         else:
             adaptive_clipping = None
-        if seed is None and not self.secure_mode:
+        if seed is None and not self.secure:
             raise ValueError("make_private needs seed= (an int you keep secret) for batch selection and noise, "
-                             "or PrivacyEngine(secure_mode=True) to use the OS entropy source")
+                             "or PrivacyEngine(secure=True) to use the OS entropy source")
         if target_epsilon is not None:
             _checks.positive("target_epsilon", target_epsilon)
             if target_delta is None:
@@ -646,45 +674,45 @@ class PrivacyEngine:
         elif buffers is not None:
             raise ValueError(f"buffers is for mechanism='blt'; {mechanism!r} has no buffers")
         pure, p, graph = self._prepare(loss_fn, model, variables, params, sample_input)
-        if not jax.tree_util.treedef_is_leaf(jax.tree_util.tree_structure(max_grad_norm)):
+        if not jax.tree_util.treedef_is_leaf(jax.tree_util.tree_structure(l2_clip_norm)):
             from jaxdp.clip_groups import clip_norm_tree  # per-layer: check the group names, list the valid ones
-            max_grad_norm = clip_norm_tree(p, max_grad_norm)
+            l2_clip_norm = clip_norm_tree(p, l2_clip_norm)
         if mechanism == "bandmf":
-            sampler = CyclicPoissonSampler(n, q * bands, bands, seed, secure=self.secure_mode)
+            sampler = CyclicPoissonSampler(n, q * bands, bands, seed, secure=self.secure)
         elif mechanism == "blt":
-            sampler = FixedOrderSampler(n, int(b), seed, secure=self.secure_mode)
+            sampler = FixedOrderSampler(n, int(b), seed, secure=self.secure)
         elif poisson_sampling:
-            sampler = PoissonSampler(n, q, seed, max_batch_size=max_batch_size, secure=self.secure_mode)
+            sampler = PoissonSampler(n, q, seed, max_batch_size=max_batch_size, secure=self.secure)
         else:
-            sampler = ShuffleSampler(n, int(round(b)), seed, secure=self.secure_mode)
+            sampler = ShuffleSampler(n, int(round(b)), seed, secure=self.secure)
         # Opacus divides by int(N * q) (e.g. 63 for batch 64 on 60,000 examples); jaxdp by q * N.
         e = compat.expected_batch_size(n, q, opacus_compat=opacus_compat) if (
             poisson_sampling and mechanism == "dpsgd") else sampler.expected_batch_size
         # Refuse now, before any data is touched, a sampling this accountant cannot account for (rule 5).
         planned = None if epochs is None else sampler.steps_for_epochs(epochs)
-        probe = _accounting().Accountant(self.accountant.accountant,
+        probe = _accounting().Accountant(self.accountant.method,
                                          neighboring_relation=self.accountant.neighboring_relation)
         probe.step(sigma, sampler.sample_rate, 1, sampling=sampler.sampling, dataset_size=n,
                    batch_size=getattr(sampler, "batch_size", None),
                    max_batch_size=getattr(sampler, "max_batch_size", None),
                    bands=getattr(sampler, "bands", None), mechanism=mechanism,
                    min_separation=getattr(sampler, "min_separation", None), horizon=planned)
-        key = None if self.secure_mode else jax.random.fold_in(jax.random.key(seed), 0x6E6F6973)  # "nois": noise stream
+        key = None if self.secure else jax.random.fold_in(jax.random.key(seed), 0x6E6F6973)  # "nois": noise stream
         noise_tx = None
         if mechanism == "bandmf":
             from jaxdp.matrix_factorization import bandmf_noise
-            noise_tx = bandmf_noise(noise_multiplier=sigma, l2_clip_norm=max_grad_norm, expected_batch_size=e,
+            noise_tx = bandmf_noise(noise_multiplier=sigma, l2_clip_norm=l2_clip_norm, expected_batch_size=e,
                                     key=key, bands=bands, steps=max(planned, 1), momentum=momentum,
-                                    secure=self.secure_mode, trainable=trainable)
+                                    secure=self.secure, trainable=trainable)
         elif mechanism == "blt":
             from jaxdp.blt import blt_noise
-            noise_tx = blt_noise(noise_multiplier=sigma, l2_clip_norm=max_grad_norm, expected_batch_size=e, key=key,
+            noise_tx = blt_noise(noise_multiplier=sigma, l2_clip_norm=l2_clip_norm, expected_batch_size=e, key=key,
                                  steps=planned, buffers=buffers, min_separation=sampler.min_separation,
                                  participations=sampler.participations(planned), momentum=momentum,
-                                 secure=self.secure_mode, trainable=trainable)
+                                 secure=self.secure, trainable=trainable)
         private = PrivateTraining(
             engine=self, pure_loss=pure, params=p, optimizer=optimizer, dataset_size=n, sampler=sampler,
-            noise_multiplier=sigma, max_grad_norm=max_grad_norm, key=key, secure_mode=self.secure_mode,
+            noise_multiplier=sigma, l2_clip_norm=l2_clip_norm, key=key, secure=self.secure,
             method=method, microbatch_size=microbatch_size, trainable=trainable, expected_batch_size=e,
             target_epsilon=target_epsilon, target_delta=target_delta, planned_steps=planned, nnx_graph=graph,
             noise_tx=noise_tx, mechanism=mechanism, adaptive=adaptive_clipping)
@@ -699,7 +727,7 @@ class PrivacyEngine:
                                  "several processes yet; train it in one process (several local devices work) "
                                  "or remove the dropout")
             import secrets
-            private._example_key = (jax.random.key(secrets.randbits(63)) if self.secure_mode else
+            private._example_key = (jax.random.key(secrets.randbits(63)) if self.secure else
                                     jax.random.fold_in(jax.random.key(seed), _EXAMPLE_KEY_STREAM))
         return private
 
@@ -738,7 +766,7 @@ class PrivacyEngine:
         acc = _accounting()
         if self.accountant.steps == 0:
             return acc.calibrate_noise_multiplier(target_epsilon, target_delta, sample_rate, steps=steps,
-                                                  accountant=self.accountant.accountant)
+                                                  accountant=self.accountant.method)
         raise ValueError("calibration after steps were already taken is not supported: use a new PrivacyEngine")
 
     def get_epsilon(self, delta: float) -> float:
@@ -746,12 +774,12 @@ class PrivacyEngine:
         return self.accountant.get_epsilon(delta)
 
 
-def _check_adaptive(config, max_grad_norm, expected_batch_size: float, sigma: float) -> None:
+def _check_adaptive(config, l2_clip_norm, expected_batch_size: float, sigma: float) -> None:
     """Refuse, before any data is touched, an adaptive-clipping setting that cannot work."""
     from jaxdp import adaptive
     cfg = adaptive.AdaptiveClipConfig.from_any(config)
-    if not jax.tree_util.treedef_is_leaf(jax.tree_util.tree_structure(max_grad_norm)):
-        raise ValueError("adaptive clipping adapts one flat clip norm: give max_grad_norm as a number (the "
+    if not jax.tree_util.treedef_is_leaf(jax.tree_util.tree_structure(l2_clip_norm)):
+        raise ValueError("adaptive clipping adapts one flat clip norm: give l2_clip_norm as a number (the "
                          "initial C), not a per-layer tree")
     sigma_b = expected_batch_size / 20.0 if cfg.count_noise_std is None else cfg.count_noise_std
     adaptive.effective_noise_multiplier(sigma, sigma_b)  # raises when 2 sigma_b <= sigma

@@ -205,7 +205,7 @@ def main() -> dict:
     engine = jaxdp.PrivacyEngine(accountant="rdp")
     dd = data(64, 5)
     private = engine.make_private(loss_fn=mlp_loss, params=init_params(jax.random.key(1)), optimizer=optax.sgd(0.5),
-                                  dataset_size=64, batch_size=13, noise_multiplier=1.0, max_grad_norm=0.5, seed=3)
+                                  dataset_size=64, batch_size=13, noise_multiplier=1.0, l2_clip_norm=0.5, seed=3)
     state = private.init()
 
     @jax.jit

@@ -75,7 +75,7 @@ def train(out: dict, kill: bool) -> None:
         accountant="rdp") * (1 + 1e-9)
     engine = jaxdp.PrivacyEngine(accountant="rdp")
     private = engine.make_private(loss_fn=mlp_loss, params=init_params(), optimizer=optax.sgd(0.5),
-                                  dataset_size=N, batch_size=BATCH, noise_multiplier=1.0, max_grad_norm=1.0,
+                                  dataset_size=N, batch_size=BATCH, noise_multiplier=1.0, l2_clip_norm=1.0,
                                   seed=SEED, method="vmap", target_epsilon=target, target_delta=DELTA)
     out["max_steps"] = private.max_steps
     state = private.init()
@@ -120,7 +120,7 @@ def noise(out: dict, every_process: bool) -> None:
 
     engine = jaxdp.PrivacyEngine(accountant="rdp")
     private = engine.make_private(loss_fn=zero_loss, params=params0, optimizer=optax.sgd(1.0), dataset_size=N,
-                                  batch_size=BATCH, noise_multiplier=sigma, max_grad_norm=C, seed=SEED,
+                                  batch_size=BATCH, noise_multiplier=sigma, l2_clip_norm=C, seed=SEED,
                                   method="vmap")
     E = private.expected_batch_size
     out["expected_std"] = sigma * C / E
@@ -157,7 +157,8 @@ def main() -> None:
     mode, out_dir = sys.argv[1], sys.argv[2]
     t0 = time.time()
     out = {"mode": mode, "process_index": jax.process_index(), "process_count": jax.process_count(),
-           "device_count": jax.device_count(), "local_device_count": jax.local_device_count()}
+           "device_count": jax.device_count(), "local_device_count": jax.local_device_count(),
+           "jaxdp_device_counts": [dist.local_device_count(), dist.device_count()]}
     if mode in ("train", "kill"):
         train(out, kill=mode == "kill")
         # what DPTrainer uses to give every process the run id process 0 settled (run.json, --fresh)

@@ -152,7 +152,7 @@ def test_engine_adaptive_option_accounts_the_composed_noise_multiplier():
     model = models.create("logreg", (8, 8, 1), 10, seed=0)
     private = engine.make_private(
         loss_fn=lambda m, bb: models.cross_entropy(m(bb["x"]), bb["y"]), model=model, optimizer=__import__(
-            "optax").sgd(0.5), dataset_size=n, batch_size=64, noise_multiplier=1.0, max_grad_norm=0.1, seed=3, method="vmap",
+            "optax").sgd(0.5), dataset_size=n, batch_size=64, noise_multiplier=1.0, l2_clip_norm=0.1, seed=3, method="vmap",
         adaptive_clipping={"target_quantile": 0.5, "learning_rate": 0.2})
     assert private.noise_multiplier == 1.0
     assert private.count_noise_std == 64 / 20
@@ -171,21 +171,21 @@ def test_engine_adaptive_option_accounts_the_composed_noise_multiplier():
     assert engine.get_epsilon(1e-5) == pytest.approx(expected, rel=1e-9)
     with pytest.raises(ValueError, match="count_noise_std"):
         engine.make_private(loss_fn=lambda m, bb: None, model=model, optimizer=__import__("optax").sgd(0.5),
-                            dataset_size=n, batch_size=64, noise_multiplier=8.0, max_grad_norm=1.0, seed=3,
+                            dataset_size=n, batch_size=64, noise_multiplier=8.0, l2_clip_norm=1.0, seed=3,
                             adaptive_clipping=True)
     with pytest.raises(ValueError, match="flat clip norm"):
         engine.make_private(loss_fn=lambda m, bb: None, model=model, optimizer=__import__("optax").sgd(0.5),
-                            dataset_size=n, batch_size=64, noise_multiplier=1.0, max_grad_norm={"dense": 1.0},
+                            dataset_size=n, batch_size=64, noise_multiplier=1.0, l2_clip_norm={"dense": 1.0},
                             seed=3, adaptive_clipping=True)
 
 
 def test_engine_adaptive_secure_mode_steps():
-    # secure_mode: no key; the gradient and the count noise come from the OS entropy source.
+    # secure=True: no key; the gradient and the count noise come from the OS entropy source.
     import optax
-    engine = jaxdp.PrivacyEngine(accountant="rdp", secure_mode=True)
+    engine = jaxdp.PrivacyEngine(accountant="rdp", secure=True)
     p, b = _lin_data(np.linspace(0.1, 3.0, 64).astype(np.float32))
     private = engine.make_private(loss_fn=_lin_loss, params=p, optimizer=optax.sgd(0.1), dataset_size=64,
-                                  batch_size=32, noise_multiplier=1.0, max_grad_norm=1.0, adaptive_clipping=True,
+                                  batch_size=32, noise_multiplier=1.0, l2_clip_norm=1.0, adaptive_clipping=True,
                                   method="vmap")
     state = private.init()
     s1, _ = private.step(state, b, np.ones(64, bool))

@@ -232,7 +232,7 @@ def test_engine_blt_samples_in_fixed_order_accounts_one_gaussian_and_stops_at_th
     data, params, loss = _problem()
     engine = jaxdp.PrivacyEngine("pld")
     private = engine.make_private(loss_fn=loss, optimizer=optax.sgd(0.1), params=params, dataset_size=40,
-                                  batch_size=8, noise_multiplier=1.5, max_grad_norm=1.0, seed=1, mechanism="blt",
+                                  batch_size=8, noise_multiplier=1.5, l2_clip_norm=1.0, seed=1, mechanism="blt",
                                   buffers=2, epochs=2.5)
     assert isinstance(private.sampler, FixedOrderSampler) and private.sampler.min_separation == 5
     assert private.horizon == 13 and private.expected_batch_size == 8.0
@@ -256,7 +256,7 @@ def test_engine_blt_with_epsilon_calibrates_a_single_gaussian_mechanism():
     engine = jaxdp.PrivacyEngine("rdp")
     private = engine.make_private_with_epsilon(
         target_epsilon=3.0, target_delta=DELTA, epochs=3, dataset_size=40, batch_size=8, loss_fn=loss,
-        optimizer=optax.sgd(0.1), params=params, max_grad_norm=1.0, seed=0, mechanism="blt", buffers=2)
+        optimizer=optax.sgd(0.1), params=params, l2_clip_norm=1.0, seed=0, mechanism="blt", buffers=2)
     sigma = private.noise_multiplier
     assert sigma == pytest.approx(accounting.calibrate_noise_multiplier(3.0, DELTA, 1.0, steps=1,
                                                                         accountant="rdp"), rel=1e-9)
@@ -276,7 +276,7 @@ def test_engine_blt_with_epsilon_calibrates_a_single_gaussian_mechanism():
 def test_engine_refuses_bad_blt_settings_with_the_reason(kwargs, match):
     data, params, loss = _problem()
     base = dict(loss_fn=loss, optimizer=optax.sgd(0.1), params=params, dataset_size=40, batch_size=8,
-                noise_multiplier=1.0, max_grad_norm=1.0, seed=0)
+                noise_multiplier=1.0, l2_clip_norm=1.0, seed=0)
     with pytest.raises(ValueError, match=match):
         jaxdp.PrivacyEngine().make_private(**{**base, **kwargs})
 
@@ -284,7 +284,7 @@ def test_engine_refuses_bad_blt_settings_with_the_reason(kwargs, match):
 def test_engine_refuses_blt_under_replace_one_or_after_earlier_steps():
     data, params, loss = _problem()
     base = dict(loss_fn=loss, optimizer=optax.sgd(0.1), params=params, dataset_size=40, batch_size=8,
-                noise_multiplier=1.0, max_grad_norm=1.0, seed=0, mechanism="blt", buffers=2, epochs=1)
+                noise_multiplier=1.0, l2_clip_norm=1.0, seed=0, mechanism="blt", buffers=2, epochs=1)
     with pytest.raises(ValueError, match="zero-out"):
         jaxdp.PrivacyEngine("pld", neighboring_relation="replace_one").make_private(**base)
     engine = jaxdp.PrivacyEngine()
@@ -306,7 +306,7 @@ def test_engine_passes_the_optimizers_momentum_to_the_correlated_noise_strategy(
     data, params, loss = _problem()
     jaxdp.PrivacyEngine().make_private(
         loss_fn=loss, optimizer=optax.sgd(0.1, momentum=0.9), params=params, dataset_size=40, batch_size=8,
-        noise_multiplier=1.0, max_grad_norm=1.0, seed=0, mechanism=mechanism, epochs=2, momentum=0.9, **extra)
+        noise_multiplier=1.0, l2_clip_norm=1.0, seed=0, mechanism=mechanism, epochs=2, momentum=0.9, **extra)
     assert seen == [0.9]
 
 

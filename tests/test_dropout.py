@@ -41,7 +41,7 @@ def _private(method, seed=7, model=None):
     model = DropNet(nnx.Rngs(0)) if model is None else model
     return jaxdp.PrivacyEngine().make_private(
         model=model, loss_fn=nnx_loss, optimizer=optax.sgd(0.1), dataset_size=N, batch_size=B,
-        noise_multiplier=1.0, max_grad_norm=C, seed=seed, method=method)
+        noise_multiplier=1.0, l2_clip_norm=C, seed=seed, method=method)
 
 
 def _run(private, steps=3):
@@ -122,7 +122,7 @@ def test_linen_dropout_gets_a_key_per_example(method):
     def make(seed):
         return jaxdp.PrivacyEngine().make_private(
             model=module, variables=variables, loss_fn=loss_fn, optimizer=optax.sgd(0.1), dataset_size=N,
-            batch_size=B, noise_multiplier=1.0, max_grad_norm=C, seed=seed, method=method)
+            batch_size=B, noise_multiplier=1.0, l2_clip_norm=C, seed=seed, method=method)
 
     a, _ = _run(make(3))
     b, _ = _run(make(3))

@@ -37,7 +37,7 @@ def test_nnx_path_trains_and_epsilon_matches_accountant():
     engine = jaxdp.PrivacyEngine(accountant="rdp")
     model = models.create("logreg", (8, 8, 1), 10, seed=0)
     private = engine.make_private(loss_fn=nnx_loss, model=model, optimizer=optax.sgd(1.0), dataset_size=N,
-                                  batch_size=64, noise_multiplier=1.0, max_grad_norm=1.0, seed=3)
+                                  batch_size=64, noise_multiplier=1.0, l2_clip_norm=1.0, seed=3)
     state, losses = _train(private, private.init(), 16)
     assert np.mean(losses[-4:]) < np.mean(losses[:4])  # it learns
     q = 64 / N
@@ -64,7 +64,7 @@ def test_linen_path_trains_and_epsilon_matches_accountant():
 
     engine = jaxdp.PrivacyEngine(accountant="prv")
     private = engine.make_private(loss_fn=loss_fn, model=model, variables=variables, optimizer=optax.adam(0.01),
-                                  dataset_size=N, batch_size=64, noise_multiplier=1.2, max_grad_norm=1.0, seed=1)
+                                  dataset_size=N, batch_size=64, noise_multiplier=1.2, l2_clip_norm=1.0, seed=1)
     state, losses = _train(private, private.init(), 16)
     assert np.mean(losses[-4:]) < np.mean(losses[:4])
     expected = accounting.compute_epsilon(1.2, 64 / N, 16, DELTA, accountant="prv")
@@ -79,7 +79,7 @@ def test_budget_stop_is_exact_and_before_the_data_is_touched():
         return models.cross_entropy(batch["x"].reshape(-1, 64) @ p["w"] + p["b"], batch["y"])
 
     private = engine.make_private(loss_fn=loss_fn, params=params, optimizer=optax.sgd(0.5), dataset_size=N,
-                                  batch_size=128, noise_multiplier=0.8, max_grad_norm=1.0, seed=0,
+                                  batch_size=128, noise_multiplier=0.8, l2_clip_norm=1.0, seed=0,
                                   target_epsilon=2.0, target_delta=DELTA, epochs=1)
     q = 128 / N
     m = private.max_steps
@@ -97,7 +97,7 @@ def test_make_private_with_epsilon_calibrates_within_target():
     engine = jaxdp.PrivacyEngine(accountant="rdp")
     private = engine.make_private_with_epsilon(
         loss_fn=nnx_loss, model=models.create("logreg", (8, 8, 1), 10), optimizer=optax.sgd(0.5),
-        dataset_size=N, batch_size=64, max_grad_norm=1.0, seed=0, target_epsilon=3.0, target_delta=DELTA,
+        dataset_size=N, batch_size=64, l2_clip_norm=1.0, seed=0, target_epsilon=3.0, target_delta=DELTA,
         epochs=2)
     planned = private.sampler.steps_for_epochs(2)
     assert planned == math.ceil(2 * N / 64)
@@ -114,7 +114,7 @@ def test_empty_batches_and_shuffle_sampling_are_accounted():
         return models.cross_entropy(batch["x"].reshape(-1, 64) @ p["w"], batch["y"])
 
     private = engine.make_private(loss_fn=loss_fn, params=params, optimizer=optax.sgd(0.1), dataset_size=N,
-                                  batch_size=0.05, noise_multiplier=1.0, max_grad_norm=1.0, seed=0)
+                                  batch_size=0.05, noise_multiplier=1.0, l2_clip_norm=1.0, seed=0)
     state = private.init()
     n_empty = 0
     for batch, mask in private.batches({"x": X, "y": Y}, 10):
@@ -124,10 +124,10 @@ def test_empty_batches_and_shuffle_sampling_are_accounted():
     assert not np.allclose(state.params["w"], 0)  # empty steps still add noise
     with pytest.raises(ValueError, match="replace-one"):
         engine.make_private(loss_fn=loss_fn, params=params, optimizer=optax.sgd(0.1), dataset_size=N,
-                            batch_size=64, noise_multiplier=1.0, max_grad_norm=1.0, seed=0, poisson_sampling=False)
+                            batch_size=64, noise_multiplier=1.0, l2_clip_norm=1.0, seed=0, poisson_sampling=False)
     engine2 = jaxdp.PrivacyEngine(accountant="rdp", neighboring_relation="replace_one")
     shuffled = engine2.make_private(loss_fn=loss_fn, params=params, optimizer=optax.sgd(0.1), dataset_size=N,
-                                    batch_size=64, noise_multiplier=1.0, max_grad_norm=1.0, seed=0,
+                                    batch_size=64, noise_multiplier=1.0, l2_clip_norm=1.0, seed=0,
                                     poisson_sampling=False)
     st = shuffled.init()
     for batch, mask in shuffled.batches({"x": X, "y": Y}, 3):
@@ -139,7 +139,7 @@ def test_empty_batches_and_shuffle_sampling_are_accounted():
 def test_opacus_compat_divides_by_int_n_q_and_errors():
     engine = jaxdp.PrivacyEngine(accountant="rdp")
     kw = dict(loss_fn=lambda p, b: jnp.zeros(b["x"].shape[0]), params={"w": jnp.zeros(2)},
-              optimizer=optax.sgd(0.1), dataset_size=60000, batch_size=64, noise_multiplier=1.0, max_grad_norm=1.0)
+              optimizer=optax.sgd(0.1), dataset_size=60000, batch_size=64, noise_multiplier=1.0, l2_clip_norm=1.0)
     assert engine.make_private(seed=0, **kw).expected_batch_size == pytest.approx(64.0)
     assert engine.make_private(seed=0, opacus_compat=True, **kw).expected_batch_size == 63.0
     with pytest.raises(ValueError, match="seed"):
@@ -170,7 +170,7 @@ def test_opacus_compat_with_epsilon_calibrates_for_the_sampling_used():
     private = engine.make_private_with_epsilon(
         loss_fn=lambda p, b: jnp.sum(b["x"] * p["w"], -1), params={"w": jnp.zeros(2)}, optimizer=optax.sgd(0.1),
         dataset_size=5000, batch_size=256, target_epsilon=3.0, target_delta=DELTA, epochs=2, seed=0,
-        max_grad_norm=1.0, opacus_compat=True)
+        l2_clip_norm=1.0, opacus_compat=True)
     assert private.sample_rate == 1 / 20 and private.expected_batch_size == 250.0
     state = private.init()
     for batch, mask in private.batches({"x": np.ones((5000, 2), np.float32)}, 40):
@@ -187,11 +187,11 @@ def test_per_layer_clip_norms_by_layer_name():
     kw = dict(loss_fn=nnx_loss, model=model, optimizer=optax.sgd(0.1), dataset_size=N, batch_size=64,
               noise_multiplier=1.0, seed=0)
     with pytest.raises(ValueError, match=r"unknown group 'dense'.*\['head', 'layers'\]"):
-        engine.make_private(max_grad_norm={"dense": 1.0, "head": 1.0}, **kw)
+        engine.make_private(l2_clip_norm={"dense": 1.0, "head": 1.0}, **kw)
     with pytest.raises(ValueError, match=r"no clip norm for group\(s\) \['layers'\]"):
-        engine.make_private(max_grad_norm={"head": 1.0}, **kw)
+        engine.make_private(l2_clip_norm={"head": 1.0}, **kw)
     with pytest.raises(ValueError, match=r"must be a finite number > 0"):
-        engine.make_private(max_grad_norm={"head": 0.0, "layers": 1.0}, **kw)
-    private = engine.make_private(max_grad_norm={"layers": 0.3, "head": 0.4}, **kw)
-    assert isinstance(private.max_grad_norm, nnx.State)
-    assert jaxdp.total_clip_norm(private.max_grad_norm) == pytest.approx(0.5)
+        engine.make_private(l2_clip_norm={"head": 0.0, "layers": 1.0}, **kw)
+    private = engine.make_private(l2_clip_norm={"layers": 0.3, "head": 0.4}, **kw)
+    assert isinstance(private.l2_clip_norm, nnx.State)
+    assert jaxdp.total_clip_norm(private.l2_clip_norm) == pytest.approx(0.5)

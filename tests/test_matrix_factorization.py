@@ -227,7 +227,7 @@ def test_engine_bandmf_calibrates_samples_cyclically_and_accounts_participations
     b, bs, epochs = 4, 32, 2
     private = engine.make_private_with_epsilon(
         loss_fn=_loss, params=params, optimizer=optax.sgd(0.5), dataset_size=N_ENGINE, batch_size=bs,
-        max_grad_norm=1.0, seed=5, target_epsilon=3.0, target_delta=1e-5, epochs=epochs, mechanism="bandmf",
+        l2_clip_norm=1.0, seed=5, target_epsilon=3.0, target_delta=1e-5, epochs=epochs, mechanism="bandmf",
         bands=b, method="vmap")
     q = bs / N_ENGINE
     steps = math.ceil(epochs / q)
@@ -246,10 +246,10 @@ def test_engine_bandmf_calibrates_samples_cyclically_and_accounts_participations
     with pytest.raises(ValueError, match="bands \\* batch_size"):
         jaxdp.PrivacyEngine().make_private(loss_fn=_loss, params=params, optimizer=optax.sgd(0.1),
                                            dataset_size=N_ENGINE, batch_size=100, noise_multiplier=1.0,
-                                           max_grad_norm=1.0, seed=0, epochs=1, mechanism="bandmf", bands=4)
+                                           l2_clip_norm=1.0, seed=0, epochs=1, mechanism="bandmf", bands=4)
     with pytest.raises(ValueError, match="fresh PrivacyEngine"):
         engine.make_private(loss_fn=_loss, params=params, optimizer=optax.sgd(0.1), dataset_size=N_ENGINE,
-                            batch_size=bs, noise_multiplier=1.0, max_grad_norm=1.0, seed=0, epochs=1,
+                            batch_size=bs, noise_multiplier=1.0, l2_clip_norm=1.0, seed=0, epochs=1,
                             mechanism="bandmf", bands=4)
 
 

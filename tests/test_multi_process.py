@@ -89,6 +89,7 @@ def test_two_processes_equal_one_process_four_devices(engine_runs):
     ref, (p0, p1) = engine_runs["ref"], engine_runs["two"]
     assert ref["process_count"] == 1 and ref["device_count"] == 4
     assert p0["process_count"] == 2 and p0["device_count"] == 4 and p0["local_device_count"] == 2
+    assert p0["jaxdp_device_counts"] == [2, 4] and ref["jaxdp_device_counts"] == [4, 4]  # this process, the job
     assert ref["steps"] == p0["steps"] == p1["steps"] == 20
     # float summation order only (psum over 4 devices in one process vs gloo across two)
     assert ref["param_change"] > 0.05

@@ -153,7 +153,7 @@ def test_scalar_loss_message_reports_the_batch_size():
 
     p = jaxdp.PrivacyEngine(accountant="rdp").make_private(
         loss_fn=mean_loss, model=nnx.Linear(4, 3, rngs=nnx.Rngs(0)), optimizer=optax.sgd(0.1), dataset_size=100,
-        batch_size=10, noise_multiplier=1.0, max_grad_norm=1.0, seed=0)
+        batch_size=10, noise_multiplier=1.0, l2_clip_norm=1.0, seed=0)
     data = {"x": np.zeros((100, 4), np.float32), "y": np.zeros(100, np.int32)}
     batch, mask = next(p.batches(data, 1))
     rows = len(mask)

@@ -42,7 +42,7 @@ def test_make_private_reports_a_plan_that_cannot_finish():
 
     import jaxdp
     kw = dict(loss_fn=lambda p, b: jnp.zeros(b["x"].shape[0]), params={"w": jnp.zeros(2)}, optimizer=optax.sgd(0.1),
-              dataset_size=1000, batch_size=100, max_grad_norm=1.0, seed=0, target_epsilon=1.0,
+              dataset_size=1000, batch_size=100, l2_clip_norm=1.0, seed=0, target_epsilon=1.0,
               target_delta=1e-5)
     engine = jaxdp.PrivacyEngine(accountant="rdp")
     with pytest.warns(UserWarning, match=r"plan cannot finish: 300 steps .* epochs <= [0-9.]+ .*noise_multiplier >= "):
@@ -123,7 +123,7 @@ def test_engine_checks_data_against_dataset_size_and_model():
         model = models.create("logreg", (4, 4, 1), 3, seed=0)
         return jaxdp.PrivacyEngine().make_private(
             model=model, loss_fn=lambda m, b: models.cross_entropy(m(b["x"]), b["y"]), optimizer=optax.sgd(0.1),
-            dataset_size=n, batch_size=8, noise_multiplier=1.0, max_grad_norm=1.0, seed=0)
+            dataset_size=n, batch_size=8, noise_multiplier=1.0, l2_clip_norm=1.0, seed=0)
 
     with pytest.raises(DataValidationError, match=r"dataset_size=50\) but the data given to batches\(\) has 60"):
         next(make(50).batches({"x": X, "y": Y}))

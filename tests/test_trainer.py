@@ -165,7 +165,7 @@ def test_ledger_enforcement(tmp_path, monkeypatch):
     with pytest.raises(ReservationRequiredError):
         PrivacyEngine(accountant="rdp").make_private(
             loss_fn=lambda p, b: jnp.zeros(b["x"].shape[0]), params={"w": jnp.zeros(2)}, optimizer=optax.sgd(0.1),
-            dataset_size=100, batch_size=10, noise_multiplier=1.0, max_grad_norm=1.0, seed=0,
+            dataset_size=100, batch_size=10, noise_multiplier=1.0, l2_clip_norm=1.0, seed=0,
             dataset_id="digits", run_id="unreserved")
 
 

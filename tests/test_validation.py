@@ -64,13 +64,13 @@ def test_make_private_refuses_batchnorm_model():
     with pytest.raises(ModelValidationError, match="bn .*BatchNorm"):
         engine.make_private(loss_fn=lambda m, b: m(b["x"]).sum(-1), model=BNNet(nnx.Rngs(0)),
                             optimizer=optax.sgd(0.1), dataset_size=100, batch_size=10, noise_multiplier=1.0,
-                            max_grad_norm=1.0, seed=0)
+                            l2_clip_norm=1.0, seed=0)
     model = LinenBN()
     variables = model.init(jax.random.key(0), jnp.ones((2, 8)))
     with pytest.raises(ModelValidationError):
         engine.make_private(loss_fn=lambda p, b: jnp.zeros(b["x"].shape[0]), model=model, variables=variables,
                             optimizer=optax.sgd(0.1), dataset_size=100, batch_size=10, noise_multiplier=1.0,
-                            max_grad_norm=1.0, seed=0)
+                            l2_clip_norm=1.0, seed=0)
 
 
 class DenseBN(nnx.Module):

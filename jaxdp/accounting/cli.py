@@ -6,12 +6,15 @@ Both describe DP-SGD over ``N`` examples with (expected) batch size ``B``: sampl
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import time
 
+from jaxdp import _cli
 from jaxdp.accounting import core
+
+# Of core.SAMPLINGS, those a dataset size and a batch size describe (the others need more: --events in the ledger).
+SAMPLINGS = ("poisson", "shuffle")
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -28,12 +31,12 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--accountant", choices=core.ACCOUNTANTS, default="prv",
                    help="rdp (Renyi DP), pld (privacy loss distribution) or prv (Opacus's PRV upper bound; "
                         "default)")
-    p.add_argument("--sampling", choices=("poisson", "shuffle"), default="poisson",
+    p.add_argument("--sampling", choices=SAMPLINGS, default="poisson",
                    help="batch selection: poisson (default) or shuffle (fixed-size batches without replacement; "
                         "needs --accountant rdp --neighboring-relation replace_one)")
     p.add_argument("--neighboring-relation", choices=tuple(core.NEIGHBORING_RELATIONS), default="add_remove",
                    help="datasets the guarantee compares: add_remove (default) or replace_one")
-    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    _cli.add_json_flag(p, "the result (instead of a table)")
 
 
 def _setting(args: argparse.Namespace) -> tuple[float, int]:
@@ -52,6 +55,12 @@ def _setting(args: argparse.Namespace) -> tuple[float, int]:
     return q, steps
 
 
+def _setting_rows(args: argparse.Namespace, q: float, steps: int) -> list[tuple[str, object]]:
+    return [("accountant", args.accountant), ("sampling", args.sampling),
+            ("neighboring relation", args.neighboring_relation), ("dataset size N", args.dataset_size),
+            ("batch size B", args.batch_size), ("sample rate q", q), ("steps", steps)]
+
+
 def _table(rows: list[tuple[str, object]]) -> str:
     width = max(len(k) for k, _ in rows)
     out = []
@@ -60,13 +69,6 @@ def _table(rows: list[tuple[str, object]]) -> str:
             v = f"{v:.6g}"
         out.append(f"{k:<{width}}  {v}")
     return "\n".join(out)
-
-
-def _emit(args: argparse.Namespace, result: dict, rows: list[tuple[str, object]]) -> None:
-    if args.json:
-        print(json.dumps(result, sort_keys=True, default=float))
-    else:
-        print(_table(rows))
 
 
 def _quiet_absl() -> None:
@@ -90,10 +92,8 @@ def _epsilon(args: argparse.Namespace) -> int:
     statement = _statement(args) if args.statement else None
     if statement is not None:
         result["statement"] = statement
-    _emit(args, result, [("accountant", args.accountant), ("sampling", args.sampling),
-                         ("neighboring relation", args.neighboring_relation), ("dataset size N", args.dataset_size),
-                         ("batch size B", args.batch_size), ("sample rate q", q), ("steps", steps),
-                         ("noise multiplier", args.noise_multiplier), ("delta", args.delta), ("epsilon", eps)])
+    _cli.emit(args, result, _table(_setting_rows(args, q, steps) + [
+        ("noise multiplier", args.noise_multiplier), ("delta", args.delta), ("epsilon", eps)]))
     if statement is not None and not args.json:
         print()
         print(statement)
@@ -130,11 +130,9 @@ def _calibrate(args: argparse.Namespace) -> int:
               "delta": args.delta, "steps": steps, "sample_rate": q, "epochs": args.epochs,
               "dataset_size": args.dataset_size, "batch_size": args.batch_size, "accountant": args.accountant,
               "sampling": args.sampling, "neighboring_relation": args.neighboring_relation, "seconds": seconds}
-    _emit(args, result, [("accountant", args.accountant), ("sampling", args.sampling),
-                         ("neighboring relation", args.neighboring_relation), ("dataset size N", args.dataset_size),
-                         ("batch size B", args.batch_size), ("sample rate q", q), ("steps", steps),
-                         ("delta", args.delta), ("target epsilon", args.target_epsilon),
-                         ("noise multiplier", sigma), ("epsilon reached", eps)])
+    _cli.emit(args, result, _table(_setting_rows(args, q, steps) + [
+        ("delta", args.delta), ("target epsilon", args.target_epsilon), ("noise multiplier", sigma),
+        ("epsilon reached", eps)]))
     return 0
 
 

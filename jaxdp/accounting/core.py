@@ -434,7 +434,8 @@ class Accountant:
     """A running privacy accountant: records DP-SGD steps as events and answers epsilon / delta queries.
 
     Args:
-      accountant: ``"prv"`` (default; Opacus's PRV semantics), ``"pld"`` or ``"rdp"``.
+      accountant: ``"prv"`` (default; Opacus's PRV semantics), ``"pld"`` or ``"rdp"``; kept as :attr:`method`
+        (``.accountant`` is its deprecated old name).
       neighboring_relation: ``"add_remove"`` (default) or ``"replace_one"``; the guarantee is about datasets
         related this way.
 
@@ -444,10 +445,18 @@ class Accountant:
     """
 
     def __init__(self, accountant: str = "prv", neighboring_relation: str = "add_remove") -> None:
-        self.accountant = _check_accountant(accountant)
+        self.method = _check_accountant(accountant)
         self.neighboring_relation = _check_relation(neighboring_relation)
         self._history: list[dict] = []
         self._cache: tuple[Any, list[pa.PrivacyAccountant]] | None = None
+
+    @property
+    def accountant(self) -> str:
+        """Deprecated name of :attr:`method` (``"prv"``, ``"pld"`` or ``"rdp"``)."""
+        import warnings
+        warnings.warn("Accountant.accountant is deprecated; use Accountant.method (same value)", DeprecationWarning,
+                      stacklevel=2)
+        return self.method
 
     # -- recording
     def step(self, noise_multiplier: float, sample_rate: float | None = None, num_steps: int = 1, *,
@@ -491,7 +500,7 @@ class Accountant:
     def record(self, event: Mapping[str, Any]) -> None:
         """Record one event dict (see module docs); validated and merged like :meth:`step`."""
         e = validate_event(event)
-        reason = _refuse(e, self.accountant, self.neighboring_relation)
+        reason = _refuse(e, self.method, self.neighboring_relation)
         if reason is not None:
             raise ValueError(reason)
         if e["steps"] == 0:
@@ -523,7 +532,7 @@ class Accountant:
     def _composed(self) -> list[pa.PrivacyAccountant]:
         key = json.dumps(self._history, sort_keys=True)
         if self._cache is None or self._cache[0] != key:
-            self._cache = (key, _compose_variants(self._history, self.accountant, self.neighboring_relation))
+            self._cache = (key, _compose_variants(self._history, self.method, self.neighboring_relation))
         return self._cache[1]
 
     def get_epsilon(self, delta: float) -> float:
@@ -541,7 +550,7 @@ class Accountant:
 
     # -- serialisation
     def to_dict(self) -> dict:
-        return {"format": _FORMAT, "accountant": self.accountant,
+        return {"format": _FORMAT, "accountant": self.method,
                 "neighboring_relation": self.neighboring_relation, "history": self.history}
 
     @classmethod
@@ -566,7 +575,7 @@ class Accountant:
         return isinstance(other, Accountant) and self.to_dict() == other.to_dict()
 
     def __repr__(self) -> str:
-        return (f"Accountant(accountant={self.accountant!r}, neighboring_relation={self.neighboring_relation!r}, "
+        return (f"Accountant(accountant={self.method!r}, neighboring_relation={self.neighboring_relation!r}, "
                 f"steps={self.steps}, events={len(self._history)})")
 
 

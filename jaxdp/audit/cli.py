@@ -10,18 +10,20 @@ The audit re-trains the recipe at audit scale (a pool of ``audit.pool_size`` exa
 rate, steps, clip norm and noise, so the claimed epsilon applies to the audited trainings. Exit status: 0 pass (or an
 indicative-only membership-inference result), 1 when the one-run audit's lower bound exceeds the claimed
 epsilon (the implementation broke its promise), 2 bad input, 3 inconclusive (the claim is at or above the
-largest epsilon the audit can detect).
+largest epsilon the audit can detect); see docs/cli.md.
 """
 from __future__ import annotations
 
 import argparse
 import glob
-import json
 import math
 import os
 import sys
+
 import numpy as np
 
+from jaxdp import _cli
+from jaxdp._io import atomic_write
 from jaxdp.audit.config import ATTACKS, load_audit_config, validate_audit_config
 from jaxdp.train.summary import RunSummary
 
@@ -170,18 +172,6 @@ def recipe_from_config(cfg: dict, attack: str, metrics: RunSummary | dict | None
     return sc, x, y, info
 
 
-def _jsonable(v):
-    if isinstance(v, float) and not math.isfinite(v):
-        return None if math.isnan(v) else ("inf" if v > 0 else "-inf")
-    if isinstance(v, dict):
-        return {k: _jsonable(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_jsonable(x) for x in v]
-    if isinstance(v, (np.floating, np.integer)):
-        return _jsonable(v.item())
-    return v
-
-
 def run_audit(cfg: dict, attack: str, out_dir: str | None = None, metrics: dict | None = None,
               overrides: dict | None = None) -> dict:
     """Run ``attack`` on the recipe in ``cfg``; returns the JSON-ready result (and writes it under out_dir)."""
@@ -269,10 +259,9 @@ def run_audit(cfg: dict, attack: str, out_dir: str | None = None, metrics: dict 
         if png:
             result["roc_png"] = png
         path = os.path.join(out_dir, f"audit_{attack}.json")
-        with open(path, "w") as f:
-            json.dump(_jsonable(result), f, indent=2)
+        atomic_write(path, _cli.dumps(result, indent=2))
         result["json_path"] = path
-    return _jsonable(result)
+    return _cli.jsonable(result)
 
 
 def audit_trained_model(run_dir: str) -> dict:
@@ -284,7 +273,7 @@ def audit_trained_model(run_dir: str) -> dict:
 
     trainer = DPTrainer.load(run_dir)
     r = audit_metrics.loss_threshold_attack(trainer.per_example_losses("train"), trainer.per_example_losses("test"))
-    d = _jsonable(r.to_dict(include_roc=False))
+    d = _cli.jsonable(r.to_dict(include_roc=False))
     d["members"], d["nonmembers"] = trainer.n, len(trainer.dataset.y_test)
     d["summary"] = f"trained model ({run_dir}), train vs test: " + r.summary()
     return d
@@ -317,10 +306,9 @@ def _handler(args: argparse.Namespace) -> int:
         res["trained_model"] = trained
         res["summary"] = trained["summary"] + "\n" + res["summary"]
         if res.get("json_path"):
-            with open(res["json_path"], "w") as f:
-                json.dump(_jsonable(res), f, indent=2)
+            atomic_write(res["json_path"], _cli.dumps(res, indent=2))
     if args.json:
-        print(json.dumps({k: v for k, v in res.items() if k != "attacks"} | (
+        print(_cli.dumps({k: v for k, v in res.items() if k != "attacks"} | (
             {"attacks": {n: {k: v for k, v in a.items() if k != "roc"} for n, a in res["attacks"].items()}}
             if "attacks" in res else {}), indent=2))
     else:
@@ -331,31 +319,32 @@ def _handler(args: argparse.Namespace) -> int:
     if res.get("verdict") == "FAIL":
         print("AUDIT FAILED: the empirical epsilon lower bound exceeds the claimed epsilon; the training code "
               "does not keep its privacy promise.", file=sys.stderr)
-        return 1
+        return _cli.EXIT_REFUSED
     if res.get("verdict") == "INCONCLUSIVE":
         print(f"AUDIT INCONCLUSIVE: the claimed epsilon {res['claimed_epsilon']} is at or above the largest epsilon "
               f"this audit can detect ({res.get('ceiling')}); it neither passes nor fails the run.",
               file=sys.stderr)
-        return 3
+        return _cli.EXIT_INCONCLUSIVE
     return 0
 
 
 def register(subparsers) -> None:
+    from jaxdp.audit import one_run
     p = subparsers.add_parser("audit", help="privacy audit: membership inference and empirical epsilon bounds",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="trainer YAML (jaxdp train) or audit YAML (docs/audit.md)")
     p.add_argument("--run", help="run directory written by `jaxdp train` (reads its config and metrics.json)")
     p.add_argument("--attack", choices=ATTACKS, help="which audit to run")
     p.add_argument("--out", help="directory for audit_<attack>.json and roc_<attack>.png")
-    p.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    _cli.add_json_flag(p)
     p.add_argument("--num-models", type=int, help="shadow models (lira default 16, loss_threshold 4)")
     p.add_argument("--pool-size", type=int, help="examples in the audit pool (default 200; one_run 300)")
     p.add_argument("--steps", type=int, help="override the training steps")
     p.add_argument("--seed", type=int, help="override the seed")
-    p.add_argument("--canary", choices=("gradient", "input"), help="one_run canary type (default gradient)")
+    p.add_argument("--canary", choices=one_run.CANARIES, help="one_run canary type (default gradient)")
     p.add_argument("--num-canaries", type=int,
                    help="one_run canaries (default: chosen from the claimed epsilon, see docs/audit.md)")
-    p.add_argument("--coordinates", choices=("data_free", "random"),
+    p.add_argument("--coordinates", choices=one_run.COORDINATES,
                    help="one_run gradient canaries: first-layer weights of always-zero features (data_free, "
                         "default) or any coordinates (random: a weaker audit, for data without zero features)")
     p.add_argument("--canary-scale", type=float,

@@ -111,8 +111,8 @@ def check_audit_section(section: Any) -> dict:
     number("alpha", high=1)
     number("beta", high=1)
     number("canary_scale")
-    for key, allowed in (("attack", ATTACKS + (None,)), ("canary", ("gradient", "input")),
-                         ("coordinates", ("data_free", "random"))):
+    from jaxdp.audit.one_run import CANARIES, COORDINATES
+    for key, allowed in (("attack", ATTACKS + (None,)), ("canary", CANARIES), ("coordinates", COORDINATES)):
         if out[key] not in allowed:
             names = ", ".join(a for a in allowed if a)
             raise ConfigError(f"config key 'audit.{key}' must be one of {names}, got {out[key]!r}")

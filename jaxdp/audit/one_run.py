@@ -38,9 +38,13 @@ from jax.flatten_util import ravel_pytree
 
 from jaxdp.audit import bounds, shadow
 
-__all__ = ["DEFAULT_CANARY_SCALE", "OneRunResult", "make_gradient_canaries", "make_input_canaries", "one_run_audit"]
+__all__ = ["CANARIES", "COORDINATES", "DEFAULT_CANARY_SCALE", "OneRunResult", "make_gradient_canaries",
+           "make_input_canaries", "one_run_audit"]
 
 
+#: Canary kinds (:func:`one_run_audit`'s ``canary``) and gradient-canary coordinate rules (``coordinates``).
+CANARIES = ("gradient", "input")
+COORDINATES = ("data_free", "random")
 #: Default gradient-canary norm, as a multiple of the clip norm C (see :func:`one_run_audit`).
 DEFAULT_CANARY_SCALE = 10.0
 #: Most input canaries chosen by default (each one is an extra training example of the audited run).
@@ -141,7 +145,7 @@ def _coordinate_pool(params0, x: np.ndarray, coordinates: str) -> np.ndarray:
     elif coordinates == "random":
         pool = np.arange(size)
     else:
-        raise ValueError(f"coordinates must be 'data_free' or 'random', got {coordinates!r}")
+        raise ValueError(f"coordinates must be one of {COORDINATES}, got {coordinates!r}")
     return pool
 
 
@@ -205,7 +209,7 @@ def one_run_audit(config: shadow.ShadowConfig, x: np.ndarray, y: np.ndarray, *, 
         cx, cy = make_input_canaries(m, d, config.num_classes, rng)
         canary_coord = None
     else:
-        raise ValueError(f"canary must be 'gradient' or 'input', got {canary!r}")
+        raise ValueError(f"canary must be one of {CANARIES}, got {canary!r}")
     k_pos = m // 4 if k_pos is None else int(k_pos)
     k_neg = m // 4 if k_neg is None else int(k_neg)
     included = rng.random(m) < 0.5

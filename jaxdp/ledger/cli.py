@@ -1,7 +1,8 @@
 """``jaxdp ledger init|register|show|reserve|commit|release|verify|export`` (each with ``--json``).
 
 The ledger is ``--ledger PATH_OR_URL`` or, by default, the ``JAXDP_LEDGER`` environment variable.
-Exit status: 0 success, 1 refused (budget exceeded, verification failed), 2 usage or store error.
+Exit status: 0 success, 1 refused (budget exceeded, no reservation, verification failed), 2 usage or store
+error (docs/cli.md).
 """
 from __future__ import annotations
 
@@ -11,7 +12,13 @@ import math
 import os
 import sys
 
+from jaxdp import _cli
+from jaxdp._io import atomic_write
+from jaxdp.accounting import core as _accounting
+
 ENV = "JAXDP_LEDGER"
+# The samplings --sampling can describe; cyclic_poisson needs its bands and mechanism: give it with --events.
+_EVENT_SAMPLINGS = tuple(s for s in _accounting.SAMPLINGS if s != "cyclic_poisson")
 
 
 _DESCRIPTIONS = {  # `jaxdp ledger SUBCOMMAND --help`
@@ -47,14 +54,14 @@ def register(subparsers) -> None:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--ledger", default=os.environ.get(ENV),
                         help=f"SQLite file, sqlite:///PATH or postgresql://URL (default: ${ENV})")
-    common.add_argument("--json", action="store_true", help="print one JSON object")
+    _cli.add_json_flag(common)
 
     def budget_args(q, required):
         _dataset_id_arg(q, required=required, help="dataset id to protect")
         q.add_argument("--max-epsilon", type=float, required=required, help="total epsilon budget")
         q.add_argument("--delta", type=float, required=required, help="delta of the budget")
-        q.add_argument("--accountant", default="prv", choices=["prv", "pld", "rdp"])
-        q.add_argument("--neighboring-relation", default="add_remove")
+        q.add_argument("--accountant", default="prv", choices=_accounting.ACCOUNTANTS)
+        q.add_argument("--neighboring-relation", default="add_remove", choices=tuple(_accounting.NEIGHBORING_RELATIONS))
         q.add_argument("--note", default=None)
 
     q = sub.add_parser("init", parents=[common], help="create a ledger (and optionally register a dataset)",
@@ -78,7 +85,7 @@ def register(subparsers) -> None:
     def event_args(q):
         q.add_argument("--events", default=None,
                        help="events as JSON (a list of event dicts) or @FILE; or use the options below")
-        q.add_argument("--sampling", default="poisson", choices=["poisson", "shuffle", "truncated_poisson", "none"])
+        q.add_argument("--sampling", default="poisson", choices=_EVENT_SAMPLINGS)
         q.add_argument("--noise-multiplier", type=float)
         q.add_argument("--sample-rate", type=float)
         q.add_argument("--batch-size", type=int)
@@ -156,46 +163,17 @@ def _open(args, create=False):
     return Ledger.init(args.ledger) if create else Ledger.open(args.ledger)
 
 
-def _emit(args, obj: dict, text: str) -> None:
-    if args.json:
-        print(json.dumps(_clean(obj), indent=None, sort_keys=True))
-    else:
-        print(text)
-
-
-def _clean(v):
-    if isinstance(v, float) and not math.isfinite(v):
-        return "inf" if v > 0 else "-inf"
-    if isinstance(v, dict):
-        return {k: _clean(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_clean(x) for x in v]
-    return v
-
-
-def _fail(args, err: Exception, code: int) -> int:
-    from jaxdp.ledger import BudgetExceededError
-    if args.json:
-        obj = {"ok": False, "error": type(err).__name__, "message": str(err)}
-        if isinstance(err, BudgetExceededError):
-            obj["details"] = err.details
-        print(json.dumps(_clean(obj), sort_keys=True))
-    print(f"jaxdp ledger {args.ledger_command}: {type(err).__name__}: {_safe(err)}", file=sys.stderr)
-    return code
-
-
-def _guard(fn):
-    def run(args) -> int:
-        from jaxdp.ledger import BudgetExceededError, LedgerError, LedgerIntegrityError, ReservationRequiredError
+def _read_head_file(path: str) -> dict:
+    """The head kept by an earlier ``verify --head-file`` (``{"ledger", "head_seq", "head_hash"}``)."""
+    with open(path) as f:
         try:
-            return fn(args)
-        except BrokenPipeError:
-            raise  # the reader of stdout went away: jaxdp.cli.main stops quietly
-        except (BudgetExceededError, LedgerIntegrityError, ReservationRequiredError) as e:
-            return _fail(args, e, 1)
-        except (LedgerError, ValueError, OSError, OverflowError, RecursionError, MemoryError) as e:
-            return _fail(args, e, 2)
-    return run
+            kept = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--head-file {path} is not the JSON head file `jaxdp ledger verify --head-file` writes "
+                             f"({e}); restore it from a backup, or give --expect-head HASH") from None
+    if not isinstance(kept, dict) or "head_hash" not in kept:
+        raise ValueError(f"--head-file {path} holds no head_hash: it is not a file `ledger verify --head-file` wrote")
+    return kept
 
 
 def _load_events(text: str | None):
@@ -246,19 +224,15 @@ def _events_from_args(args) -> list[dict]:
     return [e]
 
 
-def _safe(x) -> str:
-    """Text from the ledger, printable: control characters (newlines, ANSI escapes) shown escaped, so that an
-    id or a reason can never forge lines of `show`."""
-    text = str(x)
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
-
-
 def _fmt_eps(x) -> str:
-    return "inf" if not math.isfinite(x) else f"{x:.4f}"
+    """An epsilon as text; ledger summaries carry infinity as "inf" and an undefined value (NaN) as None."""
+    x = math.nan if x is None else float(x)
+    if math.isnan(x):
+        return "undefined"
+    return f"{x:.4f}" if math.isfinite(x) else ("inf" if x > 0 else "-inf")
 
 
 # ---------------------------------------------------------------------------------------------- commands
-@_guard
 def _init(args) -> int:
     from jaxdp.ledger import Ledger
     if not args.ledger:
@@ -273,21 +247,19 @@ def _init(args) -> int:
                                  neighboring_relation=args.neighboring_relation, note=args.note)
         out["dataset"] = vars(b)
         text += f"\nprotected {b.dataset_id!r}: epsilon {b.max_epsilon:g} at delta {b.delta:g} ({b.accountant})"
-    _emit(args, out, text)
+    _cli.emit(args, out, text)
     return 0
 
 
-@_guard
 def _register(args) -> int:
     led = _open(args)
     b = led.register_dataset(args.dataset, args.max_epsilon, args.delta, args.accountant,
                              neighboring_relation=args.neighboring_relation, note=args.note)
-    _emit(args, {"ok": True, "dataset": vars(b)},
-          f"protected {b.dataset_id!r}: epsilon {b.max_epsilon:g} at delta {b.delta:g} ({b.accountant})")
+    _cli.emit(args, {"ok": True, "dataset": vars(b)},
+              f"protected {b.dataset_id!r}: epsilon {b.max_epsilon:g} at delta {b.delta:g} ({b.accountant})")
     return 0
 
 
-@_guard
 def _show(args) -> int:
     led = _open(args)
     s = led.summary()
@@ -297,30 +269,29 @@ def _show(args) -> int:
         s["datasets"] = {args.dataset: s["datasets"][args.dataset]}
     lines = [f"ledger {s['ledger']}  (head seq {s['head_seq']}, hash {s['head_hash']})"]
     for d, b in s["datasets"].items():
-        eps = float(b["epsilon"]) if not isinstance(b["epsilon"], str) else math.inf
         lines.append(f"\n{d}: budget epsilon {b['max_epsilon']:g} at delta {b['delta']:g} ({b['accountant']})")
-        lines.append(f"  spent (composed) {_fmt_eps(eps)}   plain sum {_fmt_eps(float(b['plain_sum']))}   "
-                     f"committed {_fmt_eps(float(b['epsilon_committed']))}   remaining "
-                     f"{_fmt_eps(float(b['remaining']))}")
+        lines.append(f"  spent (composed) {_fmt_eps(b['epsilon'])}   plain sum {_fmt_eps(b['plain_sum'])}   "
+                     f"committed {_fmt_eps(b['epsilon_committed'])}   remaining "
+                     f"{_fmt_eps(b['remaining'])}")
         lines.append(f"  runs: {b['runs_committed']} committed, {b['runs_reserved']} reserved (open), "
                      f"{b['runs_released']} released")
         for r in b["runs"]:
             tag = " [fine-tune: inherited]" if r["inherited"] else ""
-            extra = f"  reason: {_safe(r['release_reason'])}" if r["release_reason"] else ""
-            lines.append(f"    {_safe(r['run_id']):<24} {r['status']:<9} eps {_fmt_eps(float(r['epsilon']))}  "
-                         f"steps {r['steps']}  model {_safe(r['model'])}{tag}{extra}")
+            extra = f"  reason: {_cli.one_line(r['release_reason'])}" if r["release_reason"] else ""
+            lines.append(f"    {_cli.one_line(r['run_id']):<24} {r['status']:<9} "
+                         f"eps {_fmt_eps(r['epsilon'])}  steps {r['steps']}  "
+                         f"model {_cli.one_line(r['model'])}{tag}{extra}")
             if r["status"] == "reserved":
                 alive = {True: "alive", False: "NOT RUNNING (crashed or killed?)",
                          None: "unknown (another host)" if r.get("pid") is not None else "unknown"}[r.get("alive")]
-                lines.append(f"      reserved {r['reserved_at']} by {_safe(r.get('user'))}@{_safe(r.get('host'))} "
-                             f"pid {r.get('pid')}: {alive}")
+                who = f"{_cli.one_line(r.get('user'))}@{_cli.one_line(r.get('host'))}"
+                lines.append(f"      reserved {r['reserved_at']} by {who} pid {r.get('pid')}: {alive}")
     if not s["datasets"]:
         lines.append("no protected datasets (register one with `jaxdp ledger register`)")
-    _emit(args, s, "\n".join(lines))
+    _cli.emit(args, s, "\n".join(lines))
     return 0
 
 
-@_guard
 def _reserve(args) -> int:
     led = _open(args)
     res = led.reserve(args.dataset, args.run_id, _events_from_args(args), model=args.model,
@@ -332,11 +303,10 @@ def _reserve(args) -> int:
                                            f"{_fmt_eps(res.remaining_after[d])})" for d in res.charged)
     else:
         text += f" (dataset {res.dataset_id!r} is not protected: recorded only)"
-    _emit(args, {"ok": True, **res.as_dict()}, text)
+    _cli.emit(args, {"ok": True, **res.as_dict()}, text)
     return 0
 
 
-@_guard
 def _commit(args) -> int:
     led = _open(args)
     events = _load_events(args.events)
@@ -354,25 +324,22 @@ def _commit(args) -> int:
         text += "\nWARNING: the run took more than it reserved"
     if out["over_budget"]:
         text += f"\nWARNING: over budget on {out['over_budget']}"
-    _emit(args, {"ok": True, **out}, text)
+    _cli.emit(args, {"ok": True, **out}, text)
     return 0
 
 
-@_guard
 def _release(args) -> int:
     led = _open(args)
     out = led.release(args.run_id, args.reason)
-    _emit(args, {"ok": True, **out}, f"released run {out['run_id']!r} (reason recorded: {out['reason']})")
+    _cli.emit(args, {"ok": True, **out}, f"released run {out['run_id']!r} (reason recorded: {out['reason']})")
     return 0
 
 
-@_guard
 def _verify(args) -> int:
     led = _open(args)
     expected, kept = args.expect_head, None
     if args.head_file and os.path.exists(args.head_file):
-        with open(args.head_file) as f:
-            kept = json.load(f)
+        kept = _read_head_file(args.head_file)
         expected = expected or kept.get("head_hash")
     rep = led.verify(expected_head=expected)
     if rep["ok"] and kept is not None and rep["head_seq"] < int(kept.get("head_seq", 0)):
@@ -380,10 +347,8 @@ def _verify(args) -> int:
         rep["problems"].append(f"the chain ends at seq {rep['head_seq']} but {args.head_file} kept seq "
                                f"{kept['head_seq']}")
     if rep["ok"] and args.head_file:
-        tmp = args.head_file + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump({"ledger": led.url, "head_seq": rep["head_seq"], "head_hash": rep["head_hash"]}, f)
-        os.replace(tmp, args.head_file)
+        atomic_write(args.head_file, _cli.dumps({"ledger": led.url, "head_seq": rep["head_seq"],
+                                                 "head_hash": rep["head_hash"]}))
     if rep["ok"]:
         text = (f"OK: {rep['rows']} rows, chain intact and every transition valid; head seq {rep['head_seq']} "
                 f"hash {rep['head_hash']}\n"
@@ -393,12 +358,11 @@ def _verify(args) -> int:
                    "keep this head hash outside the database (a ticket, a commit, --head-file): plain verify cannot "
                    "detect rows cut off the end together with the head record; `verify --expect-head HASH` can"))
     else:
-        text = "FAILED:\n  " + "\n  ".join(_safe(p) for p in rep["problems"])
-    _emit(args, rep, text)
+        text = "FAILED:\n  " + "\n  ".join(_cli.one_line(p) for p in rep["problems"])
+    _cli.emit(args, rep, text)
     return 0 if rep["ok"] else 1
 
 
-@_guard
 def _restore(args) -> int:
     from jaxdp.ledger import Ledger
     if not args.ledger:
@@ -410,21 +374,18 @@ def _restore(args) -> int:
             raise ValueError(f"{args.source} is not JSON ({e})") from None
     led = Ledger.restore(args.ledger, data)
     rep = led.verify()
-    _emit(args, {"ok": rep["ok"], **rep}, f"restored {rep['rows']} rows into {led.url}; head seq {rep['head_seq']} "
-          f"hash {rep['head_hash']}")
+    _cli.emit(args, {"ok": rep["ok"], **rep},
+              f"restored {rep['rows']} rows into {led.url}; head seq {rep['head_seq']} hash {rep['head_hash']}")
     return 0 if rep["ok"] else 1
 
 
-@_guard
 def _export(args) -> int:
     led = _open(args)
-    data = _clean(led.export())
-    text = json.dumps(data, indent=2, sort_keys=True)
+    data = led.export()
     if args.output:
-        with open(args.output, "w") as f:
-            f.write(text + "\n")
-        _emit(args, {"ok": True, "output": args.output, "rows": len(data["log"]), "verify": data["verify"]},
-              f"exported {len(data['log'])} rows to {args.output}")
+        atomic_write(args.output, _cli.dumps(data, indent=2, sort_keys=True) + "\n")
+        _cli.emit(args, {"ok": True, "output": args.output, "rows": len(data["log"]), "verify": data["verify"]},
+                  f"exported {len(data['log'])} rows to {args.output}")
     else:
-        print(text if not args.json else json.dumps(data, sort_keys=True))
+        print(_cli.dumps(data, sort_keys=True) if args.json else _cli.dumps(data, indent=2, sort_keys=True))
     return 0

@@ -15,6 +15,7 @@ import socket
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from jaxdp._cli import jsonable  # the one JSON rule: inf -> "inf", NaN -> null
 from jaxdp.ledger import events as ev
 from jaxdp.ledger.store import (LedgerError, LedgerIntegrityError, LedgerStoreError, Row, Store, canonical_payload,
                                 init_meta, loads_payload, open_store, verify_rows)
@@ -114,17 +115,7 @@ class BudgetSummary:
     runs: list[dict] = field(default_factory=list)
 
     def as_dict(self) -> dict:
-        return {k: _jsonable(v) for k, v in asdict(self).items()}
-
-
-def _jsonable(v):
-    if isinstance(v, float) and not math.isfinite(v):
-        return "inf" if v > 0 else "-inf"
-    if isinstance(v, list):
-        return [_jsonable(x) for x in v]
-    if isinstance(v, dict):
-        return {k: _jsonable(x) for k, x in v.items()}
-    return v
+        return {k: jsonable(v) for k, v in asdict(self).items()}
 
 
 def _now() -> str:
@@ -692,7 +683,7 @@ def _budget_error(run_id: str, events: list[dict], refused: list[dict]) -> Budge
         d = {"dataset_id": b.dataset_id, "max_epsilon": b.max_epsilon, "delta": b.delta, "accountant": b.accountant,
              "spent": spent, "remaining": b.max_epsilon - spent, "run_epsilon": alone,
              "epsilon_after": r["epsilon_after"], "inherited": r["inherited"], "fits": fits}
-        details.append(_jsonable(d))
+        details.append(jsonable(d))
         why = " (inherited: the parent model was trained on it)" if r["inherited"] else ""
         line = (f"dataset {b.dataset_id!r}{why}: budget epsilon {b.max_epsilon:g} at delta {b.delta:g} "
                 f"({b.accountant}); already spent {spent:.4g}, remaining {b.max_epsilon - spent:.4g}; this run "

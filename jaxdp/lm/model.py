@@ -32,6 +32,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxdp._io import atomic_write
+
 __all__ = ["GPT2Config", "GPT2", "load_pretrained", "save_pretrained", "load_hf_state_dict",
            "hf_to_nnx_name", "nnx_to_hf_name", "causal_lm_logits"]
 
@@ -291,5 +293,4 @@ def save_pretrained(model: GPT2, path: str | os.PathLike) -> None:
         tensors["transformer." + nnx_to_hf_name(key)] = np.asarray(var.value, np.float32)
     tensors["lm_head.weight"] = tensors["transformer.wte.weight"].copy()
     save_file(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
-    with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(model.cfg.to_dict(), f, indent=2)
+    atomic_write(os.path.join(path, "config.json"), json.dumps(model.cfg.to_dict(), indent=2))

@@ -7,9 +7,10 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
+
+from jaxdp import _cli
 
 
 def _report(args: argparse.Namespace) -> int:
@@ -39,7 +40,7 @@ def _report(args: argparse.Namespace) -> int:
     elif args.sweep:
         raise ValueError("--sweep is used by the report: add --html OUT.html or --markdown OUT.md")
     if args.json:
-        print(json.dumps({"model_privacy": card, "written": written}))
+        _cli.emit(args, {"model_privacy": card, "written": written})
     else:
         import yaml
         sys.stdout.write(yaml.safe_dump({"model_privacy": card}, sort_keys=False, allow_unicode=True, width=100))
@@ -53,7 +54,7 @@ def _sweep(args: argparse.Namespace) -> int:
     s = run_sweep(args.config, args.epsilons, args.out, baseline=not args.no_baseline,
                   progress=not (args.no_progress or args.json), log=not args.json)
     if args.json:
-        print(json.dumps(s))
+        _cli.emit(args, s)
         return 0
     print()
     print(f"{'run':<14}{'target eps':>11}{'eps spent':>11}{'sigma':>9}{'test acc':>10}")
@@ -95,7 +96,7 @@ def register(sub) -> None:
     p.add_argument("--html", help="write the HTML report here")
     p.add_argument("--markdown", help="write the Markdown report here (plots as PNGs in <name>_files/ next to it)")
     p.add_argument("--sweep", help="sweep.json of `jaxdp sweep` to include (accuracy against epsilon)")
-    p.add_argument("--json", action="store_true", help="print the model_privacy section as one JSON object")
+    _cli.add_json_flag(p, "the model_privacy section")
     p.set_defaults(func=_report)
     p = sub.add_parser("sweep", help="train a config at several target epsilons plus the non-private baseline",
                        description=_SWEEP_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -104,5 +105,5 @@ def register(sub) -> None:
     p.add_argument("--out", help="output directory (default: <output.dir>/sweep)")
     p.add_argument("--no-baseline", action="store_true", help="skip the non-private baseline")
     p.add_argument("--no-progress", action="store_true", help="no live progress bar")
-    p.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    _cli.add_json_flag(p)
     p.set_defaults(func=_sweep)

@@ -12,6 +12,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from jaxdp._io import atomic_write
 from jaxdp.audit.plot import plot_roc  # noqa: F401  (the one ROC plot; re-exported for the report)
 from jaxdp.train.summary import RunSummary
 
@@ -34,8 +35,7 @@ def _finish(fig, path: str | os.PathLike | None) -> bytes:
     plt.close(fig)
     data = buf.getvalue()
     if path is not None:
-        with open(path, "wb") as f:
-            f.write(data)
+        atomic_write(path, data)
     return data
 
 

@@ -11,6 +11,7 @@ import json
 import os
 from typing import Any, Sequence
 
+from jaxdp._io import atomic_write
 from jaxdp.train.summary import RunSummary
 
 SUMMARY_KEYS = ("run_id", "status", "epsilon", "delta", "target_epsilon", "noise_multiplier", "max_grad_norm",
@@ -71,7 +72,6 @@ def run_sweep(config: dict | str | os.PathLike, epsilons: Sequence[float], out_d
         except ImportError as e:  # pragma: no cover - without the plots extra
             result["plot"] = None
             result["plot_error"] = str(e)
-    from jaxdp._io import atomic_write
     atomic_write(os.path.join(out, "sweep.json"), json.dumps(result, indent=1))
     result["json_path"] = os.path.join(out, "sweep.json")
     return result

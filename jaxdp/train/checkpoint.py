@@ -20,11 +20,12 @@ import io
 import json
 import os
 import re
-import tempfile
 from typing import Any
 
 import jax
 import numpy as np
+
+from jaxdp._io import TEMP_PREFIX, atomic_write
 
 NPZ, META = "checkpoint.npz", "checkpoint.json"  # the format of earlier versions (read only)
 _NAME = re.compile(r"^ckpt-(\d{9})\.npz$")
@@ -38,35 +39,6 @@ class CheckpointError(ValueError):
 
 def _is_key(x: Any) -> bool:
     return isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
-
-
-def _fsync_dir(d: str) -> None:
-    try:
-        fd = os.open(d, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(path: str, data: bytes) -> None:
-    d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(d)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _digest(arrays: dict[str, np.ndarray], meta_bytes: bytes) -> str:
@@ -115,11 +87,11 @@ def save(directory: str, tree: Any, meta: dict, step: int | None = None) -> str:
     buf = io.BytesIO()
     np.savez(buf, **entries)
     path = path_for(directory, step)
-    _atomic_write(path, buf.getvalue())
+    atomic_write(path, buf.getvalue(), mode=0o600)  # holds the noise key: owner only
     # keep the newest KEEP checkpoints; remove older ones and temporaries left by a crashed save
     for _, old in list_checkpoints(directory)[KEEP:]:
         _unlink(old)
-    for tmp in glob.glob(os.path.join(directory, ".tmp-*")):
+    for tmp in glob.glob(os.path.join(directory, TEMP_PREFIX + "*")):
         _unlink(tmp)
     return path
 

@@ -2,16 +2,17 @@
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
+
+from jaxdp import _cli
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True, help="YAML config (`jaxdp config --example` prints one with every key)")
     p.add_argument("--out", default=None, help="output directory (overrides output.dir)")
     p.add_argument("--no-progress", action="store_true", help="no live progress bar")
-    p.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    _cli.add_json_flag(p)
 
 
 def _train(args) -> int:
@@ -25,12 +26,11 @@ def _train(args) -> int:
                             resume=not args.fresh)
         summary = trainer.train()
     except KeyboardInterrupt:
-        print("\n" + interrupted_message(trainer), file=sys.stderr)
-        return 130
+        raise _cli.Interrupted(interrupted_message(trainer)) from None
     if not trainer.main:  # several processes: process 0 reports
         return 0
     if args.json:
-        print(json.dumps({k: v for k, v in summary.items() if k != "epochs"}))
+        _cli.emit(args, {k: v for k, v in summary.items() if k != "epochs"})
     else:
         print(f"done: {_summary_line(summary)}")
         print(f"outputs: {trainer.out_dir}/metrics.json, {trainer.out_dir}/checkpoint/, {trainer.out_dir}/config.yaml")
@@ -55,11 +55,10 @@ def _compare(args) -> int:
     try:
         s = compare(args.config, out_dir=args.out, progress=not args.no_progress, log=not args.json)
     except KeyboardInterrupt:
-        print("\njaxdp compare: interrupted; re-run the same command to resume both runs from their checkpoints",
-              file=sys.stderr)
-        return 130
+        raise _cli.Interrupted("jaxdp compare: interrupted; re-run the same command to resume both runs from their "
+                               "checkpoints") from None
     if args.json:
-        print(json.dumps(s))
+        _cli.emit(args, s)
     else:
         eps = s["epsilon"]
         print()

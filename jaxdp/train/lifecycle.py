@@ -30,6 +30,7 @@ import re
 import signal
 import uuid
 
+from jaxdp._io import atomic_write
 from jaxdp.train import checkpoint
 
 RUN_FILE = "run.json"
@@ -71,7 +72,7 @@ def read_run_file(out_dir: str) -> dict | None:
 
 def write_run_file(out_dir: str, info: dict) -> None:
     os.makedirs(out_dir, exist_ok=True)
-    checkpoint._atomic_write(os.path.join(out_dir, RUN_FILE), json.dumps(info, indent=1, sort_keys=True).encode())
+    atomic_write(os.path.join(out_dir, RUN_FILE), json.dumps(info, indent=1, sort_keys=True))
 
 
 def move_aside(out_dir: str) -> str | None:

@@ -20,6 +20,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from jaxdp._io import atomic_write
 from jaxdp import data as data_lib
 from jaxdp import distributed
 from jaxdp import models
@@ -266,15 +267,16 @@ class DPTrainer:
         return self.private.load_batch(idx, mask, load) if self.dp else (load(idx), mask)
 
     def _clipping(self) -> dict:
-        """``max_grad_norm`` (a number, or the per-layer tree of ``training.dp.per_layer``) and
-        ``adaptive_clipping`` for the engine; bad group names are config errors that list the model's groups."""
+        """``l2_clip_norm`` (``training.dp.max_grad_norm``: a number, or the per-layer tree of
+        ``training.dp.per_layer``) and ``adaptive_clipping`` for the engine; bad group names are config errors that
+        list the model's groups."""
         dp = self.cfg["training"]["dp"]
-        out = {"max_grad_norm": dp["max_grad_norm"], "adaptive_clipping": dp["adaptive"] or None}
+        out = {"l2_clip_norm": dp["max_grad_norm"], "adaptive_clipping": dp["adaptive"] or None}
         if dp["per_layer"] is not None:
             from jaxdp.clip_groups import clip_norm_tree
             from jaxdp.train.config import ConfigError
             try:
-                out["max_grad_norm"] = clip_norm_tree(self.params0, dp["per_layer"], dp["max_grad_norm"])
+                out["l2_clip_norm"] = clip_norm_tree(self.params0, dp["per_layer"], dp["max_grad_norm"])
             except ValueError as e:
                 raise ConfigError(f"config key 'training.dp.per_layer': {e}") from None
         return out
@@ -283,7 +285,7 @@ class DPTrainer:
         """What metrics.json and the ledger record about clipping: ``max_grad_norm`` is the sensitivity of the
         clipped sum (``||(C_1..C_K)||`` per layer; the initial C with adaptive clipping, whose C_t is per epoch)."""
         from jaxdp.clipping import leaf_names, total_clip_norm
-        c = self.private.max_grad_norm
+        c = self.private.l2_clip_norm
         out = {"max_grad_norm": total_clip_norm(c)}
         if not jax.tree_util.treedef_is_leaf(jax.tree_util.tree_structure(c)):
             out["per_layer_clip_norms"] = dict(zip(leaf_names(c), map(float, jax.tree_util.tree_leaves(c))))
@@ -650,8 +652,7 @@ def compare(config: dict | str, out_dir: str | None = None, progress: bool | Non
                "accuracy_difference": base_acc - dp_acc, "epsilon": results["dp"]["epsilon"],
                "delta": results["dp"]["delta"], "noise_multiplier": results["dp"]["noise_multiplier"],
                "dp_dir": os.path.join(base, "dp"), "non_private_dir": os.path.join(base, "non_private")}
-    with open(os.path.join(base, "comparison.json"), "w") as f:
-        json.dump(summary, f, indent=1)
+    atomic_write(os.path.join(base, "comparison.json"), json.dumps(summary, indent=1))
     return summary
 
 
