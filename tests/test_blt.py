@@ -34,7 +34,7 @@ def test_stream_equals_sens_times_c_inverse_z_on_add_noise_draws():
     key = jax.random.key(11)
     tx = blt.blt_noise(noise_multiplier=sigma, l2_clip_norm=clip, expected_batch_size=1.0, key=key, steps=n,
                        theta=theta, omega=omega, min_separation=sep)
-    ref = jaxdp.add_noise(sigma, clip, 1.0, key)
+    ref = jaxdp.add_noise(noise_multiplier=sigma, l2_clip_norm=clip, expected_batch_size=1.0, key=key)
     zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
     s, r = tx.init(params), ref.init(params)
     w, z = [], []
