@@ -36,6 +36,7 @@ from jaxdp.sampling import CyclicPoissonSampler, FixedOrderSampler, PoissonSampl
 _LAZY_ATTRS = {
     "PrivacyEngine": "jaxdp.engine",
     "PrivateTraining": "jaxdp.engine",
+    "NonPrivateTraining": "jaxdp.training",
     "PrivacyBudgetExhausted": "jaxdp.engine",
     "validate": "jaxdp.validation",
     "fix": "jaxdp.validation",
@@ -59,7 +60,7 @@ _LAZY_ATTRS = {
 _LAZY_MODULES = (
     "accounting", "audit", "data", "distributed", "engine", "ghost", "ledger", "lm", "models",
     "report", "telemetry", "train", "validation", "adaptive", "virtual", "cli", "compat",
-    "matrix_factorization", "recipe", "blt",
+    "matrix_factorization", "recipe", "blt", "training",
 )
 
 

@@ -13,7 +13,8 @@ With a target epsilon the object knows the last step that stays within it, and r
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Iterator, NamedTuple
+from typing import Any, NamedTuple
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -25,21 +26,10 @@ from flax import nnx
 from jaxdp import _checks, compat, validation
 from jaxdp.clipping import ClipStats, clipped_grad, total_clip_norm
 from jaxdp.noise import add_noise
-from jaxdp.sampling import CyclicPoissonSampler, FixedOrderSampler, PoissonSampler, ShuffleSampler
+from jaxdp.sampling import CyclicPoissonSampler, FixedOrderSampler, PoissonSampler, ShuffleSampler, steps_for_epochs
+from jaxdp.training import NonPrivateTraining, PrivacyBudgetExhausted, Training, TrainState
 
 PyTree = Any
-
-
-class PrivacyBudgetExhausted(RuntimeError):
-    """Raised instead of taking a step that would spend more than the target epsilon."""
-
-
-class TrainState(NamedTuple):
-    """What a private step updates: parameters, optimiser state (noise RNG state included), step count."""
-
-    params: PyTree
-    opt_state: PyTree
-    step: jax.Array
 
 
 class ExampleKeyedBatch(NamedTuple):
@@ -121,8 +111,9 @@ def _accounting():
     return accounting
 
 
-class PrivateTraining:
-    """The result of :meth:`PrivacyEngine.make_private`. Use :meth:`init`, then :meth:`step` per batch.
+class PrivateTraining(Training):
+    """The result of :meth:`PrivacyEngine.make_private`. Use :meth:`init`, then :meth:`step` per batch; the run
+    lifecycle (ledger, ``state_dict``/``load_state_dict``, ``batches``) is :class:`jaxdp.training.Training`'s.
 
     Attributes:
       sampler: the :class:`~jaxdp.PoissonSampler` (or ShuffleSampler) that selects every batch.
@@ -132,14 +123,14 @@ class PrivateTraining:
       max_steps: the last step allowed by the target epsilon (None when there is no target).
     """
 
-    def __init__(self, *, engine: "PrivacyEngine", pure_loss: Callable, params: PyTree, optimizer,
+    def __init__(self, *, engine: PrivacyEngine, pure_loss: Callable, params: PyTree, optimizer,
                  dataset_size: int, sampler, noise_multiplier: float, l2_clip_norm, key, secure: bool,
                  method: str, microbatch_size: int | None, trainable, expected_batch_size: float,
                  target_epsilon: float | None, target_delta: float | None, planned_steps: int | None,
                  nnx_graph: tuple | None, noise_tx: Any = None, mechanism: str = "dpsgd",
-                 adaptive: Any = None) -> None:
+                 adaptive: Any = None, defer_ledger: bool = False) -> None:
         self.engine = engine
-        self.accountant = engine.accountant
+        self._init_lifecycle(defer_ledger)
         self.sampler = sampler
         self.dataset_size = dataset_size
         self.noise_multiplier = float(noise_multiplier)
@@ -156,7 +147,6 @@ class PrivateTraining:
         self._params0 = params
         self._nnx_graph = nnx_graph
         self._example_key = None  # set by make_private when the loss needs per-example keys (dropout)
-        self._data_checked: tuple | None = None  # ids of the last data checked by batches()
         self.loss_fn = pure_loss
         self.grad_fn = clipped_grad(pure_loss, l2_clip_norm, method=method, microbatch_size=microbatch_size,
                                     trainable=trainable)
@@ -214,6 +204,11 @@ class PrivateTraining:
         self.count_noise_std = ada.count_noise_std
         self._opt_init, self._update = adaptive.private_update(ada, optimizer)
 
+    @property
+    def accountant(self):
+        """The engine's accountant (shared by every private object of the engine); every step records in it."""
+        return self.engine.accountant
+
     def clip_norm(self, state: TrainState) -> float:
         """The clip norm the next step uses: ``C_t`` with adaptive clipping, else ``l2_clip_norm``."""
         if self.adaptive is None:
@@ -221,36 +216,24 @@ class PrivateTraining:
         return float(state.opt_state.clip.clip_norm)
 
     # -- accounting ------------------------------------------------------------------------------------
-    def _event(self, steps: int) -> dict:
-        s = self.sampler
-        if s.sampling == "shuffle":
-            return {"sampling": "shuffle", "noise_multiplier": self.noise_multiplier,
-                    "batch_size": s.batch_size, "dataset_size": s.dataset_size, "steps": steps}
-        if s.sampling == "cyclic_poisson":
-            return {"sampling": "cyclic_poisson", "mechanism": self.mechanism, "bands": s.bands,
-                    "noise_multiplier": self.noise_multiplier, "sample_rate": s.sample_rate, "steps": steps}
-        if s.sampling == "fixed_order":
-            return {"sampling": "fixed_order", "mechanism": self.mechanism, "min_separation": s.min_separation,
-                    "horizon": self.horizon, "noise_multiplier": self.noise_multiplier, "steps": steps}
-        if s.sampling == "truncated_poisson":
-            return {"sampling": "truncated_poisson", "noise_multiplier": self.noise_multiplier,
-                    "sample_rate": s.sample_rate, "max_batch_size": s.max_batch_size,
-                    "dataset_size": s.dataset_size, "steps": steps}
-        return {"sampling": "poisson", "noise_multiplier": self.noise_multiplier,
-                "sample_rate": s.sample_rate, "steps": steps}
+    def event(self, steps: int):
+        """The :class:`jaxdp.accounting.Event` of ``steps`` steps of this mechanism, as the sampler emits it."""
+        if self.horizon is not None:   # fixed order: the event names the planned horizon its noise covers
+            return self.sampler.event(self.noise_multiplier, steps, mechanism=self.mechanism, horizon=self.horizon)
+        return self.sampler.event(self.noise_multiplier, steps, mechanism=self.mechanism)
 
     def events(self, steps: int) -> list[dict]:
         """The dp-accounting events of ``steps`` steps of this mechanism (for ledgers and planning)."""
-        return [self._event(steps)]
+        return [self.event(steps).to_dict()]
+
+    def ledger_events(self, steps: int) -> list[dict]:
+        """:meth:`events` with the clip norm the ledger records (``||(C_1..C_K)||`` per layer; the initial C
+        with adaptive clipping)."""
+        c = float(total_clip_norm(self.l2_clip_norm))
+        return [dict(e, l2_clip_norm=c) for e in self.events(steps)]
 
     def _record_step(self) -> None:
-        s = self.sampler
-        if s.sampling in ("cyclic_poisson", "fixed_order"):
-            self.accountant.record(self._event(1))
-            return
-        self.accountant.step(self.noise_multiplier, s.sample_rate, 1, sampling=s.sampling,
-                             dataset_size=s.dataset_size, batch_size=getattr(s, "batch_size", None),
-                             max_batch_size=getattr(s, "max_batch_size", None))
+        self.accountant.record(self.event(1))
 
     def _epsilon_after(self, extra_steps: int) -> float:
         acc = _accounting()
@@ -329,9 +312,41 @@ class PrivateTraining:
         return None if self.max_steps is None else self.max_steps - self.accountant.steps
 
     # -- training ----------------------------------------------------------------------------------------
-    def init(self, params: PyTree | None = None) -> TrainState:
-        params = self._params0 if params is None else params
-        return TrainState(params, self._opt_init(params), jnp.zeros([], jnp.int32))
+    def next_step_refusal(self) -> str | None:
+        """Why the next step must not be taken: the ledger reservation (:class:`jaxdp.training.Training`), the
+        planned horizon of a fixed-order run (BLT), or the target epsilon. None: it may be taken."""
+        reason = super().next_step_refusal()
+        if reason is None and self.horizon is not None and self.accountant.steps >= self.horizon:
+            # The noise was scaled to the sensitivity of ceil(H / b) participations; a later step would add a
+            # participation no analysis covers.
+            spent = self.get_epsilon() if self.target_delta else "see get_epsilon"
+            reason = (f"stopping: the planned horizon of {self.horizon} steps is reached. The {self.mechanism} noise "
+                      f"of this run was scaled for at most {-(-self.horizon // self.sampler.min_separation)} "
+                      f"participations per example ({self.horizon} steps, batches {self.sampler.min_separation} "
+                      "apart); further steps are not covered. Plan more epochs from the start (epochs=) in a new "
+                      f"run. Epsilon spent: {spent}")
+        if reason is None and self.max_steps is not None and self.accountant.steps >= self.max_steps:
+            reason = (f"stopping: step {self.accountant.steps + 1} would take epsilon above the target "
+                      f"{self.target_epsilon} (delta={self.target_delta}); {self.accountant.steps} steps were taken, "
+                      f"epsilon spent = {self.get_epsilon():.4f}")
+        return reason
+
+    def _accountant_dict(self) -> dict:
+        return self.accountant.to_dict()
+
+    def _load_accountant(self, d: dict | None, step: int) -> list[str]:
+        """Replace the engine's accountant by the saved one (checked against this mechanism's accountant)."""
+        if d is None:
+            return ["no accountant in the state dict of a private run"]
+        restored = _accounting().Accountant.from_dict(d)
+        if (restored.accountant, restored.neighboring_relation) != (self.accountant.accountant,
+                                                                     self.accountant.neighboring_relation):
+            return [f"accountant {restored.accountant}/{restored.neighboring_relation} vs this engine's "
+                    f"{self.accountant.accountant}/{self.accountant.neighboring_relation}"]
+        if restored.steps < step:
+            return [f"accountant steps {restored.steps} vs train state step {step}"]
+        self.engine.accountant = restored
+        return []
 
     def step(self, state: TrainState, batch: PyTree, mask: jax.Array) -> tuple[TrainState, ClipStats]:
         """One private step on a sampled batch (with its padding mask); records the step in the accountant.
@@ -339,12 +354,7 @@ class PrivateTraining:
         Raises :class:`PrivacyBudgetExhausted`, before touching the data, if the step would exceed the target
         or (BLT, fixed batch order) the planned horizon.
         """
-        self._check_horizon()
-        if self.max_steps is not None and self.accountant.steps >= self.max_steps:
-            raise PrivacyBudgetExhausted(
-                f"stopping: step {self.accountant.steps + 1} would take epsilon above the target "
-                f"{self.target_epsilon} (delta={self.target_delta}); {self.accountant.steps} steps were taken, "
-                f"epsilon spent = {self.get_epsilon():.4f}")
+        self._check_next_step()
         self._check_loss_shape(state.params, batch)
         if self._example_key is not None:  # stochastic layers: one key per example, from (seed, step, position)
             batch = ExampleKeyedBatch(batch, _example_keys(self._example_key, state.step, int(np.shape(mask)[0])))
@@ -364,30 +374,8 @@ class PrivateTraining:
                                    per_example_losses=back(stats.per_example_losses),
                                    aux=jax.tree_util.tree_map(back, stats.aux))
         self._record_step()
+        self._took_step()
         return TrainState(params, opt_state, state.step + 1), stats
-
-    def _check_horizon(self) -> None:
-        """Fixed-order runs (BLT): refuse a step past the planned horizon ``H``. The noise was scaled to the
-        sensitivity of ``ceil(H / b)`` participations; a later step would add a participation no analysis covers."""
-        if self.horizon is not None and self.accountant.steps >= self.horizon:
-            raise PrivacyBudgetExhausted(
-                f"stopping: the planned horizon of {self.horizon} steps is reached. The {self.mechanism} noise of "
-                f"this run was scaled for at most {-(-self.horizon // self.sampler.min_separation)} participations "
-                f"per example ({self.horizon} steps, batches {self.sampler.min_separation} apart); further steps "
-                f"are not covered. Plan more epochs from the start (epochs=) in a new run. Epsilon spent: "
-                f"{self.accountant.get_epsilon(self.target_delta) if self.target_delta else 'see get_epsilon'}")
-
-    def load_batch(self, indices: np.ndarray, mask: np.ndarray,
-                   load: Callable[[np.ndarray], PyTree]) -> tuple[PyTree, np.ndarray]:
-        """``(batch, mask)`` for :meth:`step` from the sampler's global ``(indices, mask)`` of one step.
-
-        One process: ``(load(indices), mask)``. Several processes: only this process's rows of the global
-        batch, laid out over all devices (:func:`jaxdp.distributed.local_batch`), so ``load`` is called with the
-        indices of this process's shard only."""
-        if self.num_processes > 1:
-            from jaxdp.distributed import local_batch
-            return local_batch(indices, mask, load)
-        return load(indices), mask
 
     def _check_loss_shape(self, params: PyTree, batch: PyTree) -> None:
         """Refuse a loss that does not return one loss per example, naming the batch's real size B (the check
@@ -411,62 +399,11 @@ class PrivateTraining:
                 "the batch): clipping needs each example's loss.")
         checked.add(shapes)
 
-    def batches(self, data: PyTree, steps: int | None = None) -> Iterator[tuple[PyTree, np.ndarray]]:
-        """Yield ``(batch, mask)`` for the next ``steps`` sampler steps (default: the rest of the current epoch)
-        from host arrays.
-
-        Epoch ``k`` ends at step ``sampler.steps_for_epochs(k)`` (``ceil(k / q)`` for Poisson sampling), the
-        definition ``epochs=`` of :meth:`PrivacyEngine.make_private_with_epsilon` plans with: looping
-        ``for epoch in range(E): for batch, mask in private.batches(data)`` takes exactly the planned steps.
-        With several processes each batch is this process's rows only (see :meth:`load_batch`).
-        """
-        self._check_data(data)
-        steps = self.sampler.epoch_end(self.sampler.step) - self.sampler.step if steps is None else steps
-        for _ in range(steps):
-            idx, mask = self.sampler.sample(self.sampler.step)
-            self.sampler.step += 1
-            yield self.load_batch(idx, mask, lambda i: jax.tree_util.tree_map(lambda x: x[i], data))
-
-    def _check_data(self, data: PyTree) -> None:
-        """Before the first batch of a data set: it holds ``dataset_size`` examples (the sampler draws from
-        ``0..N-1`` and the accountant assumes ``N``), and for a ``{"x": ..., "y": ...}`` dict the features are
-        finite, integer labels are >= 0 and within the model's outputs, and the model accepts the examples."""
-        leaves = jax.tree_util.tree_leaves(data)
-        ident = tuple(id(leaf) for leaf in leaves)
-        if ident == self._data_checked:
-            return
-        from jaxdp.data import DataValidationError, check_features, check_labels
-        sizes = sorted({int(np.shape(leaf)[0]) if np.ndim(leaf) else 0 for leaf in leaves})
-        if sizes != [self.dataset_size]:
-            raise DataValidationError(
-                f"make_private(dataset_size={self.dataset_size}) but the data given to batches() has "
-                f"{' / '.join(map(str, sizes)) or 'no'} examples: the sampler would draw indices from "
-                f"0..{self.dataset_size - 1} (silently a subset, or an IndexError) and the accounting would be for "
-                "the wrong N. Pass dataset_size=len(data) (every leaf's leading axis).")
-        if isinstance(data, dict) and "x" in data:
-            x = np.asarray(data["x"])
-            check_features(x, "batches(data)", 'data["x"]')
-            y = np.asarray(data["y"]) if "y" in data else None
-            if y is not None and np.issubdtype(y.dtype, np.integer):
-                check_labels(y, "batches(data)", 'data["y"]')
-            if self._nnx_graph is not None:
-                graphdef, rest = self._nnx_graph
-                validation.check_model_fits_data(nnx.merge(graphdef, self._params0, _rekeyed(rest, None)), x, y,
-                                                 source='batches(data)')
-        self._data_checked = ident
-
     def get_epsilon(self, delta: float | None = None) -> float:
         delta = self.target_delta if delta is None else delta
         if delta is None:
             raise ValueError("get_epsilon needs delta (no target_delta was given)")
         return self.accountant.get_epsilon(delta)
-
-    def model(self, state: TrainState) -> Any:
-        """The NNX module with the state's parameters (NNX models only)."""
-        if self._nnx_graph is None:
-            raise ValueError("model() is for Flax NNX models; use state.params with your apply function")
-        graphdef, rest = self._nnx_graph
-        return nnx.merge(graphdef, state.params, rest)
 
 
 def _keyed(loss_fn: Callable) -> Callable:
@@ -512,9 +449,12 @@ class PrivacyEngine:
                       stacklevel=2)
         return self.secure
 
-    def _prepare(self, loss_fn, model, variables, params, sample_input):
+    def _prepare(self, loss_fn, model, variables, params, sample_input, check: bool = True):
+        """``(pure loss(params, batch) -> [B], params, nnx graph)``; ``check``: refuse layers that mix examples
+        (DP only: a non-private baseline may use BatchNorm)."""
         if model is not None and isinstance(model, nnx.Module):
-            validation.check(model)
+            if check:
+                validation.check(model)
             graphdef, p, rest = nnx.split(model, nnx.Param, ...)
             if not _has_rng_state(rest):
                 def pure(pp, batch):
@@ -539,7 +479,8 @@ class PrivacyEngine:
         if model is not None and isinstance(model, nn.Module):
             if variables is None:
                 raise ValueError("a Linen model needs its variables: make_private(model=..., variables=...)")
-            validation.check(model, variables, sample_input)
+            if check:
+                validation.check(model, variables, sample_input)
             return _keyed(loss_fn), variables["params"] if params is None else params, None
         if model is not None:
             raise TypeError(f"model must be a Flax NNX or Linen module, got {type(model).__name__}")
@@ -581,6 +522,8 @@ class PrivacyEngine:
         momentum: float = 0.0,
         allow_large_delta: bool = False,
         max_grad_norm: float | PyTree = None,
+        reserve: bool = False,
+        defer_ledger: bool = False,
     ) -> PrivateTraining:
         """Wrap a model, a per-example loss and an optax optimiser into a :class:`PrivateTraining`.
 
@@ -604,7 +547,12 @@ class PrivacyEngine:
           target_epsilon, target_delta: stop (PrivacyBudgetExhausted) at the step that would exceed epsilon.
           ledger, dataset_id, run_id, parent_run_id: a privacy ledger (:mod:`jaxdp.ledger`, object or path;
             default ``$JAXDP_LEDGER``): training on a protected dataset is refused unless ``run_id`` holds a
-            reservation charged to it (and, when fine-tuning, to the parent model's datasets).
+            reservation charged to it (and, when fine-tuning, to the parent model's datasets). The run never
+            steps beyond its reservation (:class:`PrivacyBudgetExhausted`); ``commit_ledger()`` records the
+            steps taken (:class:`jaxdp.ledger.gate.LedgerGate`).
+          reserve: reserve the planned steps (``epochs=``) in the ledger when the run has no reservation yet.
+          defer_ledger: do not open the ledger here; the caller calls ``open_ledger(...)`` before the first step
+            (steps are refused until then). ``ledger=False`` is the deprecated spelling.
           mechanism, bands: ``"dpsgd"`` (default: independent noise, Poisson sampling) or ``"bandmf"``: b-banded
             matrix-factorization noise (:func:`jaxdp.matrix_factorization.bandmf_noise`, state ``(b-1) x |params|``,
             strategy optimised for the planned steps, so ``epochs`` is required) with cyclic Poisson sampling
@@ -651,14 +599,7 @@ class PrivacyEngine:
                 raise ValueError("target_epsilon needs target_delta")
         if target_delta is not None:
             _check_delta(target_delta, n, allow_large_delta)
-        import os
-        ledger = ledger if ledger is not None else os.environ.get("JAXDP_LEDGER")
-        if ledger is not None and ledger is not False:  # False: the caller (e.g. DPTrainer) checks itself
-            from jaxdp.ledger import require_reservation
-            if dataset_id is None or run_id is None:
-                raise ValueError("with a privacy ledger, make_private needs dataset_id= and run_id= (the run's "
-                                 "reservation); see jaxdp.ledger")
-            require_reservation(ledger, dataset_id, run_id, private=True, parent_run_id=parent_run_id)
+        defer_ledger = _check_ledger_args(ledger, dataset_id, run_id, defer_ledger)
         if mechanism not in ("dpsgd", "bandmf", "blt"):
             raise ValueError(f"mechanism must be 'dpsgd', 'bandmf' or 'blt', got {mechanism!r}")
         from jaxdp.matrix_factorization import _check_momentum
@@ -692,11 +633,8 @@ class PrivacyEngine:
         planned = None if epochs is None else sampler.steps_for_epochs(epochs)
         probe = _accounting().Accountant(self.accountant.method,
                                          neighboring_relation=self.accountant.neighboring_relation)
-        probe.step(sigma, sampler.sample_rate, 1, sampling=sampler.sampling, dataset_size=n,
-                   batch_size=getattr(sampler, "batch_size", None),
-                   max_batch_size=getattr(sampler, "max_batch_size", None),
-                   bands=getattr(sampler, "bands", None), mechanism=mechanism,
-                   min_separation=getattr(sampler, "min_separation", None), horizon=planned)
+        probe.record(sampler.event(sigma, 1, mechanism=mechanism, horizon=planned) if mechanism == "blt" else
+                     sampler.event(sigma, 1, mechanism=mechanism))
         key = None if self.secure else jax.random.fold_in(jax.random.key(seed), 0x6E6F6973)  # "nois": noise stream
         noise_tx = None
         if mechanism == "bandmf":
@@ -715,7 +653,7 @@ class PrivacyEngine:
             noise_multiplier=sigma, l2_clip_norm=l2_clip_norm, key=key, secure=self.secure,
             method=method, microbatch_size=microbatch_size, trainable=trainable, expected_batch_size=e,
             target_epsilon=target_epsilon, target_delta=target_delta, planned_steps=planned, nnx_graph=graph,
-            noise_tx=noise_tx, mechanism=mechanism, adaptive=adaptive_clipping)
+            noise_tx=noise_tx, mechanism=mechanism, adaptive=adaptive_clipping, defer_ledger=defer_ledger)
         private.allow_large_delta = bool(allow_large_delta)
         shortfall = private.plan_shortfall()
         if shortfall is not None:
@@ -729,7 +667,59 @@ class PrivacyEngine:
             import secrets
             private._example_key = (jax.random.key(secrets.randbits(63)) if self.secure else
                                     jax.random.fold_in(jax.random.key(seed), _EXAMPLE_KEY_STREAM))
+        if not defer_ledger:  # last: a reservation is made only for a run that was built
+            private.open_ledger(ledger, dataset_id=dataset_id, run_id=run_id, parent_run_id=parent_run_id,
+                                reserve=reserve)
         return private
+
+    def make_nonprivate(
+        self,
+        *,
+        loss_fn: Callable,
+        optimizer: optax.GradientTransformation,
+        dataset_size: int,
+        batch_size: float,
+        seed: int | None = None,
+        model: Any = None,
+        variables: PyTree = None,
+        params: PyTree = None,
+        sample_input: Any = None,
+        epochs: float | None = None,
+        poisson_sampling: bool = True,
+        ledger: Any = None,
+        dataset_id: str | None = None,
+        run_id: str | None = None,
+        parent_run_id: str | None = None,
+        defer_ledger: bool = False,
+    ) -> NonPrivateTraining:
+        """The non-private twin of :meth:`make_private` (a baseline): the same arguments for the model, the
+        loss, the optimiser and the sampling, and an object with the same surface
+        (:class:`jaxdp.training.NonPrivateTraining`). It is refused on data the ledger protects.
+
+        Example::
+
+            >>> import jax.numpy as jnp, numpy as np, optax
+            >>> run = PrivacyEngine().make_nonprivate(loss_fn=lambda p, b: (b["x"] @ p["w"] - 1.0) ** 2,
+            ...     params={"w": jnp.zeros(2)}, optimizer=optax.sgd(0.1), dataset_size=8, batch_size=4, seed=0)
+            >>> run.get_epsilon(), run.noise_multiplier
+            (inf, 0.0)
+        """
+        n = _checks.positive_int("dataset_size", dataset_size)
+        b = _checks.positive("batch_size", batch_size)
+        _checks.sample_rate(b / n, "batch_size / dataset_size")
+        if seed is None and not self.secure:
+            raise ValueError("make_nonprivate needs seed= (an int) for batch selection, or "
+                             "PrivacyEngine(secure=True) to use the OS entropy source")
+        defer_ledger = _check_ledger_args(ledger, dataset_id, run_id, defer_ledger)
+        pure, p, graph = self._prepare(loss_fn, model, variables, params, sample_input, check=False)
+        sampler = (PoissonSampler(n, b / n, seed, secure=self.secure) if poisson_sampling else
+                   ShuffleSampler(n, int(round(b)), seed, secure=self.secure))
+        run = NonPrivateTraining(engine=self, pure_loss=pure, params=p, optimizer=optimizer, dataset_size=n,
+                                 sampler=sampler, planned_steps=None if epochs is None else
+                                 sampler.steps_for_epochs(epochs), nnx_graph=graph, defer_ledger=defer_ledger)
+        if not defer_ledger:
+            run.open_ledger(ledger, dataset_id=dataset_id, run_id=run_id, parent_run_id=parent_run_id)
+        return run
 
     def make_private_with_epsilon(self, *, target_epsilon: float, target_delta: float, epochs: float,
                                   dataset_size: int, batch_size: float, **kwargs) -> PrivateTraining:
@@ -746,7 +736,7 @@ class PrivacyEngine:
         if kwargs.get("opacus_compat", False):
             # calibrate for the rate the sampler will actually use (Opacus's 1 / ceil(N / B)), not B / N
             q = compat.sample_rate(n, int(round(batch_size)), opacus_compat=True)
-        steps = PoissonSampler(n, q, 0).steps_for_epochs(epochs)
+        steps = steps_for_epochs(epochs, q)   # the steps the sampler will take (the same rule)
         if kwargs.get("mechanism", "dpsgd") == "blt":   # ONE Gaussian mechanism, whatever the number of steps
             _check_blt(n, batch_size, kwargs.get("buffers"), epochs, kwargs.get("poisson_sampling", True),
                        kwargs.get("max_batch_size"), kwargs.get("opacus_compat", False), self.accountant)
@@ -754,9 +744,9 @@ class PrivacyEngine:
         elif kwargs.get("mechanism", "dpsgd") == "bandmf":   # DP-SGD with rate b q and ceil(T / b) steps
             bands = _check_bandmf(n, batch_size, q, kwargs.get("bands"), epochs, kwargs.get("poisson_sampling", True),
                                   kwargs.get("max_batch_size"), kwargs.get("opacus_compat", False), self.accountant)
-            from jaxdp.accounting import cyclic_participations
-            q, steps = q * bands, cyclic_participations(CyclicPoissonSampler(n, q * bands, bands, 0)
-                                                        .steps_for_epochs(epochs), bands)
+            sampler = CyclicPoissonSampler(n, q * bands, bands, 0)
+            cyclic = sampler.event(1.0, sampler.steps_for_epochs(epochs), mechanism="bandmf").equivalent_poisson()
+            q, steps = cyclic.sample_rate, cyclic.steps
         sigma = self.calibrate(target_epsilon, target_delta, q, steps)
         return self.make_private(noise_multiplier=sigma, dataset_size=n, batch_size=batch_size, epochs=epochs,
                                  target_epsilon=target_epsilon, target_delta=target_delta, **kwargs)
@@ -826,10 +816,24 @@ def _check_blt(n, batch_size, buffers, epochs, poisson_sampling, max_batch_size,
         raise ValueError("mechanism='blt' needs a fresh PrivacyEngine: its noise is scaled for one planned run, "
                          "accounted as one Gaussian mechanism, which must not merge with earlier runs' steps")
     return d
+def _check_ledger_args(ledger: Any, dataset_id: str | None, run_id: str | None, defer_ledger: bool) -> bool:
+    """Refuse a ledger without the run's ids before anything is built; returns ``defer_ledger`` (True for the
+    deprecated ``ledger=False``)."""
+    if ledger is False:
+        from jaxdp.training import deprecated_ledger_false
+        deprecated_ledger_false()
+        return True
+    import os
+    if not defer_ledger and (ledger if ledger is not None else os.environ.get("JAXDP_LEDGER")) and (
+            dataset_id is None or run_id is None):
+        raise ValueError("with a privacy ledger, make_private needs dataset_id= and run_id= (the run's "
+                         "reservation); see jaxdp.ledger")
+    return bool(defer_ledger)
 
 
 def _check_delta(delta: float, n: int, allow_large_delta: bool = False) -> None:
     _checks.delta_for_dataset(delta, n, allow_large_delta=allow_large_delta)
 
 
-__all__ = ["PrivacyEngine", "PrivateTraining", "TrainState", "PrivacyBudgetExhausted", "ExampleKeyedBatch"]
+__all__ = ["PrivacyEngine", "PrivateTraining", "NonPrivateTraining", "TrainState", "PrivacyBudgetExhausted",
+           "ExampleKeyedBatch"]

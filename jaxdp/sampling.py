@@ -41,6 +41,37 @@ def _check_seed(seed, secure: bool, who: str) -> None:
         raise ValueError(f"{who}: seed must be a non-negative int, got {seed!r}")
 
 
+def steps_for_epochs(epochs: float, sample_rate: float | None = None, *, steps_per_epoch: int | None = None) -> int:
+    """The number of steps in which each example takes part ``epochs`` times (in expectation): THE rule for
+    turning epochs into steps, used by the samplers, the engine, the trainer and the ``jaxdp epsilon`` and
+    ``jaxdp ledger reserve`` commands, so a plan, a reservation and a run agree on the step count.
+
+    Give exactly one of:
+      sample_rate: the expected fraction of the data one step uses (Poisson: ``q``; cyclic Poisson over ``b``
+        groups at rate ``p``: ``p / b``): ``ceil(epochs / sample_rate)``.
+      steps_per_epoch: the whole number of steps of one pass (shuffled batches: ``N // B``, the last partial
+        batch dropped): ``ceil(epochs * steps_per_epoch)``.
+
+    A tolerance of ``1e-9`` keeps floating-point noise from adding a step (``3 / 0.1`` is ``30.000000000000004``
+    in floating point, and is 30 steps). Epoch ``k`` of a sampler ends at step ``steps_for_epochs(k, ...)``.
+
+    Raises:
+      ValueError: ``epochs`` is negative or not finite, a rate outside (0, 1], or not exactly one of the two.
+
+    >>> steps_for_epochs(3, 0.1)
+    30
+    >>> steps_for_epochs(2.5, steps_per_epoch=234)   # 60000 // 256 batches per epoch
+    585
+    """
+    epochs = _checks.non_negative("epochs", epochs)
+    if (sample_rate is None) == (steps_per_epoch is None):
+        raise ValueError("steps_for_epochs needs exactly one of sample_rate (Poisson: q) or steps_per_epoch "
+                         "(shuffled batches: N // B)")
+    if sample_rate is not None:
+        return max(0, math.ceil(epochs / _checks.sample_rate(sample_rate) - 1e-9))
+    return max(0, math.ceil(epochs * _checks.positive_int("steps_per_epoch", steps_per_epoch) - 1e-9))
+
+
 def default_pad_multiple(dataset_size: int, sample_rate: float) -> int:
     """Power of two >= 4 standard deviations of Binomial(N, q) (at least 8).
 
@@ -66,6 +97,11 @@ class _Sampler:
         raise NotImplementedError
 
     def steps_for_epochs(self, epochs: float) -> int:
+        raise NotImplementedError
+
+    def event(self, noise_multiplier: float, steps: int, *, mechanism: str = "dpsgd",
+              l2_clip_norm: float | None = None):
+        """The accounting event (:class:`jaxdp.accounting.Event`) of ``steps`` steps on this sampler's batches."""
         raise NotImplementedError
 
     def epoch_end(self, step: int) -> int:
@@ -150,7 +186,24 @@ class PoissonSampler(_Sampler):
 
     def steps_for_epochs(self, epochs: float) -> int:
         """``ceil(epochs / q)``: the number of steps that sees each example ``epochs`` times in expectation."""
-        return max(0, math.ceil(epochs / self.sample_rate - 1e-9))
+        return steps_for_epochs(epochs, self.sample_rate)
+
+    def event(self, noise_multiplier: float, steps: int, *, mechanism: str = "dpsgd",
+              l2_clip_norm: float | None = None):
+        """The :class:`jaxdp.accounting.Event` of ``steps`` steps with noise multiplier ``noise_multiplier`` on
+        this sampler's batches (``"poisson"``, or ``"truncated_poisson"`` with ``max_batch_size``).
+
+        >>> PoissonSampler(1000, 0.01, seed=0).event(1.1, 300).to_dict()
+        {'sampling': 'poisson', 'noise_multiplier': 1.1, 'sample_rate': 0.01, 'steps': 300}
+        """
+        if self.sampling != "cyclic_poisson" and mechanism != "dpsgd":
+            raise ValueError(f"{self.sampling} sampling is accounted for independent noise (mechanism 'dpsgd') "
+                             f"only, got {mechanism!r}; correlated noise needs CyclicPoissonSampler")
+        from jaxdp.accounting.event import Event  # imported here: jaxdp.accounting loads dp-accounting
+        return Event.from_mechanism(noise_multiplier, self.sample_rate, steps, sampling=self.sampling,
+                                    dataset_size=self.dataset_size, max_batch_size=self.max_batch_size,
+                                    bands=getattr(self, "bands", None), mechanism=mechanism,
+                                    l2_clip_norm=l2_clip_norm)
 
     def padded_size(self, batch_size: int) -> int:
         m = self.pad_to_multiple
@@ -239,8 +292,9 @@ class CyclicPoissonSampler(PoissonSampler):
         return max(1, math.ceil(self.bands / self.sample_rate - 1e-9))
 
     def steps_for_epochs(self, epochs: float) -> int:
-        """``ceil(epochs * b / p)`` steps: each example ``epochs`` times in expectation."""
-        return max(0, math.ceil(epochs * self.bands / self.sample_rate - 1e-9))
+        """``ceil(epochs * b / p)`` steps: each example ``epochs`` times in expectation (a step uses ``p / b`` of
+        the data)."""
+        return steps_for_epochs(epochs, self.sample_rate / self.bands)
 
     def group(self, step: int) -> np.ndarray:
         """The examples of the group that step ``step`` samples from (``step mod b``)."""
@@ -324,8 +378,24 @@ class FixedOrderSampler(_Sampler):
         return self.min_separation
 
     def steps_for_epochs(self, epochs: float) -> int:
-        """``ceil(epochs * b)``."""
-        return max(0, math.ceil(epochs * self.min_separation - 1e-9))
+        """``ceil(epochs * b)`` (:func:`steps_for_epochs` with ``steps_per_epoch = b``)."""
+        return steps_for_epochs(epochs, steps_per_epoch=self.min_separation)
+
+    def event(self, noise_multiplier: float, steps: int, *, mechanism: str = "dpsgd",
+              l2_clip_norm: float | None = None, horizon: int | None = None):
+        """The :class:`jaxdp.accounting.Event` of ``steps`` steps of a run planned for ``horizon`` steps on this
+        fixed batch order: ``"blt"`` noise is ONE Gaussian mechanism for ``steps <= horizon``, independent
+        (``"dpsgd"``) noise ``ceil(steps / b)`` of them.
+
+        >>> FixedOrderSampler(100, 10, seed=0).event(3.0, 20, mechanism="blt", horizon=30).to_dict()
+        {'sampling': 'fixed_order', 'mechanism': 'blt', 'min_separation': 10, 'horizon': 30, \
+'noise_multiplier': 3.0, 'steps': 20}
+        """
+        if horizon is None:
+            raise ValueError("a fixed-order event needs horizon= (the planned number of steps its noise covers)")
+        from jaxdp.accounting.event import Event
+        return Event("fixed_order", mechanism=mechanism, min_separation=self.min_separation, horizon=horizon,
+                     noise_multiplier=noise_multiplier, steps=steps, l2_clip_norm=l2_clip_norm)
 
     def participations(self, steps: int) -> int:
         """``ceil(steps / b)``: the most steps one example takes part in among the first ``steps``."""
@@ -387,7 +457,18 @@ class ShuffleSampler(_Sampler):
         return n // b if self.drop_last else -(-n // b)
 
     def steps_for_epochs(self, epochs: float) -> int:
-        return math.ceil(epochs * self.steps_per_epoch - 1e-9)
+        """``ceil(epochs * steps_per_epoch)``: ``epochs`` passes over the data."""
+        return steps_for_epochs(epochs, steps_per_epoch=self.steps_per_epoch)
+
+    def event(self, noise_multiplier: float, steps: int, *, mechanism: str = "dpsgd",
+              l2_clip_norm: float | None = None):
+        """The :class:`jaxdp.accounting.Event` of ``steps`` steps on these shuffled fixed-size batches."""
+        if mechanism != "dpsgd":
+            raise ValueError(f"shuffled batches are accounted for independent noise (mechanism 'dpsgd') only, got "
+                             f"{mechanism!r}")
+        from jaxdp.accounting.event import Event
+        return Event("shuffle", noise_multiplier=noise_multiplier, batch_size=self.batch_size,
+                     dataset_size=self.dataset_size, steps=steps, l2_clip_norm=l2_clip_norm)
 
     def sample(self, step: int) -> tuple[np.ndarray, np.ndarray]:
         epoch, pos = divmod(step, self.steps_per_epoch)
@@ -410,4 +491,5 @@ class ShuffleSampler(_Sampler):
         self.step = int(state["step"])
 
 
-__all__ = ["PoissonSampler", "CyclicPoissonSampler", "FixedOrderSampler", "ShuffleSampler", "default_pad_multiple"]
+__all__ = ["PoissonSampler", "CyclicPoissonSampler", "FixedOrderSampler", "ShuffleSampler", "default_pad_multiple",
+           "steps_for_epochs"]

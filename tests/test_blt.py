@@ -188,6 +188,27 @@ def test_fixed_order_events_past_the_horizon_or_replace_one_are_refused():
         accounting.validate_event({**ev, "mechanism": "bandmf", "steps": 1})
 
 
+def test_fixed_order_is_an_event_type_sampling_with_its_wire_format_and_one_run_merging():
+    from jaxdp.accounting import Event
+    from jaxdp.accounting.event import merge
+    wire = {"sampling": "fixed_order", "mechanism": "blt", "min_separation": 5, "horizon": 30,
+            "noise_multiplier": 1.0, "steps": 10}
+    ev = Event.from_dict(wire)
+    assert ev.to_dict() == wire and list(ev.to_dict()) == list(wire) and ev.epochs == 2.0
+    assert FixedOrderSampler(27, 5, seed=0).event(1.0, 10, mechanism="blt", horizon=30) == ev
+    assert ev.equivalent_poisson().to_dict() == {"sampling": "poisson", "noise_multiplier": 1.0,
+                                                 "sample_rate": 1.0, "steps": 1}
+    assert ev.replace(mechanism="dpsgd", steps=11).equivalent_poisson().steps == 3    # ceil(11 / 5) Gaussians
+    assert [e.steps for e in merge([ev, ev])] == [10, 10]                  # two runs: two schemas, never merged
+    assert [e.steps for e in merge([ev, ev], canonical_order=True)] == [10, 10]
+    assert [e.steps for e in merge([ev, ev], one_run=True)] == [20]        # one run, step by step
+    with pytest.raises(ValueError, match="exceeds its planned horizon"):
+        merge([ev, ev, ev, ev], one_run=True)
+    with pytest.raises(ValueError, match="zero-out"):
+        accounting.Accountant("prv", neighboring_relation="replace_one").record(ev)
+    assert ev.refusal("rdp", "add_remove") is None
+
+
 # -------------------------------------------------------------------------------------------- sampler
 
 
@@ -245,6 +266,7 @@ def test_engine_blt_samples_in_fixed_order_accounts_one_gaussian_and_stops_at_th
                 state, _ = private.step(state, batch, mask)
                 steps += 1
     assert steps == 13 and private.steps_taken == 13
+    assert "horizon of 13 steps" in private.next_step_refusal()   # the one pre-step check says why
     assert engine.accountant.history == [{"sampling": "fixed_order", "mechanism": "blt", "min_separation": 5,
                                           "horizon": 13, "noise_multiplier": 1.5, "steps": 13}]
     assert private.get_epsilon(DELTA) == pytest.approx(blt.blt_epsilon(1.5, DELTA, accountant="pld"), rel=1e-12)

@@ -41,3 +41,41 @@ def test_public_errors_are_exported():
     assert issubclass(jaxdp.ModelValidationError, ValueError)
     for name in ("PrivacyBudgetExhausted", "ModelValidationError", "ConfigError", "LedgerError"):
         assert name in jaxdp.__all__
+
+
+def _readme_figures_module():
+    import importlib.util
+    path = README.parent / "benchmarks" / "readme_figures.py"
+    spec = importlib.util.spec_from_file_location("readme_figures", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_readme_audit_and_lm_figures_equal_the_committed_json():
+    """The README's LiRA rows and LM exposure table are the text `benchmarks/readme_figures.py` derives from its
+    committed JSON (ranges over seeds): editing either side alone fails."""
+    mod = _readme_figures_module()
+    snippets = mod.readme_snippets()
+    assert {"lira_non_private", "lira_dp", "lm_table"} <= set(snippets), "benchmarks/results lost a README section"
+    readme = README.read_text()
+    for name, text in snippets.items():
+        assert text in readme, f"README.md does not state what benchmarks/results holds ({name}): {text}"
+
+
+def test_readme_snippets_follow_the_json():
+    """The snippet generator reads the numbers (a changed number changes the text), so the test above can fail."""
+    import copy
+    import json
+    mod = _readme_figures_module()
+    with open(mod.JSON["lira"]) as f:
+        lira = json.load(f)
+    with open(mod.JSON["lm"]) as f:
+        lm = json.load(f)
+    base = mod.readme_snippets({"lira": lira, "lm": lm})
+    lira2, lm2 = copy.deepcopy(lira), copy.deepcopy(lm)
+    lira2["runs"][0]["dp_epsilon_3"]["loss_threshold"]["auc"] = 0.999
+    lm2["runs"][0]["exposure"]["DP LoRA (eps=8)"]["never inserted"] = 15.0
+    changed = mod.readme_snippets({"lira": lira2, "lm": lm2})
+    assert changed["lira_dp"] != base["lira_dp"] and "0.999" in changed["lira_dp"]
+    assert changed["lm_table"] != base["lm_table"] and "15.00" in changed["lm_table"]

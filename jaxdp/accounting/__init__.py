@@ -1,7 +1,8 @@
 """Privacy accounting: RDP, PLD and PRV accountants, noise calibration, TF Privacy's statement.
 
 Everything is built on Google's ``dp-accounting`` (plus the exact RDP of the Poisson-sampled Gaussian,
-:mod:`jaxdp.accounting.sgm_rdp`); see :mod:`jaxdp.accounting.core` and ``docs/accounting.md``.
+:mod:`jaxdp.accounting.sgm_rdp`); see :mod:`jaxdp.accounting.core` and ``docs/accounting.md``. A mechanism is
+described once, by :class:`Event` (:mod:`jaxdp.accounting.event`).
 """
 from jaxdp.accounting.core import (  # noqa: F401
     ACCOUNTANTS, NEIGHBORING_RELATIONS, SAMPLINGS, Accountant, DeltaWarning, DpSgdPrivacy, PRVPrivacyAccountant,
@@ -11,6 +12,7 @@ from jaxdp.accounting.core import (  # noqa: F401
     cyclic_participations,
 )
 from jaxdp.accounting.core import __all__  # noqa: F401
+from jaxdp.accounting.event import FIELDS, RELATION_LABELS, RELATIONS, Event, merge  # noqa: F401
 from jaxdp.accounting.sgm_rdp import ExactRdpAccountant, compute_rdp_poisson_gaussian  # noqa: F401
 
-__all__ = [*__all__, "ExactRdpAccountant", "compute_rdp_poisson_gaussian"]
+__all__ = [*__all__, "ExactRdpAccountant", "compute_rdp_poisson_gaussian", "FIELDS", "RELATION_LABELS"]

@@ -1,7 +1,9 @@
 """``jaxdp epsilon`` and ``jaxdp calibrate``.
 
-Both describe DP-SGD over ``N`` examples with (expected) batch size ``B``: sample rate ``q = B / N`` and
-``steps = ceil(epochs / q)`` (each example seen ``epochs`` times in expectation), unless ``--steps`` is given.
+Both describe DP-SGD over ``N`` examples with (expected) batch size ``B``: sample rate ``q = B / N`` and, unless
+``--steps`` is given, the steps ``jaxdp train`` takes for ``--epochs`` (:func:`jaxdp.sampling.steps_for_epochs`):
+``ceil(epochs / q)`` for Poisson sampling (each example seen ``epochs`` times in expectation), ``epochs * (N // B)``
+for shuffled batches (the last partial batch of an epoch is dropped).
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import time
 
 from jaxdp import _cli
 from jaxdp.accounting import core
+from jaxdp.accounting.event import ACCOUNTANTS, RELATIONS
 
 # Of core.SAMPLINGS, those a dataset size and a batch size describe (the others need more: --events in the ledger).
 SAMPLINGS = ("poisson", "shuffle")
@@ -22,19 +25,19 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", "-B", type=int, required=True,
                    help="(expected) batch size B; the sample rate is q = B / N")
     g = p.add_mutually_exclusive_group(required=True)
-    g.add_argument("--epochs", type=float, help="epochs E; steps = ceil(E / q)")
+    g.add_argument("--epochs", type=float, help="epochs E; steps = ceil(E / q) (shuffle: E * (N // B))")
     g.add_argument("--steps", type=int, help="number of steps (instead of --epochs)")
     p.add_argument("--delta", type=float, required=True, help="target delta (must be < 1/N)")
     p.add_argument("--allow-large-delta", action="store_true",
                    help="experts only: accept delta >= 1/N (refused by default: such a delta is met by publishing "
                         "one example in the clear)")
-    p.add_argument("--accountant", choices=core.ACCOUNTANTS, default="prv",
+    p.add_argument("--accountant", choices=ACCOUNTANTS, default="prv",
                    help="rdp (Renyi DP), pld (privacy loss distribution) or prv (Opacus's PRV upper bound; "
                         "default)")
     p.add_argument("--sampling", choices=SAMPLINGS, default="poisson",
                    help="batch selection: poisson (default) or shuffle (fixed-size batches without replacement; "
                         "needs --accountant rdp --neighboring-relation replace_one)")
-    p.add_argument("--neighboring-relation", choices=tuple(core.NEIGHBORING_RELATIONS), default="add_remove",
+    p.add_argument("--neighboring-relation", choices=RELATIONS, default="add_remove",
                    help="datasets the guarantee compares: add_remove (default) or replace_one")
     _cli.add_json_flag(p, "the result (instead of a table)")
 
@@ -49,7 +52,13 @@ def _setting(args: argparse.Namespace) -> tuple[float, int]:
     _checks.delta_for_dataset(args.delta, n, allow_large_delta=args.allow_large_delta,
                               override="--allow-large-delta", warn=False)  # compute_epsilon warns
     q = b / n
-    steps = core.steps_for_epochs(args.epochs, q) if args.steps is None else args.steps
+    from jaxdp.sampling import steps_for_epochs
+    if args.steps is not None:
+        steps = args.steps
+    elif args.sampling == "shuffle":
+        steps = steps_for_epochs(args.epochs, steps_per_epoch=n // b)
+    else:
+        steps = steps_for_epochs(args.epochs, q)
     if steps < 0:
         raise ValueError(f"--steps must be >= 0, got {steps}")
     return q, steps

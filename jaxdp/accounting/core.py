@@ -2,8 +2,10 @@
 
 A training run is a sequence of *events*: ``T`` steps of a Gaussian mechanism (noise std
 ``noise_multiplier * C`` on a sum of clipped per-example gradients, sensitivity ``C``) applied to a batch drawn
-by some sampling scheme. Events are plain JSON-safe dicts (see :func:`validate_event`) so that a run's history
-can be checkpointed, written to the budget ledger and re-accounted later with any accountant:
+by some sampling scheme. An event is a :class:`jaxdp.accounting.Event` (:mod:`jaxdp.accounting.event`, the one
+description of a mechanism); its wire format is a plain JSON-safe dict, so that a run's history can be
+checkpointed, written to the budget ledger and re-accounted later with any accountant. Every function here
+takes events or their dicts:
 
 ``{"sampling": "poisson", "noise_multiplier": s, "sample_rate": q, "steps": T}``
     Poisson subsampling: each example joins each batch independently with probability ``q``.
@@ -71,18 +73,15 @@ from dp_accounting.rdp import rdp_privacy_accountant as _rdp_lib
 from dp_accounting.pld import pld_privacy_accountant
 
 from jaxdp import _checks
+from jaxdp import sampling as _sampling
+from jaxdp.accounting.event import (ACCOUNTANTS, CYCLIC_MECHANISMS, FIXED_ORDER_MECHANISMS,  # noqa: F401
+                                    RELATIONS, SAMPLINGS, Event, merge)
 from jaxdp.accounting.sgm_rdp import OPACUS_ORDERS, ExactRdpAccountant  # noqa: F401  (OPACUS_ORDERS: re-export)
 
-ACCOUNTANTS = ("rdp", "pld", "prv")
-NEIGHBORING_RELATIONS = {
-    "add_remove": pa.NeighboringRelation.ADD_OR_REMOVE_ONE,
-    "replace_one": pa.NeighboringRelation.REPLACE_ONE,
-}
-SAMPLINGS = ("poisson", "shuffle", "truncated_poisson", "cyclic_poisson", "fixed_order", "none")
-#: Noise mechanisms a cyclic-Poisson event may name (both accounted by the same theorem).
-CYCLIC_MECHANISMS = ("bandmf", "dpsgd")
-#: Noise mechanisms a fixed-order event may name: BLT (one Gaussian mechanism) or independent noise.
-FIXED_ORDER_MECHANISMS = ("blt", "dpsgd")
+_DP_RELATIONS = {"add_remove": pa.NeighboringRelation.ADD_OR_REMOVE_ONE,
+                 "replace_one": pa.NeighboringRelation.REPLACE_ONE}
+#: Each neighbouring relation (:data:`jaxdp.accounting.event.RELATIONS`) as dp-accounting names it.
+NEIGHBORING_RELATIONS = {r: _DP_RELATIONS[r] for r in RELATIONS}
 
 #: PLD discretisation used by "pld" and "prv" (dp-accounting's default; docs/privacy.md's reference figures use it).
 PLD_VALUE_DISCRETIZATION_INTERVAL = 1e-4
@@ -144,8 +143,8 @@ def _check_accountant(accountant: str) -> str:
 
 
 def _check_relation(relation: str) -> str:
-    if relation not in NEIGHBORING_RELATIONS:
-        raise ValueError(f"neighboring_relation must be one of {tuple(NEIGHBORING_RELATIONS)}, got {relation!r} "
+    if relation not in RELATIONS:
+        raise ValueError(f"neighboring_relation must be one of {RELATIONS}, got {relation!r} "
                          "('add_remove': add or remove one example, the default; 'replace_one': replace one)")
     return relation
 
@@ -160,115 +159,24 @@ def _steps(value: Any) -> int:
     return int(value)
 
 
-def validate_event(event: Mapping[str, Any]) -> dict:
-    """Check one event dict and return it normalised (Python ints/floats, canonical key order)."""
-    if not isinstance(event, Mapping):
-        raise TypeError(f"an accounting event must be a dict, got {type(event).__name__}")
-    sampling = event.get("sampling")
-    if sampling not in SAMPLINGS:
-        raise ValueError(f"event sampling must be one of {SAMPLINGS}, got {sampling!r} in {dict(event)!r}")
-
-    def need(*keys: str) -> None:
-        missing = [k for k in keys if k not in event]
-        extra = sorted(set(event) - set(keys) - {"sampling"})
-        if missing or extra:
-            raise ValueError(f"a {sampling!r} event has keys sampling, {', '.join(keys)}; "
-                             f"missing {missing}, unexpected {extra} in {dict(event)!r}")
-
-    if sampling == "none":
-        need("steps")
-        return {"sampling": "none", "steps": _steps(event["steps"])}
-    if sampling == "poisson":
-        need("noise_multiplier", "sample_rate", "steps")
-        return {"sampling": "poisson", "noise_multiplier": _noise(event["noise_multiplier"]),
-                "sample_rate": _checks.sample_rate(event["sample_rate"]), "steps": _steps(event["steps"])}
-    if sampling == "shuffle":
-        need("noise_multiplier", "batch_size", "dataset_size", "steps")
-        n = _checks.positive_int("dataset_size", event["dataset_size"])
-        b = _checks.positive_int("batch_size", event["batch_size"])
-        if b > n:
-            raise ValueError(f"batch_size {b} is larger than dataset_size {n}")
-        return {"sampling": "shuffle", "noise_multiplier": _noise(event["noise_multiplier"]), "batch_size": b,
-                "dataset_size": n, "steps": _steps(event["steps"])}
-    if sampling == "cyclic_poisson":
-        need("mechanism", "bands", "noise_multiplier", "sample_rate", "steps")
-        if event["mechanism"] not in CYCLIC_MECHANISMS:
-            raise ValueError(f"a cyclic_poisson event's mechanism must be one of {CYCLIC_MECHANISMS}, got "
-                             f"{event['mechanism']!r}")
-        return {"sampling": "cyclic_poisson", "mechanism": event["mechanism"],
-                "bands": _checks.positive_int("bands", event["bands"]),
-                "noise_multiplier": _noise(event["noise_multiplier"]),
-                "sample_rate": _checks.sample_rate(event["sample_rate"]), "steps": _steps(event["steps"])}
-    if sampling == "fixed_order":
-        need("mechanism", "min_separation", "horizon", "noise_multiplier", "steps")
-        if event["mechanism"] not in FIXED_ORDER_MECHANISMS:
-            raise ValueError(f"a fixed_order event's mechanism must be one of {FIXED_ORDER_MECHANISMS}, got "
-                             f"{event['mechanism']!r}")
-        out = {"sampling": "fixed_order", "mechanism": event["mechanism"],
-               "min_separation": _checks.positive_int("min_separation", event["min_separation"]),
-               "horizon": _checks.positive_int("horizon", event["horizon"]),
-               "noise_multiplier": _noise(event["noise_multiplier"]), "steps": _steps(event["steps"])}
-        if out["steps"] > out["horizon"]:
-            raise ValueError(f"a fixed_order event of {out['steps']} steps exceeds its planned horizon of "
-                             f"{out['horizon']} steps: the noise was scaled for ceil(horizon / min_separation) "
-                             "participations, and later steps are not covered by any analysis. Stop at the horizon "
-                             "(the engine does), or plan a longer run (more epochs) from the start")
-        return out
-    need("noise_multiplier", "sample_rate", "max_batch_size", "dataset_size", "steps")
-    return {"sampling": "truncated_poisson", "noise_multiplier": _noise(event["noise_multiplier"]),
-            "sample_rate": _checks.sample_rate(event["sample_rate"]),
-            "max_batch_size": _checks.positive_int("max_batch_size", event["max_batch_size"]),
-            "dataset_size": _checks.positive_int("dataset_size", event["dataset_size"]),
-            "steps": _steps(event["steps"])}
+def validate_event(event: Mapping[str, Any] | Event) -> dict:
+    """Check one event dict and return it normalised (Python ints/floats, canonical key order):
+    ``Event.from_dict(event).to_dict()`` (see :class:`jaxdp.accounting.Event`)."""
+    return Event.coerce(event).to_dict()
 
 
-def merge_events(events: Iterable[Mapping[str, Any]]) -> list[dict]:
-    """Validate events, drop zero-step ones and merge consecutive events that differ only in ``steps``."""
-    out: list[dict] = []
-    for e in events:
-        e = validate_event(e)
-        if e["steps"] == 0:
-            continue
-        never = ("cyclic_poisson", "fixed_order")   # each run restarts its schedule: never merged across runs
-        if out and e["sampling"] not in never and {k: v for k, v in out[-1].items() if k != "steps"} == {
-                k: v for k, v in e.items() if k != "steps"}:
-            out[-1]["steps"] += e["steps"]
-        else:
-            out.append(e)
-    return out
+def merge_events(events: Iterable[Mapping[str, Any] | Event]) -> list[dict]:
+    """Validate events, drop zero-step ones and merge consecutive events that differ only in ``steps``
+    (cyclic-Poisson events never: each restarts its cycle). The dicts of :func:`jaxdp.accounting.event.merge`."""
+    return [e.to_dict() for e in merge(events)]
 
 
 # ------------------------------------------------------------------------------------ events -> DpEvents
 
 
-def _refuse(event: dict, accountant: str, relation: str) -> str | None:
+def _refuse(event: Mapping[str, Any] | Event, accountant: str, relation: str) -> str | None:
     """A clear reason why ``accountant`` cannot account ``event`` under ``relation`` (None if it can)."""
-    s = event["sampling"]
-    if s == "shuffle":
-        if accountant != "rdp":
-            return (f"the {accountant!r} accountant cannot account fixed-size batches sampled without "
-                    "replacement ('shuffle' events): dp-accounting has no PLD for that sampling, and accounting "
-                    "them as Poisson would understate epsilon. Use Accountant('rdp', "
-                    "neighboring_relation='replace_one'), or train with Poisson sampling (PoissonSampler).")
-        if relation != "replace_one":
-            return ("fixed-size batches sampled without replacement ('shuffle' events) only have an analysis "
-                    "under the replace-one relation (Wang, Balle, Kasiviswanathan 2019); create the accountant "
-                    "with neighboring_relation='replace_one' (its epsilon is not comparable with add/remove "
-                    "epsilons), or train with Poisson sampling.")
-    if s == "fixed_order" and relation != "add_remove":
-        return ("a fixed-order run (BLT or independent noise over a fixed batch order) is analysed under the "
-                "zero-out relation, i.e. add/remove one example with a fixed participation schema; replacing an "
-                "example changes the released sum by up to 2 C, which the noise was not scaled for. Use "
-                "neighboring_relation='add_remove'.")
-    if s == "truncated_poisson" and accountant == "rdp":
-        return ("the 'rdp' accountant has no analysis of truncated Poisson sampling (batches cut to "
-                "max_batch_size); use accountant='pld' or 'prv' (dp-accounting's truncated subsampled Gaussian "
-                "PLD), or sample without truncation.")
-    if s in ("poisson", "cyclic_poisson") and relation == "replace_one" and accountant == "rdp":
-        return ("the RDP analysis of Poisson sampling (Mironov, Talwar, Zhang 2019) is for the add/remove "
-                "relation only; use "
-                "neighboring_relation='add_remove' (the default) or accountant='pld'/'prv'.")
-    return None
+    return Event.coerce(event).refusal(accountant, relation)
 
 
 def cyclic_participations(steps: int, bands: int) -> int:
@@ -276,37 +184,10 @@ def cyclic_participations(steps: int, bands: int) -> int:
     return -(-int(steps) // int(bands))
 
 
-def to_dp_event(event: dict) -> dpe.DpEvent:
-    """The ``dp_accounting`` event for one (validated) jaxdp event, self-composed ``steps`` times."""
-    s, t = event["sampling"], event["steps"]
-    if s == "none":
-        inner: dpe.DpEvent = dpe.NonPrivateDpEvent()
-    elif s == "poisson":
-        gauss = dpe.GaussianDpEvent(event["noise_multiplier"])
-        inner = gauss if event["sample_rate"] == 1.0 else dpe.PoissonSampledDpEvent(event["sample_rate"], gauss)
-    elif s == "cyclic_poisson":
-        # Choquette-Choo et al. 2023, Theorem 4: T consecutive steps of b-banded MF (or independent noise) under
-        # cyclic Poisson sampling = DP-SGD with rate p and ceil(T / b) steps.
-        gauss = dpe.GaussianDpEvent(event["noise_multiplier"])
-        inner = gauss if event["sample_rate"] == 1.0 else dpe.PoissonSampledDpEvent(event["sample_rate"], gauss)
-        return dpe.SelfComposedDpEvent(inner, cyclic_participations(t, event["bands"]))
-    elif s == "fixed_order":
-        gauss = dpe.GaussianDpEvent(event["noise_multiplier"])
-        if event["mechanism"] == "blt":   # the noise is scaled to the whole schema's sensitivity: one mechanism
-            return gauss if t > 0 else dpe.NoOpDpEvent()
-        return dpe.SelfComposedDpEvent(gauss, cyclic_participations(t, event["min_separation"]))
-    elif s == "shuffle":
-        # dp-accounting's RDP for sampling without replacement (Wang, Balle, Kasiviswanathan 2019) takes the noise
-        # relative to the REPLACE-ONE sensitivity of the released sum. Replacing one example moves a sum of
-        # gradients clipped to norm C by up to 2C, so the noise std sigma*C is (sigma/2) times that sensitivity.
-        # (Its PLD, by contrast, models replace-one as the shift from +C to -C itself, and takes sigma as is.)
-        inner = dpe.SampledWithoutReplacementDpEvent(event["dataset_size"], event["batch_size"],
-                                                     dpe.GaussianDpEvent(event["noise_multiplier"] / 2.0))
-    else:
-        inner = dpe.TruncatedSubsampledGaussianDpEvent(
-            dataset_size=event["dataset_size"], sampling_probability=event["sample_rate"],
-            truncated_batch_size=event["max_batch_size"], noise_multiplier=event["noise_multiplier"])
-    return dpe.SelfComposedDpEvent(inner, t)
+def to_dp_event(event: Mapping[str, Any] | Event) -> dpe.DpEvent:
+    """The ``dp_accounting`` event for one jaxdp event, self-composed ``steps`` times
+    (:meth:`jaxdp.accounting.Event.to_dp_event`)."""
+    return Event.coerce(event).to_dp_event()
 
 
 class PRVPrivacyAccountant(pld_privacy_accountant.PLDAccountant):
@@ -363,19 +244,16 @@ def compose_events(events: Sequence[Mapping[str, Any]], accountant: str = "prv",
     :func:`_compose_variants`).
     """
     acc = make_dp_accountant(accountant, neighboring_relation)
-    for e in merge_events(events):
-        if e["sampling"] == "truncated_poisson" and dataset_size_offset:
-            e = {**e, "dataset_size": e["dataset_size"] + dataset_size_offset}
-        reason = _refuse(e, accountant, neighboring_relation)
+    for e in merge(Event.coerce(e).accounted() for e in events):
+        if e.sampling == "truncated_poisson" and dataset_size_offset:
+            e = e.replace(dataset_size=e.dataset_size + dataset_size_offset)
+        reason = e.refusal(accountant, neighboring_relation)
         if reason is not None:
             raise ValueError(reason)
-        if e["sampling"] != "none" and e["noise_multiplier"] == 0.0:
-            e = {"sampling": "none", "steps": e["steps"]}   # sigma = 0: no privacy, whatever the sampling
-        event = to_dp_event(e)
         try:
-            acc.compose(event)
+            acc.compose(e.to_dp_event())   # sigma = 0 composes as non-private, whatever the sampling
         except pa.UnsupportedEventError as err:
-            raise ValueError(f"the {accountant!r} accountant cannot account {e} under the "
+            raise ValueError(f"the {accountant!r} accountant cannot account {e.to_dict()} under the "
                              f"{neighboring_relation!r} relation: {err}") from None
     return acc
 
@@ -389,9 +267,9 @@ def _compose_variants(events: Sequence[Mapping[str, Any]], accountant: str, neig
     example is added to it), the same ``n`` at every step, so the guarantee is the worse of the two compositions.
     Without truncated-Poisson events (or under replace-one) there is one composition.
     """
-    events = merge_events(events)
+    events = merge(Event.coerce(e).accounted() for e in events)
     variants = [compose_events(events, accountant, neighboring_relation)]
-    if neighboring_relation == "add_remove" and any(e["sampling"] == "truncated_poisson" for e in events):
+    if neighboring_relation == "add_remove" and any(e.sampling == "truncated_poisson" for e in events):
         variants.append(compose_events(events, accountant, neighboring_relation, dataset_size_offset=1))
     return variants
 
@@ -447,7 +325,7 @@ class Accountant:
     def __init__(self, accountant: str = "prv", neighboring_relation: str = "add_remove") -> None:
         self.method = _check_accountant(accountant)
         self.neighboring_relation = _check_relation(neighboring_relation)
-        self._history: list[dict] = []
+        self._history: list[Event] = []
         self._cache: tuple[Any, list[pa.PrivacyAccountant]] | None = None
 
     @property
@@ -473,64 +351,39 @@ class Accountant:
         non-private steps.
         Raises ``ValueError`` at once if this accountant cannot account the sampling (privacy rule 5).
         """
-        if sampling == "poisson":
-            event = {"sampling": "poisson", "noise_multiplier": noise_multiplier, "sample_rate": sample_rate,
-                     "steps": num_steps}
-        elif sampling == "shuffle":
-            if batch_size is None and sample_rate is not None and dataset_size is not None:
-                batch_size = int(round(sample_rate * dataset_size))
-            event = {"sampling": "shuffle", "noise_multiplier": noise_multiplier, "batch_size": batch_size,
-                     "dataset_size": dataset_size, "steps": num_steps}
-        elif sampling == "truncated_poisson":
-            event = {"sampling": "truncated_poisson", "noise_multiplier": noise_multiplier,
-                     "sample_rate": sample_rate, "max_batch_size": max_batch_size, "dataset_size": dataset_size,
-                     "steps": num_steps}
-        elif sampling == "cyclic_poisson":
-            event = {"sampling": "cyclic_poisson", "mechanism": mechanism, "bands": bands,
-                     "noise_multiplier": noise_multiplier, "sample_rate": sample_rate, "steps": num_steps}
-        elif sampling == "fixed_order":
-            event = {"sampling": "fixed_order", "mechanism": mechanism, "min_separation": min_separation,
-                     "horizon": horizon, "noise_multiplier": noise_multiplier, "steps": num_steps}
-        elif sampling == "none":
-            event = {"sampling": "none", "steps": num_steps}
-        else:
-            raise ValueError(f"sampling must be one of {SAMPLINGS}, got {sampling!r}")
-        self.record(event)
+        self.record(Event.from_mechanism(noise_multiplier, sample_rate, num_steps, sampling=sampling,
+                                         dataset_size=dataset_size, batch_size=batch_size,
+                                         max_batch_size=max_batch_size, bands=bands, mechanism=mechanism,
+                                         min_separation=min_separation, horizon=horizon))
 
-    def record(self, event: Mapping[str, Any]) -> None:
-        """Record one event dict (see module docs); validated and merged like :meth:`step`."""
-        e = validate_event(event)
-        reason = _refuse(e, self.method, self.neighboring_relation)
+    def record(self, event: Mapping[str, Any] | Event) -> None:
+        """Record one :class:`~jaxdp.accounting.Event` (or its dict), as :meth:`step` does: validated, refused
+        at once if this accountant cannot account it, and merged into the last event when only ``steps``
+        differ (the steps of one run, so consecutive cyclic-Poisson steps merge too). Record-only keys
+        (``l2_clip_norm``) are dropped."""
+        e = Event.coerce(event).accounted()
+        reason = e.refusal(self.method, self.neighboring_relation)
         if reason is not None:
             raise ValueError(reason)
-        if e["steps"] == 0:
-            return
-        last = self._history[-1] if self._history else None
-        if last is not None and {k: v for k, v in last.items() if k != "steps"} == {
-                k: v for k, v in e.items() if k != "steps"}:
-            if e["sampling"] == "fixed_order":   # one run, step by step: still within its horizon?
-                validate_event({**last, "steps": last["steps"] + e["steps"]})
-            last["steps"] += e["steps"]
-        else:
-            self._history.append(e)
+        self._history[-1:] = merge(self._history[-1:] + [e], one_run=True)
 
     # -- views
     @property
     def history(self) -> list[dict]:
         """The merged events, oldest first (copies: editing them does not change the accountant)."""
-        return [dict(e) for e in self._history]
+        return [e.to_dict() for e in self._history]
 
     @property
     def steps(self) -> int:
         """Total number of steps recorded (private and non-private)."""
-        return sum(e["steps"] for e in self._history)
+        return sum(e.steps for e in self._history)
 
     def __len__(self) -> int:
         return self.steps
 
     # -- queries
     def _composed(self) -> list[pa.PrivacyAccountant]:
-        key = json.dumps(self._history, sort_keys=True)
+        key = tuple(self._history)
         if self._cache is None or self._cache[0] != key:
             self._cache = (key, _compose_variants(self._history, self.method, self.neighboring_relation))
         return self._cache[1]
@@ -583,27 +436,9 @@ class Accountant:
 
 
 def steps_for_epochs(epochs: float, sample_rate: float) -> int:
-    """``ceil(epochs / q)``: steps that see each example ``epochs`` times in expectation (``q = B / N``)."""
-    epochs = _checks.non_negative("epochs", epochs)
-    return max(0, math.ceil(epochs / _checks.sample_rate(sample_rate) - 1e-9))
-
-
-def _make_event(noise_multiplier: float, sample_rate: float, steps: int, sampling: str = "poisson",
-                dataset_size: int | None = None, batch_size: int | None = None,
-                max_batch_size: int | None = None) -> dict:
-    if sampling == "poisson":
-        return validate_event({"sampling": "poisson", "noise_multiplier": noise_multiplier,
-                               "sample_rate": sample_rate, "steps": steps})
-    if sampling == "shuffle":
-        if batch_size is None and dataset_size is not None:
-            batch_size = int(round(sample_rate * dataset_size))
-        return validate_event({"sampling": "shuffle", "noise_multiplier": noise_multiplier,
-                               "batch_size": batch_size, "dataset_size": dataset_size, "steps": steps})
-    if sampling == "truncated_poisson":
-        return validate_event({"sampling": "truncated_poisson", "noise_multiplier": noise_multiplier,
-                               "sample_rate": sample_rate, "max_batch_size": max_batch_size,
-                               "dataset_size": dataset_size, "steps": steps})
-    raise ValueError(f"sampling must be 'poisson', 'shuffle' or 'truncated_poisson', got {sampling!r}")
+    """``ceil(epochs / q)``: steps that see each example ``epochs`` times in expectation (``q = B / N``); the one
+    rule, :func:`jaxdp.sampling.steps_for_epochs`."""
+    return _sampling.steps_for_epochs(epochs, sample_rate)
 
 
 def compute_epsilon(noise_multiplier: float, sample_rate: float, steps: int, delta: float,
@@ -630,7 +465,8 @@ def compute_epsilon(noise_multiplier: float, sample_rate: float, steps: int, del
     _check_accountant(accountant)
     q = _checks.sample_rate(sample_rate)
     warn_if_delta_too_large(delta, dataset_size)
-    event = _make_event(noise_multiplier, q, steps, sampling, dataset_size, batch_size, max_batch_size)
+    event = Event.from_mechanism(noise_multiplier, q, steps, sampling=sampling, dataset_size=dataset_size,
+                                 batch_size=batch_size, max_batch_size=max_batch_size)
     return events_epsilon([event], delta, accountant, neighboring_relation)
 
 
@@ -678,12 +514,16 @@ def calibrate_noise_multiplier(target_epsilon: float, target_delta: float, sampl
             max_batch_size=max_batch_size, tol=tol, _single_variant=True) for n in (dataset_size, dataset_size + 1))
     batch_size = int(round(q * dataset_size)) if (sampling == "shuffle" and dataset_size) else None
 
+    def event(sigma: float) -> Event:
+        return Event.from_mechanism(sigma, q, steps, sampling=sampling, dataset_size=dataset_size,
+                                    batch_size=batch_size, max_batch_size=max_batch_size)
+
     def make_event(sigma: float) -> dpe.DpEvent:
-        e = _make_event(sigma, q, steps, sampling, dataset_size, batch_size, max_batch_size)
-        reason = _refuse(e, accountant, neighboring_relation)
+        e = event(sigma)
+        reason = e.refusal(accountant, neighboring_relation)
         if reason is not None:
             raise ValueError(reason)
-        return to_dp_event(e)
+        return e.to_dp_event()
 
     memo: dict = {}   # PLD/PRV evaluations cost ~0.5 s: never compute the same one twice
 
@@ -696,8 +536,7 @@ def calibrate_noise_multiplier(target_epsilon: float, target_delta: float, sampl
     # Bracket [lo, hi] with eps(lo) > target >= eps(hi). PLD/PRV evaluations cost ~0.5 s, so their bracket
     # starts from the (cheap, looser, hence larger) RDP sigma when RDP can account the sampling.
     hi = 1.0
-    if accountant != "rdp" and _refuse(_make_event(1.0, q, steps, sampling, dataset_size, batch_size,
-                                                   max_batch_size), "rdp", neighboring_relation) is None:
+    if accountant != "rdp" and event(1.0).refusal("rdp", neighboring_relation) is None:
         try:
             hi = calibrate_noise_multiplier(target_epsilon, target_delta, q, steps=steps, accountant="rdp",
                                             neighboring_relation=neighboring_relation, sampling=sampling,
@@ -847,5 +686,5 @@ __all__ = [
     "PRVPrivacyAccountant", "calibrate_noise_multiplier", "check_delta", "check_epsilon", "compose_events",
     "compute_dp_sgd_privacy", "compute_epsilon", "events_delta", "events_epsilon", "make_dp_accountant",
     "merge_events", "steps_for_epochs", "to_dp_event", "validate_event", "warn_if_delta_too_large",
-    "CYCLIC_MECHANISMS", "FIXED_ORDER_MECHANISMS", "cyclic_participations",
+    "CYCLIC_MECHANISMS", "FIXED_ORDER_MECHANISMS", "cyclic_participations", "Event", "RELATIONS",
 ]

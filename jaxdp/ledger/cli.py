@@ -14,11 +14,9 @@ import sys
 
 from jaxdp import _cli
 from jaxdp._io import atomic_write
-from jaxdp.accounting import core as _accounting
+from jaxdp.accounting.event import ACCOUNTANTS, CYCLIC_MECHANISMS, FIELDS, RELATIONS, SAMPLINGS, Event
 
 ENV = "JAXDP_LEDGER"
-# The samplings --sampling can describe; cyclic_poisson needs its bands and mechanism: give it with --events.
-_EVENT_SAMPLINGS = tuple(s for s in _accounting.SAMPLINGS if s != "cyclic_poisson")
 
 
 _DESCRIPTIONS = {  # `jaxdp ledger SUBCOMMAND --help`
@@ -60,8 +58,8 @@ def register(subparsers) -> None:
         _dataset_id_arg(q, required=required, help="dataset id to protect")
         q.add_argument("--max-epsilon", type=float, required=required, help="total epsilon budget")
         q.add_argument("--delta", type=float, required=required, help="delta of the budget")
-        q.add_argument("--accountant", default="prv", choices=_accounting.ACCOUNTANTS)
-        q.add_argument("--neighboring-relation", default="add_remove", choices=tuple(_accounting.NEIGHBORING_RELATIONS))
+        q.add_argument("--accountant", default="prv", choices=ACCOUNTANTS)
+        q.add_argument("--neighboring-relation", default="add_remove", choices=RELATIONS)
         q.add_argument("--note", default=None)
 
     q = sub.add_parser("init", parents=[common], help="create a ledger (and optionally register a dataset)",
@@ -85,14 +83,20 @@ def register(subparsers) -> None:
     def event_args(q):
         q.add_argument("--events", default=None,
                        help="events as JSON (a list of event dicts) or @FILE; or use the options below")
-        q.add_argument("--sampling", default="poisson", choices=_EVENT_SAMPLINGS)
+        q.add_argument("--sampling", default="poisson", choices=SAMPLINGS)
         q.add_argument("--noise-multiplier", type=float)
-        q.add_argument("--sample-rate", type=float)
+        q.add_argument("--sample-rate", type=float,
+                       help="q (poisson, truncated_poisson) or p (cyclic_poisson); poisson: default B / N from "
+                            "--batch-size and --dataset-size, as `jaxdp train` computes it")
         q.add_argument("--batch-size", type=int)
         q.add_argument("--dataset-size", type=int)
         q.add_argument("--max-batch-size", type=int)
+        q.add_argument("--mechanism", choices=CYCLIC_MECHANISMS, help="cyclic_poisson: the noise (default bandmf)")
+        q.add_argument("--bands", type=int, help="cyclic_poisson: the number of groups b")
         q.add_argument("--steps", type=int)
-        q.add_argument("--epochs", type=float, help="instead of --steps: steps = ceil(epochs / q)")
+        q.add_argument("--epochs", type=float,
+                       help="instead of --steps: the steps `jaxdp train` takes for these epochs (poisson: "
+                            "ceil(epochs / q); shuffle: epochs * (N // B); cyclic_poisson: ceil(epochs * b / p))")
         q.add_argument("--l2-clip-norm", type=float)
 
     q = sub.add_parser("reserve", parents=[common], help="reserve a run's planned mechanism before it starts",
@@ -191,6 +195,9 @@ def _load_events(text: str | None):
 
 
 def _events_from_args(args) -> list[dict]:
+    """The reservation's events: ``--events``, or one event from the options (the :class:`Event` of its
+    sampling; epochs become steps by :func:`jaxdp.sampling.steps_for_epochs`, the rule `jaxdp train` uses)."""
+    from jaxdp.sampling import steps_for_epochs
     events = _load_events(args.events)
     if events is not None:
         return events
@@ -198,30 +205,42 @@ def _events_from_args(args) -> list[dict]:
         v = getattr(args, k, None)
         if v is not None and not math.isfinite(v):
             raise ValueError(f"--{k.replace('_', '-')} must be a finite number, got {v}")
+    if args.epochs is not None and args.epochs <= 0:
+        raise ValueError(f"--epochs must be > 0, got {args.epochs}")
+    given = {k: getattr(args, k) for k in ("noise_multiplier", "sample_rate", "batch_size", "dataset_size",
+                                           "max_batch_size", "mechanism", "bands")}
+    if args.sampling == "cyclic_poisson" and given["mechanism"] is None:
+        given["mechanism"] = "bandmf"
+    if args.sampling == "poisson" and given["sample_rate"] is None and given["batch_size"] and given["dataset_size"]:
+        given["sample_rate"] = given["batch_size"] / given["dataset_size"]   # q = B / N, as the trainer has it
+    fields = FIELDS[args.sampling]
+    unused = [k for k, v in given.items() if v is not None and k not in fields
+              and not (args.sampling == "poisson" and k in ("batch_size", "dataset_size"))]  # they gave q
+    if unused:
+        raise ValueError(f"--sampling {args.sampling} has no " + ", ".join("--" + k.replace("_", "-") for k in unused)
+                         + f"; its event needs {', '.join(f for f in fields if f != 'steps')} (and steps or epochs)")
     steps = args.steps
     if steps is None and args.epochs is not None:
         if args.sampling == "shuffle":
             if not (args.batch_size and args.dataset_size):
                 raise ValueError("--epochs with shuffle sampling needs --batch-size and --dataset-size")
-            steps = math.ceil(args.epochs * args.dataset_size / args.batch_size)
+            steps = steps_for_epochs(args.epochs, steps_per_epoch=args.dataset_size // args.batch_size)
+        elif args.sampling == "none":
+            raise ValueError("--epochs needs a sampling with a rate; give --steps for --sampling none")
         else:
-            if not args.sample_rate:
+            if not given["sample_rate"]:
                 raise ValueError("--epochs needs --sample-rate (steps = ceil(epochs / sample_rate))")
-            steps = math.ceil(args.epochs / args.sample_rate)
-    if args.epochs is not None and args.epochs <= 0:
-        raise ValueError(f"--epochs must be > 0, got {args.epochs}")
+            rate = given["sample_rate"] / (given["bands"] or 1) if args.sampling == "cyclic_poisson" else \
+                given["sample_rate"]
+            steps = steps_for_epochs(args.epochs, rate)
     if steps is None:
         raise ValueError("give --steps or --epochs (or --events JSON)")
-    e = {"sampling": args.sampling, "steps": steps}
-    for k in ("noise_multiplier", "sample_rate", "batch_size", "dataset_size", "max_batch_size", "l2_clip_norm"):
-        v = getattr(args, k)
-        if v is not None and args.sampling != "none":
-            e[k] = v
-    if args.sampling == "truncated_poisson" or args.sampling == "poisson":
-        e.pop("batch_size", None)
-        if args.sampling == "poisson":
-            e.pop("dataset_size", None)
-    return [e]
+    event = Event.from_mechanism(given["noise_multiplier"], given["sample_rate"], steps, sampling=args.sampling,
+                                 dataset_size=given["dataset_size"], batch_size=given["batch_size"],
+                                 max_batch_size=given["max_batch_size"], bands=given["bands"],
+                                 mechanism=given["mechanism"] or "dpsgd",
+                                 l2_clip_norm=None if args.sampling == "none" else args.l2_clip_norm)
+    return [event.to_dict()]
 
 
 def _fmt_eps(x) -> str:

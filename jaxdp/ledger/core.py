@@ -16,11 +16,11 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from jaxdp._cli import jsonable  # the one JSON rule: inf -> "inf", NaN -> null
+from jaxdp.accounting.event import ACCOUNTANTS, RELATIONS
 from jaxdp.ledger import events as ev
 from jaxdp.ledger.store import (LedgerError, LedgerIntegrityError, LedgerStoreError, Row, Store, canonical_payload,
                                 init_meta, loads_payload, open_store, verify_rows)
 
-ACCOUNTANTS = ("prv", "pld", "rdp")
 _OPTIMISTIC_TRIES = 3  # reservations composed outside the write lock before one is composed under it
 _EPS_TOL = 1e-9  # composed epsilons are compared to the budget with this slack (floating-point noise only)
 
@@ -410,10 +410,8 @@ class Ledger:
             raise ValueError(f"delta must lie in (0, 1), got {delta!r}; use delta well below 1/dataset_size")
         if accountant not in ACCOUNTANTS:
             raise ValueError(f"accountant must be one of {ACCOUNTANTS}, got {accountant!r}")
-        from jaxdp.accounting import NEIGHBORING_RELATIONS
-        if neighboring_relation not in NEIGHBORING_RELATIONS:
-            raise ValueError(f"neighboring_relation must be one of {tuple(NEIGHBORING_RELATIONS)}, "
-                             f"got {neighboring_relation!r}")
+        if neighboring_relation not in RELATIONS:
+            raise ValueError(f"neighboring_relation must be one of {RELATIONS}, got {neighboring_relation!r}")
         payload = {"dataset_id": dataset_id, "max_epsilon": max_epsilon, "delta": delta, "accountant": accountant,
                    "neighboring_relation": neighboring_relation, "note": note, **_who()}
         with self._store.transaction(write=True) as tx:

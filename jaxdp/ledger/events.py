@@ -1,20 +1,15 @@
 """Mechanism events as the ledger records them, their composition, and what would still fit a budget.
 
-An *event* is one mechanism run on a dataset, as a plain JSON-able dict in the format of
-:func:`jaxdp.accounting.events_epsilon`::
+An *event* is one mechanism run on a dataset: a :class:`jaxdp.accounting.Event`, stored in its wire format
+(:meth:`~jaxdp.accounting.Event.to_dict`), e.g.::
 
-    {"sampling": "poisson", "noise_multiplier": s, "sample_rate": q, "steps": T}
-    {"sampling": "shuffle", "noise_multiplier": s, "batch_size": b, "dataset_size": n, "steps": T}
-    {"sampling": "truncated_poisson", "noise_multiplier": s, "sample_rate": q, "max_batch_size": m,
-     "dataset_size": n, "steps": T}
-    {"sampling": "cyclic_poisson", "mechanism": "bandmf", "bands": b, "noise_multiplier": s, "sample_rate": p,
-     "steps": T}                             # BandMF / cyclic Poisson: DP-SGD with rate p, ceil(T/b) steps
-    {"sampling": "fixed_order", "mechanism": "blt", "min_separation": b, "horizon": H, "noise_multiplier": s,
-     "steps": T}                             # BLT over a fixed batch order: ONE Gaussian mechanism (T <= H)
-    {"sampling": "none", "steps": T}          # non-private: epsilon = infinity
+    {"sampling": "poisson", "noise_multiplier": s, "sample_rate": q, "steps": T, "l2_clip_norm": C}
 
-plus, for the record only, ``"l2_clip_norm"`` (the accountant never sees it: the privacy guarantee is a function
-of the noise multiplier, the clip norm only scales the noise). The privacy unit is one example of the dataset.
+(the other samplings are listed in :mod:`jaxdp.accounting.event`). ``l2_clip_norm`` is for the record only:
+the privacy guarantee is a function of the noise multiplier, the clip norm only scales the noise. The privacy
+unit is one example of the dataset. The Event type validates each event; the ledger adds only its own limits
+on what one reservation may cost to compose (:data:`MAX_STEPS`, :data:`MAX_NOISE_MULTIPLIER`,
+:data:`MAX_EVENTS`).
 
 Composing all events charged to a dataset with the dataset's accountant gives the *spent* epsilon at the
 dataset's delta; the plain sum of each run's epsilon (basic composition, valid but loose) is shown beside it.
@@ -26,32 +21,23 @@ import json
 import math
 from typing import Any, Iterable
 
-SAMPLINGS = ("poisson", "shuffle", "truncated_poisson", "cyclic_poisson", "fixed_order", "none")
-_REQUIRED = {
-    "poisson": ("noise_multiplier", "sample_rate", "steps"),
-    "shuffle": ("noise_multiplier", "batch_size", "dataset_size", "steps"),
-    "truncated_poisson": ("noise_multiplier", "sample_rate", "max_batch_size", "dataset_size", "steps"),
-    "cyclic_poisson": ("mechanism", "bands", "noise_multiplier", "sample_rate", "steps"),
-    "fixed_order": ("mechanism", "min_separation", "horizon", "noise_multiplier", "steps"),
-    "none": ("steps",),
-}
-_INT_KEYS = ("steps", "batch_size", "dataset_size", "max_batch_size", "bands", "min_separation", "horizon")
-_STR_KEYS = ("mechanism",)
+from jaxdp.accounting.event import SAMPLINGS, Event, merge  # noqa: F401  (SAMPLINGS: re-export)
+
 # Bounds on what one event may ask for. Composing 10^7 PRV steps takes tens of seconds and 10^9 minutes (10^18
 # exhausts memory); a noise multiplier of 10^6 already gives epsilon 0 to printing precision (10^300 overflows
 # the accountants). Larger requests are refused with this explanation instead of hanging or crashing.
 MAX_STEPS = 10_000_000
 MAX_NOISE_MULTIPLIER = 1e6
 MAX_EVENTS = 1000
-_RECORD_ONLY = ("l2_clip_norm",)
 
 
 def normalize_events(events: Any) -> list[dict]:
-    """Validate events and return canonical copies (ints as int, floats as float, unknown keys refused).
+    """Validate events (:meth:`jaxdp.accounting.Event.from_dict`) within the ledger's cost limits and return
+    their canonical wire format (ints as int, floats as float, unknown keys refused).
 
     Raises ``ValueError`` naming the event and the key that is missing or out of range.
     """
-    if isinstance(events, dict):
+    if isinstance(events, (dict, Event)):
         events = [events]
     if not isinstance(events, (list, tuple)) or not events:
         raise ValueError("events must be a non-empty list of event dicts, e.g. "
@@ -60,62 +46,21 @@ def normalize_events(events: Any) -> list[dict]:
         raise ValueError(f"{len(events)} events: at most {MAX_EVENTS} per run")
     out = []
     for i, ev in enumerate(events):
-        if not isinstance(ev, dict):
+        if not isinstance(ev, (dict, Event)):
             raise ValueError(f"event {i} must be a dict, got {type(ev).__name__}")
-        sampling = ev.get("sampling")
-        if sampling not in SAMPLINGS:
-            raise ValueError(f"event {i}: sampling must be one of {SAMPLINGS}, got {sampling!r}")
-        allowed = set(_REQUIRED[sampling]) | {"sampling", *_RECORD_ONLY}
-        missing = [k for k in _REQUIRED[sampling] if ev.get(k) is None]
-        if missing:
-            raise ValueError(f"event {i} ({sampling}): missing {missing}; a {sampling} event needs "
-                             f"{list(_REQUIRED[sampling])}")
-        unknown = sorted(set(ev) - allowed)
-        if unknown:
-            raise ValueError(f"event {i} ({sampling}): unknown keys {unknown}; allowed: {sorted(allowed)}")
-        clean: dict[str, Any] = {"sampling": sampling}
-        for k in sorted(allowed - {"sampling"}):
-            if ev.get(k) is None:
-                continue
-            v = ev[k]
-            if k in _STR_KEYS:
-                from jaxdp.accounting.core import CYCLIC_MECHANISMS, FIXED_ORDER_MECHANISMS
-                names = FIXED_ORDER_MECHANISMS if sampling == "fixed_order" else CYCLIC_MECHANISMS
-                if v not in names:
-                    raise ValueError(f"event {i}: {k} must be one of {names}, got {v!r}")
-                clean[k] = str(v)
-            elif k in _INT_KEYS:
-                if isinstance(v, bool) or not float(v).is_integer() or int(v) < (0 if k == "steps" else 1):
-                    raise ValueError(f"event {i}: {k} must be an integer >= {0 if k == 'steps' else 1}, got {v!r}")
-                if k == "steps" and int(v) > MAX_STEPS:
-                    raise ValueError(f"event {i}: steps {int(v)} is more than the ledger accounts ({MAX_STEPS}); "
-                                     "a run this long cannot be composed in bounded time -- split it, or check "
-                                     "the number (epochs / sample rate?)")
-                clean[k] = int(v)
-            else:
-                try:
-                    f = float(v)
-                except (TypeError, ValueError):
-                    raise ValueError(f"event {i}: {k} must be a number, got {v!r}") from None
-                low_ok = f >= 0 if k == "noise_multiplier" else f > 0  # sigma = 0: no noise (non-private)
-                if not math.isfinite(f) or not low_ok:
-                    raise ValueError(f"event {i}: {k} must be a finite number {'>=' if k == 'noise_multiplier' else '>'}"
-                                     f" 0, got {v!r}")
-                if k == "sample_rate" and f > 1:
-                    raise ValueError(f"event {i}: sample_rate must lie in (0, 1], got {v!r}")
-                if k == "noise_multiplier" and f > MAX_NOISE_MULTIPLIER:
-                    raise ValueError(f"event {i}: noise_multiplier {v!r} is above {MAX_NOISE_MULTIPLIER:g}, where "
-                                     "epsilon is already 0 to printing precision; use at most "
-                                     f"{MAX_NOISE_MULTIPLIER:g}")
-                clean[k] = f
-        if sampling in ("shuffle", "truncated_poisson"):
-            size_key = "batch_size" if sampling == "shuffle" else "max_batch_size"
-            if clean[size_key] > clean["dataset_size"]:
-                raise ValueError(f"event {i}: {size_key} {clean[size_key]} exceeds dataset_size {clean['dataset_size']}")
-        if sampling == "fixed_order" and clean["steps"] > clean["horizon"]:
-            raise ValueError(f"event {i}: {clean['steps']} steps exceed the planned horizon of {clean['horizon']} "
-                             "steps (the noise of a fixed-order run covers only its horizon)")
-        out.append(clean)
+        try:
+            e = Event.coerce(ev)
+        except ValueError as err:
+            raise ValueError(f"event {i}: {err}") from None
+        if e.steps > MAX_STEPS:
+            raise ValueError(f"event {i}: steps {e.steps} is more than the ledger accounts ({MAX_STEPS}); "
+                             "a run this long cannot be composed in bounded time -- split it, or check "
+                             "the number (epochs / sample rate?)")
+        if e.noise_multiplier is not None and e.noise_multiplier > MAX_NOISE_MULTIPLIER:
+            raise ValueError(f"event {i}: noise_multiplier {e.noise_multiplier!r} is above {MAX_NOISE_MULTIPLIER:g}, "
+                             "where epsilon is already 0 to printing precision; use at most "
+                             f"{MAX_NOISE_MULTIPLIER:g}")
+        out.append(e.to_dict())
     return out
 
 
@@ -126,27 +71,14 @@ def canonical(obj: Any) -> str:
 
 def is_private(events: Iterable[dict]) -> bool:
     """False when any event with steps > 0 is non-private (``sampling == "none"`` or noise multiplier 0)."""
-    return not any(e["steps"] > 0 and (e["sampling"] == "none" or e.get("noise_multiplier") == 0)
-                   for e in events)
+    return not any(e.steps > 0 and not e.private for e in map(Event.coerce, events))
 
 
 def _accountant_events(events: list[dict]) -> list[dict]:
-    """Events as the accountant sees them. A cyclic-Poisson run (T consecutive steps, b groups) becomes its
-    equivalent Poisson event (rate p, ceil(T/b) steps) HERE, before :func:`_merge` adds up steps: two runs each
-    restart their cycle, so their participations add (ceil(T1/b) + ceil(T2/b)), not their steps."""
-    out = []
-    for e in events:
-        if e["steps"] <= 0:
-            continue
-        e = {k: v for k, v in e.items() if k not in _RECORD_ONLY}
-        if e["sampling"] == "cyclic_poisson":
-            e = {"sampling": "poisson", "noise_multiplier": e["noise_multiplier"], "sample_rate": e["sample_rate"],
-                 "steps": -(-e["steps"] // e["bands"])}
-        elif e["sampling"] == "fixed_order":   # BLT: one Gaussian per run; independent noise: one per participation
-            e = {"sampling": "poisson", "noise_multiplier": e["noise_multiplier"], "sample_rate": 1.0,
-                 "steps": 1 if e["mechanism"] == "blt" else -(-e["steps"] // e["min_separation"])}
-        out.append(e)
-    return out
+    """Events as the accountant sees them: record-only keys dropped, and a cyclic-Poisson run (T consecutive
+    steps, b groups) as its equivalent Poisson event (rate p, ceil(T/b) steps) HERE, before the runs merge: two
+    runs each restart their cycle, so their participations add (ceil(T1/b) + ceil(T2/b)), not their steps."""
+    return [e.accounted().equivalent_poisson() for e in map(Event.coerce, events) if e.steps > 0]
 
 
 @functools.lru_cache(maxsize=4096)
@@ -168,21 +100,8 @@ def compose(events: list[dict], delta: float, accountant: str = "prv",
             neighboring_relation: str = "add_remove") -> float:
     """Epsilon at ``delta`` of all ``events`` composed with ``accountant`` (cached; 0 for no steps; inf if
     any event with steps is non-private). Events must be normalized (:func:`normalize_events`)."""
-    merged = _merge(_accountant_events(events))
+    merged = [e.to_dict() for e in merge(_accountant_events(events), canonical_order=True)]
     return _cached_epsilon(canonical(merged), float(delta), accountant, neighboring_relation)
-
-
-def _merge(events: list[dict]) -> list[dict]:
-    """Merge events that differ only in steps (T1 steps then T2 steps of one mechanism = T1 + T2 steps):
-    same composition, fewer accountant calls, and a cache key independent of how the runs were split."""
-    acc: dict[str, dict] = {}
-    for e in events:
-        key = canonical({k: v for k, v in e.items() if k != "steps"})
-        if key in acc:
-            acc[key]["steps"] += e["steps"]
-        else:
-            acc[key] = dict(e)
-    return sorted(acc.values(), key=canonical)
 
 
 def total_steps(events: list[dict]) -> int:
@@ -190,16 +109,8 @@ def total_steps(events: list[dict]) -> int:
 
 
 def epochs_of(event: dict) -> float | None:
-    """Passes over the data that ``event``'s steps amount to (``steps * q`` or ``steps * b / n``)."""
-    if event["sampling"] in ("poisson", "truncated_poisson"):
-        return event["steps"] * event["sample_rate"]
-    if event["sampling"] == "cyclic_poisson":
-        return event["steps"] * event["sample_rate"] / event["bands"]
-    if event["sampling"] == "shuffle":
-        return event["steps"] * event["batch_size"] / event["dataset_size"]
-    if event["sampling"] == "fixed_order":
-        return event["steps"] / event["min_separation"]
-    return None
+    """Passes over the data that ``event``'s steps amount to (:attr:`jaxdp.accounting.Event.epochs`)."""
+    return Event.coerce(event).epochs
 
 
 def suggest(prior: list[dict], planned: list[dict], max_epsilon: float, delta: float, accountant: str,

@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -137,7 +138,9 @@ def finetune(model: GPT2, tokens: np.ndarray, mask: np.ndarray, *, steps: int, l
              seed: int, trainable: Any = nnx.Param, batch_size: int = 32, private: bool = True,
              noise_multiplier: float | None = None, l2_clip_norm: float = 1.0, key: jax.Array | None = None,
              method: str = "auto", pad_to_multiple: int | None = None, log_every: int = 0,
-             optimizer: Callable[[float], optax.GradientTransformation] = optax.adam) -> FinetuneResult:
+             optimizer: Callable[[float], optax.GradientTransformation] = optax.adam, ledger: Any = None,
+             dataset_id: str | None = None, run_id: str | None = None, parent_run_id: str | None = None,
+             reserve: bool = False) -> FinetuneResult:
     """Fine-tune ``model`` on ``tokens [N, T]`` / ``mask [N, T]`` (see :func:`jaxdp.lm.tokenizer.encode_batch`).
 
     Private (``private=True``): Poisson sampling with rate ``q = batch_size / N`` (seeded by ``seed``), per-
@@ -146,6 +149,17 @@ def finetune(model: GPT2, tokens: np.ndarray, mask: np.ndarray, *, steps: int, l
     ``jaxdp.accounting.compute_epsilon``). Non-private: shuffled batches of ``batch_size``, mean loss.
     Only parameters selected by the ``trainable`` NNX filter change. Returns a :class:`FinetuneResult` whose
     ``model`` is a new model object (the input ``model`` is not modified).
+
+    Privacy ledger (``ledger``, default ``$JAXDP_LEDGER``; with ``dataset_id``, ``run_id`` and, when the model
+    was fine-tuned from a run on protected data, ``parent_run_id``): the run goes through the ledger gate
+    (:class:`jaxdp.ledger.gate.LedgerGate`). It is refused on protected data without a reservation (and always
+    when non-private); ``reserve=True`` reserves the ``steps`` steps; it never steps beyond its reservation
+    (:class:`jaxdp.PrivacyBudgetExhausted`, after committing the steps taken), and it commits the steps taken
+    when it ends.
+
+    Raises:
+      ReservationRequiredError: protected data and no reservation (or a non-private run on protected data).
+      PrivacyBudgetExhausted: the reservation covers fewer than ``steps`` steps.
     """
     N = int(tokens.shape[0])
     if tokens.shape != mask.shape:
@@ -167,19 +181,41 @@ def finetune(model: GPT2, tokens: np.ndarray, mask: np.ndarray, *, steps: int, l
         sampler = jaxdp.ShuffleSampler(N, batch_size, seed)
         step, tx = make_nonprivate_step(graphdef, learning_rate=learning_rate, optimizer=optimizer)
         opt_state = tx.init(params["trainable"])
+    gate = _open_gate(ledger, dataset_id, run_id, parent_run_id, reserve, private, steps, noise_multiplier,
+                      batch_size / N, l2_clip_norm)
     losses = []
     t0 = time.perf_counter()
-    for s in range(steps):
-        idx, m = sampler.sample(s)
-        batch = {"tokens": tokens_j[idx], "mask": mask_j[idx]}
-        params, opt_state, out = step(params, opt_state, batch, jnp.asarray(m))
-        per_ex = out.per_example_losses if private else out
-        mean = float(jnp.sum(jnp.where(m, per_ex, 0.0)) / max(1, int(m.sum())))
-        losses.append(mean)
-        if log_every and (s % log_every == 0 or s == steps - 1):
-            print(f"  step {s:5d}  loss {mean:.4f}  ({time.perf_counter() - t0:.1f}s)", flush=True)
+    try:
+        for s in range(steps):
+            refusal = None if gate is None else gate.refusal(s)
+            if refusal is not None:
+                raise jaxdp.PrivacyBudgetExhausted(f"stopping: {refusal}")
+            idx, m = sampler.sample(s)
+            batch = {"tokens": tokens_j[idx], "mask": mask_j[idx]}
+            params, opt_state, out = step(params, opt_state, batch, jnp.asarray(m))
+            losses.append(float(jnp.sum(jnp.where(m, out.per_example_losses if private else out, 0.0))
+                                / max(1, int(m.sum()))))
+            if log_every and (s % log_every == 0 or s == steps - 1):
+                print(f"  step {s:5d}  loss {losses[-1]:.4f}  ({time.perf_counter() - t0:.1f}s)", flush=True)
+    finally:  # the data were touched: the steps taken are committed however the loop ends
+        if gate is not None:
+            gate.commit(len(losses))
     return FinetuneResult(
         model=merge_model(graphdef, params), losses=losses, steps=steps,
         sample_rate=batch_size / N, noise_multiplier=noise_multiplier if private else None,
         l2_clip_norm=l2_clip_norm if private else None,
         sampling=sampler.sampling, seconds=time.perf_counter() - t0)
+
+
+def _open_gate(ledger, dataset_id, run_id, parent_run_id, reserve, private, steps, sigma, q, clip):
+    """The run's ledger gate (None without a ledger): Poisson DP-SGD events, or non-private ones."""
+    from jaxdp.ledger.gate import LedgerGate
+
+    def events(n: int) -> list[dict]:
+        if not private:
+            return [{"sampling": "none", "steps": int(n)}]
+        return [{"sampling": "poisson", "noise_multiplier": float(sigma), "sample_rate": float(q), "steps": int(n),
+                 "l2_clip_norm": float(clip)}]
+
+    return LedgerGate.open(ledger, dataset_id=dataset_id, run_id=run_id, events=events, private=private,
+                           planned_steps=steps, parent_run_id=parent_run_id, reserve=reserve)

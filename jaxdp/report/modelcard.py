@@ -281,11 +281,12 @@ def guarantee_sentence(mp: Mapping[str, Any]) -> str:
         how = f"sampling {NOT_RECORDED}"
     else:
         how = f"{sampling} sampling rate q={q}"
-    relation = {"add_remove": "under add/remove-one neighbouring datasets",
-                "replace_one": "under replace-one neighbouring datasets"}.get(
-        mp.get("neighboring_relation"), f"under neighbouring datasets (relation {NOT_RECORDED})")
-    if sampling == "fixed_order" and mp.get("neighboring_relation") == "add_remove":
-        relation = ("under zero-out neighbouring datasets (add/remove-one with the fixed participation schema)")
+    from jaxdp.accounting.event import RELATION_LABELS
+    rel = mp.get("neighboring_relation")
+    relation = (f"under {RELATION_LABELS[rel]} neighbouring datasets" if rel in RELATION_LABELS else
+                f"under neighbouring datasets (relation {NOT_RECORDED})")
+    if sampling == "fixed_order" and rel == "add_remove":
+        relation = "under zero-out neighbouring datasets (add/remove-one with the fixed participation schema)"
     acc = f"{mp['accountant'].upper()} accountant" if mp.get("accountant") else f"accountant {NOT_RECORDED}"
     label = mp.get("mechanism")
     name = label.split(" (")[0] if isinstance(label, str) and label in MECHANISM_LABELS.values() else \

@@ -39,26 +39,21 @@ def _finish(fig, path: str | os.PathLike | None) -> bytes:
     return data
 
 
-def _event(m: Mapping[str, Any], steps: int) -> dict:
-    """The dp-accounting event of ``steps`` steps of the run's mechanism (as the engine records it)."""
-    if m.get("sampling") == "shuffle":
-        return {"sampling": "shuffle", "noise_multiplier": m["noise_multiplier"],
-                "batch_size": int(round(m["expected_batch_size"])), "dataset_size": m["training_set_size"],
-                "steps": steps}
-    if m.get("sampling") == "cyclic_poisson":
-        return {"sampling": "cyclic_poisson", "mechanism": m["mechanism"], "bands": m["bands"],
-                "noise_multiplier": m["noise_multiplier"], "sample_rate": m["sample_rate"], "steps": steps}
-    if m.get("sampling") == "fixed_order":
-        if m.get("min_separation") is None or m.get("horizon") is None:
-            raise ValueError("the run's record names sampling 'fixed_order' but not its min_separation and "
-                             "horizon: its epsilon curve cannot be recomputed")
-        return {"sampling": "fixed_order", "mechanism": m["mechanism"], "min_separation": m["min_separation"],
-                "horizon": m["horizon"], "noise_multiplier": m["noise_multiplier"], "steps": steps}
-    if m.get("sampling") != "poisson":
+def _event(m: Mapping[str, Any], steps: int):
+    """The :class:`jaxdp.accounting.Event` of ``steps`` steps of the run's mechanism, from the run's record."""
+    from jaxdp.accounting import Event
+    if m.get("sampling") not in ("poisson", "shuffle", "cyclic_poisson", "fixed_order"):
         raise ValueError(f"the run's record names sampling {m.get('sampling')!r}, which the report cannot "
                          "recompute; expected poisson, shuffle, cyclic_poisson or fixed_order")
-    return {"sampling": "poisson", "noise_multiplier": m["noise_multiplier"], "sample_rate": m["sample_rate"],
-            "steps": steps}
+    if m["sampling"] == "fixed_order" and (m.get("min_separation") is None or m.get("horizon") is None):
+        raise ValueError("the run's record names sampling 'fixed_order' but not its min_separation and "
+                         "horizon: its epsilon curve cannot be recomputed")
+    batch = m.get("expected_batch_size")
+    return Event.from_mechanism(m["noise_multiplier"], m.get("sample_rate"), steps, sampling=m["sampling"],
+                                dataset_size=m.get("training_set_size"),
+                                batch_size=None if batch is None else int(round(batch)), bands=m.get("bands"),
+                                mechanism=m.get("mechanism") or "dpsgd", min_separation=m.get("min_separation"),
+                                horizon=m.get("horizon"))
 
 
 def _num(x: float | None) -> str:
@@ -107,6 +102,7 @@ def plot_epsilon_vs_steps(metrics: RunSummary | Mapping[str, Any], path: str | o
                           points: int = 20) -> bytes:
     """Epsilon spent against training steps: the accountant's curve for the mechanism, the per-epoch epsilons
     the trainer recorded (markers) and the target epsilon (dashed) when there was one."""
+    from jaxdp.accounting import RELATION_LABELS
     plt = _plt()
     s = RunSummary.coerce(metrics)
     fig, ax = plt.subplots(figsize=(5.5, 3.6), dpi=110)
@@ -114,7 +110,7 @@ def plot_epsilon_vs_steps(metrics: RunSummary | Mapping[str, Any], path: str | o
     if steps:
         ax.plot(steps, eps, "-", color="C0", label=f"{str(s.accountant).upper()} accountant "
                                                      f"(σ={_num(s.noise_multiplier)}, {_how(s)}, "
-                                                     f"{str(s.neighboring_relation).replace('_', '/')})")
+                                                     f"{RELATION_LABELS.get(s.neighboring_relation)})")
         rows = [r for r in s.epochs or () if r.epsilon is not None and r.step is not None]
         if rows:
             ax.plot([r.step for r in rows], [r.epsilon for r in rows], "o", color="C1",

@@ -150,8 +150,10 @@ def _check_values(cfg: dict) -> None:
                               f"{cfg['model']['name']!r}; or name your own Flax module with model.module: "
                               "'pkg.mod:Class'")
     num("optimizer.weight_decay", cfg["optimizer"]["weight_decay"], positive=False)
-    if t["accountant"] not in ("prv", "rdp", "pld"):
-        raise ConfigError(f"config key 'training.accountant' must be prv, rdp or pld, got {t['accountant']!r}")
+    from jaxdp.accounting.event import ACCOUNTANTS, RELATIONS
+    if t["accountant"] not in ACCOUNTANTS:
+        raise ConfigError(f"config key 'training.accountant' must be one of {', '.join(ACCOUNTANTS)}, got "
+                          f"{t['accountant']!r}")
     if t["sampling"] not in ("poisson", "shuffle"):
         raise ConfigError(f"config key 'training.sampling' must be poisson or shuffle, got {t['sampling']!r}")
     from jaxdp.train.components import ComponentError, build_optimizer
@@ -178,8 +180,8 @@ def _check_values(cfg: dict) -> None:
             num("training.dp.noise_multiplier", dp["noise_multiplier"], positive=False)
             if dp["epsilon"] is not None:
                 num("training.dp.epsilon", dp["epsilon"])
-    if dp["neighboring_relation"] not in ("add_remove", "replace_one"):
-        raise ConfigError("config key 'training.dp.neighboring_relation' must be add_remove or replace_one, "
+    if dp["neighboring_relation"] not in RELATIONS:
+        raise ConfigError(f"config key 'training.dp.neighboring_relation' must be one of {', '.join(RELATIONS)}, "
                           f"got {dp['neighboring_relation']!r}")
     if dp["enabled"] and t["sampling"] == "shuffle" and dp["neighboring_relation"] != "replace_one":
         raise ConfigError("config key 'training.dp.neighboring_relation' must be replace_one with "

@@ -31,14 +31,11 @@ import signal
 import uuid
 
 from jaxdp._io import atomic_write
+from jaxdp.ledger.gate import RunStateError
 from jaxdp.train import checkpoint
 
 RUN_FILE = "run.json"
 FAULT_ENV = "JAXDP_FAULT_INJECT"
-
-
-class RunStateError(ValueError):
-    """The output directory, its checkpoint and the ledger disagree about the run; the message says what to do."""
 
 
 def fault_point(name: str) -> None:
@@ -135,61 +132,22 @@ def note_checkpoint(tr, step: int) -> None:
         write_run_file(tr.out_dir, info)
 
 
-def reconcile(tr, led, dataset_id: str, complete: bool, protected: bool):
-    """Match the run with its ledger record before anything else; returns the record (or None). Reserves the
-    planned steps when the run has no record and must be charged; commits the steps taken when the run is
-    already complete but its reservation is still open."""
-    from jaxdp import ledger as ledger_lib
-    from jaxdp.ledger import events as ev
-    lcfg = tr.cfg["ledger"]
-    run = led.run(tr.run_id)
-    steps = int(tr.state.step)
-    if run is not None and run.status == "committed":
-        done = ev.total_steps(run.actual_events or [])
-        if complete and done == steps:
-            return run
-        raise RunStateError(
-            f"run {tr.run_id!r} is already committed in the ledger with {done} steps, but {tr.out_dir}'s "
-            + (f"checkpoint is at step {steps}" if steps else "run has no checkpoint")
-            + "; refusing to train it again under the same id. Use another output.dir, or --fresh for a new run")
-    if run is not None and run.status == "released":
-        raise RunStateError(
-            f"run {tr.run_id!r}'s reservation was released ({run.release_reason!r}); it no longer covers this run. "
-            "Use another output.dir, or --fresh to start a new run with its own reservation")
-    if run is not None and run.config_hash and run.config_hash != tr.config_hash:
-        raise RunStateError(f"run {tr.run_id!r} was reserved for another config (hash {run.config_hash[:12]}); "
-                            "use another run id or output.dir")
-    if run is None and protected and tr.dp and lcfg["reserve"]:
-        led.reserve(dataset_id, tr.run_id, tr._ledger_events(tr.total_steps), model=tr.model_name,
-                    config_hash=tr.config_hash, code_version=ledger_lib.code_version(),
-                    parent_run_id=lcfg["parent_run_id"])
-        fault_point("after_reserve")
-        run = led.run(tr.run_id)
-    if complete:
-        if run is not None and run.status == "reserved":
-            if tr.log:
-                print(f"run {tr.run_id!r} finished at step {steps} but its ledger reservation was still open "
-                      "(interrupted before the commit): committing the steps taken now")
-            tr._ledger_commit()
-            run = led.run(tr.run_id)
-        return run
-    ledger_lib.require_reservation(led, dataset_id, tr.run_id, private=tr.dp, parent_run_id=lcfg["parent_run_id"])
-    return run
-
-
-def check_restored(tr, meta: dict) -> None:
-    """Cross-check a restored checkpoint: train state step, sampler step, accountant steps and metrics agree."""
-    step = int(tr.state.step)
+def check_restored(tr, state, meta: dict) -> None:
+    """Cross-check a checkpoint before it is restored: its train state step, sampler step, accountant steps
+    (private runs) and metrics agree, and it is within the plan."""
+    step = int(state.step)
     where = meta.get("_path", tr.out_dir)
     problems = []
     if "step" in meta and int(meta["step"]) != step:
         problems.append(f"metadata step {meta['step']} vs train state step {step}")
-    if int(tr.sampler.step) != step:
-        problems.append(f"sampler step {tr.sampler.step} vs train state step {step}")
-    if tr.dp and int(tr.engine.accountant.steps) != step:
-        problems.append(f"accountant steps {tr.engine.accountant.steps} vs train state step {step}")
-    if tr.metrics and int(tr.metrics[-1].get("step", 0)) > step:
-        problems.append(f"metrics reach step {tr.metrics[-1]['step']} beyond the train state's {step}")
+    if int(meta["sampler"]["step"]) != step:
+        problems.append(f"sampler step {meta['sampler']['step']} vs train state step {step}")
+    accountant = meta.get("accountant")
+    if accountant is not None and sum(int(e["steps"]) for e in accountant.get("history", [])) != step:
+        problems.append(f"accountant steps {sum(int(e['steps']) for e in accountant['history'])} vs train state "
+                        f"step {step}")
+    if meta.get("metrics") and int(meta["metrics"][-1].get("step", 0)) > step:
+        problems.append(f"metrics reach step {meta['metrics'][-1]['step']} beyond the train state's {step}")
     if step > tr.total_steps:
         problems.append(f"step {step} beyond the planned {tr.total_steps}")
     if problems:

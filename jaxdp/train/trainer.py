@@ -12,7 +12,6 @@ import os
 import sys
 import time
 import warnings
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -24,8 +23,8 @@ from jaxdp._io import atomic_write
 from jaxdp import data as data_lib
 from jaxdp import distributed
 from jaxdp import models
-from jaxdp.engine import PrivacyBudgetExhausted, PrivacyEngine, TrainState
-from jaxdp.sampling import FixedOrderSampler, PoissonSampler, ShuffleSampler
+from jaxdp.engine import PrivacyBudgetExhausted, PrivacyEngine
+from jaxdp.sampling import steps_for_epochs
 from jaxdp.train import checkpoint, lifecycle
 from jaxdp.train.config import config_hash, load_config, model_label, validate_config
 from jaxdp.train.summary import RunSummary
@@ -183,75 +182,29 @@ class DPTrainer:
         return models.cross_entropy(model(batch["x"]), batch["y"])
 
     def _setup(self) -> None:
+        """Build the run's training object: :meth:`PrivacyEngine.make_private` (``training.dp.enabled``) or its
+        non-private twin :meth:`~PrivacyEngine.make_nonprivate`. Both open the ledger later, in train()."""
         t, dp = self.cfg["training"], self.cfg["training"]["dp"]
-        planned = (FixedOrderSampler(self.n, int(t["batch_size"]), 0) if self.dp and t["mechanism"] == "blt" else
-                   PoissonSampler(self.n, t["batch_size"] / self.n, 0) if t["sampling"] == "poisson" else
-                   ShuffleSampler(self.n, int(round(t["batch_size"])), 0)).steps_for_epochs(self.epochs)
+        # the steps the sampler will take (jaxdp.sampling.steps_for_epochs, the one rule); shuffled batches and
+        # BLT's fixed batch order (FixedOrderSampler) both take N // B batches per epoch
+        fixed_size = t["sampling"] != "poisson" or (self.dp and t["mechanism"] == "blt")
+        planned = (steps_for_epochs(self.epochs, steps_per_epoch=self.n // int(round(t["batch_size"]))) if fixed_size
+                   else steps_for_epochs(self.epochs, t["batch_size"] / self.n))
         from jaxdp.train.components import build_optimizer
         optimizer = build_optimizer(self.cfg["optimizer"], planned)  # a schedule's "total_steps": the planned steps
+        self.engine = PrivacyEngine(accountant=t["accountant"], neighboring_relation=dp["neighboring_relation"])
+        common = dict(loss_fn=self._loss, model=self.model, optimizer=optimizer, dataset_size=self.n,
+                      batch_size=t["batch_size"], seed=self.seed, poisson_sampling=t["sampling"] == "poisson",
+                      defer_ledger=True)  # train() reconciles with the ledger before step 1
         if self.dp:
-            from jaxdp.per_example import backend_names   # built-ins, and any the model module registered
-            if t["method"] not in backend_names():
-                from jaxdp.train.config import ConfigError
-                raise ConfigError(f"config key 'training.method' must be one of {', '.join(backend_names())} (the "
-                                  "registered per-example backends), got {!r}".format(t["method"]))
-            from jaxdp import _checks   # refuse delta >= 1/N in the config's own terms (the engine re-checks)
-            _checks.delta_for_dataset(self.delta, self.n, allow_large_delta=dp["allow_large_delta"],
-                                      override="training.dp.allow_large_delta: true", warn=False)
-            self.engine = PrivacyEngine(accountant=t["accountant"], neighboring_relation=dp["neighboring_relation"])
-            common = dict(loss_fn=self._loss, model=self.model, optimizer=optimizer, dataset_size=self.n,
-                          batch_size=t["batch_size"], seed=self.seed, **self._clipping(),
-                          method=t["method"], microbatch_size=t["microbatch_size"],
-                          poisson_sampling=t["sampling"] == "poisson", allow_large_delta=dp["allow_large_delta"],
-                          ledger=False)  # train() reserves in and checks against the ledger before step 1
-            if t["mechanism"] == "bandmf":   # banded MF noise + cyclic Poisson sampling (jaxdp.matrix_factorization)
-                common.update(mechanism="bandmf", bands=int(t["bands"]))
-            if t["mechanism"] == "blt":   # BLT noise over a fixed batch order, stops at the horizon (jaxdp.blt)
-                common.update(mechanism="blt", buffers=int(t["buffers"]), momentum=_heavy_ball(self.cfg))
-            if dp["noise_multiplier"] is None:
-                self.private = self.engine.make_private_with_epsilon(
-                    target_epsilon=dp["epsilon"], target_delta=self.delta, epochs=self.epochs, **common)
-            else:
-                with warnings.catch_warnings():   # a plan that cannot finish is refused below, not warned about
-                    warnings.filterwarnings("ignore", message="the plan cannot finish")
-                    self.private = self.engine.make_private(
-                        noise_multiplier=dp["noise_multiplier"], epochs=self.epochs, target_epsilon=dp["epsilon"],
-                        target_delta=self.delta, **common)
-                shortfall = self.private.plan_shortfall()
-                if shortfall is not None:
-                    raise ValueError(shortfall.replace("epochs <=", "training.epochs <=")
-                                     .replace("noise_multiplier >=", "training.dp.noise_multiplier >=")
-                                     .replace("a target epsilon >=", "training.dp.epsilon >="))
-            self.sampler = self.private.sampler
-            self.noise_multiplier = self.private.noise_multiplier
-            self._step = self.private.step
-            self.state = self.private.init()
+            self.private = self._make_private(common)
         else:
-            self.engine = self.private = None
-            self.noise_multiplier = 0.0
-            bs = int(round(t["batch_size"]))
-            if t["sampling"] == "poisson":
-                self.sampler = PoissonSampler(self.n, t["batch_size"] / self.n, self.seed)
-            else:
-                self.sampler = ShuffleSampler(self.n, bs, self.seed)
-            tx = optimizer
-            graphdef, rest, e = self.graphdef, self.rest, self.sampler.expected_batch_size
-            loss = self._loss
-
-            def mean_loss(p, batch, mask):
-                per_ex = loss(nnx.merge(graphdef, p, rest), batch)
-                return jnp.sum(jnp.where(mask, per_ex, 0.0)) / e, per_ex
-
-            @jax.jit
-            def step(state, batch, mask):
-                (_, per_ex), g = jax.value_and_grad(mean_loss, has_aux=True)(state.params, batch, mask)
-                updates, opt_state = tx.update(g, state.opt_state, state.params)
-                return TrainState(optax.apply_updates(state.params, updates), opt_state, state.step + 1), per_ex
-
-            self._nonprivate_step = step
-            self._step = self._baseline_step
-            self.state = TrainState(self.params0, tx.init(self.params0), jnp.zeros([], jnp.int32))
+            self.private = self.engine.make_nonprivate(epochs=self.epochs, **common)
+        self.sampler = self.private.sampler
+        self.noise_multiplier = self.private.noise_multiplier
+        self.state = self.private.init()
         self.total_steps = self.sampler.steps_for_epochs(self.epochs)
+        self._train_data = {"x": self._x_train, "y": self._y_train}
         graphdef, rest = self.graphdef, self.rest
 
         @jax.jit
@@ -260,11 +213,36 @@ class DPTrainer:
 
         self._correct = correct
 
-    def _load_batch(self, idx: np.ndarray, mask: np.ndarray) -> tuple[dict, np.ndarray]:
-        """The step's batch: with several processes, only this process's rows of the global batch."""
-        def load(i):
-            return {"x": self._x_train[i], "y": self._y_train[i]}
-        return self.private.load_batch(idx, mask, load) if self.dp else (load(idx), mask)
+    def _make_private(self, common: dict):
+        t, dp = self.cfg["training"], self.cfg["training"]["dp"]
+        from jaxdp.per_example import backend_names   # built-ins, and any the model module registered
+        if t["method"] not in backend_names():
+            from jaxdp.train.config import ConfigError
+            raise ConfigError(f"config key 'training.method' must be one of {', '.join(backend_names())} (the "
+                              "registered per-example backends), got {!r}".format(t["method"]))
+        from jaxdp import _checks   # refuse delta >= 1/N in the config's own terms (the engine re-checks)
+        _checks.delta_for_dataset(self.delta, self.n, allow_large_delta=dp["allow_large_delta"],
+                                  override="training.dp.allow_large_delta: true", warn=False)
+        common = dict(common, **self._clipping(), method=t["method"], microbatch_size=t["microbatch_size"],
+                      allow_large_delta=dp["allow_large_delta"])
+        if t["mechanism"] == "bandmf":   # banded MF noise + cyclic Poisson sampling (jaxdp.matrix_factorization)
+            common.update(mechanism="bandmf", bands=int(t["bands"]))
+        if t["mechanism"] == "blt":   # BLT noise over a fixed batch order, stops at the horizon (jaxdp.blt)
+            common.update(mechanism="blt", buffers=int(t["buffers"]), momentum=_heavy_ball(self.cfg))
+        if dp["noise_multiplier"] is None:
+            return self.engine.make_private_with_epsilon(
+                target_epsilon=dp["epsilon"], target_delta=self.delta, epochs=self.epochs, **common)
+        with warnings.catch_warnings():   # a plan that cannot finish is refused below, not warned about
+            warnings.filterwarnings("ignore", message="the plan cannot finish")
+            private = self.engine.make_private(
+                noise_multiplier=dp["noise_multiplier"], epochs=self.epochs, target_epsilon=dp["epsilon"],
+                target_delta=self.delta, **common)
+        shortfall = private.plan_shortfall()
+        if shortfall is not None:
+            raise ValueError(shortfall.replace("epochs <=", "training.epochs <=")
+                             .replace("noise_multiplier >=", "training.dp.noise_multiplier >=")
+                             .replace("a target epsilon >=", "training.dp.epsilon >="))
+        return private
 
     def _clipping(self) -> dict:
         """``l2_clip_norm`` (``training.dp.max_grad_norm``: a number, or the per-layer tree of
@@ -295,10 +273,6 @@ class DPTrainer:
                                             count_noise_std=self.private.count_noise_std)
         return out
 
-    def _baseline_step(self, state, batch, mask):
-        new_state, per_ex = self._nonprivate_step(state, batch, mask)
-        return new_state, {"per_example_losses": per_ex}
-
     # -- evaluation ----------------------------------------------------------------------------------------
     def evaluate(self, params=None, split: str = "test") -> float:
         params = distributed.host_local(self.state.params if params is None else params)  # local copy
@@ -322,7 +296,7 @@ class DPTrainer:
         return np.concatenate(out)
 
     @classmethod
-    def load(cls, run_dir: str) -> "DPTrainer":
+    def load(cls, run_dir: str) -> DPTrainer:
         """The trainer of a finished (or interrupted) run directory, with its checkpointed state restored."""
         cfg_path = os.path.join(run_dir, "config.yaml")
         if not os.path.exists(cfg_path):
@@ -335,16 +309,14 @@ class DPTrainer:
     # -- privacy -------------------------------------------------------------------------------------------
     def get_privacy_spent(self) -> tuple[float, float | None]:
         """``(epsilon, delta)`` spent so far; ``(inf, None)`` for a non-private run."""
-        if not self.dp:
-            return math.inf, None
         return self.private.get_epsilon(self.delta), self.delta
 
     # -- checkpointing -------------------------------------------------------------------------------------
     def _save(self) -> None:
         step = int(self.state.step)
-        meta = {"step": step, "sampler": self.sampler.state_dict(), "metrics": self.metrics, "run_id": self.run_id,
-                "config_hash": self.config_hash, "status": self.status,
-                "accountant": self.engine.accountant.to_dict() if self.dp else None}
+        engine_state = self.private.state_dict(self.state)   # train state, sampler and accountant
+        meta = {"step": step, "sampler": engine_state["sampler"], "metrics": self.metrics, "run_id": self.run_id,
+                "config_hash": self.config_hash, "status": self.status, "accountant": engine_state["accountant"]}
         if self.seed_source == "os":
             meta["drawn_seed"] = self.seed  # needed to resume identically; private like the checkpoint itself
         if self.main:  # the state is replicated: process 0's copy is everyone's
@@ -368,15 +340,11 @@ class DPTrainer:
         if meta.get("config_hash") != self.config_hash:
             raise ValueError(f"{self.out_dir} holds a checkpoint of a different config; use another output.dir, "
                              "or --fresh to move the old files aside")
-        self.state = state
-        self.sampler.load_state_dict(meta["sampler"])
+        lifecycle.check_restored(self, state, meta)   # before anything is restored into the engine
+        self.state = self.private.load_state_dict({"train_state": state, "sampler": meta["sampler"],
+                                                   "accountant": meta["accountant"]})
         self.metrics = meta["metrics"]
         self.run_id = meta["run_id"]
-        if self.dp:
-            from jaxdp.accounting import Accountant
-            restored = Accountant.from_dict(meta["accountant"])
-            self.engine.accountant.__dict__.update(restored.__dict__)
-        lifecycle.check_restored(self, meta)
         self.status = "running"  # never trusted from the file: derived from the step counts (_complete)
         self._ckpt_meta = meta
         return True
@@ -390,38 +358,25 @@ class DPTrainer:
         return False
 
     # -- ledger --------------------------------------------------------------------------------------------
-    def _ledger_events(self, steps: int) -> list[dict]:
-        if not self.dp:
-            return [{"sampling": "none", "steps": steps}]
-        return [dict(e, l2_clip_norm=self._clip_record()["max_grad_norm"]) for e in self.private.events(steps)]
-
-    def _ledger_open(self, complete: bool = False):
-        """Reconcile the run with the privacy ledger before anything else (see :mod:`jaxdp.train.lifecycle`):
-        adopt its open reservation, reserve the planned steps, or commit a complete run's steps."""
+    def _ledger_open(self, complete: bool = False) -> None:
+        """Reconcile the run with the privacy ledger before anything else (the engine's gate,
+        :class:`jaxdp.ledger.gate.LedgerGate`): adopt its open reservation, reserve the planned steps, or commit
+        a complete run's steps. A collective with several processes (process 0 talks to the ledger)."""
         lcfg = self.cfg["ledger"]
-        path = lcfg["path"] or os.environ.get("JAXDP_LEDGER")
-        if not path:
-            self.ledger = None
-            return
-        from jaxdp import ledger as ledger_lib
-        self.ledger = ledger_lib.Ledger.open(path)
         self.dataset_id = lcfg["dataset_id"] or self.dataset.name
-        is_protected = self.ledger.is_protected(self.dataset_id)
-        protected = is_protected or bool(lcfg["parent_run_id"])
-        run = lifecycle.reconcile(self, self.ledger, self.dataset_id, complete, protected)
-        if self.telemetry is not None:
-            self.telemetry.record_ledger(protected=protected, reserved=run is not None and run.status == "reserved",
-                                         budget_remaining=self.ledger.remaining(self.dataset_id)
-                                         if is_protected else None)
+        gate = self.private.open_ledger(
+            lcfg["path"] or None, dataset_id=self.dataset_id, run_id=self.run_id, parent_run_id=lcfg["parent_run_id"],
+            reserve=lcfg["reserve"], planned_steps=self.total_steps, model=self.model_name,
+            config_hash=self.config_hash, complete=complete, where=self.out_dir, log=print if self.log else None)
+        self.ledger = None if gate is None else gate.ledger
+        if self.telemetry is not None and gate is not None:
+            self.telemetry.record_ledger(protected=gate.protected, reserved=gate.reserved,
+                                         budget_remaining=gate.remaining())
 
     def _ledger_commit(self) -> None:
-        if getattr(self, "ledger", None) is None:
-            return
-        run = self.ledger.run(self.run_id)
-        if run is not None and run.status == "reserved":
-            self.ledger.commit(self.run_id, self._ledger_events(int(self.state.step)))
-            if self.telemetry is not None:
-                self.telemetry.record_ledger(protected=bool(run.charged), reserved=False)
+        run = self.private.commit_ledger(int(self.state.step))   # None: nothing was reserved
+        if run is not None and self.telemetry is not None:
+            self.telemetry.record_ledger(protected=bool(run.charged), reserved=False)
 
     # -- the loop ------------------------------------------------------------------------------------------
     def _write_outputs(self) -> dict:
@@ -462,7 +417,7 @@ class DPTrainer:
         always large, so epoch 1 alone says little)."""
         fracs = [r["clip_fraction"] for r in self.metrics if "clip_fraction" in r]
         fracs = fracs[1:] if len(fracs) > 1 else fracs
-        if not fracs or (self.dp and self.private.adaptive is not None):  # adaptive: set by target_quantile
+        if not fracs or self.private.adaptive is not None:  # adaptive: set by target_quantile
             return
         mean = float(np.mean(fracs))
         if mean > CLIP_HIGH:
@@ -498,10 +453,9 @@ class DPTrainer:
         self._telemetry_start()
         try:
             try:
-                # reconcile with the ledger before anything else
-                distributed.on_main_process(lambda: self._ledger_open(complete), "the privacy ledger check")
+                self._ledger_open(complete)  # reconcile with the ledger before anything else
             except Exception:
-                if not out_existed and self.main:  # a refused new run leaves no run directory behind (only its run.json)
+                if not out_existed and self.main:  # a refused new run leaves no run directory (only its run.json)
                     _remove_new_run_dir(self.out_dir)
                 raise
             if complete:
@@ -545,74 +499,36 @@ class DPTrainer:
         ends = [min(self.sampler.steps_for_epochs(k), self.total_steps) for k in range(1, n_epochs + 1)]
         ends[-1] = self.total_steps
         progress = _Progress(self.cfg["output"]["progress"] and self.main, self.total_steps)
-        target = self.cfg["training"]["dp"]["epsilon"] if self.dp else None
+        target = self.private.target_epsilon
         epochs_run = 0
         if self.log and resumed:
             print(f"resuming {self.out_dir} at step {int(self.state.step)}")
-        try:
-            while int(self.state.step) < self.total_steps:
-                epoch = next(k for k, end in enumerate(ends, 1) if int(self.state.step) < end)
-                t0 = time.time()
-                loss_sum = n_real = 0.0
-                clip_fracs, layer_norms, group_fracs = [], {}, {}
-                steps_this_epoch = ends[epoch - 1] - int(self.state.step)
-                for _ in range(steps_this_epoch):
-                    idx, mask = self.sampler.sample(self.sampler.step)
-                    batch, mask = self._load_batch(idx, mask)
-                    try:
-                        new_state, stats = self._step(self.state, batch, jnp.asarray(mask))
-                    except PrivacyBudgetExhausted as e:
-                        self.status = "budget_exhausted"
-                        progress.close()
-                        if self.main:
-                            print(f"jaxdp: {e}", file=sys.stderr)
-                        raise _Stop() from None
-                    self.state = new_state
-                    self.sampler.step += 1
-                    losses = stats["per_example_losses"] if isinstance(stats, dict) else stats.per_example_losses
-                    loss_sum += float(jnp.sum(jnp.where(mask, losses, 0.0)))
-                    n_real += float(mask.sum())
-                    if not isinstance(stats, dict):
-                        clip_fracs.append(float(stats.clip_fraction))
-                        for k, v in stats.layer_norm_mean.items():
-                            layer_norms.setdefault(k, []).append(float(v))
-                        for k, v in stats.group_clip_fraction.items():
-                            group_fracs.setdefault(k, []).append(float(v))
-                    progress.update(int(self.state.step), epoch, n_epochs, None, target, None)
-                loss_sum, n_real = distributed.process_sum(loss_sum, n_real)  # over all processes' rows
-                acc = self.evaluate()
-                eps, _ = self.get_privacy_spent()
-                row = {"epoch": epoch, "step": int(self.state.step), "train_loss": loss_sum / max(n_real, 1.0),
-                       "test_accuracy": acc, "epsilon": eps if math.isfinite(eps) else None,
-                       "seconds": time.time() - t0}
-                if self.dp and self.private.adaptive is not None:
-                    row["clip_norm"] = self.private.clip_norm(self.state)  # C_t: post-processing of releases
-                if clip_fracs:
-                    row["clip_fraction"] = float(np.mean(clip_fracs))
-                    row["group_clip_fraction"] = {k: float(np.mean(v)) for k, v in group_fracs.items()}
-                    row["layer_grad_norm_mean"] = {k: float(np.mean(v)) for k, v in layer_norms.items()}
-                self.metrics.append(row)
-                if self.telemetry is not None:
-                    self.telemetry.record_epoch(epsilon=row["epsilon"], clip_fraction=row.get("clip_fraction"),
-                                                group_clip_fraction=row.get("group_clip_fraction"),
-                                                noise_multiplier=self.noise_multiplier)
-                progress.update(int(self.state.step), epoch, n_epochs, row["epsilon"], target, acc)
-                if self.log:
-                    progress.close()
-                    eps_s = f"epsilon {row['epsilon']:.3f}" if row["epsilon"] is not None else "epsilon inf (non-private)"
-                    clip_s = f"  clipped {100 * row['clip_fraction']:.0f}%" if "clip_fraction" in row else ""
-                    clip_s += f"  C {row['clip_norm']:.3g}" if "clip_norm" in row else ""
-                    print(f"epoch {epoch:3d}  loss {row['train_loss']:.4f}  test acc {acc:.4f}  {eps_s}{clip_s}  "
-                          f"({row['seconds']:.1f}s)", flush=True)
-                epochs_run += 1
-                if epoch % self.cfg["output"]["checkpoint_every"] == 0 or int(self.state.step) >= self.total_steps:
-                    if int(self.state.step) >= self.total_steps:
-                        self.status = "finished"
-                    self._save()
-                if max_epochs is not None and epochs_run >= max_epochs:
-                    break
-        except _Stop:
-            pass
+        while int(self.state.step) < self.total_steps:
+            epoch = next(k for k, end in enumerate(ends, 1) if int(self.state.step) < end)
+            t0 = time.time()
+            sums = self._epoch_steps(ends[epoch - 1] - int(self.state.step), epoch, n_epochs, progress, target)
+            if sums is None:  # a step was refused (target epsilon or ledger reservation): the run ends here
+                break
+            row = self._epoch_row(epoch, sums, t0)
+            if self.telemetry is not None:
+                self.telemetry.record_epoch(epsilon=row["epsilon"], clip_fraction=row.get("clip_fraction"),
+                                            group_clip_fraction=row.get("group_clip_fraction"),
+                                            noise_multiplier=self.noise_multiplier)
+            progress.update(int(self.state.step), epoch, n_epochs, row["epsilon"], target, row["test_accuracy"])
+            if self.log:
+                progress.close()
+                eps_s = f"epsilon {row['epsilon']:.3f}" if row["epsilon"] is not None else "epsilon inf (non-private)"
+                clip_s = f"  clipped {100 * row['clip_fraction']:.0f}%" if "clip_fraction" in row else ""
+                clip_s += f"  C {row['clip_norm']:.3g}" if "clip_norm" in row else ""
+                print(f"epoch {epoch:3d}  loss {row['train_loss']:.4f}  test acc {row['test_accuracy']:.4f}  "
+                      f"{eps_s}{clip_s}  ({row['seconds']:.1f}s)", flush=True)
+            epochs_run += 1
+            if epoch % self.cfg["output"]["checkpoint_every"] == 0 or int(self.state.step) >= self.total_steps:
+                if int(self.state.step) >= self.total_steps:
+                    self.status = "finished"
+                self._save()
+            if max_epochs is not None and epochs_run >= max_epochs:
+                break
         progress.close()
         self._clip_warnings()
         if int(self.state.step) >= self.total_steps:
@@ -621,12 +537,51 @@ class DPTrainer:
         self.trained_steps = int(self.state.step) - step_at_start
         if self.status in ("finished", "budget_exhausted"):
             lifecycle.fault_point("before_commit")
-            distributed.on_main_process(self._ledger_commit, "the privacy ledger commit")
+            self._ledger_commit()
         return self._write_outputs()
 
+    def _epoch_steps(self, steps: int, epoch: int, n_epochs: int, progress: _Progress,
+                     target: float | None) -> dict | None:
+        """Take an epoch's steps; returns what its metrics row sums, or None when a step was refused (the run
+        is then ``budget_exhausted``: the target epsilon or the ledger reservation is reached)."""
+        loss_sum = n_real = 0.0
+        clip_fracs, layer_norms, group_fracs = [], {}, {}
+        for batch, mask in self.private.batches(self._train_data, steps):
+            try:
+                self.state, stats = self.private.step(self.state, batch, jnp.asarray(mask))
+            except PrivacyBudgetExhausted as e:
+                self.status = "budget_exhausted"
+                progress.close()
+                if self.main:
+                    print(f"jaxdp: {e}", file=sys.stderr)
+                return None
+            loss_sum += float(jnp.sum(jnp.where(mask, stats.per_example_losses, 0.0)))
+            n_real += float(mask.sum())
+            if hasattr(stats, "clip_fraction"):  # private steps report clipping
+                clip_fracs.append(float(stats.clip_fraction))
+                for k, v in stats.layer_norm_mean.items():
+                    layer_norms.setdefault(k, []).append(float(v))
+                for k, v in stats.group_clip_fraction.items():
+                    group_fracs.setdefault(k, []).append(float(v))
+            progress.update(int(self.state.step), epoch, n_epochs, None, target, None)
+        return {"loss_sum": loss_sum, "n_real": n_real, "clip_fracs": clip_fracs, "layer_norms": layer_norms,
+                "group_fracs": group_fracs}
 
-class _Stop(Exception):
-    pass
+    def _epoch_row(self, epoch: int, sums: dict, t0: float) -> dict:
+        """The epoch's metrics row (appended to ``self.metrics``): loss, test accuracy, epsilon, clipping."""
+        loss_sum, n_real = distributed.process_sum(sums["loss_sum"], sums["n_real"])  # over all processes' rows
+        acc = self.evaluate()
+        eps, _ = self.get_privacy_spent()
+        row = {"epoch": epoch, "step": int(self.state.step), "train_loss": loss_sum / max(n_real, 1.0),
+               "test_accuracy": acc, "epsilon": eps if math.isfinite(eps) else None, "seconds": time.time() - t0}
+        if self.private.adaptive is not None:
+            row["clip_norm"] = self.private.clip_norm(self.state)  # C_t: post-processing of releases
+        if sums["clip_fracs"]:
+            row["clip_fraction"] = float(np.mean(sums["clip_fracs"]))
+            row["group_clip_fraction"] = {k: float(np.mean(v)) for k, v in sums["group_fracs"].items()}
+            row["layer_grad_norm_mean"] = {k: float(np.mean(v)) for k, v in sums["layer_norms"].items()}
+        self.metrics.append(row)
+        return row
 
 
 def compare(config: dict | str, out_dir: str | None = None, progress: bool | None = None,
