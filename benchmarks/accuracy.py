@@ -8,6 +8,10 @@ accountant for all rows -- fast; PLD/PRV would lower every sigma a little):
 * ``dpsgd``:      Poisson sampling q = B/N, T steps, independent noise (``jaxdp.add_noise``).
 * ``bandmf-b``:   cyclic Poisson sampling over b groups at rate p = bB/N, b-banded MF noise optimised for T steps
                   (``jaxdp.bandmf_noise``), accounted as DP-SGD with rate p and ceil(T/b) steps.
+* ``blt-d``:      BLT noise with d buffers (``jaxdp.blt.blt_noise``) over a fixed secret batch order
+                  (``FixedOrderSampler``: b = floor(N/B) batches of exactly B, each example once per epoch, b steps
+                  apart), strategy optimised for T steps with ceil(T/b) participations, noise scaled to that
+                  sensitivity: ONE Gaussian mechanism, sigma calibrated as such (no amplification by sampling).
 * ``dpsgd+aug``:  DP-SGD with augmentation multiplicity K = 4 (default views: pixel jitter N(0, 0.1^2);
                   ``--augment shift``: random +-1 pixel shifts, which hurt this MLP); views averaged before
                   clipping, so sensitivity and accounting are DP-SGD's.
@@ -35,7 +39,8 @@ import jaxdp
 from jaxdp import accounting
 from jaxdp.data import load_digits
 from jaxdp.recipe import augmentation_keys, augmentation_multiplicity, ema_update
-from jaxdp.sampling import CyclicPoissonSampler, PoissonSampler
+from jaxdp.blt import blt_noise
+from jaxdp.sampling import CyclicPoissonSampler, FixedOrderSampler, PoissonSampler
 
 DELTA = 1e-5
 CFG = dict(batch_size=128, epochs=20, clip=1.0, lr=2.0, momentum=0.0, hidden=128, ema_decay=0.99, aug_k=4,
@@ -83,13 +88,15 @@ def _pad(b: int) -> int:
 def _sampler(method, n, q, bands, seed):
     if method.startswith("bandmf"):
         return CyclicPoissonSampler(n, q * bands, bands, seed, pad_to_multiple=_pad(CFG["batch_size"]))
+    if method.startswith("blt"):
+        return FixedOrderSampler(n, CFG["batch_size"], seed)
     return PoissonSampler(n, q, seed, pad_to_multiple=_pad(CFG["batch_size"]))
 
 
 _RUNS: dict = {}   # method -> (transform factory, jitted training loop); sigma and keys are traced arguments
 
 
-def _train_fn(method: str, steps: int, e: float, bands: int):
+def _train_fn(method: str, steps: int, e: float, bands: int, n_train: int):
     """One jitted ``lax.scan`` over all steps per method (batches precomputed by the sampler as index/mask
     arrays). The noise transform is built with sigma = 1 and each step computes ``sigma * noise(S / sigma) =
     (S + sigma w) / E``: the update of a transform built with sigma, but sigma is a traced argument, so runs at
@@ -102,6 +109,13 @@ def _train_fn(method: str, steps: int, e: float, bands: int):
         def noise(key):
             return jaxdp.bandmf_noise(noise_multiplier=1.0, l2_clip_norm=CFG["clip"], expected_batch_size=e, key=key,
                                       bands=bands, steps=steps)
+    elif method.startswith("blt"):
+        sep = int(n_train) // CFG["batch_size"]
+
+        def noise(key):
+            return blt_noise(noise_multiplier=1.0, l2_clip_norm=CFG["clip"], expected_batch_size=e, key=key,
+                             steps=steps, buffers=bands, min_separation=sep, participations=-(-steps // sep),
+                             momentum=CFG["momentum"])
     else:
         def noise(key):
             return jaxdp.add_noise(noise_multiplier=1.0, l2_clip_norm=CFG["clip"], expected_batch_size=e, key=key)
@@ -149,17 +163,23 @@ def run(method: str, epsilon: float | None, seed: int, data) -> dict:
     steps = math.ceil(CFG["epochs"] / q)
     key = jax.random.key(seed)
     params = _init(jax.random.fold_in(key, 1), CFG["hidden"])
-    bands = int(method.split("-")[1]) if method.startswith("bandmf") else 1
+    bands = int(method.split("-")[1]) if method.startswith(("bandmf", "blt")) else 1   # blt: buffers
     sampler = _sampler(method, n, q, bands, seed)
     sigma = 1.0
     if method.startswith("bandmf"):   # DP-SGD with rate b q and ceil(T / b) steps
         sigma = accounting.calibrate_noise_multiplier(epsilon, DELTA, q * bands,
                                                       steps=accounting.cyclic_participations(steps, bands),
                                                       accountant=CFG["accountant"])
+    elif method.startswith("blt"):   # one Gaussian mechanism for the whole horizon
+        sigma = accounting.calibrate_noise_multiplier(epsilon, DELTA, 1.0, steps=1, accountant=CFG["accountant"])
     elif method != "non-private":
         sigma = accounting.calibrate_noise_multiplier(epsilon, DELTA, q, steps=steps, accountant=CFG["accountant"])
-    make, train = _train_fn(method, steps, b_exp, bands)
+    make, train = _train_fn(method, steps, b_exp, bands, n)
     batches = [sampler.sample(t) for t in range(steps)]
+    if method.startswith("blt"):   # exactly B real rows; pad to the shared shape (padding contributes nothing)
+        pad = _pad(b_exp) - b_exp
+        batches = [(np.concatenate([i, np.zeros(pad, np.int32)]), np.concatenate([m, np.zeros(pad, bool)]))
+                   for i, m in batches]
     if any(b[0].shape[0] != _pad(b_exp) for b in batches):
         raise RuntimeError("a batch exceeded the fixed padded size; raise _pad")
     idxs = jnp.asarray(np.stack([b[0] for b in batches]))

@@ -7,6 +7,7 @@ The package is organised by idea (see ``README.md`` for the architecture):
 * :mod:`jaxdp.ghost`     -- per-example norms without materialising per-example gradients.
 * :mod:`jaxdp.noise`     -- Gaussian noise and aggregation as optax ``GradientTransformation`` s.
 * :mod:`jaxdp.matrix_factorization` -- banded matrix-factorization (correlated) noise, BandMF.
+* :mod:`jaxdp.blt` -- buffered linear Toeplitz (BLT) correlated noise, O(buffers x |params|) state.
 * :mod:`jaxdp.recipe`    -- De et al.'s recipe: augmentation multiplicity, parameter EMA.
 * :mod:`jaxdp.optim`     -- ``dpsgd`` / ``dpadam``: noise chained with optax optimisers.
 * :mod:`jaxdp.sampling`  -- Poisson and shuffled batch selection with fixed shapes.
@@ -29,7 +30,7 @@ __version__ = "0.1.0"
 from jaxdp.clipping import ClipStats, clipped_grad, clip_factor, total_clip_norm  # noqa: E402
 from jaxdp.noise import AddNoiseState, add_noise, dp_aggregate  # noqa: E402
 from jaxdp.optim import dpadam, dpsgd  # noqa: E402
-from jaxdp.sampling import CyclicPoissonSampler, PoissonSampler, ShuffleSampler  # noqa: E402
+from jaxdp.sampling import CyclicPoissonSampler, FixedOrderSampler, PoissonSampler, ShuffleSampler  # noqa: E402
 
 # Public names defined in modules that are imported on first use (keeps `import jaxdp` light).
 _LAZY_ATTRS = {
@@ -52,13 +53,14 @@ _LAZY_ATTRS = {
     "adaptive_clipping": "jaxdp.adaptive",
     "virtual_batch_grad": "jaxdp.virtual",
     "bandmf_noise": "jaxdp.matrix_factorization",
+    "blt_noise": "jaxdp.blt",
     "augmentation_multiplicity": "jaxdp.recipe",
     "ema_update": "jaxdp.recipe",
 }
 _LAZY_MODULES = (
     "accounting", "audit", "data", "distributed", "engine", "ghost", "ledger", "lm", "models",
     "report", "telemetry", "train", "validation", "adaptive", "virtual", "cli", "compat",
-    "matrix_factorization", "recipe", "training",
+    "matrix_factorization", "recipe", "blt", "training",
 )
 
 
@@ -73,5 +75,5 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "ClipStats", "clipped_grad", "clip_factor", "total_clip_norm",
     "AddNoiseState", "add_noise", "dp_aggregate", "dpsgd", "dpadam",
-    "PoissonSampler", "CyclicPoissonSampler", "ShuffleSampler", *_LAZY_ATTRS,
+    "PoissonSampler", "CyclicPoissonSampler", "FixedOrderSampler", "ShuffleSampler", *_LAZY_ATTRS,
 ]

@@ -26,7 +26,7 @@ from flax import nnx
 from jaxdp import _checks, compat, validation
 from jaxdp.clipping import ClipStats, clipped_grad, total_clip_norm
 from jaxdp.noise import add_noise
-from jaxdp.sampling import CyclicPoissonSampler, PoissonSampler, ShuffleSampler, steps_for_epochs
+from jaxdp.sampling import CyclicPoissonSampler, FixedOrderSampler, PoissonSampler, ShuffleSampler, steps_for_epochs
 from jaxdp.training import NonPrivateTraining, PrivacyBudgetExhausted, Training, TrainState
 
 PyTree = Any
@@ -141,7 +141,9 @@ class PrivateTraining(Training):
         self.target_delta = target_delta
         self.planned_steps = planned_steps
         self.method = method
-        self.mechanism = mechanism   # "dpsgd" | "bandmf" (bands: self.sampler.bands)
+        self.mechanism = mechanism   # "dpsgd" | "bandmf" (bands: self.sampler.bands) | "blt"
+        # BLT: the noise is scaled for ceil(H / b) participations in the planned H steps; no step beyond H.
+        self.horizon = planned_steps if sampler.sampling == "fixed_order" else None
         self._params0 = params
         self._nnx_graph = nnx_graph
         self._example_key = None  # set by make_private when the loss needs per-example keys (dropout)
@@ -216,6 +218,8 @@ class PrivateTraining(Training):
     # -- accounting ------------------------------------------------------------------------------------
     def event(self, steps: int):
         """The :class:`jaxdp.accounting.Event` of ``steps`` steps of this mechanism, as the sampler emits it."""
+        if self.horizon is not None:   # fixed order: the event names the planned horizon its noise covers
+            return self.sampler.event(self.noise_multiplier, steps, mechanism=self.mechanism, horizon=self.horizon)
         return self.sampler.event(self.noise_multiplier, steps, mechanism=self.mechanism)
 
     def events(self, steps: int) -> list[dict]:
@@ -244,6 +248,14 @@ class PrivateTraining(Training):
         def ok(n: int) -> bool:
             return n == 0 or self._epsilon_after(n) <= self.target_epsilon
 
+        if self.horizon is not None:   # fixed order: never past the horizon (BLT: epsilon is the same for all T)
+            lo, hi = 0, self.horizon - done
+            if ok(hi):
+                return done + hi
+            while hi - lo > 1:
+                mid = (lo + hi) // 2
+                lo, hi = (mid, hi) if ok(mid) else (lo, mid)
+            return done + lo
         lo = 0
         hi = max(1, self.planned_steps or self.sampler.steps_per_epoch)
         while ok(hi):
@@ -264,7 +276,7 @@ class PrivateTraining(Training):
             return None
         s, done = self.sampler, self.accountant.steps
         fit_steps = self.max_steps - done
-        fit_epochs = fit_steps / s.steps_per_epoch if s.sampling == "shuffle" else \
+        fit_epochs = fit_steps / s.steps_per_epoch if s.sampling in ("shuffle", "fixed_order") else \
             fit_steps * s.expected_batch_size / s.dataset_size
         plan_eps = self._epsilon_after(self.planned_steps - done)
         options = [f"epochs <= {fit_epochs:.4g} ({fit_steps} steps)",
@@ -274,6 +286,14 @@ class PrivateTraining(Training):
                 sigma = _accounting().calibrate_noise_multiplier(
                     self.target_epsilon, self.target_delta, s.sample_rate, steps=self.planned_steps,
                     accountant=self.accountant.method,
+                    neighboring_relation=self.accountant.neighboring_relation)
+                options.insert(1, f"noise_multiplier >= {sigma:.4f}")
+            except ValueError:
+                pass
+        if s.sampling == "fixed_order" and self.mechanism == "blt" and done == 0:
+            try:   # one Gaussian mechanism, whatever the number of steps
+                sigma = _accounting().calibrate_noise_multiplier(
+                    self.target_epsilon, self.target_delta, 1.0, steps=1, accountant=self.accountant.method,
                     neighboring_relation=self.accountant.neighboring_relation)
                 options.insert(1, f"noise_multiplier >= {sigma:.4f}")
             except ValueError:
@@ -293,9 +313,18 @@ class PrivateTraining(Training):
 
     # -- training ----------------------------------------------------------------------------------------
     def next_step_refusal(self) -> str | None:
-        """Why the next step must not be taken: the ledger reservation (:class:`jaxdp.training.Training`), or
-        the target epsilon. None: it may be taken."""
+        """Why the next step must not be taken: the ledger reservation (:class:`jaxdp.training.Training`), the
+        planned horizon of a fixed-order run (BLT), or the target epsilon. None: it may be taken."""
         reason = super().next_step_refusal()
+        if reason is None and self.horizon is not None and self.accountant.steps >= self.horizon:
+            # The noise was scaled to the sensitivity of ceil(H / b) participations; a later step would add a
+            # participation no analysis covers.
+            spent = self.get_epsilon() if self.target_delta else "see get_epsilon"
+            reason = (f"stopping: the planned horizon of {self.horizon} steps is reached. The {self.mechanism} noise "
+                      f"of this run was scaled for at most {-(-self.horizon // self.sampler.min_separation)} "
+                      f"participations per example ({self.horizon} steps, batches {self.sampler.min_separation} "
+                      "apart); further steps are not covered. Plan more epochs from the start (epochs=) in a new "
+                      f"run. Epsilon spent: {spent}")
         if reason is None and self.max_steps is not None and self.accountant.steps >= self.max_steps:
             reason = (f"stopping: step {self.accountant.steps + 1} would take epsilon above the target "
                       f"{self.target_epsilon} (delta={self.target_delta}); {self.accountant.steps} steps were taken, "
@@ -322,7 +351,8 @@ class PrivateTraining(Training):
     def step(self, state: TrainState, batch: PyTree, mask: jax.Array) -> tuple[TrainState, ClipStats]:
         """One private step on a sampled batch (with its padding mask); records the step in the accountant.
 
-        Raises :class:`PrivacyBudgetExhausted`, before touching the data, if the step would exceed the target.
+        Raises :class:`PrivacyBudgetExhausted`, before touching the data, if the step would exceed the target
+        or (BLT, fixed batch order) the planned horizon.
         """
         self._check_next_step()
         self._check_loss_shape(state.params, batch)
@@ -488,6 +518,8 @@ class PrivacyEngine:
         parent_run_id: str | None = None,
         mechanism: str = "dpsgd",
         bands: int | None = None,
+        buffers: int | None = None,
+        momentum: float = 0.0,
         allow_large_delta: bool = False,
         max_grad_norm: float | PyTree = None,
         reserve: bool = False,
@@ -526,6 +558,15 @@ class PrivacyEngine:
             strategy optimised for the planned steps, so ``epochs`` is required) with cyclic Poisson sampling
             over ``b = bands`` groups at rate ``p = b * batch_size / N`` (needs ``b * batch_size <= N``), accounted
             as DP-SGD with rate ``p`` and ``ceil(T / b)`` steps. Needs a fresh engine (no earlier steps).
+            Or ``"blt"``: buffered linear Toeplitz noise (:func:`jaxdp.blt.blt_noise`, state ``d x |params|`` with
+            ``d = buffers``) over a fixed secret batch order (:class:`jaxdp.sampling.FixedOrderSampler`: ``b =
+            floor(N / B)`` batches of exactly ``B = batch_size`` examples repeated every epoch, each example once
+            per epoch, ``b`` steps apart). The noise is scaled for the planned horizon ``H = ceil(epochs * b)``
+            with ``ceil(H / b)`` participations and accounted as ONE Gaussian mechanism with noise multiplier
+            ``noise_multiplier`` (zero-out = add/remove relation; replace-one refused); training stops at ``H``
+            (:class:`PrivacyBudgetExhausted`). No amplification by sampling. Needs ``epochs`` and a fresh engine.
+          momentum: the heavy-ball momentum of ``optimizer`` (e.g. ``optax.sgd(lr, momentum=0.9)``): BandMF and
+            BLT optimise their noise strategy for it (accuracy only; privacy does not depend on it).
           allow_large_delta: accept ``target_delta >= 1/N`` (refused by default: such a delta allows publishing
             an example outright); recorded as ``private.allow_large_delta``.
           max_grad_norm: deprecated name of ``l2_clip_norm`` (Opacus's name; a DeprecationWarning says so).
@@ -545,7 +586,7 @@ class PrivacyEngine:
         if adaptive_clipping is not None and adaptive_clipping is not False:
             if mechanism != "dpsgd":
                 raise ValueError("adaptive_clipping is for mechanism='dpsgd' (its count release is accounted as "
-                                 "part of a DP-SGD step); use a fixed l2_clip_norm with mechanism='bandmf'")
+                                 f"part of a DP-SGD step); use a fixed l2_clip_norm with mechanism={mechanism!r}")
             _check_adaptive(adaptive_clipping, l2_clip_norm, b, sigma)
         else:
             adaptive_clipping = None
@@ -559,19 +600,28 @@ class PrivacyEngine:
         if target_delta is not None:
             _check_delta(target_delta, n, allow_large_delta)
         defer_ledger = _check_ledger_args(ledger, dataset_id, run_id, defer_ledger)
-        if mechanism not in ("dpsgd", "bandmf"):
-            raise ValueError(f"mechanism must be 'dpsgd' or 'bandmf', got {mechanism!r}")
+        if mechanism not in ("dpsgd", "bandmf", "blt"):
+            raise ValueError(f"mechanism must be 'dpsgd', 'bandmf' or 'blt', got {mechanism!r}")
+        from jaxdp.matrix_factorization import _check_momentum
+        momentum = _check_momentum(momentum)
         if mechanism == "bandmf":
             bands = _check_bandmf(n, b, q, bands, epochs, poisson_sampling, max_batch_size, opacus_compat,
                                   self.accountant)
         elif bands not in (None, 1):
-            raise ValueError("bands is for mechanism='bandmf'; DP-SGD has no bands")
+            raise ValueError(f"bands is for mechanism='bandmf'; {mechanism!r} has no bands")
+        if mechanism == "blt":
+            buffers = _check_blt(n, b, buffers, epochs, poisson_sampling, max_batch_size, opacus_compat,
+                                 self.accountant)
+        elif buffers is not None:
+            raise ValueError(f"buffers is for mechanism='blt'; {mechanism!r} has no buffers")
         pure, p, graph = self._prepare(loss_fn, model, variables, params, sample_input)
         if not jax.tree_util.treedef_is_leaf(jax.tree_util.tree_structure(l2_clip_norm)):
             from jaxdp.clip_groups import clip_norm_tree  # per-layer: check the group names, list the valid ones
             l2_clip_norm = clip_norm_tree(p, l2_clip_norm)
         if mechanism == "bandmf":
             sampler = CyclicPoissonSampler(n, q * bands, bands, seed, secure=self.secure)
+        elif mechanism == "blt":
+            sampler = FixedOrderSampler(n, int(b), seed, secure=self.secure)
         elif poisson_sampling:
             sampler = PoissonSampler(n, q, seed, max_batch_size=max_batch_size, secure=self.secure)
         else:
@@ -580,17 +630,24 @@ class PrivacyEngine:
         e = compat.expected_batch_size(n, q, opacus_compat=opacus_compat) if (
             poisson_sampling and mechanism == "dpsgd") else sampler.expected_batch_size
         # Refuse now, before any data is touched, a sampling this accountant cannot account for (rule 5).
+        planned = None if epochs is None else sampler.steps_for_epochs(epochs)
         probe = _accounting().Accountant(self.accountant.method,
                                          neighboring_relation=self.accountant.neighboring_relation)
-        probe.record(sampler.event(sigma, 1, mechanism=mechanism))
+        probe.record(sampler.event(sigma, 1, mechanism=mechanism, horizon=planned) if mechanism == "blt" else
+                     sampler.event(sigma, 1, mechanism=mechanism))
         key = None if self.secure else jax.random.fold_in(jax.random.key(seed), 0x6E6F6973)  # "nois": noise stream
-        planned = None if epochs is None else sampler.steps_for_epochs(epochs)
         noise_tx = None
         if mechanism == "bandmf":
             from jaxdp.matrix_factorization import bandmf_noise
             noise_tx = bandmf_noise(noise_multiplier=sigma, l2_clip_norm=l2_clip_norm, expected_batch_size=e,
-                                    key=key, bands=bands, steps=max(planned, 1),
+                                    key=key, bands=bands, steps=max(planned, 1), momentum=momentum,
                                     secure=self.secure, trainable=trainable)
+        elif mechanism == "blt":
+            from jaxdp.blt import blt_noise
+            noise_tx = blt_noise(noise_multiplier=sigma, l2_clip_norm=l2_clip_norm, expected_batch_size=e, key=key,
+                                 steps=planned, buffers=buffers, min_separation=sampler.min_separation,
+                                 participations=sampler.participations(planned), momentum=momentum,
+                                 secure=self.secure, trainable=trainable)
         private = PrivateTraining(
             engine=self, pure_loss=pure, params=p, optimizer=optimizer, dataset_size=n, sampler=sampler,
             noise_multiplier=sigma, l2_clip_norm=l2_clip_norm, key=key, secure=self.secure,
@@ -680,7 +737,11 @@ class PrivacyEngine:
             # calibrate for the rate the sampler will actually use (Opacus's 1 / ceil(N / B)), not B / N
             q = compat.sample_rate(n, int(round(batch_size)), opacus_compat=True)
         steps = steps_for_epochs(epochs, q)   # the steps the sampler will take (the same rule)
-        if kwargs.get("mechanism", "dpsgd") == "bandmf":   # DP-SGD with rate b q and ceil(T / b) steps
+        if kwargs.get("mechanism", "dpsgd") == "blt":   # ONE Gaussian mechanism, whatever the number of steps
+            _check_blt(n, batch_size, kwargs.get("buffers"), epochs, kwargs.get("poisson_sampling", True),
+                       kwargs.get("max_batch_size"), kwargs.get("opacus_compat", False), self.accountant)
+            q, steps = 1.0, 1
+        elif kwargs.get("mechanism", "dpsgd") == "bandmf":   # DP-SGD with rate b q and ceil(T / b) steps
             bands = _check_bandmf(n, batch_size, q, kwargs.get("bands"), epochs, kwargs.get("poisson_sampling", True),
                                   kwargs.get("max_batch_size"), kwargs.get("opacus_compat", False), self.accountant)
             sampler = CyclicPoissonSampler(n, q * bands, bands, 0)
@@ -731,6 +792,30 @@ def _check_bandmf(n, batch_size, q, bands, epochs, poisson_sampling, max_batch_s
     return b
 
 
+def _check_blt(n, batch_size, buffers, epochs, poisson_sampling, max_batch_size, opacus_compat, accountant):
+    """Validate ``mechanism='blt'`` arguments; returns ``buffers``."""
+    d = _checks.positive_int("buffers (mechanism='blt' needs buffers=d, the number of BLT buffers; 2-4 is typical)",
+                             buffers)
+    if epochs is None:
+        raise ValueError("mechanism='blt' needs epochs= (the planned horizon: the noise is scaled for the number of "
+                         "participations in the planned steps, and training stops there)")
+    _checks.positive("epochs", epochs)
+    if not poisson_sampling or max_batch_size is not None or opacus_compat:
+        raise ValueError("mechanism='blt' uses its own fixed-order sampler (one secret permutation, the same batch "
+                         "order every epoch): leave poisson_sampling, max_batch_size and opacus_compat at their "
+                         "defaults (shuffled or Poisson batches would break the b-step separation its sensitivity "
+                         "assumes)")
+    if float(batch_size) != int(batch_size) or int(batch_size) > n:
+        raise ValueError(f"mechanism='blt' takes batches of exactly batch_size examples: batch_size must be an "
+                         f"integer <= dataset_size={n}, got {batch_size!r}")
+    if accountant.neighboring_relation != "add_remove":
+        raise ValueError("mechanism='blt' is analysed under the zero-out relation (add/remove one example with a "
+                         "fixed participation schema); replace-one would double the sensitivity the noise is "
+                         "scaled to. Use PrivacyEngine(neighboring_relation='add_remove')")
+    if accountant.steps:
+        raise ValueError("mechanism='blt' needs a fresh PrivacyEngine: its noise is scaled for one planned run, "
+                         "accounted as one Gaussian mechanism, which must not merge with earlier runs' steps")
+    return d
 def _check_ledger_args(ledger: Any, dataset_id: str | None, run_id: str | None, defer_ledger: bool) -> bool:
     """Refuse a ledger without the run's ids before anything is built; returns ``defer_ledger`` (True for the
     deprecated ``ledger=False``)."""

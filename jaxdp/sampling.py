@@ -324,6 +324,102 @@ class CyclicPoissonSampler(PoissonSampler):
                 f"bands={self.bands}, pad_to_multiple={self.pad_to_multiple}, secure={self.secure})")
 
 
+class FixedOrderSampler(_Sampler):
+    """One secret permutation split into ``b = floor(N / B)`` batches of ``B``, repeated in the same order every
+    epoch. Labelled ``sampling = "fixed_order"``.
+
+    Every example (but the ``N mod B`` left out of the permutation's batches, which never take part) is in
+    exactly one batch, so it takes part once per epoch, exactly ``b`` steps apart: at most ``ceil(T / b)`` times
+    in ``T`` steps, with min-separation ``b``. The schedule depends only on the seed, never on the data, which is
+    what the fixed-participation-schema (zero-out) analysis of BLT noise (:mod:`jaxdp.blt`) needs. There is no
+    amplification by sampling: the accounting event is ``{"sampling": "fixed_order", ...}``
+    (:mod:`jaxdp.accounting`), never Poisson.
+
+    Args:
+      dataset_size: ``N``.
+      batch_size: ``B`` (every batch has exactly ``B`` examples, no padding); ``B <= N``.
+      seed: int seed of the permutation (required unless ``secure``); keep it secret.
+      secure: draw the permutation once from the OS entropy source (kept in memory: such a run cannot resume).
+    """
+
+    sampling = "fixed_order"
+
+    def __init__(self, dataset_size: int, batch_size: int, seed: int | None = None, *,
+                 secure: bool = False) -> None:
+        self.dataset_size = _checks.positive_int("dataset_size", dataset_size)
+        self.batch_size = _checks.positive_int("batch_size", batch_size)
+        if self.batch_size > self.dataset_size:
+            raise ValueError(f"batch_size {batch_size} is larger than dataset_size {dataset_size}")
+        _check_seed(seed, secure, "FixedOrderSampler")
+        self.seed = None if seed is None else int(seed)
+        self.secure = bool(secure)
+        self.step = 0
+        b = self.dataset_size // self.batch_size
+        perm = _rng(self.seed, 4, secure=self.secure).permutation(self.dataset_size)
+        self._batches = perm[:b * self.batch_size].reshape(b, self.batch_size).astype(np.int32)
+
+    @property
+    def min_separation(self) -> int:
+        """``b = floor(N / B)``: the number of batches, the epoch length and the gap between participations."""
+        return int(self._batches.shape[0])
+
+    @property
+    def sample_rate(self) -> float:
+        """``B / N`` (for information: there is no sampling to amplify with)."""
+        return self.batch_size / self.dataset_size
+
+    @property
+    def expected_batch_size(self) -> float:
+        """``B``: every batch has exactly ``B`` examples (public)."""
+        return float(self.batch_size)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.min_separation
+
+    def steps_for_epochs(self, epochs: float) -> int:
+        """``ceil(epochs * b)`` (:func:`steps_for_epochs` with ``steps_per_epoch = b``)."""
+        return steps_for_epochs(epochs, steps_per_epoch=self.min_separation)
+
+    def event(self, noise_multiplier: float, steps: int, *, mechanism: str = "dpsgd",
+              l2_clip_norm: float | None = None, horizon: int | None = None):
+        """The :class:`jaxdp.accounting.Event` of ``steps`` steps of a run planned for ``horizon`` steps on this
+        fixed batch order: ``"blt"`` noise is ONE Gaussian mechanism for ``steps <= horizon``, independent
+        (``"dpsgd"``) noise ``ceil(steps / b)`` of them.
+
+        >>> FixedOrderSampler(100, 10, seed=0).event(3.0, 20, mechanism="blt", horizon=30).to_dict()
+        {'sampling': 'fixed_order', 'mechanism': 'blt', 'min_separation': 10, 'horizon': 30, \
+'noise_multiplier': 3.0, 'steps': 20}
+        """
+        if horizon is None:
+            raise ValueError("a fixed-order event needs horizon= (the planned number of steps its noise covers)")
+        from jaxdp.accounting.event import Event
+        return Event("fixed_order", mechanism=mechanism, min_separation=self.min_separation, horizon=horizon,
+                     noise_multiplier=noise_multiplier, steps=steps, l2_clip_norm=l2_clip_norm)
+
+    def participations(self, steps: int) -> int:
+        """``ceil(steps / b)``: the most steps one example takes part in among the first ``steps``."""
+        return -(-int(steps) // self.min_separation)
+
+    def sample(self, step: int) -> tuple[np.ndarray, np.ndarray]:
+        """The batch of global step ``step``: batch ``step mod b`` of the permutation (all ``B`` rows real)."""
+        return self._batches[int(step) % self.min_separation].copy(), np.ones(self.batch_size, bool)
+
+    def state_dict(self) -> dict:
+        return {"step": self.step}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.secure and int(state["step"]) > 0:
+            raise ValueError("a secure-mode FixedOrderSampler cannot resume a run: its permutation came from the OS "
+                             "entropy source and is not stored, and a new one would break the fixed participation "
+                             "schema the accounting relies on; restart the run, or use a (secret) seed")
+        self.step = int(state["step"])
+
+    def __repr__(self) -> str:
+        return (f"FixedOrderSampler(dataset_size={self.dataset_size}, batch_size={self.batch_size}, "
+                f"min_separation={self.min_separation}, secure={self.secure})")
+
+
 class ShuffleSampler(_Sampler):
     """Shuffled fixed-size batches (each epoch a fresh permutation). Labelled ``sampling = "shuffle"``.
 
@@ -395,4 +491,5 @@ class ShuffleSampler(_Sampler):
         self.step = int(state["step"])
 
 
-__all__ = ["PoissonSampler", "CyclicPoissonSampler", "ShuffleSampler", "default_pad_multiple", "steps_for_epochs"]
+__all__ = ["PoissonSampler", "CyclicPoissonSampler", "FixedOrderSampler", "ShuffleSampler", "default_pad_multiple",
+           "steps_for_epochs"]

@@ -258,15 +258,15 @@ def test_trainer_config_accepts_bandmf_and_names_bad_keys():
     base = {"optimizer": {"learning_rate": 0.1}, "training": {"epochs": 1, "batch_size": 8, "seed": 0}}
     cfg = validate_config({**base, "training": {**base["training"], "mechanism": "bandmf", "bands": 4}})
     assert cfg["training"]["mechanism"] == "bandmf" and cfg["training"]["bands"] == 4
-    for bad, key in ((dict(mechanism="blt"), "training.mechanism"), (dict(mechanism="bandmf"), "training.bands"),
+    for bad, key in ((dict(mechanism="dpftrl"), "training.mechanism"), (dict(mechanism="bandmf"), "training.bands"),
                      (dict(bands=3), "training.bands")):
         with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
             validate_config({**base, "training": {**base["training"], **bad}})
 
 
 def test_model_card_sentence_names_bandmf():
-    from jaxdp.report.modelcard import guarantee_sentence
-    mp = {"private": True, "sampling": "cyclic_poisson", "bands": 4, "sample_rate": 0.5, "noise_multiplier": 1.2,
+    from jaxdp.report.modelcard import MECHANISM_LABELS, guarantee_sentence
+    mp = {"private": True, "mechanism": MECHANISM_LABELS["bandmf"], "sampling": "cyclic_poisson", "bands": 4, "sample_rate": 0.5, "noise_multiplier": 1.2,
           "max_grad_norm": 1.0, "steps": 40, "training_set_size": 100, "epsilon": 2.0, "delta": 1e-5,
           "accountant": "prv"}
     s = guarantee_sentence(mp)

@@ -111,7 +111,9 @@ def test_a_blt_run_can_be_recorded_and_is_named_on_the_card(tmp_path):
     s.write(tmp_path)
     card = build_model_privacy(str(tmp_path))
     assert card["mechanism"].startswith("BLT") and card["buffers"] == 2
-    assert card["guarantee"].startswith("Trained with BLT (one fixed order of batches of 256")
+    assert card["guarantee"].startswith("Trained with BLT (buffered linear Toeplitz noise with d=2 buffers, one "
+                                        "fixed secret order of batches of 256")
+    assert "at most not recorded steps" in card["guarantee"]   # min_separation / horizon absent: never guessed
 
 
 def test_write_is_atomic_and_read_back_equal(tmp_path):

@@ -24,6 +24,15 @@ takes events or their dicts:
     steps of one cyclic schedule. :class:`Accountant` merges consecutive identical records (one run, recorded step
     by step); :func:`merge_events` never merges cyclic events (two runs, each restarting its cycle, cost
     ``ceil(T1/b) + ceil(T2/b)``).
+``{"sampling": "fixed_order", "mechanism": m, "min_separation": b, "horizon": H, "noise_multiplier": s, "steps": T}``
+    A fixed, data-independent batch order (:class:`jaxdp.sampling.FixedOrderSampler`: one secret permutation split
+    into ``b`` batches, repeated every epoch, so each example takes part once per epoch, exactly ``b`` steps apart)
+    without amplification, for ``T <= H`` consecutive steps of one run planned for ``H`` steps. Mechanism ``m`` =
+    ``"blt"`` (buffered linear Toeplitz noise scaled to the sensitivity of ``ceil(H / b)`` participations b apart,
+    :mod:`jaxdp.blt`): ONE Gaussian mechanism with noise multiplier ``s``, whatever ``T``; or ``"dpsgd"``
+    (independent noise): ``ceil(T / b)`` Gaussian mechanisms (an example's participations). Neighbouring relation:
+    zero-out (add/remove with the fixed participation schema); replace-one is refused. ``T > H`` is refused (the
+    noise was not scaled for more participations); like cyclic events, these are never merged across runs.
 ``{"sampling": "none", "steps": T}``
     Steps that touched data without noise: epsilon is infinite.
 
@@ -65,8 +74,8 @@ from dp_accounting.pld import pld_privacy_accountant
 
 from jaxdp import _checks
 from jaxdp import sampling as _sampling
-from jaxdp.accounting.event import (ACCOUNTANTS, CYCLIC_MECHANISMS, RELATIONS, SAMPLINGS, Event,  # noqa: F401
-                                    merge)
+from jaxdp.accounting.event import (ACCOUNTANTS, CYCLIC_MECHANISMS, FIXED_ORDER_MECHANISMS,  # noqa: F401
+                                    RELATIONS, SAMPLINGS, Event, merge)
 from jaxdp.accounting.sgm_rdp import OPACUS_ORDERS, ExactRdpAccountant  # noqa: F401  (OPACUS_ORDERS: re-export)
 
 _DP_RELATIONS = {"add_remove": pa.NeighboringRelation.ADD_OR_REMOVE_ONE,
@@ -330,18 +339,22 @@ class Accountant:
     # -- recording
     def step(self, noise_multiplier: float, sample_rate: float | None = None, num_steps: int = 1, *,
              sampling: str = "poisson", dataset_size: int | None = None, batch_size: int | None = None,
-             max_batch_size: int | None = None, bands: int | None = None, mechanism: str = "dpsgd") -> None:
+             max_batch_size: int | None = None, bands: int | None = None, mechanism: str = "dpsgd",
+             min_separation: int | None = None, horizon: int | None = None) -> None:
         """Record ``num_steps`` DP-SGD steps with noise std ``noise_multiplier * C``.
 
         ``sampling`` is the batch selection actually used (the samplers' ``.sampling``): ``"poisson"`` needs
         ``sample_rate``; ``"shuffle"`` needs ``batch_size`` and ``dataset_size``; ``"truncated_poisson"`` needs
         ``sample_rate``, ``max_batch_size`` and ``dataset_size``; ``"cyclic_poisson"`` needs ``sample_rate``,
-        ``bands`` and ``mechanism`` (consecutive steps of ONE cyclic schedule); ``"none"`` records non-private steps.
+        ``bands`` and ``mechanism`` (consecutive steps of ONE cyclic schedule); ``"fixed_order"`` needs
+        ``mechanism``, ``min_separation`` and ``horizon`` (consecutive steps of ONE run); ``"none"`` records
+        non-private steps.
         Raises ``ValueError`` at once if this accountant cannot account the sampling (privacy rule 5).
         """
         self.record(Event.from_mechanism(noise_multiplier, sample_rate, num_steps, sampling=sampling,
                                          dataset_size=dataset_size, batch_size=batch_size,
-                                         max_batch_size=max_batch_size, bands=bands, mechanism=mechanism))
+                                         max_batch_size=max_batch_size, bands=bands, mechanism=mechanism,
+                                         min_separation=min_separation, horizon=horizon))
 
     def record(self, event: Mapping[str, Any] | Event) -> None:
         """Record one :class:`~jaxdp.accounting.Event` (or its dict), as :meth:`step` does: validated, refused
@@ -673,5 +686,5 @@ __all__ = [
     "PRVPrivacyAccountant", "calibrate_noise_multiplier", "check_delta", "check_epsilon", "compose_events",
     "compute_dp_sgd_privacy", "compute_epsilon", "events_delta", "events_epsilon", "make_dp_accountant",
     "merge_events", "steps_for_epochs", "to_dp_event", "validate_event", "warn_if_delta_too_large",
-    "CYCLIC_MECHANISMS", "cyclic_participations", "Event", "RELATIONS",
+    "CYCLIC_MECHANISMS", "FIXED_ORDER_MECHANISMS", "cyclic_participations", "Event", "RELATIONS",
 ]

@@ -16,6 +16,8 @@ checkpoints store::
      "dataset_size": n, "steps": T}
     {"sampling": "cyclic_poisson", "mechanism": "bandmf" | "dpsgd", "bands": b, "noise_multiplier": s,
      "sample_rate": p, "steps": T}
+    {"sampling": "fixed_order", "mechanism": "blt" | "dpsgd", "min_separation": b, "horizon": H,
+     "noise_multiplier": s, "steps": T}
     {"sampling": "none", "steps": T}                      # steps without noise: epsilon is infinite
 
 each optionally with ``"l2_clip_norm": C`` (recorded, never accounted).
@@ -33,6 +35,15 @@ each optionally with ``"l2_clip_norm": C`` (recorded, never accounted).
     steps of one cyclic schedule are accounted as DP-SGD with rate ``p`` and ``ceil(T / b)`` steps
     (Choquette-Choo et al. 2023, Theorem 4; :meth:`Event.equivalent_poisson`). Two runs each restart their
     cycle, so their events never merge (:func:`merge`).
+``fixed_order``
+    one secret permutation split into ``b`` batches, the same order every epoch (``FixedOrderSampler``): every
+    example takes part at most ``ceil(T / b)`` times in ``T`` steps, ``b`` steps apart (min-separation ``b``),
+    with no amplification by sampling. With BLT noise (``"blt"``, :mod:`jaxdp.blt`) the noise is scaled to the
+    sensitivity of the whole schema of ``H`` planned steps, so ``T <= H`` steps are ONE Gaussian mechanism with
+    noise multiplier ``s`` (McKenna et al. 2024, zero-out relation); with independent noise (``"dpsgd"``) they
+    are ``ceil(T / b)`` Gaussian mechanisms (:meth:`Event.equivalent_poisson`: Poisson with rate 1). Steps past
+    the horizon (``T > H``) are covered by no analysis and refused, as is the replace-one relation (it doubles
+    the sensitivity the noise was scaled to). Each run is its own schema: events of two runs never merge.
 ``none``
     steps that touched the data without noise.
 
@@ -60,6 +71,8 @@ RELATIONS = ("add_remove", "replace_one")
 RELATION_LABELS = {"add_remove": "add/remove-one", "replace_one": "replace-one"}
 #: Noise mechanisms a cyclic-Poisson event may name (both accounted by the same theorem).
 CYCLIC_MECHANISMS = ("bandmf", "dpsgd")
+#: Noise mechanisms a fixed-order event may name: BLT (one Gaussian mechanism) or independent noise.
+FIXED_ORDER_MECHANISMS = ("blt", "dpsgd")
 #: Keys an event may carry for the record only; the accountant never sees them.
 RECORD_ONLY = ("l2_clip_norm",)
 
@@ -87,6 +100,8 @@ SAMPLING_SPECS: dict[str, SamplingSpec] = {
     "truncated_poisson": SamplingSpec(("noise_multiplier", "sample_rate", "max_batch_size", "dataset_size", "steps")),
     "cyclic_poisson": SamplingSpec(("mechanism", "bands", "noise_multiplier", "sample_rate", "steps"),
                                    mechanisms=CYCLIC_MECHANISMS, one_schedule=True),
+    "fixed_order": SamplingSpec(("mechanism", "min_separation", "horizon", "noise_multiplier", "steps"),
+                                mechanisms=FIXED_ORDER_MECHANISMS, one_schedule=True),
     "none": SamplingSpec(("steps",)),
 }
 #: The sampling schemes, in the order error messages list them.
@@ -97,8 +112,8 @@ FIELDS = {name: spec.fields for name, spec in SAMPLING_SPECS.items()}
 # What each field holds: "count" an int >= 0, "size" an int >= 1, "noise" a finite float >= 0, "rate" a float in
 # (0, 1], "positive" a finite float > 0, "mechanism" one of the sampling's mechanisms.
 _KINDS = {"steps": "count", "batch_size": "size", "dataset_size": "size", "max_batch_size": "size",
-          "bands": "size", "noise_multiplier": "noise", "sample_rate": "rate", "mechanism": "mechanism",
-          "l2_clip_norm": "positive"}
+          "bands": "size", "min_separation": "size", "horizon": "size", "noise_multiplier": "noise",
+          "sample_rate": "rate", "mechanism": "mechanism", "l2_clip_norm": "positive"}
 
 
 def _integer(name: str, value: Any, low: int) -> int:
@@ -161,6 +176,8 @@ class Event:
     max_batch_size: int | None = None
     mechanism: str | None = None
     bands: int | None = None
+    min_separation: int | None = None
+    horizon: int | None = None
     l2_clip_norm: float | None = None
 
     def __post_init__(self) -> None:
@@ -193,6 +210,11 @@ class Event:
         for size in ("batch_size", "max_batch_size"):
             if size in spec.fields and "dataset_size" in spec.fields and getattr(self, size) > self.dataset_size:
                 raise ValueError(f"{size} {getattr(self, size)} is larger than dataset_size {self.dataset_size}")
+        if self.sampling == "fixed_order" and self.steps > self.horizon:
+            raise ValueError(f"a fixed_order event of {self.steps} steps exceeds its planned horizon of "
+                             f"{self.horizon} steps: the noise was scaled for ceil(horizon / min_separation) "
+                             "participations, and later steps are not covered by any analysis. Stop at the horizon "
+                             "(the engine does), or plan a longer run (more epochs) from the start")
 
     # -- wire format -------------------------------------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -237,6 +259,7 @@ class Event:
     def from_mechanism(cls, noise_multiplier: float | None, sample_rate: float | None = None, steps: int = 1, *,
                        sampling: str = "poisson", dataset_size: int | None = None, batch_size: int | None = None,
                        max_batch_size: int | None = None, bands: int | None = None, mechanism: str = "dpsgd",
+                       min_separation: int | None = None, horizon: int | None = None,
                        l2_clip_norm: float | None = None) -> Event:
         """The event of ``steps`` steps of a sampler's mechanism, from its parameters.
 
@@ -244,7 +267,7 @@ class Event:
         ``sample_rate``; ``"shuffle"`` needs ``dataset_size`` and ``batch_size`` (default
         ``round(sample_rate * dataset_size)``); ``"truncated_poisson"`` needs ``sample_rate``, ``max_batch_size``
         and ``dataset_size``; ``"cyclic_poisson"`` needs ``sample_rate``, ``bands`` and ``mechanism``;
-        ``"none"`` only ``steps``.
+        ``"fixed_order"`` needs ``mechanism``, ``min_separation`` and ``horizon``; ``"none"`` only ``steps``.
 
         >>> Event.from_mechanism(1.0, 0.05, 100, sampling="shuffle", dataset_size=1000).to_dict()
         {'sampling': 'shuffle', 'noise_multiplier': 1.0, 'batch_size': 50, 'dataset_size': 1000, 'steps': 100}
@@ -253,7 +276,7 @@ class Event:
             batch_size = int(round(sample_rate * dataset_size))
         given = {"steps": steps, "noise_multiplier": noise_multiplier, "sample_rate": sample_rate,
                  "batch_size": batch_size, "dataset_size": dataset_size, "max_batch_size": max_batch_size,
-                 "bands": bands, "mechanism": mechanism}
+                 "bands": bands, "mechanism": mechanism, "min_separation": min_separation, "horizon": horizon}
         if sampling not in SAMPLING_SPECS:
             raise ValueError(f"sampling must be one of {SAMPLINGS}, got {sampling!r}")
         return cls(sampling, **{k: given[k] for k in FIELDS[sampling]}, l2_clip_norm=l2_clip_norm)
@@ -283,6 +306,8 @@ class Event:
             return self.steps * self.sample_rate / self.bands
         if self.sampling == "shuffle":
             return self.steps * self.batch_size / self.dataset_size
+        if self.sampling == "fixed_order":
+            return self.steps / self.min_separation
         return None
 
     def same_mechanism(self, other: Event) -> bool:
@@ -292,7 +317,18 @@ class Event:
     def equivalent_poisson(self) -> Event:
         """The event an accountant composes in its place: a cyclic-Poisson run of ``T`` consecutive steps over
         ``b`` groups is DP-SGD with rate ``p`` and ``ceil(T / b)`` steps (Choquette-Choo et al. 2023, Theorem 4);
-        every other event is itself. Apply it per run, BEFORE merging runs (:func:`merge`)."""
+        a fixed-order run of ``T <= H`` steps is ONE Gaussian mechanism with BLT noise and ``ceil(T / b)`` with
+        independent noise (Poisson with rate 1: no amplification); every other event is itself. Apply it per
+        run, BEFORE merging runs (:func:`merge`).
+
+        >>> Event("fixed_order", mechanism="blt", min_separation=10, horizon=30, noise_multiplier=3.0,
+        ...       steps=30).equivalent_poisson().to_dict()
+        {'sampling': 'poisson', 'noise_multiplier': 3.0, 'sample_rate': 1.0, 'steps': 1}
+        """
+        if self.sampling == "fixed_order":
+            gaussians = min(1, self.steps) if self.mechanism == "blt" else -(-self.steps // self.min_separation)
+            return Event("poisson", noise_multiplier=self.noise_multiplier, sample_rate=1.0, steps=gaussians,
+                         l2_clip_norm=self.l2_clip_norm)
         if self.sampling != "cyclic_poisson":
             return self
         return Event("poisson", noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate,
@@ -313,6 +349,11 @@ class Event:
                         "under the replace-one relation (Wang, Balle, Kasiviswanathan 2019); create the accountant "
                         "with neighboring_relation='replace_one' (its epsilon is not comparable with add/remove "
                         "epsilons), or train with Poisson sampling.")
+        if s == "fixed_order" and relation != "add_remove":
+            return ("a fixed-order run (BLT or independent noise over a fixed batch order) is analysed under the "
+                    "zero-out relation, i.e. add/remove one example with a fixed participation schema; replacing an "
+                    "example changes the released sum by up to 2 C, which the noise was not scaled for. Use "
+                    "neighboring_relation='add_remove'.")
         if s == "truncated_poisson" and accountant == "rdp":
             return ("the 'rdp' accountant has no analysis of truncated Poisson sampling (batches cut to "
                     "max_batch_size); use accountant='pld' or 'prv' (dp-accounting's truncated subsampled Gaussian "
@@ -362,7 +403,8 @@ def merge(events: Iterable[Event | Mapping[str, Any]], *, one_run: bool = False,
     Args:
       events: :class:`Event` s or wire-format dicts.
       one_run: the events are consecutive steps of ONE run, so consecutive one-schedule events (cyclic
-        Poisson) merge too; otherwise each of them restarts its schedule and stays apart.
+        Poisson, fixed order) merge too (a fixed-order event still within its horizon: more is refused);
+        otherwise each of them restarts its schedule and stays apart.
       canonical_order: merge equal mechanisms wherever they occur (composition is commutative) and sort the
         result by its canonical JSON, so the result does not depend on how the runs were split or ordered;
         otherwise only consecutive events merge and the order is kept.
@@ -394,5 +436,5 @@ def merge(events: Iterable[Event | Mapping[str, Any]], *, one_run: bool = False,
     return sorted(out, key=_canonical) if canonical_order else out
 
 
-__all__ = ["ACCOUNTANTS", "CYCLIC_MECHANISMS", "Event", "FIELDS", "RECORD_ONLY", "RELATIONS", "RELATION_LABELS",
-           "SAMPLINGS", "SAMPLING_SPECS", "SamplingSpec", "merge"]
+__all__ = ["ACCOUNTANTS", "CYCLIC_MECHANISMS", "Event", "FIELDS", "FIXED_ORDER_MECHANISMS", "RECORD_ONLY",
+           "RELATIONS", "RELATION_LABELS", "SAMPLINGS", "SAMPLING_SPECS", "SamplingSpec", "merge"]

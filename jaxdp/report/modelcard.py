@@ -272,7 +272,11 @@ def guarantee_sentence(mp: Mapping[str, Any]) -> str:
         how = (f"banded matrix-factorization noise with b={_n(mp.get('bands'))} bands, cyclic Poisson sampling of "
                f"{_n(mp.get('bands'))} groups at rate p={q}")
     elif sampling == "fixed_order":
-        how = f"one fixed order of batches of {_g(mp.get('expected_batch_size'))}, each example once per epoch"
+        h, b = mp.get("horizon"), mp.get("min_separation")
+        k = NOT_RECORDED if h is None or b is None else -(-int(h) // int(b))
+        how = (f"buffered linear Toeplitz noise with d={_n(mp.get('buffers'))} buffers, one fixed secret order of "
+               f"batches of {_g(mp.get('expected_batch_size'))}, each example in at most {k} steps "
+               f"{_n(b)} steps apart, noise scaled for the planned {_n(h)} steps")
     elif sampling is None:
         how = f"sampling {NOT_RECORDED}"
     else:
@@ -281,6 +285,8 @@ def guarantee_sentence(mp: Mapping[str, Any]) -> str:
     rel = mp.get("neighboring_relation")
     relation = (f"under {RELATION_LABELS[rel]} neighbouring datasets" if rel in RELATION_LABELS else
                 f"under neighbouring datasets (relation {NOT_RECORDED})")
+    if sampling == "fixed_order" and rel == "add_remove":
+        relation = "under zero-out neighbouring datasets (add/remove-one with the fixed participation schema)"
     acc = f"{mp['accountant'].upper()} accountant" if mp.get("accountant") else f"accountant {NOT_RECORDED}"
     label = mp.get("mechanism")
     name = label.split(" (")[0] if isinstance(label, str) and label in MECHANISM_LABELS.values() else \
@@ -317,6 +323,7 @@ def build_model_privacy(run_dir: str | os.PathLike, *, audit: str | os.PathLike 
         else "none (non-private SGD)",
         "bands": m.bands,
         **({"buffers": m.buffers} if m.buffers is not None else {}),
+        **({"min_separation": m.min_separation, "horizon": m.horizon} if m.sampling == "fixed_order" else {}),
         "library": "jaxdp",
         "library_version": m.jaxdp_version,
         "epsilon": m.epsilon if private else None,

@@ -42,14 +42,18 @@ def _finish(fig, path: str | os.PathLike | None) -> bytes:
 def _event(m: Mapping[str, Any], steps: int):
     """The :class:`jaxdp.accounting.Event` of ``steps`` steps of the run's mechanism, from the run's record."""
     from jaxdp.accounting import Event
-    if m.get("sampling") not in ("poisson", "shuffle", "cyclic_poisson"):
+    if m.get("sampling") not in ("poisson", "shuffle", "cyclic_poisson", "fixed_order"):
         raise ValueError(f"the run's record names sampling {m.get('sampling')!r}, which the report cannot "
-                         "recompute; expected poisson, shuffle or cyclic_poisson")
+                         "recompute; expected poisson, shuffle, cyclic_poisson or fixed_order")
+    if m["sampling"] == "fixed_order" and (m.get("min_separation") is None or m.get("horizon") is None):
+        raise ValueError("the run's record names sampling 'fixed_order' but not its min_separation and "
+                         "horizon: its epsilon curve cannot be recomputed")
     batch = m.get("expected_batch_size")
     return Event.from_mechanism(m["noise_multiplier"], m.get("sample_rate"), steps, sampling=m["sampling"],
                                 dataset_size=m.get("training_set_size"),
                                 batch_size=None if batch is None else int(round(batch)), bands=m.get("bands"),
-                                mechanism=m.get("mechanism") or "dpsgd")
+                                mechanism=m.get("mechanism") or "dpsgd", min_separation=m.get("min_separation"),
+                                horizon=m.get("horizon"))
 
 
 def _num(x: float | None) -> str:
@@ -63,6 +67,8 @@ def _how(s: RunSummary) -> str:
         return f"batch {b} of {s.training_set_size}, shuffled"
     if s.sampling == "cyclic_poisson":
         return f"cyclic Poisson, {s.bands} bands, p={_num(s.sample_rate)}"
+    if s.sampling == "fixed_order":
+        return f"BLT, fixed batch order {s.min_separation} apart, one Gaussian to step {s.horizon}"
     return f"Poisson q={_num(s.sample_rate)}" if s.sampling == "poisson" else f"{s.sampling} q={_num(s.sample_rate)}"
 
 

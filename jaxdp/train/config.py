@@ -29,7 +29,10 @@ Schema (``REQUIRED`` keys must be present, others have the defaults shown)::
       accountant: prv            # prv | rdp | pld
       sampling: poisson          # poisson | shuffle (shuffle is accounted as fixed-size sampling)
       mechanism: dpsgd           # dpsgd | bandmf (banded matrix-factorization noise, cyclic Poisson sampling)
+                                 #   | blt (buffered linear Toeplitz noise, fixed secret batch order, one
+                                 #   Gaussian mechanism for the planned steps; stops there)
       bands: null                # bandmf: number of bands b (noise state b x |params|; needs b * batch_size <= N)
+      buffers: null              # blt: number of buffers d (noise state d x |params|)
       method: auto               # clipping method: auto | vmap | ghost | a registered per-example backend
       microbatch_size: null      # physical batch for per-example gradients (memory bound)
       dp:
@@ -75,6 +78,7 @@ SCHEMA: dict[str, Any] = {
     "training": {
         "epochs": REQUIRED, "batch_size": REQUIRED, "seed": None, "accountant": "prv",
         "sampling": "poisson", "method": "auto", "microbatch_size": None, "mechanism": "dpsgd", "bands": None,
+        "buffers": None,
         "dp": {"enabled": True, "epsilon": 3.0, "delta": 1e-5, "max_grad_norm": 1.0, "noise_multiplier": None,
                "neighboring_relation": "add_remove", "per_layer": None, "adaptive": None,
                "allow_large_delta": False},
@@ -87,7 +91,8 @@ _FREE_FORM = {"model.options", "model.kwargs", "data.options", "optimizer.schedu
 # Keys added after configs were first written: left out of the config hash while they hold their default, so a
 # run written before they existed still resumes.
 _HASH_OMIT_IF_DEFAULT = ("model.module", "model.kwargs", "optimizer.weight_decay", "optimizer.schedule",
-                         "optimizer.options", "training.mechanism", "training.bands")
+                         "optimizer.options", "training.mechanism", "training.bands",
+                         "training.buffers")
 
 
 class ConfigError(ValueError):
@@ -190,8 +195,24 @@ def _check_values(cfg: dict) -> None:
                           f"got {t['method']!r}")
     if t["microbatch_size"] is not None:
         num("training.microbatch_size", t["microbatch_size"], integer=True)
-    if t["mechanism"] not in ("dpsgd", "bandmf"):
-        raise ConfigError(f"config key 'training.mechanism' must be dpsgd or bandmf, got {t['mechanism']!r}")
+    if t["mechanism"] not in ("dpsgd", "bandmf", "blt"):
+        raise ConfigError(f"config key 'training.mechanism' must be dpsgd, bandmf or blt, got {t['mechanism']!r}")
+    if t["mechanism"] == "blt":
+        if t["buffers"] is None:
+            raise ConfigError("config key 'training.buffers' must be set (an integer >= 1, 2-4 is typical) with "
+                              "mechanism: blt")
+        num("training.buffers", t["buffers"], integer=True)
+        num("training.batch_size", t["batch_size"], integer=True)
+        if t["sampling"] != "poisson":
+            raise ConfigError("config key 'training.sampling' must be left at poisson with mechanism: blt (it uses "
+                              "its own fixed secret batch order, recorded as sampling fixed_order)")
+        if dp["neighboring_relation"] != "add_remove":
+            raise ConfigError("config key 'training.dp.neighboring_relation' must be add_remove with mechanism: blt "
+                              "(zero-out: add/remove one example with a fixed participation schema)")
+        if dp["adaptive"]:
+            raise ConfigError("config key 'training.dp.adaptive' is for mechanism: dpsgd; remove it or set mechanism")
+    elif t["buffers"] is not None:
+        raise ConfigError("config key 'training.buffers' is for mechanism: blt; remove it or set mechanism")
     if t["mechanism"] == "bandmf":
         if t["bands"] is None:
             raise ConfigError("config key 'training.bands' must be set (an integer >= 1) with mechanism: bandmf")

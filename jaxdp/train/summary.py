@@ -177,6 +177,8 @@ class RunSummary:
     mechanism: str | None = _f("str")                    # one of MECHANISMS
     bands: int | None = _f("count")                      # BandMF
     buffers: int | None = _f("count")                    # BLT
+    min_separation: int | None = _f("count")             # BLT: steps between an example's participations (b)
+    horizon: int | None = _f("count")                    # BLT: planned steps H the noise was scaled for
     clipping_method: str | None = _f("str")
     config_hash: str | None = _f("str")
     jaxdp_version: str | None = _f("str")
@@ -250,14 +252,15 @@ class RunSummary:
 
     # -- writing -------------------------------------------------------------------------------------------
     def to_dict(self) -> dict:
-        """The ``metrics.json`` object (JSON-ready). ``bands``/``buffers``, ``per_layer_clip_norms`` and
-        ``adaptive_clipping`` appear only when set, as the trainer always wrote them."""
+        """The ``metrics.json`` object (JSON-ready). ``buffers``, ``min_separation``, ``horizon`` (BLT),
+        ``per_layer_clip_norms`` and ``adaptive_clipping`` appear only when set, as the trainer always wrote them."""
         out: dict[str, Any] = {}
         for k in _fields(type(self)):
             v = getattr(self, k)
             if k == "epochs":
                 out[k] = None if v is None else [r.to_dict() for r in v]
-            elif k in ("per_layer_clip_norms", "adaptive_clipping", "buffers") and v is None:
+            elif k in ("per_layer_clip_norms", "adaptive_clipping", "buffers", "min_separation",
+                       "horizon") and v is None:
                 continue
             else:
                 out[k] = v

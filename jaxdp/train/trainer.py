@@ -41,6 +41,19 @@ def _optimizer(cfg: dict, total_steps: int = 1) -> optax.GradientTransformation:
     return build_optimizer(cfg["optimizer"], total_steps)
 
 
+def _heavy_ball(cfg: dict) -> float:
+    """The optimiser's heavy-ball momentum (``sgd``/``momentum`` without Nesterov), for the BLT strategy; else 0."""
+    o = cfg["optimizer"]
+    opts = o.get("options") or {}
+    if opts.get("nesterov"):
+        return 0.0
+    if o["name"] == "momentum":
+        return float(opts.get("momentum", o.get("momentum", 0.9)) or 0.0)
+    if o["name"] == "sgd":
+        return float(opts.get("momentum") or 0.0)
+    return 0.0
+
+
 def _seed(cfg: dict, out_dir: str, resume: bool) -> tuple[int, str]:
     """``(seed, source)``: the config's ``training.seed`` ("config"), else the seed an interrupted run in
     ``out_dir`` drew ("os", read back from its checkpoint so that it resumes identically), else a fresh one from
@@ -172,9 +185,11 @@ class DPTrainer:
         """Build the run's training object: :meth:`PrivacyEngine.make_private` (``training.dp.enabled``) or its
         non-private twin :meth:`~PrivacyEngine.make_nonprivate`. Both open the ledger later, in train()."""
         t, dp = self.cfg["training"], self.cfg["training"]["dp"]
-        # the steps the sampler will take (jaxdp.sampling.steps_for_epochs, the one rule)
-        planned = (steps_for_epochs(self.epochs, t["batch_size"] / self.n) if t["sampling"] == "poisson" else
-                   steps_for_epochs(self.epochs, steps_per_epoch=self.n // int(round(t["batch_size"]))))
+        # the steps the sampler will take (jaxdp.sampling.steps_for_epochs, the one rule); shuffled batches and
+        # BLT's fixed batch order (FixedOrderSampler) both take N // B batches per epoch
+        fixed_size = t["sampling"] != "poisson" or (self.dp and t["mechanism"] == "blt")
+        planned = (steps_for_epochs(self.epochs, steps_per_epoch=self.n // int(round(t["batch_size"]))) if fixed_size
+                   else steps_for_epochs(self.epochs, t["batch_size"] / self.n))
         from jaxdp.train.components import build_optimizer
         optimizer = build_optimizer(self.cfg["optimizer"], planned)  # a schedule's "total_steps": the planned steps
         self.engine = PrivacyEngine(accountant=t["accountant"], neighboring_relation=dp["neighboring_relation"])
@@ -212,6 +227,8 @@ class DPTrainer:
                       allow_large_delta=dp["allow_large_delta"])
         if t["mechanism"] == "bandmf":   # banded MF noise + cyclic Poisson sampling (jaxdp.matrix_factorization)
             common.update(mechanism="bandmf", bands=int(t["bands"]))
+        if t["mechanism"] == "blt":   # BLT noise over a fixed batch order, stops at the horizon (jaxdp.blt)
+            common.update(mechanism="blt", buffers=int(t["buffers"]), momentum=_heavy_ball(self.cfg))
         if dp["noise_multiplier"] is None:
             return self.engine.make_private_with_epsilon(
                 target_epsilon=dp["epsilon"], target_delta=self.delta, epochs=self.epochs, **common)
@@ -384,6 +401,8 @@ class DPTrainer:
             "sampling": self.sampler.sampling, "accountant": t["accountant"] if self.dp else None,
             "neighboring_relation": t["dp"]["neighboring_relation"] if self.dp else None,
             "mechanism": t["mechanism"] if self.dp else None, "bands": t["bands"] if self.dp else None,
+            **({"buffers": t["buffers"], "min_separation": self.sampler.min_separation,
+                "horizon": self.private.horizon} if self.dp and t["mechanism"] == "blt" else {}),
             "clipping_method": t["method"], "config_hash": self.config_hash,
             "jaxdp_version": __import__("jaxdp").__version__,
             "final_test_accuracy": self.metrics[-1]["test_accuracy"] if self.metrics else None,
