@@ -307,6 +307,7 @@ def _optimal(n: int, d: int, b: int, k: int, momentum: float) -> tuple[tuple[flo
         val = _objective(res.x, d, n, b, k, momentum)[0]
         if best is None or val < best[0]:
             best = (val, res.x)
+    assert best is not None  # starts is never empty
     theta, omega = _unpack(best[1], d)
     order = np.argsort(-theta)
     return tuple(map(float, theta[order])), tuple(map(float, omega[order]))
@@ -343,7 +344,7 @@ class BLTNoiseState(NamedTuple):
     """State of :func:`blt_noise`: steps taken, base key (None in secure mode), and per leaf the ``d`` buffers
     ``u_j = sum_{s<t} theta_j^(t-1-s) w_s`` stacked on a leading axis (``d x |params|`` numbers)."""
 
-    count: jax.Array
+    count: jax.Array  # type: ignore[assignment]  # the optax name; shadows tuple.count
     key: Any
     buffers: PyTree
 

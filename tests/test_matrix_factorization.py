@@ -266,7 +266,8 @@ def test_trainer_config_accepts_bandmf_and_names_bad_keys():
 
 def test_model_card_sentence_names_bandmf():
     from jaxdp.report.modelcard import MECHANISM_LABELS, guarantee_sentence
-    mp = {"private": True, "mechanism": MECHANISM_LABELS["bandmf"], "sampling": "cyclic_poisson", "bands": 4, "sample_rate": 0.5, "noise_multiplier": 1.2,
+    mp = {"private": True, "mechanism": MECHANISM_LABELS["bandmf"], "sampling": "cyclic_poisson", "bands": 4,
+          "sample_rate": 0.5, "noise_multiplier": 1.2,
           "max_grad_norm": 1.0, "steps": 40, "training_set_size": 100, "epsilon": 2.0, "delta": 1e-5,
           "accountant": "prv"}
     s = guarantee_sentence(mp)

@@ -63,7 +63,8 @@ import json
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
+from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 from dp_accounting import dp_event as dpe
@@ -407,7 +408,7 @@ class Accountant:
                 "neighboring_relation": self.neighboring_relation, "history": self.history}
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "Accountant":
+    def from_dict(cls, d: Mapping[str, Any]) -> Accountant:
         if not isinstance(d, Mapping) or "history" not in d:
             raise ValueError("not a serialised jaxdp Accountant (expected a dict with 'history')")
         if d.get("format", _FORMAT) != _FORMAT:
@@ -421,7 +422,7 @@ class Accountant:
         return json.dumps(self.to_dict(), sort_keys=True)
 
     @classmethod
-    def from_json(cls, s: str) -> "Accountant":
+    def from_json(cls, s: str) -> Accountant:
         return cls.from_dict(json.loads(s))
 
     def __eq__(self, other: object) -> bool:

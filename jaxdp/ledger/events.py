@@ -19,7 +19,8 @@ from __future__ import annotations
 import functools
 import json
 import math
-from typing import Any, Iterable
+from typing import Any
+from collections.abc import Iterable
 
 from jaxdp.accounting.event import SAMPLINGS, Event, merge  # noqa: F401  (SAMPLINGS: re-export)
 

@@ -16,7 +16,8 @@ import json
 import math
 import os
 import re
-from typing import Any, Mapping
+from typing import Any
+from collections.abc import Mapping
 
 from jaxdp._io import atomic_write
 from jaxdp.train.summary import RunSummary
@@ -183,7 +184,8 @@ def ledger_total(ledger_path: str | None, dataset_id: str | None) -> tuple[dict 
     eps = float(s.epsilon)
     return {"ledger": str(ledger_path), "dataset_id": dataset_id,
             "epsilon": eps if math.isfinite(eps) else None, "delta": float(s.delta),
-            "max_epsilon": float(s.max_epsilon), "remaining": float(s.remaining) if math.isfinite(s.remaining) else None,
+            "max_epsilon": float(s.max_epsilon),
+            "remaining": float(s.remaining) if math.isfinite(s.remaining) else None,
             "accountant": s.accountant, "runs_committed": s.runs_committed,
             "runs_reserved": s.runs_reserved}, None
 

@@ -8,7 +8,8 @@ from __future__ import annotations
 import io
 import math
 import os
-from typing import Any, Mapping
+from typing import Any
+from collections.abc import Mapping
 
 import numpy as np
 

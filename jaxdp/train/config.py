@@ -66,7 +66,8 @@ import copy
 import hashlib
 import json
 import os
-from typing import Any, Callable, Mapping
+from typing import Any
+from collections.abc import Callable, Mapping
 
 REQUIRED = object()
 
@@ -262,7 +263,8 @@ def _check_clipping(dp: dict) -> None:
             bound = "in [0, 1]" if k == "target_quantile" else ">= 0"
             raise ConfigError(f"config key 'training.dp.adaptive.{k}' must be a number {bound}, got {v!r}")
     if not isinstance(ada.get("normalize", True), bool):
-        raise ConfigError(f"config key 'training.dp.adaptive.normalize' must be true or false, got {ada['normalize']!r}")
+        raise ConfigError("config key 'training.dp.adaptive.normalize' must be true or false, "
+                          f"got {ada['normalize']!r}")
     if per_layer is not None:
         raise ConfigError("config keys 'training.dp.adaptive' and 'training.dp.per_layer' cannot be combined: "
                           "adaptive clipping adapts one flat clip norm")

@@ -34,7 +34,8 @@ import dataclasses
 import json
 import math
 import os
-from typing import Any, Mapping
+from typing import Any
+from collections.abc import Mapping
 
 FILE = "metrics.json"
 FORMAT_VERSION = 1   # files written before the version was recorded read as format 1 (they have the same keys)
@@ -128,7 +129,7 @@ class EpochRecord:
     _ALWAYS = ("epoch", "step", "train_loss", "test_accuracy", "epsilon", "seconds")  # written even when None
 
     @classmethod
-    def from_dict(cls, d: Any, source: str = "<dict>", where: str = "epochs") -> "EpochRecord":
+    def from_dict(cls, d: Any, source: str = "<dict>", where: str = "epochs") -> EpochRecord:
         if not isinstance(d, dict):
             raise RunSummaryError(source, where, f"must be an object, got {d!r}{_DAMAGED}")
         return cls(**{k: _check(d.get(k), kind, source, f"{where}.{k}") for k, kind in _fields(cls).items()})
@@ -195,7 +196,7 @@ class RunSummary:
 
     # -- reading -------------------------------------------------------------------------------------------
     @classmethod
-    def from_dict(cls, d: Any, source: str = "<dict>") -> "RunSummary":
+    def from_dict(cls, d: Any, source: str = "<dict>") -> RunSummary:
         """The record of a ``metrics.json`` object; ``source`` names it in errors. Missing keys are ``None``."""
         if isinstance(d, RunSummary):
             return d
@@ -224,7 +225,7 @@ class RunSummary:
         return cls(**values)
 
     @classmethod
-    def read(cls, path: str | os.PathLike) -> "RunSummary":
+    def read(cls, path: str | os.PathLike) -> RunSummary:
         """The record of a run directory (its ``metrics.json``) or of a ``metrics.json`` path.
 
         Raises:
@@ -246,7 +247,7 @@ class RunSummary:
         return cls.from_dict(d, source=path)
 
     @classmethod
-    def coerce(cls, record: "RunSummary | Mapping[str, Any]") -> "RunSummary":
+    def coerce(cls, record: RunSummary | Mapping[str, Any]) -> RunSummary:
         """``record`` as a :class:`RunSummary` (a dict in the ``metrics.json`` format is read and checked)."""
         return record if isinstance(record, RunSummary) else cls.from_dict(record)
 
@@ -285,7 +286,7 @@ class RunSummary:
         """Epochs recorded (0 when none, or when the record has no ``epochs``)."""
         return len(self.epochs or ())
 
-    def replace(self, **changes: Any) -> "RunSummary":
+    def replace(self, **changes: Any) -> RunSummary:
         """A copy with ``changes`` (checked like a file's values)."""
         d = self.to_dict()
         d.update(changes)
