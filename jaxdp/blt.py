@@ -64,7 +64,7 @@ import optax
 
 from jaxdp import _checks
 from jaxdp.clipping import total_clip_norm
-from jaxdp.noise import _mask_flags, gaussian_like, os_entropy_key
+from jaxdp.noise import step_noise
 
 PyTree = Any
 
@@ -428,9 +428,7 @@ def blt_noise(
     def update_fn(updates, state, params=None, **extra_args):
         del params, extra_args
         leaves, treedef = jax.tree_util.tree_flatten(updates)
-        step_key = os_entropy_key() if secure else jax.random.fold_in(state.key, state.count)
-        flags = _mask_flags(trainable, updates)
-        z = gaussian_like(step_key, leaves, std, secure, [f and std > 0 for f in flags])
+        z = step_noise(state.key, state.count, updates, std, secure, trainable)
         bufs = treedef.flatten_up_to(state.buffers)
         out, new_bufs = [], []
         for g, zi, u in zip(leaves, z, bufs):

@@ -59,7 +59,7 @@ import optax
 
 from jaxdp import _checks
 from jaxdp.clipping import total_clip_norm
-from jaxdp.noise import _mask_flags, gaussian_like, os_entropy_key
+from jaxdp.noise import step_noise
 
 PyTree = Any
 
@@ -317,9 +317,7 @@ def bandmf_noise(
     def update_fn(updates, state, params=None, **extra_args):
         del params, extra_args
         leaves, treedef = jax.tree_util.tree_flatten(updates)
-        step_key = os_entropy_key() if secure else jax.random.fold_in(state.key, state.count)
-        flags = _mask_flags(trainable, updates)
-        z = gaussian_like(step_key, leaves, std, secure, [f and std > 0 for f in flags])
+        z = step_noise(state.key, state.count, updates, std, secure, trainable)
         hist = [] if b == 1 else treedef.flatten_up_to(state.history)
         out, new_hist = [], []
         for i, (g, zi) in enumerate(zip(leaves, z)):

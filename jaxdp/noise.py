@@ -133,14 +133,21 @@ def _mask_flags(trainable: PyTree | None, updates: PyTree) -> list[bool]:
     return [bool(f) for f in jax.tree_util.tree_leaves(flags)]
 
 
+def step_noise(key: jax.Array | None, count: jax.Array, updates: PyTree, std: float, secure: bool,
+               trainable: PyTree | None) -> list:
+    """The one key schedule and draw of jaxdp's noise transformations (:func:`add_noise`, BandMF's and BLT's):
+    this step's independent ``N(0, std^2)`` noise per leaf of ``updates`` (``None`` for frozen leaves or
+    ``std == 0``), from ``fold_in(key, count)`` -- a fresh key per step, never reused (privacy rule 7) -- or from
+    the OS entropy source when ``secure``. Returned as a list in ``jax.tree_util.tree_leaves(updates)`` order."""
+    leaves = jax.tree_util.tree_leaves(updates)
+    step_key = os_entropy_key() if secure else jax.random.fold_in(key, count)
+    flags = _mask_flags(trainable, updates)
+    return gaussian_like(step_key, leaves, std, secure, [f and std > 0 for f in flags])
+
+
 def _noisy_update(updates, state: AddNoiseState, std: float, e: float, secure: bool, trainable):
     leaves, treedef = jax.tree_util.tree_flatten(updates)
-    if secure:
-        step_key = os_entropy_key()
-    else:
-        step_key = jax.random.fold_in(state.key, state.count)
-    flags = _mask_flags(trainable, updates)
-    noise = gaussian_like(step_key, leaves, std, secure, [f and std > 0 for f in flags])
+    noise = step_noise(state.key, state.count, updates, std, secure, trainable)
     out = []
     for g, z in zip(leaves, noise):
         if z is not None:
@@ -238,4 +245,4 @@ def dp_aggregate(
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-__all__ = ["AddNoiseState", "add_noise", "dp_aggregate", "gaussian_like", "os_entropy_key"]
+__all__ = ["AddNoiseState", "add_noise", "dp_aggregate", "gaussian_like", "os_entropy_key", "step_noise"]
