@@ -35,8 +35,10 @@ import time
 
 import numpy as np
 
-ROWS = ("jax_nonprivate_loop", "jaxdp_auto_loop", "jaxdp_ghost_loop", "jax_nonprivate_scan", "jaxdp_auto_scan",
-        "jaxdp_ghost_scan", "torch_nonprivate", "opacus_ghost", "opacus_hooks")
+ROWS = ("jax_nonprivate_loop", "jaxdp_auto_loop", "jaxdp_ghost_loop", "jaxprivacy_loop", "jax_nonprivate_scan",
+        "jaxdp_auto_scan", "jaxdp_ghost_scan", "jax_nonprivate_lora", "jaxdp_auto_lora", "torch_nonprivate",
+        "opacus_ghost", "opacus_hooks", "wrn_nonprivate", "wrn_jaxdp_auto", "vit_nonprivate", "vit_jaxdp_auto")
+GIB16 = 16 * 2 ** 30
 PRESETS = {"gpt2": dict(layers=12, d_model=768, heads=12, vocab=50257)}   # GPT-2 small, 124M parameters
 
 
@@ -80,63 +82,155 @@ def _scanned_gpt2(cfg):
     return ScanGPT2(cfg, nnx.Rngs(0))
 
 
-def make_jax(row, a, data):
-    import jax
+def _base(row: str) -> str:
+    """The non-private row a row's DP / non-private ratio divides by (same model, same layer layout)."""
+    if row.startswith(("torch", "opacus")):
+        return "torch_nonprivate"
+    if row.startswith(("wrn", "vit")):
+        return row.split("_")[0] + "_nonprivate"
+    if row == "jaxprivacy_loop":
+        return "jax_nonprivate_loop"
+    return "jax_nonprivate_" + row.rsplit("_", 1)[1]
+
+
+def _jax_problem(row, a, bsz):
+    """``(params, batch, loss, trainable)`` for a JAX row at batch size ``bsz``; ``loss(params, batch) -> [B]``."""
     import jax.numpy as jnp
     from flax import nnx
 
-    import jaxdp
-    from jaxdp import ghost
+    rng = np.random.default_rng(0)
+    if row.startswith(("wrn", "vit")):
+        from scale_models import WRN, ViT
+
+        from jaxdp.models import cross_entropy
+        model = WRN(16, 4, rngs=nnx.Rngs(0)) if row.startswith("wrn") else ViT(rngs=nnx.Rngs(0))
+        graph, params = nnx.split(model)
+        batch = {"x": jnp.asarray(rng.standard_normal((bsz, 32, 32, 3)), jnp.float32),
+                 "y": jnp.asarray(rng.integers(0, 10, bsz))}
+
+        def loss(p, b):
+            return cross_entropy(nnx.merge(graph, p)(b["x"]), b["y"])
+        return params, batch, loss, None
+
     from jaxdp.lm import GPT2
-    from jaxdp.lm.finetune import sequence_nll
+    from jaxdp.lm.finetune import TRAINABLE, make_loss_fn, sequence_nll, split_trainable
+    from jaxdp.lm.lora import apply_lora
 
     cfg = _cfg(a)
+    data = rng.integers(0, a.vocab, (bsz, a.seq_len))
+    batch = {"tokens": jnp.asarray(data), "mask": jnp.ones(data.shape, bool)}
+    if row.endswith("_lora"):            # rank-8 adapters on the q and v slices of c_attn; base weights frozen
+        model = apply_lora(GPT2(cfg, rngs=nnx.Rngs(0)), 8, 16.0, ("q", "v"), rngs=nnx.Rngs(1))
+        graph, params = split_trainable(model, nnx.LoRAParam)
+        return params, batch, make_loss_fn(graph), TRAINABLE
     model = _scanned_gpt2(cfg) if row.endswith("_scan") else GPT2(cfg, rngs=nnx.Rngs(0))
     graph, params = nnx.split(model)
-    batch = {"tokens": jnp.asarray(data), "mask": jnp.ones(data.shape, bool)}
 
     def loss(p, b):
         return sequence_nll(nnx.merge(graph, p)(b["tokens"]), b["tokens"], b["mask"])
+    return params, batch, loss, None
+
+
+def _jax_step(row, loss, trainable, bsz):
+    """The jitted ``step(params, batch, key) -> params``: SGD on the mean loss, or on the noisy clipped sum."""
+    import jax
+    import jax.numpy as jnp
+
+    import jaxdp
 
     lr, C, sigma = 1e-3, 1.0, 1.0
-    plan = None
-    if row.startswith("jax_nonprivate"):
+    lora = trainable is not None
+
+    def sgd(p, g, scale):        # g covers only the trainable part for LoRA rows
+        if lora:
+            return {"trainable": jax.tree.map(lambda x, y: x - scale * y, p["trainable"], g), "frozen": p["frozen"]}
+        return jax.tree.map(lambda x, y: x - scale * y, p, g)
+
+    def noisy(summed, key):
+        leaves, tdef = jax.tree.flatten(summed)
+        keys = jax.random.split(key, len(leaves))
+        return jax.tree.unflatten(tdef, [s + sigma * C * jax.random.normal(k, s.shape, s.dtype)
+                                         for s, k in zip(leaves, keys)])
+
+    if "nonprivate" in row:
         @jax.jit
         def step(p, b, key):
-            g = jax.grad(lambda q: jnp.mean(loss(q, b)))(p)
-            return jax.tree.map(lambda x, y: x - lr * y, p, g)
+            if lora:
+                g = jax.grad(lambda t: jnp.mean(loss({"trainable": t, "frozen": p["frozen"]}, b)))(p["trainable"])
+            else:
+                g = jax.grad(lambda q: jnp.mean(loss(q, b)))(p)
+            return sgd(p, g, lr)
+    elif row == "jaxprivacy_loop":
+        from jax_privacy import clipping as jp_clipping
+        # jax-privacy 2.0: vmap over examples (each keeps a batch axis of 1), clip each gradient to C, sum.
+        grad_fn = jp_clipping.clipped_grad(lambda p, b: jnp.mean(loss(p, b)), l2_clip_norm=C, batch_argnums=1,
+                                           keep_batch_dim=True)
+
+        @jax.jit
+        def step(p, b, key):
+            return sgd(p, noisy(grad_fn(p, b), key), lr / bsz)
     else:
-        method = row.split("_")[1]
-        grad_fn = jaxdp.clipped_grad(loss, C, method=method)
-        plan = {}
-        for v in ghost.explain(loss, params, batch, method).values():
-            plan[v] = plan.get(v, 0) + 1
+        method = "ghost" if "_ghost_" in row else "auto"
+        grad_fn = jaxdp.clipped_grad(loss, C, method=method, trainable=trainable)
 
         @jax.jit
         def step(p, b, key):
             summed, _ = grad_fn(p, b)
-            leaves, tdef = jax.tree.flatten(summed)
-            keys = jax.random.split(key, len(leaves))
-            noisy = [s + sigma * C * jax.random.normal(k, s.shape, s.dtype) for s, k in zip(leaves, keys)]
-            g = jax.tree.unflatten(tdef, noisy)
-            return jax.tree.map(lambda x, y: x - lr / data.shape[0] * y, p, g)
+            return sgd(p, noisy(summed["trainable"] if lora else summed, key), lr / bsz)
+    return step
 
+
+def _xla_bytes(compiled):
+    mem = compiled.memory_analysis()
+    return None if mem is None else int(mem.temp_size_in_bytes + mem.argument_size_in_bytes
+                                        + mem.output_size_in_bytes)
+
+
+def make_jax(row, a, bsz):
+    import jax
+
+    from jaxdp import ghost
+
+    params, batch, loss, trainable = _jax_problem(row, a, bsz)
+    plan = None
+    if "nonprivate" not in row and row.startswith(("jaxdp", "wrn", "vit")):
+        method = "ghost" if "_ghost_" in row else "auto"
+        if trainable is None:
+            kinds = ghost.explain(loss, params, batch, method)
+        else:                            # the plan for the trainable leaves only
+            kinds = ghost.explain(lambda t, b: loss({"trainable": t, "frozen": params["frozen"]}, b),
+                                  params["trainable"], batch, method)
+        plan = {}
+        for v in kinds.values():
+            plan[v] = plan.get(v, 0) + 1
+    step = _jax_step(row, loss, trainable, bsz)
     key = jax.random.key(0)
     t0 = time.perf_counter()
     compiled = step.lower(params, batch, key).compile()
     compile_s = time.perf_counter() - t0
-    mem = compiled.memory_analysis()
-    xla = None if mem is None else int(mem.temp_size_in_bytes + mem.argument_size_in_bytes
-                                       + mem.output_size_in_bytes)
+    xla = _xla_bytes(compiled)
+    fit = {}
+    b2 = a.fit_batch2
+    if b2 and b2 != bsz and xla is not None:
+        # XLA's peak is affine in the batch size: peak(B) = c + m B; two compiles give c and m, and the largest B
+        # with peak(B) <= 16 GiB is extrapolated (not run).
+        p2, bt2, loss2, tr2 = _jax_problem(row, a, b2)
+        x2 = _xla_bytes(_jax_step(row, loss2, tr2, b2).lower(p2, bt2, key).compile())
+        if x2 is not None and x2 != xla:
+            m = (xla - x2) / (bsz - b2)
+            c = xla - m * bsz
+            fit = dict(fit_16gb_batch=int((GIB16 - c) // m) if m > 0 else None, xla_peak_mb_batch2=x2 / 2 ** 20,
+                       batch2=b2)
     state = [params]
 
     def run():
         state[0] = compiled(state[0], batch, key)
         jax.block_until_ready(state[0])
 
-    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+    n = params["trainable"] if trainable is not None else params
+    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(n))
     return run, dict(compile_s=compile_s, xla_peak_mb=None if xla is None else xla / 2 ** 20, plan=plan,
-                     n_params=n_params, device=str(jax.devices()[0].device_kind))
+                     n_params=n_params, device=str(jax.devices()[0].device_kind), **fit)
 
 
 def make_torch(row, a, data):
@@ -147,11 +241,17 @@ def make_torch(row, a, data):
         torch.set_num_threads(a.torch_threads)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
+    # Opacus ghost clipping refuses tied parameters ("Parameter tying is not supported"), so its row unties
+    # lm_head from wte: vocab x d_model more parameters (reported in n_params), otherwise the same model.
     model = GPT2LMHeadModel(HFConfig(vocab_size=a.vocab, n_positions=max(a.seq_len, 128), n_embd=a.d_model,
                                      n_layer=a.layers, n_head=a.heads, resid_pdrop=0.0, embd_pdrop=0.0,
-                                     attn_pdrop=0.0)).to(dev)
+                                     attn_pdrop=0.0, tie_word_embeddings=row != "opacus_ghost")).to(dev)
     model.train()
     x = torch.tensor(data, dtype=torch.long, device=dev)
+    # Explicit per-example position ids [B, T] (contiguous): by default GPT-2 broadcasts a [1, T] position tensor,
+    # which gives wpe a per-sample gradient of batch 1 and breaks Opacus's per-sample norms ("stack expects each
+    # tensor to be equal size, but got [8] ... and [1]"); a broadcast (expand) view breaks its embedding norm.
+    pos = torch.arange(x.shape[1], device=dev).repeat(x.shape[0], 1)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
 
     def per_seq(logits):
@@ -168,16 +268,10 @@ def make_torch(row, a, data):
 
         def run():
             opt.zero_grad(set_to_none=True)
-            per_seq(model(input_ids=x).logits).mean().backward()
+            per_seq(model(input_ids=x, position_ids=pos).logits).mean().backward()
             opt.step()
     elif row == "opacus_ghost":
         from opacus import PrivacyEngine
-
-        class SeqLoss(torch.nn.Module):     # Opacus ghost clipping needs a per-sample loss ("none" reduction)
-            reduction = "mean"
-
-            def forward(self, logits, _target):
-                return per_seq(logits).mean()
 
         engine = PrivacyEngine(accountant="prv")
         loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x.cpu()), batch_size=x.shape[0])
@@ -188,14 +282,16 @@ def make_torch(row, a, data):
 
         def run():
             opt.zero_grad(set_to_none=True)
-            logits = model(input_ids=x).logits[:, :-1]
-            loss = crit(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1))
+            logits = model(input_ids=x, position_ids=pos).logits[:, :-1]
+            # shape=[B, T-1, V] makes Opacus reduce the per-token losses to one mean loss per sequence (the
+            # privacy unit); without it each token would be clipped as if it were an example.
+            loss = crit(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), shape=logits.shape)
             loss.backward()
             opt.step()
     else:
         def run():
             opt.zero_grad(set_to_none=True)
-            per_seq(model(input_ids=x).logits).mean().backward()
+            per_seq(model(input_ids=x, position_ids=pos).logits).mean().backward()
             opt.step()
             if dev == "cuda":
                 torch.cuda.synchronize()
@@ -207,9 +303,11 @@ def make_torch(row, a, data):
 
 
 def child(row, a) -> None:
-    data = np.random.default_rng(0).integers(0, a.vocab, (a.batch, a.seq_len))
     try:
-        run, info = (make_torch if row.startswith(("torch", "opacus")) else make_jax)(row, a, data)
+        if row.startswith(("torch", "opacus")):
+            run, info = make_torch(row, a, np.random.default_rng(0).integers(0, a.vocab, (a.batch, a.seq_len)))
+        else:
+            run, info = make_jax(row, a, a.vision_batch if row.startswith(("wrn", "vit")) else a.batch)
         run()                                  # warm-up
         times = []
         for _ in range(a.steps):
@@ -226,31 +324,44 @@ def child(row, a) -> None:
 def _versions() -> dict:
     out = {"python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count(),
            "processor": platform.processor() or platform.platform()}
-    for mod in ("jax", "jaxlib", "flax", "torch", "opacus", "transformers"):
+    from importlib import metadata
+    for mod in ("jax", "jaxlib", "flax", "torch", "opacus", "transformers", "jax-privacy"):
         try:
-            out[mod] = __import__(mod).__version__
-        except Exception:   # not installed
+            out[mod] = metadata.version(mod)
+        except metadata.PackageNotFoundError:
             out[mod] = None
+    try:
+        out["cpu_model"] = next(ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo")
+                                if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
     return out
 
 
 def table(res) -> str:
     rows = res["rows"]
-    lines = ["| row | median s | DP/non-private | compile s | XLA peak MB | peak RSS MB | plan |",
-             "|---|---|---|---|---|---|---|"]
+    opacus = [v["median_s"] for r, v in rows.items() if r.startswith("opacus") and "median_s" in v]
+    jp = rows.get("jaxprivacy_loop", {}).get("median_s")
+    lines = ["| row | median s | DP/non-private | / Opacus best | / jax-privacy | compile s | XLA peak MB | "
+             "peak RSS MB | fits 16 GB (batch, extrap.) | params | plan |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+
+    def f(x, d=2):
+        return "-" if x is None else f"{x:.{d}f}"
     for r, v in rows.items():
         if "error" in v:
-            lines.append(f"| {r} | failed: {v['error'][:90]} | | | | | |")
+            lines.append(f"| {r} | failed: {v['error'][:90]} | | | | | | | | | |")
             continue
-        base = ("torch_nonprivate" if r.startswith(("torch", "opacus"))
-                else "jax_nonprivate_" + r.rsplit("_", 1)[1])
-        ratio = (v["median_s"] / rows[base]["median_s"]) if base in rows and "median_s" in rows[base] else None
-
-        def f(x, d=2):
-            return "-" if x is None else f"{x:.{d}f}"
+        base = rows.get(_base(r), {}).get("median_s")
+        ratio = v["median_s"] / base if base else None
+        full = r.endswith(("_loop", "_scan")) or r.startswith(("torch", "opacus"))   # full GPT-2 fine-tuning
+        vs_op = v["median_s"] / min(opacus) if opacus and full and "nonprivate" not in r else None
+        vs_jp = v["median_s"] / jp if jp and r.startswith("jaxdp") and full else None
         plan = ", ".join(f"{k} {n}" for k, n in sorted((v.get("plan") or {}).items())) or "-"
-        lines.append(f"| {r} | {f(v['median_s'], 3)} | {f(ratio)} | {f(v.get('compile_s'), 1)} | "
-                     f"{f(v.get('xla_peak_mb'), 0)} | {f(v.get('rss_peak_mb'), 0)} | {plan} |")
+        fit = v.get("fit_16gb_batch")
+        lines.append(f"| {r} | {f(v['median_s'], 3)} | {f(ratio)} | {f(vs_op)} | {f(vs_jp)} | "
+                     f"{f(v.get('compile_s'), 1)} | {f(v.get('xla_peak_mb'), 0)} | {f(v.get('rss_peak_mb'), 0)} | "
+                     f"{'-' if fit is None else fit} | {v.get('n_params', '-')} | {plan} |")
     return "\n".join(lines)
 
 
@@ -283,6 +394,9 @@ def main() -> None:
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--rows", default=",".join(ROWS))
+    p.add_argument("--vision-batch", type=int, default=64, help="batch of the WRN-16-4 / ViT-Tiny rows")
+    p.add_argument("--fit-batch2", type=int, default=0,
+                   help="also compile JAX rows at this batch and extrapolate the largest batch within 16 GiB")
     p.add_argument("--torch-threads", type=int, default=0)
     p.add_argument("--require-gpu", action="store_true", help="fail unless JAX sees a GPU (make bench-gpu)")
     p.add_argument("--timeout", type=float, default=3600, help="seconds per row")
@@ -302,7 +416,8 @@ def main() -> None:
     if a.require_gpu and not device.startswith("gpu"):
         sys.exit(f"--require-gpu: JAX sees {device}, not a GPU (set JAX_PLATFORMS=cuda on a GPU machine)")
     res = {"config": dict(layers=a.layers, d_model=a.d_model, heads=a.heads, vocab=a.vocab, batch=a.batch,
-                          seq_len=a.seq_len, steps=a.steps, preset=a.preset),
+                          seq_len=a.seq_len, steps=a.steps, preset=a.preset, vision_batch=a.vision_batch,
+                          fit_batch2=a.fit_batch2),
            "command": "python " + " ".join(sys.argv), "device": device, "versions": _versions(),
            "loadavg_start": os.getloadavg(), "rows": {}}
     argv = [a for a in sys.argv[1:]]
