@@ -56,9 +56,9 @@ bench: $(VENV)/.installed
 # GPT-2 124M (real config, random init) on a GPU: fails unless JAX sees one; each JSON records the device.
 bench-gpu: $(VENV)/.installed
 	$(PY) -m pip install -q -e '.[bench]'
-	JAX_PLATFORMS=cuda $(PY) benchmarks/scale.py --require-gpu --preset gpt2 --batch 8 --seq-len 128 --steps 5 \
+	JAX_PLATFORMS=cuda $(PY) benchmarks/scale.py --require-gpu --preset gpt2 --batch 8 --seq-len 128 --steps 5 --fit-batch2 4 \
 	  --json benchmarks/results/scale_gpu_gpt2_b8.json
-	JAX_PLATFORMS=cuda $(PY) benchmarks/scale.py --require-gpu --preset gpt2 --batch 32 --seq-len 128 --steps 5 \
+	JAX_PLATFORMS=cuda $(PY) benchmarks/scale.py --require-gpu --preset gpt2 --batch 32 --seq-len 128 --steps 5 --fit-batch2 4 \
 	  --json benchmarks/results/scale_gpu_gpt2_b32.json
 
 clean:

@@ -32,6 +32,7 @@ import statistics
 import subprocess
 import sys
 import time
+from typing import Any
 
 import numpy as np
 
@@ -161,7 +162,7 @@ def _jax_step(row, loss, trainable, bsz):
                 g = jax.grad(lambda q: jnp.mean(loss(q, b)))(p)
             return sgd(p, g, lr)
     elif row == "jaxprivacy_loop":
-        from jax_privacy import clipping as jp_clipping
+        from jax_privacy import clipping as jp_clipping  # type: ignore[import-untyped]
         # jax-privacy 2.0: vmap over examples (each keeps a batch axis of 1), clip each gradient to C, sum.
         grad_fn = jp_clipping.clipped_grad(lambda p, b: jnp.mean(loss(p, b)), l2_clip_norm=C, batch_argnums=1,
                                            keep_batch_dim=True)
@@ -404,8 +405,8 @@ def main() -> None:
     p.add_argument("--child", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.preset:
-        for k, v in PRESETS[a.preset].items():
-            setattr(a, k, v)
+        for k, val in PRESETS[a.preset].items():
+            setattr(a, k, val)
     if a.child:
         child(a.child, a)
         return
@@ -415,9 +416,10 @@ def main() -> None:
                             ).stdout.strip() or "unknown"
     if a.require_gpu and not device.startswith("gpu"):
         sys.exit(f"--require-gpu: JAX sees {device}, not a GPU (set JAX_PLATFORMS=cuda on a GPU machine)")
-    res = {"config": dict(layers=a.layers, d_model=a.d_model, heads=a.heads, vocab=a.vocab, batch=a.batch,
-                          seq_len=a.seq_len, steps=a.steps, preset=a.preset, vision_batch=a.vision_batch,
-                          fit_batch2=a.fit_batch2),
+    config = dict(layers=a.layers, d_model=a.d_model, heads=a.heads, vocab=a.vocab, batch=a.batch,
+                  seq_len=a.seq_len, steps=a.steps, preset=a.preset, vision_batch=a.vision_batch,
+                  fit_batch2=a.fit_batch2)
+    res: dict[str, Any] = {"config": config,
            "command": "python " + " ".join(sys.argv), "device": device, "versions": _versions(),
            "loadavg_start": os.getloadavg(), "rows": {}}
     argv = [a for a in sys.argv[1:]]
@@ -427,7 +429,8 @@ def main() -> None:
             out = subprocess.run([sys.executable, __file__, *argv, "--child", r], capture_output=True, text=True,
                                  timeout=a.timeout)
             line = [x for x in out.stdout.splitlines() if x.startswith("ROW ")]
-            v = json.loads(line[-1][4:]) if line else {"error": f"exit {out.returncode}: {out.stderr[-300:]}"}
+            v: dict[str, Any] = (json.loads(line[-1][4:]) if line
+                                 else {"error": f"exit {out.returncode}: {out.stderr[-300:]}"})
         except subprocess.TimeoutExpired:
             v = {"error": f"timed out after {a.timeout:.0f} s"}
         v["wall_s"] = time.perf_counter() - t0
