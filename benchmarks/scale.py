@@ -378,8 +378,10 @@ def plot(res, path) -> None:
     ax[1].barh(names, [rows[r].get("xla_peak_mb") or 0 for r in names])
     ax[1].set_xlabel("XLA peak memory (MB; JAX rows)")
     c = res["config"]
+    vision = (f"; WRN/ViT: batch {c.get('vision_batch')}, 32x32x3" if any(r.startswith(("wrn", "vit")) for r in rows)
+              else "")
     fig.suptitle(f"GPT-2 {c['layers']}x{c['d_model']}, vocab {c['vocab']}, batch {c['batch']}, seq {c['seq_len']}"
-                 f" ({res['device']})")
+                 f"{vision} ({res['device']})")
     fig.tight_layout()
     fig.savefig(path, dpi=90)
 
