@@ -340,7 +340,12 @@ def main() -> None:
     ap.add_argument("--grid", nargs="*", default=[], help="key=v1,v2 overrides; every combination is run")
     ap.add_argument("--json", default=None, help="default: results/accuracy.json (accuracy_val.json with --val)")
     ap.add_argument("--plot", default=None, help="also write a PNG of accuracy against epsilon")
+    ap.add_argument("--replot", default=None, help="only redraw --plot from this results JSON")
     args = ap.parse_args()
+    if args.replot:
+        with open(args.replot) as f:
+            plot(json.load(f)["summary"], args.plot or "accuracy.png")
+        return
     grid = [(kv.split("=", 1)[0], [_parse(v) for v in kv.split("=", 1)[1].split(",")]) for kv in args.grid]
     for k, _ in grid:
         if k not in DEMO:
@@ -402,23 +407,37 @@ def main() -> None:
     os.replace(tmp, args.json)
     print(f"wrote {args.json}")
     if args.plot:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        for label in dict.fromkeys(s["recipe"] for s in summary if s["epsilon"] is not None):
-            ss = [s for s in summary if s["recipe"] == label]
-            ax.errorbar([s["epsilon"] for s in ss], [s["mean"] for s in ss], [s["std"] for s in ss],
-                        marker="o", capsize=3, label=label)
-        for i, s in enumerate(x for x in summary if x["epsilon"] is None and not x["recipe"].endswith("+ema")):
-            ax.axhline(s["mean"], color="k", ls=["--", ":", "-."][i % 3], label=s["recipe"])
-        ax.set_xscale("log")
-        ax.set_xlabel("epsilon (delta = 1e-5)")
-        ax.set_ylabel("test accuracy")
-        ax.legend(fontsize=6, ncol=2)
-        fig.tight_layout()
-        fig.savefig(args.plot, dpi=120)
-        print(f"wrote {args.plot}")
+        plot(summary, args.plot)
+
+
+def plot(summary: list, path: str) -> None:
+    """Accuracy against epsilon, one colour per recipe (solid: final parameters, dashed: their EMA); the
+    non-private rows as horizontal lines. ``--replot JSON`` redraws it from a results file."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    labels = [r for r in dict.fromkeys(s["recipe"] for s in summary if s["epsilon"] is not None)
+              if not r.endswith("+ema")]
+    colors = plt.get_cmap("tab10")
+    for i, label in enumerate(labels):
+        for suffix, ls in (("", "-"), ("+ema", "--")):
+            ss = [s for s in summary if s["recipe"] == label + suffix]
+            ax.errorbar([s["epsilon"] * (1 + 0.015 * (i - len(labels) / 2)) for s in ss], [s["mean"] for s in ss],
+                        [s["std"] for s in ss], marker="o" if not suffix else "x", ls=ls, capsize=2,
+                        color=colors(i % 10), label=None if suffix else label,
+                        alpha=0.6 if suffix else 1.0)
+    for i, s in enumerate(x for x in summary if x["epsilon"] is None and not x["recipe"].endswith("+ema")):
+        ax.axhline(s["mean"], color="k", ls=["--", ":", "-."][i % 3], lw=1, label=s["recipe"])
+    ax.set_xscale("log")
+    ax.set_xticks([1, 3, 8], ["1", "3", "8"])
+    ax.minorticks_off()
+    ax.set_xlabel("epsilon (delta = 1e-5); dashed: EMA of the parameters")
+    ax.set_ylabel("test accuracy (mean +- std, 5 seeds)")
+    ax.legend(fontsize=7, ncol=2, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":
