@@ -635,7 +635,7 @@ class PrivacyEngine:
                                          neighboring_relation=self.accountant.neighboring_relation)
         probe.record(sampler.event(sigma, 1, mechanism=mechanism, horizon=planned) if mechanism == "blt" else
                      sampler.event(sigma, 1, mechanism=mechanism))
-        key = None if self.secure else jax.random.fold_in(jax.random.key(seed), 0x6E6F6973)  # "nois": noise stream
+        key = None if self.secure else jax.random.fold_in(_checks.seed_key(seed), 0x6E6F6973)  # "nois": noise stream
         noise_tx = None
         if mechanism == "bandmf":
             from jaxdp.matrix_factorization import bandmf_noise
@@ -665,8 +665,8 @@ class PrivacyEngine:
                                  "several processes yet; train it in one process (several local devices work) "
                                  "or remove the dropout")
             import secrets
-            private._example_key = (jax.random.key(secrets.randbits(63)) if self.secure else
-                                    jax.random.fold_in(jax.random.key(seed), _EXAMPLE_KEY_STREAM))
+            private._example_key = (_checks.seed_key(secrets.randbits(63)) if self.secure else
+                                    jax.random.fold_in(_checks.seed_key(seed), _EXAMPLE_KEY_STREAM))
         if not defer_ledger:  # last: a reservation is made only for a run that was built
             private.open_ledger(ledger, dataset_id=dataset_id, run_id=run_id, parent_run_id=parent_run_id,
                                 reserve=reserve)
