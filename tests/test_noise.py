@@ -267,7 +267,9 @@ def test_int_seeds_keep_all_64_bits():
     assert np.array_equal(noise(5), noise(jax.random.key(5)))            # below 2^32: unchanged
     assert not np.allclose(noise(2**32 + 5), noise(5))
     assert not np.allclose(noise(2**62 + 5), noise(2**32 + 5))
-    data = lambda s: np.asarray(jax.random.key_data(seed_key(s)))
+
+    def data(s):
+        return np.asarray(jax.random.key_data(seed_key(s)))
     assert np.array_equal(data(2**40 + 5), [256, 5])                     # jax.random.key's x64 layout [hi, lo]
     assert np.array_equal(data(-1), np.asarray(jax.random.key_data(jax.random.key(-1))))
     with pytest.raises(ValueError, match="2\\^64"):
