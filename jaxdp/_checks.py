@@ -9,6 +9,7 @@ from typing import Any, TypeVar
 from collections.abc import Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 
@@ -80,7 +81,7 @@ def seed_key(seed: int) -> jax.Array:
         return jax.random.key(seed)
     key = jax.random.key(lo)
     if jax.random.key_data(key).shape == (2,):   # threefry2x32 (the default): the key data is [hi, lo]
-        return jax.random.wrap_key_data(np.array([hi, lo], dtype=np.uint32), impl=jax.random.key_impl(key))
+        return jax.random.wrap_key_data(jnp.array([hi, lo], dtype=jnp.uint32), impl=jax.random.key_impl(key))
     return jax.random.fold_in(key, hi)
 
 
