@@ -59,8 +59,8 @@ class AdaptiveClipState(NamedTuple):
     """Current clip norm ``C_t``, the step count, and the base PRNG key (None in secure mode)."""
 
     clip_norm: jax.Array
-    count: jax.Array
-    key: jax.Array
+    count: jax.Array  # type: ignore[assignment]  # the field shadows tuple.count (public name, kept)
+    key: jax.Array | None
 
 
 class AdaptiveClipping(NamedTuple):
@@ -218,8 +218,12 @@ def adaptive_clipping(
         unclipped = jnp.sum(real & (cs.per_example_norms <= 1.0))          # NaN (dropped) counts as clipped
         centred = unclipped - 0.5 * cs.num_examples                          # sensitivity 1/2
         # two independent streams from the state's key (not baked into the compiled step): gradient, count
-        grad_key = None if secure else jax.random.fold_in(state.key, _GRAD_STREAM)
-        count_key = None if secure else jax.random.fold_in(state.key, _COUNT_STREAM)
+        if secure:
+            grad_key = count_key = None
+        else:
+            assert state.key is not None  # init() stores the base key unless secure
+            grad_key = jax.random.fold_in(state.key, _GRAD_STREAM)
+            count_key = jax.random.fold_in(state.key, _COUNT_STREAM)
         released, _ = count_tx.update(centred.astype(jnp.float32), AddNoiseState(state.count, count_key))
         frac = released / e + 0.5
         new_C = (C * jnp.exp(-learning_rate * (frac - target_quantile))).astype(jnp.float32)

@@ -156,8 +156,8 @@ def _batch_size(batch: PyTree) -> int:
     leaves = jax.tree_util.tree_leaves(batch)
     if not leaves:
         raise ValueError("batch is empty: it must be a pytree of arrays with a leading batch axis")
-    sizes = {int(np.shape(x)[0]) if np.ndim(x) else None for x in leaves}
-    if None in sizes or len(sizes) != 1:
+    sizes = {int(np.shape(x)[0]) for x in leaves if np.ndim(x)}
+    if any(np.ndim(x) == 0 for x in leaves) or len(sizes) != 1:
         shapes = [np.shape(x) for x in leaves]
         raise ValueError(f"every leaf of the batch needs the same leading batch axis B; got shapes {shapes}")
     return sizes.pop()

@@ -51,9 +51,14 @@ def augmentation_multiplicity(loss_fn: Callable, augment_fn: Callable, multiplic
         batch, keys = batch_and_keys
         view_keys = jax.vmap(lambda kk: jax.random.split(kk, k))(keys)              # [B, K]
         views = jax.vmap(jax.vmap(augment_fn, in_axes=(0, None)), in_axes=(0, 0))(view_keys, batch)  # [B, K, ...]
-        total = 0.0
-        for j in range(k):   # K calls of the user's loss on [B] examples each (the loss sees its usual shapes)
-            total = total + loss_fn(params, jax.tree_util.tree_map(lambda v: v[:, j], views))  # noqa: B023 (called at once, in this iteration)
+
+        def view(j: int) -> PyTree:
+            return jax.tree_util.tree_map(lambda v: v[:, j], views)
+
+        # K calls of the user's loss on [B] examples each (the loss sees its usual shapes).
+        total = loss_fn(params, view(0))
+        for j in range(1, k):
+            total = total + loss_fn(params, view(j))
         return total / k
 
     return aug_loss

@@ -28,6 +28,7 @@ from jaxdp import _checks
 def _rng(seed: int | None, *stream: int, secure: bool = False) -> np.random.Generator:
     if secure:
         return np.random.Generator(np.random.PCG64(secrets.randbits(128)))
+    assert seed is not None  # _check_seed ran in every constructor: a seed is required unless secure
     return np.random.Generator(np.random.PCG64(np.random.SeedSequence([int(seed), *map(int, stream)])))
 
 
@@ -91,7 +92,17 @@ class _Sampler:
     """
 
     step: int
-    steps_per_epoch: int
+    dataset_size: int
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """The number of steps of the longest epoch."""
+        raise NotImplementedError
+
+    @property
+    def expected_batch_size(self) -> float:
+        """The public normaliser of the noisy sum (never the realised batch size)."""
+        raise NotImplementedError
 
     def sample(self, step: int) -> tuple[np.ndarray, np.ndarray]:
         raise NotImplementedError
@@ -324,7 +335,33 @@ class CyclicPoissonSampler(PoissonSampler):
                 f"bands={self.bands}, pad_to_multiple={self.pad_to_multiple}, secure={self.secure})")
 
 
-class FixedOrderSampler(_Sampler):
+class _FixedSizeSampler(_Sampler):
+    """Shared state of the samplers whose every batch has exactly ``B = batch_size`` rows (``B <= N``): the
+    validation of ``N`` and ``B``, the seed, and the public normalisers ``q = B / N`` and ``B``."""
+
+    def __init__(self, dataset_size: int, batch_size: int, seed: int | None, secure: bool) -> None:
+        self.dataset_size = _checks.positive_int("dataset_size", dataset_size)
+        self.batch_size = _checks.positive_int("batch_size", batch_size)
+        if self.batch_size > self.dataset_size:
+            raise ValueError(f"batch_size {batch_size} is larger than dataset_size {dataset_size}")
+        _check_seed(seed, secure, type(self).__name__)
+        self.seed = None if seed is None else int(seed)
+        self.secure = bool(secure)
+        self.step = 0
+
+    @property
+    def sample_rate(self) -> float:
+        """``B / N``: the fraction of the data one batch holds (for information: a fixed-size batch is not
+        Poisson-sampled, so there is no amplification by sampling at rate ``q``)."""
+        return self.batch_size / self.dataset_size
+
+    @property
+    def expected_batch_size(self) -> float:
+        """``B``: every batch has exactly ``B`` examples (public)."""
+        return float(self.batch_size)
+
+
+class FixedOrderSampler(_FixedSizeSampler):
     """One secret permutation split into ``b = floor(N / B)`` batches of ``B``, repeated in the same order every
     epoch. Labelled ``sampling = "fixed_order"``.
 
@@ -346,14 +383,7 @@ class FixedOrderSampler(_Sampler):
 
     def __init__(self, dataset_size: int, batch_size: int, seed: int | None = None, *,
                  secure: bool = False) -> None:
-        self.dataset_size = _checks.positive_int("dataset_size", dataset_size)
-        self.batch_size = _checks.positive_int("batch_size", batch_size)
-        if self.batch_size > self.dataset_size:
-            raise ValueError(f"batch_size {batch_size} is larger than dataset_size {dataset_size}")
-        _check_seed(seed, secure, "FixedOrderSampler")
-        self.seed = None if seed is None else int(seed)
-        self.secure = bool(secure)
-        self.step = 0
+        super().__init__(dataset_size, batch_size, seed, secure)
         b = self.dataset_size // self.batch_size
         perm = _rng(self.seed, 4, secure=self.secure).permutation(self.dataset_size)
         self._batches = perm[:b * self.batch_size].reshape(b, self.batch_size).astype(np.int32)
@@ -362,16 +392,6 @@ class FixedOrderSampler(_Sampler):
     def min_separation(self) -> int:
         """``b = floor(N / B)``: the number of batches, the epoch length and the gap between participations."""
         return int(self._batches.shape[0])
-
-    @property
-    def sample_rate(self) -> float:
-        """``B / N`` (for information: there is no sampling to amplify with)."""
-        return self.batch_size / self.dataset_size
-
-    @property
-    def expected_batch_size(self) -> float:
-        """``B``: every batch has exactly ``B`` examples (public)."""
-        return float(self.batch_size)
 
     @property
     def steps_per_epoch(self) -> int:
@@ -420,7 +440,7 @@ class FixedOrderSampler(_Sampler):
                 f"min_separation={self.min_separation}, secure={self.secure})")
 
 
-class ShuffleSampler(_Sampler):
+class ShuffleSampler(_FixedSizeSampler):
     """Shuffled fixed-size batches (each epoch a fresh permutation). Labelled ``sampling = "shuffle"``.
 
     This is the sampling most non-private loaders use. Its privacy analysis differs from Poisson's: jaxdp
@@ -432,24 +452,9 @@ class ShuffleSampler(_Sampler):
 
     def __init__(self, dataset_size: int, batch_size: int, seed: int | None = None, *,
                  drop_last: bool = True, secure: bool = False) -> None:
-        self.dataset_size = _checks.positive_int("dataset_size", dataset_size)
-        self.batch_size = _checks.positive_int("batch_size", batch_size)
-        if self.batch_size > self.dataset_size:
-            raise ValueError(f"batch_size {batch_size} is larger than dataset_size {dataset_size}")
-        _check_seed(seed, secure, "ShuffleSampler")
-        self.seed = None if seed is None else int(seed)
-        self.secure = bool(secure)
+        super().__init__(dataset_size, batch_size, seed, secure)
         self.drop_last = bool(drop_last)
-        self.step = 0
         self._perm: tuple[int, np.ndarray] | None = None  # (epoch, permutation) of the current epoch
-
-    @property
-    def sample_rate(self) -> float:
-        return self.batch_size / self.dataset_size
-
-    @property
-    def expected_batch_size(self) -> float:
-        return float(self.batch_size)
 
     @property
     def steps_per_epoch(self) -> int:
