@@ -64,7 +64,7 @@ import optax
 
 from jaxdp import _checks
 from jaxdp.clipping import total_clip_norm
-from jaxdp.noise import step_noise
+from jaxdp.noise import noise_buffers, step_noise
 
 PyTree = Any
 
@@ -420,10 +420,7 @@ def blt_noise(
     thetas, omegas = [float(v) for v in t], [float(v) for v in w]
 
     def init_fn(params):
-        bufs = jax.tree_util.tree_map(
-            lambda p: jnp.zeros((d, *jnp.shape(p)),
-                                p.dtype if jnp.issubdtype(p.dtype, jnp.floating) else jnp.float32), params)
-        return BLTNoiseState(count=jnp.zeros([], jnp.int32), key=base_key, buffers=bufs)
+        return BLTNoiseState(count=jnp.zeros([], jnp.int32), key=base_key, buffers=noise_buffers(params, d))
 
     def update_fn(updates, state, params=None, **extra_args):
         del params, extra_args

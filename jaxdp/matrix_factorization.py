@@ -59,7 +59,7 @@ import optax
 
 from jaxdp import _checks
 from jaxdp.clipping import total_clip_norm
-from jaxdp.noise import step_noise
+from jaxdp.noise import noise_buffers, step_noise
 
 PyTree = Any
 
@@ -155,6 +155,7 @@ def _optimal(steps: int, bands: int, momentum: float = 0.0) -> tuple[float, ...]
         val = _loss_and_grad(res.x, steps, momentum)[0]
         if best is None or val < best[0]:
             best = (val, res.x)
+    assert best is not None  # starts is never empty
     return tuple([1.0, *map(float, best[1])])
 
 
@@ -234,7 +235,7 @@ class BandMFNoiseState(NamedTuple):
     """State of :func:`bandmf_noise`: steps taken, base key, and per leaf the last ``b - 1`` correlated noise
     draws ``[w_{t-1}, .., w_{t-b+1}]`` stacked on a leading axis (an empty tuple when ``b = 1``)."""
 
-    count: jax.Array
+    count: jax.Array  # type: ignore[assignment]  # the field shadows tuple.count (public name, kept)
     key: Any
     history: PyTree
 
@@ -309,9 +310,7 @@ def bandmf_noise(
     lags = [float(v) for v in c[1:]]
 
     def init_fn(params):
-        hist = () if b == 1 else jax.tree_util.tree_map(
-            lambda p: jnp.zeros((b - 1, *jnp.shape(p)),
-                                p.dtype if jnp.issubdtype(p.dtype, jnp.floating) else jnp.float32), params)
+        hist = () if b == 1 else noise_buffers(params, b - 1)
         return BandMFNoiseState(count=jnp.zeros([], jnp.int32), key=base_key, history=hist)
 
     def update_fn(updates, state, params=None, **extra_args):
