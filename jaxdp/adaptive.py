@@ -170,6 +170,12 @@ def adaptive_clipping(
       ``unclipped_fraction`` (the released estimate ``b_t``), ``per_example_norms``, ``per_example_losses``,
       ``aux`` and ``clip_stats`` (a :class:`~jaxdp.ClipStats` with norms in the original units). The
       per-example statistics are private data: do not publish them. ``step`` is pure and jit-able.
+
+    Raises:
+      ValueError: a negative ``noise_multiplier``, ``learning_rate`` or ``count_noise_std``, a non-positive
+        ``expected_batch_size`` or ``initial_clip_norm``, ``target_quantile`` outside ``[0, 1]``,
+        ``count_noise_std = 0`` with noise (the count would be released without noise), a count noise too small
+        for the gradient's noise (``2 sigma_b <= sigma``), or no ``key`` without ``secure``.
     """
     sigma = _checks.non_negative("noise_multiplier", noise_multiplier)
     e = _checks.positive("expected_batch_size", expected_batch_size)

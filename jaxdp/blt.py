@@ -395,6 +395,11 @@ def blt_noise(
     >>> state = tx.init({"w": jnp.zeros(3)})
     >>> state.buffers["w"].shape
     (2, 3)
+
+    Raises:
+      ValueError: a negative ``noise_multiplier``, an invalid clip norm, ``expected_batch_size``, ``steps`` or
+        ``min_separation``, neither ``buffers`` nor ``theta``/``omega`` (or only one of the two), ``buffers``
+        that disagrees with the given ``theta``/``omega``, or no ``key`` without ``secure``.
     """
     sigma = _checks.non_negative("noise_multiplier", noise_multiplier)
     clip = total_clip_norm(l2_clip_norm)

@@ -617,6 +617,28 @@ class PrivacyEngine:
           allow_large_delta: accept ``target_delta >= 1/N`` (refused by default: such a delta allows publishing
             an example outright); recorded as ``private.allow_large_delta``.
           max_grad_norm: deprecated name of ``l2_clip_norm`` (Opacus's name; a DeprecationWarning says so).
+
+        Example: 100 examples, Poisson batches of expected size 10 (``q = 0.1``), noise multiplier 1, clip norm 1::
+
+            >>> import jax.numpy as jnp, optax
+            >>> run = PrivacyEngine(accountant="rdp").make_private(
+            ...     loss_fn=lambda p, b: (b["x"] @ p["w"] - 1.0) ** 2, params={"w": jnp.zeros(2)},
+            ...     optimizer=optax.sgd(0.1), dataset_size=100, batch_size=10, noise_multiplier=1.0,
+            ...     l2_clip_norm=1.0, seed=0)
+            >>> run.sample_rate, run.expected_batch_size, run.sampler.sampling
+            (0.1, 10.0, 'poisson')
+            >>> state = run.init()   # then per batch (run.batches(data)): state, stats = run.step(state, batch, mask)
+
+        Raises:
+          TypeError: no ``l2_clip_norm`` (or one that is not a number or a pytree of numbers).
+          ValueError: an invalid ``dataset_size``, ``batch_size`` (or ``batch_size > dataset_size``) or
+            ``noise_multiplier``; no ``seed`` without ``secure``; ``target_epsilon`` without ``target_delta``;
+            ``target_delta >= 1/N`` without ``allow_large_delta``; an unknown ``mechanism`` or arguments that do
+            not fit it (``bands``, ``buffers``, ``epochs``, the sampling); adaptive clipping that cannot work;
+            a ledger without ``dataset_id`` and ``run_id``.
+          jaxdp.ModelValidationError: a model with layers that mix examples (BatchNorm).
+          jaxdp.LedgerError: the ledger refuses the run (:class:`~jaxdp.ReservationRequiredError`: protected data
+            and no reservation; :class:`~jaxdp.BudgetExceededError`: ``reserve=True`` beyond the budget).
         """
         l2_clip_norm = _checks.renamed_keyword("make_private", "l2_clip_norm", l2_clip_norm, "max_grad_norm",
                                                max_grad_norm)
@@ -750,6 +772,11 @@ class PrivacyEngine:
             ...     params={"w": jnp.zeros(2)}, optimizer=optax.sgd(0.1), dataset_size=8, batch_size=4, seed=0)
             >>> run.get_epsilon(), run.noise_multiplier
             (inf, 0.0)
+
+        Raises:
+          ValueError: an invalid ``dataset_size`` or ``batch_size``, no ``seed`` without ``secure``, or a
+            ledger without ``dataset_id`` and ``run_id``.
+          jaxdp.ReservationRequiredError: the ledger protects the data (a non-private run is refused on it).
         """
         n, b, q = _sizes(dataset_size, batch_size)
         self._check_seed(seed, "make_nonprivate", "an int", "batch selection")

@@ -298,6 +298,12 @@ def bandmf_noise(
       coefficients: explicit Toeplitz coefficients ``c_0..c_{b-1}`` (normalised by ``c_0``, then by ``||c||``).
       momentum: optimise the strategy for SGD with this heavy-ball momentum (the optimiser that follows);
         0 = plain SGD's prefix sums. Affects accuracy only, never privacy.
+
+    Raises:
+      ValueError: a negative ``noise_multiplier``, an invalid clip norm or ``expected_batch_size``, ``bands``
+        not a positive integer, no ``steps`` for ``bands > 1`` without ``coefficients``, coefficients that are
+        not finite (or ``c_0 = 0``) or whose number is not ``bands``, a momentum outside ``[0, 1)``, or no
+        ``key`` without ``secure``.
     """
     sigma = _checks.non_negative("noise_multiplier", noise_multiplier)
     clip = total_clip_norm(l2_clip_norm)

@@ -237,6 +237,16 @@ def dp_aggregate(
     Pass the padding mask as ``tx.update(per_example_grads, state, params, mask=mask)``. Every argument is
     keyword-only (positional calls, in the old order ``C, sigma, E, key``, still work with a ``DeprecationWarning``).
 
+    Without noise (``noise_multiplier=0``, not private), two examples' gradients of norms 5 and 0.5 clipped to
+    ``C = 1`` and averaged over ``E = 2``:
+
+    >>> import jax.numpy as jnp
+    >>> tx = dp_aggregate(l2_clip_norm=1.0, noise_multiplier=0.0, expected_batch_size=2.0, key=0)
+    >>> per_example = {"w": jnp.array([[3.0, 4.0], [0.3, 0.4]])}   # leading axis: B = 2 examples
+    >>> update, _ = tx.update(per_example, tx.init({"w": jnp.zeros(2)}))
+    >>> [round(float(v), 3) for v in update["w"]]                   # ([0.6, 0.8] + [0.3, 0.4]) / 2
+    [0.45, 0.6]
+
     Raises:
       ValueError: as :func:`add_noise`, or a per-layer (pytree) ``l2_clip_norm``.
     """

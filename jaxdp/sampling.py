@@ -164,6 +164,11 @@ class PoissonSampler(_Sampler):
     11
     >>> sampler.expected_batch_size, sampler.steps_for_epochs(2)
     (10.0, 200)
+
+    Raises:
+      ValueError: ``dataset_size``, ``pad_to_multiple`` or ``max_batch_size`` not a positive integer,
+        ``sample_rate`` outside ``(0, 1]``, or no (or a negative) ``seed`` without ``secure``.
+      TypeError: a ``sample_rate`` that is not a number.
     """
 
     def __init__(self, dataset_size: int, sample_rate: float, seed: int | None = None, *,
@@ -274,6 +279,16 @@ class CyclicPoissonSampler(PoissonSampler):
 
     The groups are a uniformly random partition into sizes ``floor(N/b)`` or ``ceil(N/b)``; the public normaliser
     is ``expected_batch_size = p * N / b``. An "epoch" (each example once in expectation) is ``ceil(b / p)`` steps.
+
+    >>> sampler = CyclicPoissonSampler(dataset_size=100, sample_rate=0.5, bands=4, seed=0)
+    >>> sampler.expected_batch_size, sampler.steps_per_epoch     # p N / b = 12.5; ceil(b / p) = 8
+    (12.5, 8)
+    >>> indices, mask = sampler.sample(5)
+    >>> set(indices[mask].tolist()) <= set(sampler.group(5).tolist())   # step 5 samples group 5 mod 4 only
+    True
+
+    Raises:
+      ValueError: as :class:`PoissonSampler`, or ``bands`` not a positive integer or larger than ``dataset_size``.
     """
 
     def __init__(self, dataset_size: int, sample_rate: float, bands: int, seed: int | None = None, *,
@@ -377,6 +392,16 @@ class FixedOrderSampler(_FixedSizeSampler):
       batch_size: ``B`` (every batch has exactly ``B`` examples, no padding); ``B <= N``.
       seed: int seed of the permutation (required unless ``secure``); keep it secret.
       secure: draw the permutation once from the OS entropy source (kept in memory: such a run cannot resume).
+
+    >>> sampler = FixedOrderSampler(dataset_size=10, batch_size=3, seed=0)   # b = 3 batches; one example left out
+    >>> sampler.min_separation, sampler.steps_for_epochs(2), sampler.participations(7)
+    (3, 6, 3)
+    >>> bool((sampler.sample(1)[0] == sampler.sample(4)[0]).all())   # the same batch every b steps
+    True
+
+    Raises:
+      ValueError: ``dataset_size`` or ``batch_size`` not a positive integer, ``batch_size > dataset_size``, or
+        no (or a negative) ``seed`` without ``secure``.
     """
 
     sampling = "fixed_order"
@@ -446,6 +471,25 @@ class ShuffleSampler(_FixedSizeSampler):
     This is the sampling most non-private loaders use. Its privacy analysis differs from Poisson's: jaxdp
     accounts it as sampling without replacement of a fixed-size batch (replace-one neighbouring relation), and
     never reports a Poisson epsilon for it.
+
+    Args:
+      dataset_size: ``N``.
+      batch_size: ``B <= N``, the number of examples of every batch.
+      seed: int seed of the permutations (required unless ``secure``); keep it secret.
+      drop_last: drop the last, smaller batch of an epoch (``N mod B`` examples; default). Otherwise it is padded
+        to ``B`` rows, its padding masked out.
+      secure: draw every epoch's permutation from the OS entropy source.
+
+    >>> sampler = ShuffleSampler(dataset_size=10, batch_size=4, seed=0)
+    >>> sampler.steps_per_epoch, sampler.sample_rate, sampler.expected_batch_size
+    (2, 0.4, 4.0)
+    >>> first, second = sampler.sample(0)[0], sampler.sample(1)[0]
+    >>> len(set(first.tolist()) | set(second.tolist()))   # one epoch's batches are disjoint
+    8
+
+    Raises:
+      ValueError: ``dataset_size`` or ``batch_size`` not a positive integer, ``batch_size > dataset_size``, or
+        no (or a negative) ``seed`` without ``secure``.
     """
 
     sampling = "shuffle"
