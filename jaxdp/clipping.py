@@ -80,7 +80,20 @@ class ClipStats(NamedTuple):
 
 
 def total_clip_norm(l2_clip_norm: float | PyTree) -> float:
-    """L2 sensitivity of a clipped sum: ``C`` for flat clipping, ``||(C_1..C_K)||_2`` for per-layer clipping."""
+    """L2 sensitivity of a clipped sum: ``C`` for flat clipping, ``||(C_1..C_K)||_2`` for per-layer clipping.
+
+    Adding or removing one example moves a sum of per-example gradients clipped group by group (group ``k`` to
+    norm ``C_k``) by at most this much; the Gaussian noise is scaled to it (``std = sigma * total_clip_norm``).
+
+    >>> total_clip_norm(1.0)
+    1.0
+    >>> total_clip_norm({"encoder": 3.0, "head": 4.0})   # per-layer: sqrt(3^2 + 4^2)
+    5.0
+
+    Raises:
+      ValueError: an empty pytree, or a clip norm that is not a finite number > 0.
+      TypeError: a clip norm that is not a number.
+    """
     leaves = jax.tree_util.tree_leaves(l2_clip_norm)
     if not leaves:
         raise ValueError("l2_clip_norm is an empty pytree: give a number or one clip norm per parameter group")
