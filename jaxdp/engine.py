@@ -702,7 +702,7 @@ class PrivacyEngine:
         probe.record(sampler.event(sigma, 1, mechanism=mechanism, horizon=planned)
                      if isinstance(sampler, FixedOrderSampler) else sampler.event(sigma, 1, mechanism=mechanism))
         # The noise stream "nois" (secure: OS entropy instead; seed is required otherwise, checked above).
-        key = None if self.secure else jax.random.fold_in(jax.random.key(_checks.present(seed)), 0x6E6F6973)
+        key = None if self.secure else jax.random.fold_in(_checks.seed_key(_checks.present(seed)), 0x6E6F6973)
         noise_tx = None
         if isinstance(sampler, CyclicPoissonSampler):   # bandmf (bandmf and blt need epochs: planned is set)
             from jaxdp.matrix_factorization import bandmf_noise
@@ -734,8 +734,8 @@ class PrivacyEngine:
                                  "several processes yet; train it in one process (several local devices work) "
                                  "or remove the dropout")
             import secrets
-            private._example_key = (jax.random.key(secrets.randbits(63)) if self.secure else
-                                    jax.random.fold_in(jax.random.key(_checks.present(seed)), _EXAMPLE_KEY_STREAM))
+            private._example_key = (_checks.seed_key(secrets.randbits(63)) if self.secure else
+                                    jax.random.fold_in(_checks.seed_key(_checks.present(seed)), _EXAMPLE_KEY_STREAM))
         if not defer_ledger:  # last: a reservation is made only for a run that was built
             private.open_ledger(ledger, dataset_id=dataset_id, run_id=run_id, parent_run_id=parent_run_id,
                                 reserve=reserve)
