@@ -103,6 +103,16 @@ def prng_key(key: Any, who: str) -> jax.Array:
 
 
 _F = TypeVar("_F", bound=Callable[..., Any])
+_T = TypeVar("_T")
+
+
+def present(value: _T | None) -> _T:
+    """``value``, which an invariant the caller relies on keeps from being None (an event field its sampling
+    requires, state set up before it is read). The type checker's narrowing of an ``Optional``; a broken invariant
+    raises ``AssertionError`` here instead of a ``TypeError`` on None further on."""
+    if value is None:
+        raise AssertionError("internal invariant broken: a required value is None")
+    return value
 
 
 def keyword_only(*names: str) -> Callable[[_F], _F]:

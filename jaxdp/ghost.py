@@ -62,6 +62,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.extend import core as jcore
 
+from jaxdp import _checks
 from jaxdp import per_example as pe
 
 _CHAIN = frozenset({"transpose", "reshape", "convert_element_type", "squeeze", "copy", "copy_p"})
@@ -252,7 +253,8 @@ def _run(jaxpr, consts, args, dargs, ctx, path: tuple = ()):
                 outs, douts = _run(inner, [], invals, dins, ctx, path)
         elif name in _CHAIN and len(eqn.invars) == 1:
             outs = _bind(eqn, invals)
-            douts = [replace(dins[0], chain=dins[0].chain + (eqn,))]
+            d0 = _checks.present(dins[0])   # one input, and not every input is underived (first branch)
+            douts = [replace(d0, chain=d0.chain + (eqn,))]
         elif name in _SITES:
             derived = [i for i, d in enumerate(dins) if d is not None]
             pos = derived[0]
@@ -263,7 +265,7 @@ def _run(jaxpr, consts, args, dargs, ctx, path: tuple = ()):
                     if d is not None:
                         ctx_bad(ctx, d.leaf)
             else:
-                d = dins[pos]
+                d = _checks.present(dins[pos])   # pos is a derived input
                 act = invals[1 - pos] if kind != "gather" else invals[1]
                 if isinstance(ctx, _Analysis):
                     ctx.sites.setdefault(d.leaf, []).append(_Site(
@@ -805,8 +807,12 @@ def _site_sum(site: _Site, w, A, G, sel, weights):
     layer, stacked to the leaf's shape ``[L, ...]``."""
     if site.mode == "stacked":
         base = _base(site)
-        return lax.map(lambda args: _site_sum(base, *args, weights),
-                       (w, jnp.moveaxis(A, 1, 0), jnp.moveaxis(G, 1, 0), sel))
+
+        def layer(args):   # one layer's (w, A, G, sel)
+            lw, la, lg, lsel = args
+            return _site_sum(base, lw, la, lg, lsel, weights)
+
+        return lax.map(layer, (w, jnp.moveaxis(A, 1, 0), jnp.moveaxis(G, 1, 0), sel))
     if sel is None:   # no example needs the exact fallback at this site
         keep = weights != 0
         return _bookkeep(site, w, _zero_dropped(A, keep), _zero_dropped(G, keep), weights)
