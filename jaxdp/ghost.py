@@ -20,9 +20,11 @@ any pure ``loss_fn(params, batch)`` -- plain JAX, Flax Linen ``apply``, Flax NNX
 every trainable leaf is classified. A leaf is handled by a ghost norm when it is used exactly once, through
 norm-preserving reshapes (transpose / reshape / dtype conversion), as the weight operand of a
 ``dot_general`` without batch dimensions, the kernel of a ``conv_general_dilated`` without feature groups, or
-the table of a row ``gather`` (an embedding lookup). Every other leaf -- biases and scales (cheap), tied
-weights, or any op not listed -- falls back to materialising per-example gradients for THAT leaf alone, inside
-the same backward pass. We chose jaxpr tracing over Flax method interception because it needs no knowledge of
+the table of a row ``gather`` (an embedding lookup). A 2-D leaf used at SEVERAL such dot / gather sites (GPT-2's
+tied embedding: gathered by token id and used as the output head ``h @ E^T``; or one weight shared by two layers)
+has one ghost norm over all its sites' positions together, cross-site Gram terms included (:class:`_Tied`). Every
+other leaf -- biases and scales (cheap), or any op not listed -- falls back to materialising per-example gradients
+for THAT leaf alone, inside the same backward pass. We chose jaxpr tracing over Flax method interception because it needs no knowledge of
 the model library, sees through ``jit``-wrapped helpers, and cannot miss a use of a parameter (a missed use
 would under-estimate a norm and break DP).
 
