@@ -24,9 +24,9 @@ the table of a row ``gather`` (an embedding lookup). A 2-D leaf used at SEVERAL 
 tied embedding: gathered by token id and used as the output head ``h @ E^T``; or one weight shared by two layers)
 has one ghost norm over all its sites' positions together, cross-site Gram terms included (:class:`_Tied`). Every
 other leaf -- biases and scales (cheap), or any op not listed -- falls back to materialising per-example gradients
-for THAT leaf alone, inside the same backward pass. We chose jaxpr tracing over Flax method interception because it needs no knowledge of
-the model library, sees through ``jit``-wrapped helpers, and cannot miss a use of a parameter (a missed use
-would under-estimate a norm and break DP).
+for THAT leaf alone, inside the same backward pass. We chose jaxpr tracing over Flax method interception because
+it needs no knowledge of the model library, sees through ``jit``-wrapped helpers, and cannot miss a use of a
+parameter (a missed use would under-estimate a norm and break DP).
 
 Control flow. Nested ``jit`` is inlined. ``lax.scan``: a leaf scanned over (stacked per-layer weights
 ``[L, ...]``, the ``nnx.scan`` pattern) is ``L`` ghost sites, ``W[l]``'s norm bounded and certified per
