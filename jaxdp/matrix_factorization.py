@@ -60,7 +60,7 @@ import optax
 
 from jaxdp import _checks
 from jaxdp.clipping import total_clip_norm
-from jaxdp.noise import step_noise
+from jaxdp.noise import noise_buffers, step_noise
 
 PyTree = Any
 
@@ -156,6 +156,7 @@ def _optimal(steps: int, bands: int, momentum: float = 0.0) -> tuple[float, ...]
         val = _loss_and_grad(res.x, steps, momentum)[0]
         if best is None or val < best[0]:
             best = (val, res.x)
+    assert best is not None  # starts is never empty
     return tuple([1.0, *map(float, best[1])])
 
 
@@ -276,7 +277,7 @@ class BandMFNoiseState(NamedTuple):
     """State of :func:`bandmf_noise`: steps taken, base key, and per leaf the last ``b - 1`` correlated noise
     draws ``[w_{t-1}, .., w_{t-b+1}]`` stacked on a leading axis (an empty tuple when ``b = 1``)."""
 
-    count: jax.Array
+    count: jax.Array  # type: ignore[assignment]  # the field shadows tuple.count (public name, kept)
     key: Any
     history: PyTree
 
@@ -339,6 +340,12 @@ def bandmf_noise(
       coefficients: explicit Toeplitz coefficients ``c_0..c_{b-1}`` (normalised by ``c_0``, then by ``||c||``).
       momentum: optimise the strategy for SGD with this heavy-ball momentum (the optimiser that follows);
         0 = plain SGD's prefix sums. Affects accuracy only, never privacy.
+
+    Raises:
+      ValueError: a negative ``noise_multiplier``, an invalid clip norm or ``expected_batch_size``, ``bands``
+        not a positive integer, no ``steps`` for ``bands > 1`` without ``coefficients``, coefficients that are
+        not finite (or ``c_0 = 0``) or whose number is not ``bands``, a momentum outside ``[0, 1)``, or no
+        ``key`` without ``secure``.
     """
     sigma = _checks.non_negative("noise_multiplier", noise_multiplier)
     clip = total_clip_norm(l2_clip_norm)
@@ -351,9 +358,7 @@ def bandmf_noise(
     lags = [float(v) for v in c[1:]]
 
     def init_fn(params):
-        hist = () if b == 1 else jax.tree_util.tree_map(
-            lambda p: jnp.zeros((b - 1, *jnp.shape(p)),
-                                p.dtype if jnp.issubdtype(p.dtype, jnp.floating) else jnp.float32), params)
+        hist = () if b == 1 else noise_buffers(params, b - 1)
         return BandMFNoiseState(count=jnp.zeros([], jnp.int32), key=base_key, history=hist)
 
     def update_fn(updates, state, params=None, **extra_args):

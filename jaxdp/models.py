@@ -214,6 +214,13 @@ def check_model_input(model: nnx.Module, input_shape: Sequence[int], num_classes
                             f"got shape {shape} for a batch of 2 examples"))
 
 
+def split_params(model: nnx.Module) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
+    """``nnx.split(model, nnx.Param, ...)``: the graph, the trainable parameters (what DP-SGD clips and noises)
+    and the rest of the state (batch statistics, RNG streams), typed as the three parts it always returns."""
+    graphdef, params, *rest = nnx.split(model, nnx.Param, ...)   # two filters: exactly one state after params
+    return graphdef, params, rest[0]
+
+
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
     """Per-example softmax cross-entropy ``[B]`` (no reduction: clipping needs each example's loss)."""
     logp = jax.nn.log_softmax(logits)
@@ -221,4 +228,4 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
 
 
 __all__ = ["LogReg", "MLP", "CNNSmall", "MnistCNN", "GaborMLP", "gabor_filters", "gabor_features", "MODELS",
-           "create", "check_model_input", "cross_entropy"]
+           "create", "check_model_input", "cross_entropy", "split_params"]

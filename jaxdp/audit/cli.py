@@ -132,9 +132,9 @@ def recipe_from_config(cfg: dict, attack: str, metrics: RunSummary | dict | None
     clipping = a["clipping"]
     run_claim, claim_note = None, None
     if dp_enabled:
-        if sigma is None and claimed is None:
-            raise ValueError("training.dp needs epsilon or noise_multiplier when enabled")
         if sigma is None:
+            if claimed is None:
+                raise ValueError("training.dp needs epsilon or noise_multiplier when enabled")
             sigma = _accounting.calibrate_noise_multiplier(float(claimed), delta, run_q, run_steps)
         sigma = float(sigma)
         acc_eps = _accounting.compute_epsilon(sigma, q, steps, delta)
@@ -172,7 +172,7 @@ def recipe_from_config(cfg: dict, attack: str, metrics: RunSummary | dict | None
     return sc, x, y, info
 
 
-def run_audit(cfg: dict, attack: str, out_dir: str | None = None, metrics: dict | None = None,
+def run_audit(cfg: dict, attack: str, out_dir: str | None = None, metrics: RunSummary | dict | None = None,
               overrides: dict | None = None) -> dict:
     """Run ``attack`` on the recipe in ``cfg``; returns the JSON-ready result (and writes it under out_dir)."""
     import jax
