@@ -17,8 +17,11 @@ venv: $(VENV)/.installed
 demo: $(VENV)/.installed
 	$(VENV)/bin/jaxdp compare --config jaxdp/configs/digits_dp.yaml --out runs/demo
 
+# The suite runs on every core (pytest-xdist; at most 4 workers, each a JAX process), one test file per worker at a
+# time so a file's tests share their compiled functions; TEST_WORKERS=0 runs it in this one process.
+TEST_WORKERS ?= auto
 test: $(VENV)/.installed test-deps
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --maxprocesses 4 --dist loadfile
 
 # System packages the tests use: promtool (Debian's `prometheus`) for the alert-rule tests, and PostgreSQL server
 # binaries (Debian's `postgresql`) for the ledger's PostgreSQL tests (the tests start a throwaway server

@@ -1,13 +1,16 @@
-"""Cost of BandMF noise against DP-SGD's: time of the noise transform's update and the size of its state.
+"""Cost of BandMF and BLT noise against DP-SGD's: time of the noise transform's update and the size of its state.
 
-The noise update for ``--params`` float32 parameters (one leaf), jitted, with ``jaxdp.add_noise`` (DP-SGD) and
-``jaxdp.bandmf_noise`` for several band counts. Rows alternate within each round (the machine is shared, so
+The noise update for ``--params`` float32 parameters (one leaf), jitted, with ``jaxdp.add_noise`` (DP-SGD),
+``jaxdp.bandmf_noise`` for several band counts and ``jaxdp.blt.blt_noise`` for several buffer counts (strategy
+optimised for ``--steps`` steps). Rows alternate within each round (the machine is shared, so
 ratios to the DP-SGD row of the same round are what to read); median over ``--rounds`` rounds after 2 warm-up
-calls. State size is exact: ``(b - 1) x |params|`` floats of noise history (plus the step counter and key).
+calls. State size is exact: BandMF keeps ``(b - 1) x |params|`` floats of noise history, BLT ``d x |params|`` floats of
+buffers (plus the step counter and key), whatever the number of steps.
 The clipped-gradient computation, identical for both, is not included: relative to a whole training step the
 overhead is smaller than shown here.
 
-    PYTHONPATH=. python benchmarks/bandmf_speed.py [--params 1000000] [--bands 2 4 8 16] [--json out.json]
+    PYTHONPATH=. python benchmarks/bandmf_speed.py [--params 1000000] [--bands 2 4 8 16] [--buffers 1 2 4 8]
+        [--json out.json]
 """
 from __future__ import annotations
 
@@ -15,6 +18,8 @@ import argparse
 import json
 import os
 import platform
+import subprocess
+import sys
 import time
 
 import jax
@@ -22,12 +27,15 @@ import jax.numpy as jnp
 import numpy as np
 
 import jaxdp
+from jaxdp.blt import blt_noise
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--params", type=int, default=1_000_000)
     ap.add_argument("--bands", type=int, nargs="+", default=[2, 4, 8, 16])
+    ap.add_argument("--buffers", type=int, nargs="+", default=[1, 2, 4, 8])
+    ap.add_argument("--steps", type=int, default=1000, help="horizon of the BandMF and BLT strategies")
     ap.add_argument("--rounds", type=int, default=20)
     ap.add_argument("--json", default=os.path.join(os.path.dirname(__file__), "results", "bandmf_speed.json"))
     args = ap.parse_args()
@@ -38,7 +46,10 @@ def main() -> None:
                                                 key=key)}
     for b in args.bands:
         txs[f"bandmf b={b}"] = jaxdp.bandmf_noise(noise_multiplier=1.0, l2_clip_norm=1.0, expected_batch_size=256.0,
-                                                  key=key, bands=b, steps=1000)
+                                                  key=key, bands=b, steps=args.steps)
+    for d in args.buffers:
+        txs[f"blt d={d}"] = blt_noise(noise_multiplier=1.0, l2_clip_norm=1.0, expected_batch_size=256.0, key=key,
+                                      steps=args.steps, buffers=d)
     fns, states, compile_s, state_bytes = {}, {}, {}, {}
     for name, tx in txs.items():
         st = tx.init(params)
@@ -70,7 +81,9 @@ def main() -> None:
         print(f"{name:20} {med * 1e3:10.2f} {med / base:8.2f} {state_bytes[name] / 1e6:9.1f} "
               f"{compile_s[name]:9.2f}")
     out = {"machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(),
-                       "device": str(jax.devices()[0].device_kind)},
+                       "device": str(jax.devices()[0].device_kind),
+                       "uptime": subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()},
+           "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
            "versions": {"jax": jax.__version__, "jaxdp": jaxdp.__version__},
            "config": vars(args), "rows": rows}
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)

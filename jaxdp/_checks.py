@@ -9,6 +9,7 @@ from typing import Any, TypeVar
 from collections.abc import Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 
@@ -51,6 +52,39 @@ def positive_int(name: str, value: Any) -> int:
     return int(value)
 
 
+def seed_key(seed: int) -> jax.Array:
+    """The typed PRNG key of an integer seed, with every bit of a seed up to 64 bits.
+
+    ``jax.random.key(seed)`` keeps only the low 32 bits of a seed when 64-bit types are off (JAX's default:
+    ``key(2**32 + 5) == key(5)``), so the 63-bit seeds jaxdp draws from the OS would give only 2^32 possible noise
+    streams -- few enough to search. This gives the key ``jax.random.key(seed)`` gives with 64-bit types on: the
+    same key for a seed below 2^32 (and for a negative seed, as ``jax.random.key``), all 64 bits above it. (With a
+    non-default PRNG implementation, the high 32 bits are folded into the key of the low 32.)
+
+    >>> import jax
+    >>> bool((jax.random.key_data(seed_key(5)) == jax.random.key_data(jax.random.key(5))).all())
+    True
+    >>> bool((jax.random.key_data(seed_key(2**32 + 5)) == jax.random.key_data(seed_key(5))).all())
+    False
+
+    Raises:
+      TypeError: ``seed`` is not an integer.
+      ValueError: ``seed`` is 2^64 or more.
+    """
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise TypeError(f"a seed must be an integer, got {seed!r}")
+    seed = int(seed)
+    if seed >= 2**64:
+        raise ValueError(f"a seed must be below 2^64, got {seed}")
+    hi, lo = seed >> 32, seed & 0xFFFFFFFF
+    if seed < 0 or hi == 0:
+        return jax.random.key(seed)
+    key = jax.random.key(lo)
+    if jax.random.key_data(key).shape == (2,):   # threefry2x32 (the default): the key data is [hi, lo]
+        return jax.random.wrap_key_data(jnp.array([hi, lo], dtype=jnp.uint32), impl=jax.random.key_impl(key))
+    return jax.random.fold_in(key, hi)
+
+
 def prng_key(key: Any, who: str) -> jax.Array:
     """Normalise a user key (typed key, raw uint32[2] key or int seed). ``None`` is an error (privacy rule 7)."""
     if key is None:
@@ -59,7 +93,7 @@ def prng_key(key: Any, who: str) -> jax.Array:
             "or secure=True to draw fresh key material from the OS entropy source every step. "
             "There is no default key: a predictable key makes the noise predictable.")
     if isinstance(key, (int, np.integer)) and not isinstance(key, bool):
-        return jax.random.key(int(key))
+        return seed_key(int(key))
     if isinstance(key, jax.Array):
         if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
             return key
@@ -69,6 +103,16 @@ def prng_key(key: Any, who: str) -> jax.Array:
 
 
 _F = TypeVar("_F", bound=Callable[..., Any])
+_T = TypeVar("_T")
+
+
+def present(value: _T | None) -> _T:
+    """``value``, which an invariant the caller relies on keeps from being None (an event field its sampling
+    requires, state set up before it is read). The type checker's narrowing of an ``Optional``; a broken invariant
+    raises ``AssertionError`` here instead of a ``TypeError`` on None further on."""
+    if value is None:
+        raise AssertionError("internal invariant broken: a required value is None")
+    return value
 
 
 def keyword_only(*names: str) -> Callable[[_F], _F]:

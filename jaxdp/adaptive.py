@@ -59,8 +59,8 @@ class AdaptiveClipState(NamedTuple):
     """Current clip norm ``C_t``, the step count, and the base PRNG key (None in secure mode)."""
 
     clip_norm: jax.Array
-    count: jax.Array
-    key: jax.Array
+    count: jax.Array  # type: ignore[assignment]  # the field shadows tuple.count (public name, kept)
+    key: jax.Array | None
 
 
 class AdaptiveClipping(NamedTuple):
@@ -170,6 +170,12 @@ def adaptive_clipping(
       ``unclipped_fraction`` (the released estimate ``b_t``), ``per_example_norms``, ``per_example_losses``,
       ``aux`` and ``clip_stats`` (a :class:`~jaxdp.ClipStats` with norms in the original units). The
       per-example statistics are private data: do not publish them. ``step`` is pure and jit-able.
+
+    Raises:
+      ValueError: a negative ``noise_multiplier``, ``learning_rate`` or ``count_noise_std``, a non-positive
+        ``expected_batch_size`` or ``initial_clip_norm``, ``target_quantile`` outside ``[0, 1]``,
+        ``count_noise_std = 0`` with noise (the count would be released without noise), a count noise too small
+        for the gradient's noise (``2 sigma_b <= sigma``), or no ``key`` without ``secure``.
     """
     sigma = _checks.non_negative("noise_multiplier", noise_multiplier)
     e = _checks.positive("expected_batch_size", expected_batch_size)
@@ -218,8 +224,12 @@ def adaptive_clipping(
         unclipped = jnp.sum(real & (cs.per_example_norms <= 1.0))          # NaN (dropped) counts as clipped
         centred = unclipped - 0.5 * cs.num_examples                          # sensitivity 1/2
         # two independent streams from the state's key (not baked into the compiled step): gradient, count
-        grad_key = None if secure else jax.random.fold_in(state.key, _GRAD_STREAM)
-        count_key = None if secure else jax.random.fold_in(state.key, _COUNT_STREAM)
+        if secure:
+            grad_key = count_key = None
+        else:
+            assert state.key is not None  # init() stores the base key unless secure
+            grad_key = jax.random.fold_in(state.key, _GRAD_STREAM)
+            count_key = jax.random.fold_in(state.key, _COUNT_STREAM)
         released, _ = count_tx.update(centred.astype(jnp.float32), AddNoiseState(state.count, count_key))
         frac = released / e + 0.5
         new_C = (C * jnp.exp(-learning_rate * (frac - target_quantile))).astype(jnp.float32)

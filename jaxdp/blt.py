@@ -64,7 +64,7 @@ import optax
 
 from jaxdp import _checks
 from jaxdp.clipping import total_clip_norm
-from jaxdp.noise import step_noise
+from jaxdp.noise import noise_buffers, step_noise
 
 PyTree = Any
 
@@ -395,6 +395,11 @@ def blt_noise(
     >>> state = tx.init({"w": jnp.zeros(3)})
     >>> state.buffers["w"].shape
     (2, 3)
+
+    Raises:
+      ValueError: a negative ``noise_multiplier``, an invalid clip norm, ``expected_batch_size``, ``steps`` or
+        ``min_separation``, neither ``buffers`` nor ``theta``/``omega`` (or only one of the two), ``buffers``
+        that disagrees with the given ``theta``/``omega``, or no ``key`` without ``secure``.
     """
     sigma = _checks.non_negative("noise_multiplier", noise_multiplier)
     clip = total_clip_norm(l2_clip_norm)
@@ -420,10 +425,7 @@ def blt_noise(
     thetas, omegas = [float(v) for v in t], [float(v) for v in w]
 
     def init_fn(params):
-        bufs = jax.tree_util.tree_map(
-            lambda p: jnp.zeros((d, *jnp.shape(p)),
-                                p.dtype if jnp.issubdtype(p.dtype, jnp.floating) else jnp.float32), params)
-        return BLTNoiseState(count=jnp.zeros([], jnp.int32), key=base_key, buffers=bufs)
+        return BLTNoiseState(count=jnp.zeros([], jnp.int32), key=base_key, buffers=noise_buffers(params, d))
 
     def update_fn(updates, state, params=None, **extra_args):
         del params, extra_args

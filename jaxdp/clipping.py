@@ -80,7 +80,20 @@ class ClipStats(NamedTuple):
 
 
 def total_clip_norm(l2_clip_norm: float | PyTree) -> float:
-    """L2 sensitivity of a clipped sum: ``C`` for flat clipping, ``||(C_1..C_K)||_2`` for per-layer clipping."""
+    """L2 sensitivity of a clipped sum: ``C`` for flat clipping, ``||(C_1..C_K)||_2`` for per-layer clipping.
+
+    Adding or removing one example moves a sum of per-example gradients clipped group by group (group ``k`` to
+    norm ``C_k``) by at most this much; the Gaussian noise is scaled to it (``std = sigma * total_clip_norm``).
+
+    >>> total_clip_norm(1.0)
+    1.0
+    >>> total_clip_norm({"encoder": 3.0, "head": 4.0})   # per-layer: sqrt(3^2 + 4^2)
+    5.0
+
+    Raises:
+      ValueError: an empty pytree, or a clip norm that is not a finite number > 0.
+      TypeError: a clip norm that is not a number.
+    """
     leaves = jax.tree_util.tree_leaves(l2_clip_norm)
     if not leaves:
         raise ValueError("l2_clip_norm is an empty pytree: give a number or one clip norm per parameter group")
@@ -156,8 +169,8 @@ def _batch_size(batch: PyTree) -> int:
     leaves = jax.tree_util.tree_leaves(batch)
     if not leaves:
         raise ValueError("batch is empty: it must be a pytree of arrays with a leading batch axis")
-    sizes = {int(np.shape(x)[0]) if np.ndim(x) else None for x in leaves}
-    if None in sizes or len(sizes) != 1:
+    sizes = {int(np.shape(x)[0]) for x in leaves if np.ndim(x)}
+    if any(np.ndim(x) == 0 for x in leaves) or len(sizes) != 1:
         shapes = [np.shape(x) for x in leaves]
         raise ValueError(f"every leaf of the batch needs the same leading batch axis B; got shapes {shapes}")
     return sizes.pop()

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import os
 from typing import Any
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -116,7 +116,8 @@ class ShardedSampler:
         self.pad_to_multiple = _checks.positive_int("pad_to_multiple", pad_to_multiple)
 
     def sample(self, step: int) -> tuple[np.ndarray, np.ndarray]:
-        return shard_batch(*self.sampler.sample(step), self.num_devices, pad_to_multiple=self.pad_to_multiple)
+        indices, mask = self.sampler.sample(step)
+        return shard_batch(indices, mask, self.num_devices, pad_to_multiple=self.pad_to_multiple)
 
     def __iter__(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         for indices, mask in self.sampler:
@@ -149,8 +150,8 @@ def process_rows(global_rows: int, mesh: Mesh | None = None) -> slice:
         raise ValueError(f"global_rows={global_rows} must be a multiple of the device count {n}; "
                          "lay the batch out with shard_batch(indices, mask, num_devices)")
     index_map = NamedSharding(mesh, P(axis)).addressable_devices_indices_map((global_rows,))
-    bounds = sorted({(sl[0].start or 0, global_rows if sl[0].stop is None else sl[0].stop)
-                     for sl in index_map.values()})
+    rows = [_checks.present(sl)[0] for sl in index_map.values()]   # every device holds a slice of the rows
+    bounds = sorted({(s.start or 0, global_rows if s.stop is None else s.stop) for s in rows})
     for (_, stop), (start, _) in zip(bounds, bounds[1:]):
         if stop != start:
             raise ValueError("this process's devices do not hold a contiguous block of the data axis; "
@@ -211,9 +212,11 @@ def _combine_stats(local: ClipStats, axis: str) -> ClipStats:
 
 def _stats_specs(axis: str, aux_present: bool) -> ClipStats:
     sharded, repl = P(axis), P()
-    return ClipStats(per_example_norms=sharded, per_example_losses=sharded, clip_fraction=repl,
-                     num_examples=repl, num_nonfinite=repl, layer_norm_mean=repl, layer_norm_max=repl,
-                     group_clip_fraction=repl, aux=sharded if aux_present else None)
+    # A pytree of PartitionSpecs with ClipStats' structure (not ClipStats values: hence the Any-typed fields).
+    specs: dict[str, Any] = dict(per_example_norms=sharded, per_example_losses=sharded, clip_fraction=repl,
+                                 num_examples=repl, num_nonfinite=repl, layer_norm_mean=repl, layer_norm_max=repl,
+                                 group_clip_fraction=repl, aux=sharded if aux_present else None)
+    return ClipStats(**specs)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -421,7 +424,7 @@ _ENV_NUM_PROCESSES = ("JAXDP_NUM_PROCESSES", "JAX_NUM_PROCESSES")
 _ENV_PROCESS_ID = ("JAXDP_PROCESS_ID", "JAX_PROCESS_ID")
 
 
-def _env_first(env: dict, names: tuple[str, ...]) -> tuple[str, str] | None:
+def _env_first(env: Mapping[str, str], names: tuple[str, ...]) -> tuple[str, str] | None:
     for name in names:
         if env.get(name, "").strip():
             return name, env[name].strip()
@@ -438,7 +441,7 @@ def _env_int(found: tuple[str, str] | None) -> int | None:
         raise ValueError(f"{name}={value!r} must be an integer") from None
 
 
-def initialize_from_env(env: dict | None = None) -> bool:
+def initialize_from_env(env: Mapping[str, str] | None = None) -> bool:
     """Join a multi-process JAX job described by the environment; returns True when this is one of several.
 
     Read, in order of precedence (jaxdp's own name first, then the variable JAX itself reads):
@@ -455,23 +458,25 @@ def initialize_from_env(env: dict | None = None) -> bool:
     unchanged. On CPU the cross-process collectives use gloo. Must run before any other JAX call in the
     process (``jaxdp train`` does this itself); calling it again after a successful start is a no-op.
     """
-    env = os.environ if env is None else env
+    environ: Mapping[str, str] = os.environ if env is None else env
     if jax.distributed.is_initialized():
         return jax.process_count() > 1
-    coord = _env_first(env, _ENV_COORDINATOR)
-    num = _env_int(_env_first(env, _ENV_NUM_PROCESSES))
-    pid = _env_int(_env_first(env, _ENV_PROCESS_ID))
-    auto = env.get("JAXDP_DISTRIBUTED", "").strip().lower()
+    coord = _env_first(environ, _ENV_COORDINATOR)
+    num = _env_int(_env_first(environ, _ENV_NUM_PROCESSES))
+    pid = _env_int(_env_first(environ, _ENV_PROCESS_ID))
+    auto = environ.get("JAXDP_DISTRIBUTED", "").strip().lower()
     if auto not in ("", "auto", "0", "off"):
-        raise ValueError(f"JAXDP_DISTRIBUTED={env['JAXDP_DISTRIBUTED']!r}: use 'auto' (cluster detection) or unset it")
+        raise ValueError(f"JAXDP_DISTRIBUTED={environ['JAXDP_DISTRIBUTED']!r}: use 'auto' (cluster detection) or "
+                         "unset it")
     if coord is None and num is None and pid is None and auto != "auto":
         return False
     if num == 1 and auto != "auto":
         return False
     try:
-        heartbeat = int(env.get("JAXDP_HEARTBEAT_TIMEOUT", "60"))
+        heartbeat = int(environ.get("JAXDP_HEARTBEAT_TIMEOUT", "60"))
     except ValueError:
-        raise ValueError(f"JAXDP_HEARTBEAT_TIMEOUT={env['JAXDP_HEARTBEAT_TIMEOUT']!r} must be whole seconds") from None
+        raise ValueError(f"JAXDP_HEARTBEAT_TIMEOUT={environ['JAXDP_HEARTBEAT_TIMEOUT']!r} must be whole "
+                         "seconds") from None
     if auto != "auto":
         missing = [names[0] for names, v in ((_ENV_COORDINATOR, coord), (_ENV_NUM_PROCESSES, num),
                                              (_ENV_PROCESS_ID, pid)) if v is None]
@@ -479,6 +484,7 @@ def initialize_from_env(env: dict | None = None) -> bool:
             raise ValueError(f"multi-process run: {', '.join(missing)} not set; set all three of JAXDP_COORDINATOR "
                              "(host:port of process 0), JAXDP_NUM_PROCESSES and JAXDP_PROCESS_ID, or "
                              "JAXDP_DISTRIBUTED=auto on SLURM / Kubernetes / TPU pods")
+        num, pid = _checks.present(num), _checks.present(pid)   # not missing
         if num < 1 or not 0 <= pid < num:
             raise ValueError(f"JAXDP_PROCESS_ID={pid} must be in 0..{num - 1} (JAXDP_NUM_PROCESSES={num})")
     try:
@@ -488,7 +494,7 @@ def initialize_from_env(env: dict | None = None) -> bool:
     if auto == "auto" and coord is None:
         jax.distributed.initialize(heartbeat_timeout_seconds=heartbeat)
     else:
-        jax.distributed.initialize(coordinator_address=coord[1], num_processes=num, process_id=pid,
+        jax.distributed.initialize(coordinator_address=_checks.present(coord)[1], num_processes=num, process_id=pid,
                                    heartbeat_timeout_seconds=heartbeat)
     return jax.process_count() > 1
 

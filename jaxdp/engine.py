@@ -13,7 +13,7 @@ With a target epsilon the object knows the last step that stays within it, and r
 """
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 from collections.abc import Callable
 
 import jax
@@ -23,11 +23,14 @@ import optax
 from flax import linen as nn
 from flax import nnx
 
-from jaxdp import _checks, compat, validation
-from jaxdp.clipping import ClipStats, clipped_grad, total_clip_norm
+from jaxdp import _checks, compat, models, validation
+from jaxdp.clipping import ClipStats, clipped_grad, leaf_names, total_clip_norm
 from jaxdp.noise import add_noise
 from jaxdp.sampling import CyclicPoissonSampler, FixedOrderSampler, PoissonSampler, ShuffleSampler, steps_for_epochs
 from jaxdp.training import NonPrivateTraining, PrivacyBudgetExhausted, Training, TrainState
+
+if TYPE_CHECKING:
+    from jaxdp.adaptive import AdaptiveClipConfig
 
 PyTree = Any
 
@@ -123,12 +126,15 @@ class PrivateTraining(Training):
       max_steps: the last step allowed by the target epsilon (None when there is no target).
     """
 
+    allow_large_delta: bool   # set by make_private (recorded: whether target_delta >= 1/N was accepted)
+
     def __init__(self, *, engine: PrivacyEngine, pure_loss: Callable, params: PyTree, optimizer,
                  dataset_size: int, sampler, noise_multiplier: float, l2_clip_norm, key, secure: bool,
                  method: str, microbatch_size: int | None, trainable, expected_batch_size: float,
                  target_epsilon: float | None, target_delta: float | None, planned_steps: int | None,
                  nnx_graph: tuple | None, noise_tx: Any = None, mechanism: str = "dpsgd",
-                 adaptive: Any = None, defer_ledger: bool = False) -> None:
+                 adaptive: Any = None, defer_ledger: bool = False, bands: int | None = None,
+                 buffers: int | None = None) -> None:
         self.engine = engine
         self._init_lifecycle(defer_ledger)
         self.sampler = sampler
@@ -142,11 +148,13 @@ class PrivateTraining(Training):
         self.planned_steps = planned_steps
         self.method = method
         self.mechanism = mechanism   # "dpsgd" | "bandmf" (bands: self.sampler.bands) | "blt"
+        self.bands = bands           # BandMF's b (None, or 1 = independent noise, for the other mechanisms)
+        self.buffers = buffers       # BLT's d (None for the other mechanisms)
         # BLT: the noise is scaled for ceil(H / b) participations in the planned H steps; no step beyond H.
         self.horizon = planned_steps if sampler.sampling == "fixed_order" else None
         self._params0 = params
         self._nnx_graph = nnx_graph
-        self._example_key = None  # set by make_private when the loss needs per-example keys (dropout)
+        self._example_key: jax.Array | None = None  # set by make_private when the loss needs per-example keys (dropout)
         self.loss_fn = pure_loss
         self.grad_fn = clipped_grad(pure_loss, l2_clip_norm, method=method, microbatch_size=microbatch_size,
                                     trainable=trainable)
@@ -174,7 +182,7 @@ class PrivateTraining(Training):
                 "the sampler seed, noise key or mechanism (sigma, C, q, N, E)")
         self._update = distributed.private_update(self.grad_fn, self.tx)
         self._opt_init = self.tx.init
-        self.adaptive = None
+        self.adaptive: AdaptiveClipConfig | None = None
         if adaptive is not None:
             self._setup_adaptive(adaptive, optimizer, key, secure, microbatch_size, trainable)
 
@@ -193,12 +201,12 @@ class PrivateTraining(Training):
         from jaxdp import adaptive
         if self.num_devices > 1:
             raise ValueError("adaptive clipping runs on one device; use fixed clipping for multi-device training")
-        self.adaptive = adaptive.AdaptiveClipConfig.from_any(config)
+        self.adaptive = cfg = adaptive.AdaptiveClipConfig.from_any(config)
         ada = adaptive.adaptive_clipping(
             self.loss_fn, noise_multiplier=self.noise_multiplier, expected_batch_size=self.expected_batch_size,
-            key=key, initial_clip_norm=float(self.l2_clip_norm), target_quantile=self.adaptive.target_quantile,
-            learning_rate=self.adaptive.learning_rate, count_noise_std=self.adaptive.count_noise_std,
-            normalize=self.adaptive.normalize, method=self.method, microbatch_size=microbatch_size,
+            key=key, initial_clip_norm=float(self.l2_clip_norm), target_quantile=cfg.target_quantile,
+            learning_rate=cfg.learning_rate, count_noise_std=cfg.count_noise_std,
+            normalize=cfg.normalize, method=self.method, microbatch_size=microbatch_size,
             trainable=trainable, secure=secure)
         self.effective_noise_multiplier = ada.effective_noise_multiplier
         self.count_noise_std = ada.count_noise_std
@@ -232,6 +240,25 @@ class PrivateTraining(Training):
         c = float(total_clip_norm(self.l2_clip_norm))
         return [dict(e, l2_clip_norm=c) for e in self.events(steps)]
 
+    def privacy_record(self) -> dict:
+        """The mechanism part of the run record (``metrics.json``, :class:`jaxdp.train.RunSummary`): the target
+        epsilon, the clipping (``max_grad_norm`` is the sensitivity of the clipped sum: ``||(C_1..C_K)||`` per
+        layer, the initial C with adaptive clipping), the accountant and neighbouring relation the epsilon is
+        about, the noise mechanism, and for BLT the buffers, the min-separation ``b`` and the horizon ``H``."""
+        c = self.l2_clip_norm
+        out: dict[str, Any] = {"target_epsilon": self.target_epsilon, "max_grad_norm": total_clip_norm(c)}
+        if not jax.tree_util.treedef_is_leaf(jax.tree_util.tree_structure(c)):
+            out["per_layer_clip_norms"] = dict(zip(leaf_names(c), map(float, jax.tree_util.tree_leaves(c))))
+        if self.adaptive is not None:
+            out["adaptive_clipping"] = dict(self.adaptive._asdict(), initial_clip_norm=float(c),
+                                            effective_noise_multiplier=self.effective_noise_multiplier,
+                                            count_noise_std=self.count_noise_std)
+        out.update(accountant=self.accountant.method, neighboring_relation=self.accountant.neighboring_relation,
+                   mechanism=self.mechanism, bands=self.bands)
+        if self.horizon is not None:   # BLT over a fixed batch order
+            out.update(buffers=self.buffers, min_separation=self.sampler.min_separation, horizon=self.horizon)
+        return out
+
     def _record_step(self) -> None:
         self.accountant.record(self.event(1))
 
@@ -244,9 +271,10 @@ class PrivateTraining(Training):
     def _max_steps(self) -> int:
         """Largest total number of steps (counting the accountant's history) within the target epsilon."""
         done = self.accountant.steps
+        target = _checks.present(self.target_epsilon)   # called only with a target
 
         def ok(n: int) -> bool:
-            return n == 0 or self._epsilon_after(n) <= self.target_epsilon
+            return n == 0 or self._epsilon_after(n) <= target
 
         if self.horizon is not None:   # fixed order: never past the horizon (BLT: epsilon is the same for all T)
             lo, hi = 0, self.horizon - done
@@ -348,7 +376,7 @@ class PrivateTraining(Training):
         self.engine.accountant = restored
         return []
 
-    def step(self, state: TrainState, batch: PyTree, mask: jax.Array) -> tuple[TrainState, ClipStats]:
+    def step(self, state: TrainState, batch: PyTree, mask: jax.Array | np.ndarray) -> tuple[TrainState, ClipStats]:
         """One private step on a sampled batch (with its padding mask); records the step in the accountant.
 
         Raises :class:`PrivacyBudgetExhausted`, before touching the data, if the step would exceed the target
@@ -419,7 +447,13 @@ def _keyed(loss_fn: Callable) -> Callable:
                              "PrivateTraining.step, which gives every example its own key")
         return per_example(params, batch)
 
-    pure.needs_example_keys = True
+    return _needs_example_keys(pure)
+
+
+def _needs_example_keys(pure: Callable) -> Callable:
+    """Mark a pure loss that reads per-example keys from an :class:`ExampleKeyedBatch` (stochastic layers):
+    ``make_private`` then gives :meth:`PrivateTraining.step` a key stream of its own."""
+    setattr(pure, "needs_example_keys", True)  # noqa: B010 (a function attribute; mypy knows no such field)
     return pure
 
 
@@ -449,13 +483,27 @@ class PrivacyEngine:
                       stacklevel=2)
         return self.secure
 
+    def _check_seed(self, seed: int | None, who: str, what: str, use: str) -> None:
+        """Refuse a run without a seed unless the engine draws from the OS entropy source (no default seed)."""
+        if seed is None and not self.secure:
+            raise ValueError(f"{who} needs seed= ({what}) for {use}, or PrivacyEngine(secure=True) to use the OS "
+                             "entropy source")
+
+    def _batch_sampler(self, n: int, b: float, q: float, seed: int | None, poisson_sampling: bool,
+                       max_batch_size: int | None = None) -> PoissonSampler | ShuffleSampler:
+        """The sampler of independent-noise runs (private or not): Poisson at rate ``q`` (optionally truncated to
+        ``max_batch_size``), or shuffled fixed-size batches of ``round(B)``."""
+        if poisson_sampling:
+            return PoissonSampler(n, q, seed, max_batch_size=max_batch_size, secure=self.secure)
+        return ShuffleSampler(n, int(round(b)), seed, secure=self.secure)
+
     def _prepare(self, loss_fn, model, variables, params, sample_input, check: bool = True):
         """``(pure loss(params, batch) -> [B], params, nnx graph)``; ``check``: refuse layers that mix examples
         (DP only: a non-private baseline may use BatchNorm)."""
         if model is not None and isinstance(model, nnx.Module):
             if check:
                 validation.check(model)
-            graphdef, p, rest = nnx.split(model, nnx.Param, ...)
+            graphdef, p, rest = models.split_params(model)
             if not _has_rng_state(rest):
                 def pure(pp, batch):
                     return loss_fn(nnx.merge(graphdef, pp, rest), batch)
@@ -474,8 +522,7 @@ class PrivacyEngine:
                     return per_example(pp, batch)
                 return loss_fn(nnx.merge(graphdef, pp, _rekeyed(rest, None)), batch)
 
-            pure.needs_example_keys = True
-            return pure, p, (graphdef, rest)
+            return _needs_example_keys(pure), p, (graphdef, rest)
         if model is not None and isinstance(model, nn.Module):
             if variables is None:
                 raise ValueError("a Linen model needs its variables: make_private(model=..., variables=...)")
@@ -570,14 +617,34 @@ class PrivacyEngine:
           allow_large_delta: accept ``target_delta >= 1/N`` (refused by default: such a delta allows publishing
             an example outright); recorded as ``private.allow_large_delta``.
           max_grad_norm: deprecated name of ``l2_clip_norm`` (Opacus's name; a DeprecationWarning says so).
+
+        Example: 100 examples, Poisson batches of expected size 10 (``q = 0.1``), noise multiplier 1, clip norm 1::
+
+            >>> import jax.numpy as jnp, optax
+            >>> run = PrivacyEngine(accountant="rdp").make_private(
+            ...     loss_fn=lambda p, b: (b["x"] @ p["w"] - 1.0) ** 2, params={"w": jnp.zeros(2)},
+            ...     optimizer=optax.sgd(0.1), dataset_size=100, batch_size=10, noise_multiplier=1.0,
+            ...     l2_clip_norm=1.0, seed=0)
+            >>> run.sample_rate, run.expected_batch_size, run.sampler.sampling
+            (0.1, 10.0, 'poisson')
+            >>> state = run.init()   # then per batch (run.batches(data)): state, stats = run.step(state, batch, mask)
+
+        Raises:
+          TypeError: no ``l2_clip_norm`` (or one that is not a number or a pytree of numbers).
+          ValueError: an invalid ``dataset_size``, ``batch_size`` (or ``batch_size > dataset_size``) or
+            ``noise_multiplier``; no ``seed`` without ``secure``; ``target_epsilon`` without ``target_delta``;
+            ``target_delta >= 1/N`` without ``allow_large_delta``; an unknown ``mechanism`` or arguments that do
+            not fit it (``bands``, ``buffers``, ``epochs``, the sampling); adaptive clipping that cannot work;
+            a ledger without ``dataset_id`` and ``run_id``.
+          jaxdp.ModelValidationError: a model with layers that mix examples (BatchNorm).
+          jaxdp.LedgerError: the ledger refuses the run (:class:`~jaxdp.ReservationRequiredError`: protected data
+            and no reservation; :class:`~jaxdp.BudgetExceededError`: ``reserve=True`` beyond the budget).
         """
         l2_clip_norm = _checks.renamed_keyword("make_private", "l2_clip_norm", l2_clip_norm, "max_grad_norm",
                                                max_grad_norm)
         if l2_clip_norm is None:
             raise TypeError("make_private needs l2_clip_norm= (the clip norm C: a number, or a per-layer pytree)")
-        n = _checks.positive_int("dataset_size", dataset_size)
-        b = _checks.positive("batch_size", batch_size)
-        q = _checks.sample_rate(b / n, "batch_size / dataset_size")
+        n, b, q = _sizes(dataset_size, batch_size)
         if opacus_compat and poisson_sampling:
             # Opacus's DPDataLoader: q = 1 / ceil(N / B), normaliser int(N * q) (63 for B=64, N=60,000).
             q = compat.sample_rate(n, int(round(b)), opacus_compat=True)
@@ -590,9 +657,7 @@ class PrivacyEngine:
             _check_adaptive(adaptive_clipping, l2_clip_norm, b, sigma)
         else:
             adaptive_clipping = None
-        if seed is None and not self.secure:
-            raise ValueError("make_private needs seed= (an int you keep secret) for batch selection and noise, "
-                             "or PrivacyEngine(secure=True) to use the OS entropy source")
+        self._check_seed(seed, "make_private", "an int you keep secret", "batch selection and noise")
         if target_epsilon is not None:
             _checks.positive("target_epsilon", target_epsilon)
             if target_delta is None:
@@ -618,14 +683,14 @@ class PrivacyEngine:
         if not jax.tree_util.treedef_is_leaf(jax.tree_util.tree_structure(l2_clip_norm)):
             from jaxdp.clip_groups import clip_norm_tree  # per-layer: check the group names, list the valid ones
             l2_clip_norm = clip_norm_tree(p, l2_clip_norm)
+        sampler: CyclicPoissonSampler | FixedOrderSampler | PoissonSampler | ShuffleSampler
         if mechanism == "bandmf":
+            bands = _checks.present(bands)   # _check_bandmf returned it
             sampler = CyclicPoissonSampler(n, q * bands, bands, seed, secure=self.secure)
         elif mechanism == "blt":
             sampler = FixedOrderSampler(n, int(b), seed, secure=self.secure)
-        elif poisson_sampling:
-            sampler = PoissonSampler(n, q, seed, max_batch_size=max_batch_size, secure=self.secure)
         else:
-            sampler = ShuffleSampler(n, int(round(b)), seed, secure=self.secure)
+            sampler = self._batch_sampler(n, b, q, seed, poisson_sampling, max_batch_size)
         # Opacus divides by int(N * q) (e.g. 63 for batch 64 on 60,000 examples); jaxdp by q * N.
         e = compat.expected_batch_size(n, q, opacus_compat=opacus_compat) if (
             poisson_sampling and mechanism == "dpsgd") else sampler.expected_batch_size
@@ -633,27 +698,31 @@ class PrivacyEngine:
         planned = None if epochs is None else sampler.steps_for_epochs(epochs)
         probe = _accounting().Accountant(self.accountant.method,
                                          neighboring_relation=self.accountant.neighboring_relation)
-        probe.record(sampler.event(sigma, 1, mechanism=mechanism, horizon=planned) if mechanism == "blt" else
-                     sampler.event(sigma, 1, mechanism=mechanism))
-        key = None if self.secure else jax.random.fold_in(jax.random.key(seed), 0x6E6F6973)  # "nois": noise stream
+        # (isinstance below: mechanism "blt" is exactly the fixed-order sampler, "bandmf" the cyclic one)
+        probe.record(sampler.event(sigma, 1, mechanism=mechanism, horizon=planned)
+                     if isinstance(sampler, FixedOrderSampler) else sampler.event(sigma, 1, mechanism=mechanism))
+        # The noise stream "nois" (secure: OS entropy instead; seed is required otherwise, checked above).
+        key = None if self.secure else jax.random.fold_in(_checks.seed_key(_checks.present(seed)), 0x6E6F6973)
         noise_tx = None
-        if mechanism == "bandmf":
+        if isinstance(sampler, CyclicPoissonSampler):   # bandmf (bandmf and blt need epochs: planned is set)
             from jaxdp.matrix_factorization import bandmf_noise
             noise_tx = bandmf_noise(noise_multiplier=sigma, l2_clip_norm=l2_clip_norm, expected_batch_size=e,
-                                    key=key, bands=bands, steps=max(planned, 1), momentum=momentum,
-                                    secure=self.secure, trainable=trainable)
-        elif mechanism == "blt":
+                                    key=key, bands=sampler.bands, steps=max(_checks.present(planned), 1),
+                                    momentum=momentum, secure=self.secure, trainable=trainable)
+        elif isinstance(sampler, FixedOrderSampler):   # blt
             from jaxdp.blt import blt_noise
+            horizon = _checks.present(planned)
             noise_tx = blt_noise(noise_multiplier=sigma, l2_clip_norm=l2_clip_norm, expected_batch_size=e, key=key,
-                                 steps=planned, buffers=buffers, min_separation=sampler.min_separation,
-                                 participations=sampler.participations(planned), momentum=momentum,
+                                 steps=horizon, buffers=buffers, min_separation=sampler.min_separation,
+                                 participations=sampler.participations(horizon), momentum=momentum,
                                  secure=self.secure, trainable=trainable)
         private = PrivateTraining(
             engine=self, pure_loss=pure, params=p, optimizer=optimizer, dataset_size=n, sampler=sampler,
             noise_multiplier=sigma, l2_clip_norm=l2_clip_norm, key=key, secure=self.secure,
             method=method, microbatch_size=microbatch_size, trainable=trainable, expected_batch_size=e,
             target_epsilon=target_epsilon, target_delta=target_delta, planned_steps=planned, nnx_graph=graph,
-            noise_tx=noise_tx, mechanism=mechanism, adaptive=adaptive_clipping, defer_ledger=defer_ledger)
+            noise_tx=noise_tx, mechanism=mechanism, adaptive=adaptive_clipping, defer_ledger=defer_ledger,
+            bands=bands, buffers=buffers)
         private.allow_large_delta = bool(allow_large_delta)
         shortfall = private.plan_shortfall()
         if shortfall is not None:
@@ -665,8 +734,8 @@ class PrivacyEngine:
                                  "several processes yet; train it in one process (several local devices work) "
                                  "or remove the dropout")
             import secrets
-            private._example_key = (jax.random.key(secrets.randbits(63)) if self.secure else
-                                    jax.random.fold_in(jax.random.key(seed), _EXAMPLE_KEY_STREAM))
+            private._example_key = (_checks.seed_key(secrets.randbits(63)) if self.secure else
+                                    jax.random.fold_in(_checks.seed_key(_checks.present(seed)), _EXAMPLE_KEY_STREAM))
         if not defer_ledger:  # last: a reservation is made only for a run that was built
             private.open_ledger(ledger, dataset_id=dataset_id, run_id=run_id, parent_run_id=parent_run_id,
                                 reserve=reserve)
@@ -703,17 +772,17 @@ class PrivacyEngine:
             ...     params={"w": jnp.zeros(2)}, optimizer=optax.sgd(0.1), dataset_size=8, batch_size=4, seed=0)
             >>> run.get_epsilon(), run.noise_multiplier
             (inf, 0.0)
+
+        Raises:
+          ValueError: an invalid ``dataset_size`` or ``batch_size``, no ``seed`` without ``secure``, or a
+            ledger without ``dataset_id`` and ``run_id``.
+          jaxdp.ReservationRequiredError: the ledger protects the data (a non-private run is refused on it).
         """
-        n = _checks.positive_int("dataset_size", dataset_size)
-        b = _checks.positive("batch_size", batch_size)
-        _checks.sample_rate(b / n, "batch_size / dataset_size")
-        if seed is None and not self.secure:
-            raise ValueError("make_nonprivate needs seed= (an int) for batch selection, or "
-                             "PrivacyEngine(secure=True) to use the OS entropy source")
+        n, b, q = _sizes(dataset_size, batch_size)
+        self._check_seed(seed, "make_nonprivate", "an int", "batch selection")
         defer_ledger = _check_ledger_args(ledger, dataset_id, run_id, defer_ledger)
         pure, p, graph = self._prepare(loss_fn, model, variables, params, sample_input, check=False)
-        sampler = (PoissonSampler(n, b / n, seed, secure=self.secure) if poisson_sampling else
-                   ShuffleSampler(n, int(round(b)), seed, secure=self.secure))
+        sampler = self._batch_sampler(n, b, q, seed, poisson_sampling)
         run = NonPrivateTraining(engine=self, pure_loss=pure, params=p, optimizer=optimizer, dataset_size=n,
                                  sampler=sampler, planned_steps=None if epochs is None else
                                  sampler.steps_for_epochs(epochs), nnx_graph=graph, defer_ledger=defer_ledger)
@@ -725,8 +794,7 @@ class PrivacyEngine:
                                   dataset_size: int, batch_size: float, **kwargs) -> PrivateTraining:
         """Like :meth:`make_private`, with the noise multiplier calibrated so that ``epochs`` epochs spend
         at most ``target_epsilon`` (the calibration never overshoots; training stops at the target)."""
-        n = _checks.positive_int("dataset_size", dataset_size)
-        q = _checks.sample_rate(_checks.positive("batch_size", batch_size) / n, "batch_size / dataset_size")
+        n, _, q = _sizes(dataset_size, batch_size)
         _checks.positive("target_epsilon", target_epsilon)
         _check_delta(target_delta, n, kwargs.get("allow_large_delta", False))
         _checks.positive("epochs", epochs)
@@ -762,6 +830,14 @@ class PrivacyEngine:
     def get_epsilon(self, delta: float) -> float:
         """Epsilon spent so far by every private object of this engine, at ``delta``."""
         return self.accountant.get_epsilon(delta)
+
+
+def _sizes(dataset_size: int, batch_size: float) -> tuple[int, float, float]:
+    """``(N, B, q = B / N)`` validated: the dataset size and the (expected) batch size every run is built from
+    (``make_private``, ``make_nonprivate``, ``make_private_with_epsilon``); refuses ``B > N``."""
+    n = _checks.positive_int("dataset_size", dataset_size)
+    b = _checks.positive("batch_size", batch_size)
+    return n, b, _checks.sample_rate(b / n, "batch_size / dataset_size")
 
 
 def _check_adaptive(config, l2_clip_norm, expected_batch_size: float, sigma: float) -> None:

@@ -20,11 +20,13 @@ any pure ``loss_fn(params, batch)`` -- plain JAX, Flax Linen ``apply``, Flax NNX
 every trainable leaf is classified. A leaf is handled by a ghost norm when it is used exactly once, through
 norm-preserving reshapes (transpose / reshape / dtype conversion), as the weight operand of a
 ``dot_general`` without batch dimensions, the kernel of a ``conv_general_dilated`` without feature groups, or
-the table of a row ``gather`` (an embedding lookup). Every other leaf -- biases and scales (cheap), tied
-weights, or any op not listed -- falls back to materialising per-example gradients for THAT leaf alone, inside
-the same backward pass. We chose jaxpr tracing over Flax method interception because it needs no knowledge of
-the model library, sees through ``jit``-wrapped helpers, and cannot miss a use of a parameter (a missed use
-would under-estimate a norm and break DP).
+the table of a row ``gather`` (an embedding lookup). A 2-D leaf used at SEVERAL such dot / gather sites (GPT-2's
+tied embedding: gathered by token id and used as the output head ``h @ E^T``; or one weight shared by two layers)
+has one ghost norm over all its sites' positions together, cross-site Gram terms included (:class:`_Tied`). Every
+other leaf -- biases and scales (cheap), or any op not listed -- falls back to materialising per-example gradients
+for THAT leaf alone, inside the same backward pass. We chose jaxpr tracing over Flax method interception because
+it needs no knowledge of the model library, sees through ``jit``-wrapped helpers, and cannot miss a use of a
+parameter (a missed use would under-estimate a norm and break DP).
 
 Control flow. Nested ``jit`` is inlined. ``lax.scan``: a leaf scanned over (stacked per-layer weights
 ``[L, ...]``, the ``nnx.scan`` pattern) is ``L`` ghost sites, ``W[l]``'s norm bounded and certified per
@@ -62,6 +64,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.extend import core as jcore
 
+from jaxdp import _checks
 from jaxdp import per_example as pe
 
 _CHAIN = frozenset({"transpose", "reshape", "convert_element_type", "squeeze", "copy", "copy_p"})
@@ -109,6 +112,63 @@ def _base(site: _Site) -> _Site:
 
 def _probe_shape(site: _Site) -> tuple:
     return ((site.length,) if site.mode else ()) + site.out_shape
+
+
+@dataclass
+class _Tied:
+    """A 2-D leaf ``[V, D]`` used at several recognised sites outside any scan / remat / custom rule: GPT-2's token
+    embedding (a row ``gather`` by token id AND the output head ``h @ E^T``), or one weight shared by two layers.
+    Its per-example gradient is the sum of the sites' gradients; each site's is ``sum_t u_t v_t^T`` with
+    ``u_t`` on leaf axis 0 (a one-hot row of a gather; the activation or the output gradient of a dot, by its
+    orientation) and ``v_t`` on axis 1, so the squared norm is the sequence formula over ALL the sites' positions
+    together, cross-site Gram terms included. ``u_is_act[k]``: site ``k`` (a dot) puts its activation on axis 0."""
+
+    sites: tuple
+    u_is_act: tuple
+    path: tuple = ()
+    mode: str | None = None
+    kind: str = "tied"
+
+    @property
+    def out_dtype(self):
+        return self.sites[0].out_dtype
+
+
+def _tie(sites: list, w_shape: tuple):
+    """The :class:`_Tied` of a leaf's several sites, or ``None`` when the combined formula does not apply (the
+    leaf then takes the exact path): a 2-D leaf, every site a dot (one contracted weight axis, no batch axes) or a
+    row gather, reached through transposes and dtype conversions only, none inside a scan, remat or custom rule."""
+    if len(w_shape) != 2:
+        return None
+    flags = []
+    for site in sites:
+        if site.mode is not None or site.path or site.kind not in ("dot", "gather"):
+            return None
+        axes = [0, 1]
+        for e in site.chain:
+            name = e.primitive.name
+            if name == "transpose":
+                axes = [axes[j] for j in e.params["permutation"]]
+            elif name not in ("convert_element_type", "copy", "copy_p"):
+                return None
+        if site.kind == "gather":
+            if axes != [0, 1]:
+                return None
+            flags.append(False)
+            continue
+        (lc, rc), _ = site.eqn.params["dimension_numbers"]
+        w_contract = rc if site.pos == 1 else lc
+        if len(site.eqn.invars[site.pos].aval.shape) != 2 or len(w_contract) != 1:
+            return None
+        flags.append(axes[w_contract[0]] == 0)   # the activation pairs with the contracted axis
+    return _Tied(tuple(sites), tuple(flags))
+
+
+def _site_of(g, eqn):
+    """Index of the site of ghost entry ``g`` (a :class:`_Site` or :class:`_Tied`) consumed by ``eqn``, else None."""
+    if isinstance(g, _Tied):
+        return next((k for k, s in enumerate(g.sites) if s.eqn is eqn), None)
+    return 0 if g.eqn is eqn else None
 
 
 @dataclass
@@ -195,7 +255,8 @@ def _run(jaxpr, consts, args, dargs, ctx, path: tuple = ()):
                 outs, douts = _run(inner, [], invals, dins, ctx, path)
         elif name in _CHAIN and len(eqn.invars) == 1:
             outs = _bind(eqn, invals)
-            douts = [replace(dins[0], chain=dins[0].chain + (eqn,))]
+            d0 = _checks.present(dins[0])   # one input, and not every input is underived (first branch)
+            douts = [replace(d0, chain=d0.chain + (eqn,))]
         elif name in _SITES:
             derived = [i for i, d in enumerate(dins) if d is not None]
             pos = derived[0]
@@ -206,15 +267,19 @@ def _run(jaxpr, consts, args, dargs, ctx, path: tuple = ()):
                     if d is not None:
                         ctx_bad(ctx, d.leaf)
             else:
-                d = dins[pos]
+                d = _checks.present(dins[pos])   # pos is a derived input
                 act = invals[1 - pos] if kind != "gather" else invals[1]
                 if isinstance(ctx, _Analysis):
                     ctx.sites.setdefault(d.leaf, []).append(_Site(
                         kind, eqn, pos, d.chain, tuple(outs[0].shape), outs[0].dtype, tuple(jnp.shape(act)),
                         path, d.mode, d.scan.params["length"] if d.scan is not None else 1))
-                elif d.leaf in ctx.ghost and ctx.ghost[d.leaf].eqn is eqn:
-                    ctx.acts[d.leaf] = act
-                    outs = [outs[0] + ctx.probes[d.leaf]]
+                elif d.leaf in ctx.ghost and (k := _site_of(ctx.ghost[d.leaf], eqn)) is not None:
+                    if isinstance(ctx.ghost[d.leaf], _Tied):
+                        ctx.acts.setdefault(d.leaf, {})[k] = act
+                        outs = [outs[0] + ctx.probes[d.leaf][k]]
+                    else:
+                        ctx.acts[d.leaf] = act
+                        outs = [outs[0] + ctx.probes[d.leaf]]
         elif name == "scan":
             outs, douts = _run_scan(eqn, invals, dins, ctx, path)
         elif name in _REMAT:
@@ -678,20 +743,25 @@ def _chunk_size(B: int, w_size: int) -> int:
 
 
 def _exact(site: _Site, w, A, G, sel, weights):
-    """The exact fallback for the examples ``sel`` (bool ``[B]``): their per-example gradients of this site,
-    materialised a chunk of examples at a time (bounded memory). Returns ``(sq [B], weighted sum)``:
+    """:func:`_exact_sites` for one site."""
+    return _exact_sites((site,), w, (A,), (G,), sel, weights)
+
+
+def _exact_sites(sites: tuple, w, As: tuple, Gs: tuple, sel, weights):
+    """The exact fallback for the examples ``sel`` (bool ``[B]``): their per-example gradients of leaf ``w`` at
+    ``sites`` (one, or a tied leaf's several: their sum), materialised a chunk of examples at a time (bounded
     squared norms of the materialised vectors (0 where not selected) and, when ``weights`` is given,
     ``sum_i sel_i weights_i g_i`` of the same vectors. Runs under ``lax.cond`` only when some example needs it."""
     acc = pe.acc_dtype(w.dtype)
     w32 = w.astype(acc)
-    B = A.shape[0]
+    B = As[0].shape[0]
     k = _chunk_size(B, math.prod(w.shape))
-    A = _zero_dropped(A, sel)
-    G = _zero_dropped(G, sel)
+    As = tuple(_zero_dropped(A, sel) for A in As)
+    Gs = tuple(_zero_dropped(G, sel) for G in Gs)
 
-    def one(a, g):
-        _, vjp = jax.vjp(lambda ww: _apply_any(site, ww, a), w32)
-        return vjp(g.astype(acc))[0]
+    def one(a, g):   # the example's gradient: the sum of its sites' gradients (several for a tied leaf)
+        _, vjp = jax.vjp(lambda ww: [_apply_any(s, ww, ak) for s, ak in zip(sites, a)], w32)
+        return vjp([gk.astype(acc) for gk in g])[0]
 
     def chunk(carry, xs):
         a, g, m, wt = xs
@@ -700,7 +770,7 @@ def _exact(site: _Site, w, A, G, sel, weights):
         return carry + jnp.tensordot(jnp.where(m, wt, 0), v, axes=1), sq
 
     wts = jnp.zeros((B,), acc) if weights is None else weights.astype(acc)
-    xs = jax.tree_util.tree_map(lambda x: x.reshape((B // k, k) + x.shape[1:]), (A, G, sel, wts))
+    xs = jax.tree_util.tree_map(lambda x: x.reshape((B // k, k) + x.shape[1:]), (As, Gs, sel, wts))
     total, sq = lax.scan(chunk, jnp.zeros(w.shape, acc), xs)
     return sq.reshape(B), total
 
@@ -739,8 +809,12 @@ def _site_sum(site: _Site, w, A, G, sel, weights):
     layer, stacked to the leaf's shape ``[L, ...]``."""
     if site.mode == "stacked":
         base = _base(site)
-        return lax.map(lambda args: _site_sum(base, *args, weights),
-                       (w, jnp.moveaxis(A, 1, 0), jnp.moveaxis(G, 1, 0), sel))
+
+        def layer(args):   # one layer's (w, A, G, sel)
+            lw, la, lg, lsel = args
+            return _site_sum(base, lw, la, lg, lsel, weights)
+
+        return lax.map(layer, (w, jnp.moveaxis(A, 1, 0), jnp.moveaxis(G, 1, 0), sel))
     if sel is None:   # no example needs the exact fallback at this site
         keep = weights != 0
         return _bookkeep(site, w, _zero_dropped(A, keep), _zero_dropped(G, keep), weights)
@@ -750,6 +824,122 @@ def _site_sum(site: _Site, w, A, G, sel, weights):
     sel_w = sel & (weights != 0)
     return total + lax.cond(jnp.any(sel_w), lambda: _exact(site, w, A, G, sel_w, weights)[1],
                             lambda: jnp.zeros_like(total))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Tied leaves: one 2-D weight at several sites (see _Tied)
+
+# A tied leaf's one-hot rows enter the scaled Gram matrices with weight 1 / s_u (s_u: the largest entry of its dot
+# sites' axis-0 factors); outside [2^-30, 2^30] that weight could under- or overflow, so such an example is computed
+# exactly instead (never a norm that lost a term).
+_TIED_RANGE = 2.0 ** 30
+
+
+def _tied_list(acts) -> tuple:
+    """A tied leaf's activations, recorded as ``{site index: activation}``, in site order."""
+    return tuple(acts[k] for k in sorted(acts))
+
+
+def _tied_parts(tied: _Tied, w_shape, As, Gs, acc):
+    """Per site, its factors on the leaf's two axes: ``("ids", ids [B, T], V [B, T, D])`` for a gather,
+    ``("dense", U [B, T, V], V [B, T, D])`` for a dot (the per-example gradient is ``sum_t u_t v_t^T``)."""
+    parts = []
+    for site, flip, A, G in zip(tied.sites, tied.u_is_act, As, Gs):
+        if site.kind == "gather":
+            ids, V = _gather_mats(site, w_shape[0], A, G.astype(acc))
+            parts.append(("ids", ids, V))
+            continue
+        A2, G2 = _dot_mats(site, A, G)
+        A2, G2 = A2.astype(acc), G2.astype(acc)
+        parts.append(("dense",) + ((A2, G2) if flip else (G2, A2)))
+    return parts
+
+
+def _max_scale(xs: list, B: int, acc):
+    """Per-example largest |entry| over the arrays ``xs`` (1 where all are 0 or there are none; non-finite kept)."""
+    if not xs:
+        return jnp.ones((B,), acc)
+    m = jnp.max(jnp.stack([jnp.max(jnp.abs(x), axis=(1, 2)) for x in xs]), axis=0)
+    return jnp.where((m > 0) & jnp.isfinite(m), m, jnp.where(jnp.isfinite(m), 1.0, m).astype(acc))
+
+
+def _tied_sq(tied: _Tied, w, As, Gs):
+    """Per-example squared norms ``[B]`` (upper bounds, as :func:`_ghost_sq`) of a tied leaf's gradient -- the SUM
+    of its sites' gradients -- and the mask of the examples computed exactly.
+
+    All the sites' positions form one sequence: ``||sum_t u_t v_t^T||^2 = sum_{t,s} <u_t, u_s> <v_t, v_s>``, with
+    ``<u_t, u_s>`` = ``[id_t = id_s]`` between two gather positions, ``U_s[id_t]`` between a gather and a dot
+    position, and the dot product over ``V`` between two dot positions. The rounding bound and the certification
+    are the sequence formula's (:func:`_ghost_sq`); an uncertified example is materialised exactly (all its
+    sites), and so is one whose one-hot weight ``1 / s_u`` leaves ``[2^-30, 2^30]``."""
+    acc = pe.acc_dtype(w.dtype)
+    hi_p = lax.Precision.HIGHEST
+    u = float(jnp.finfo(acc).eps) / 2
+    B = As[0].shape[0]
+    Vn, Dn = w.shape
+    parts = _tied_parts(tied, w.shape, As, Gs, acc)
+    su = _max_scale([U for kind, U, _ in parts if kind == "dense"], B, acc)
+    sv = _max_scale([Vm for _, _, Vm in parts], B, acc)
+    in_range = (su >= 1 / _TIED_RANGE) & (su <= _TIED_RANGE)
+    c = jnp.where(in_range, 1 / su, 1.0)                         # the one-hot rows' scaled value
+    blocks_u = []
+    for kind_t, Ut, _ in parts:
+        row = []
+        for kind_s, Us, _ in parts:
+            if kind_t == "ids" and kind_s == "ids":
+                same = (Ut[:, :, None] == Us[:, None, :]) & (Ut[:, :, None] >= 0)
+                row.append(same.astype(acc) * (c * c)[:, None, None])
+            elif kind_t == "ids":    # <e_{id_t} c, U_s / su> = c * U_s[id_t] / su
+                pick = jax.vmap(lambda U, ids: jnp.where(ids[:, None] >= 0, U[:, jnp.maximum(ids, 0)].T, 0))(
+                    Us / su[:, None, None], Ut)
+                row.append(pick * c[:, None, None])
+            elif kind_s == "ids":
+                pick = jax.vmap(lambda U, ids: jnp.where(ids[None, :] >= 0, U[:, jnp.maximum(ids, 0)], 0))(
+                    Ut / su[:, None, None], Us)
+                row.append(pick * c[:, None, None])
+            else:
+                row.append(jnp.einsum("bti,bsi->bts", Ut / su[:, None, None], Us / su[:, None, None],
+                                      precision=hi_p))
+        blocks_u.append(jnp.concatenate(row, axis=2))
+    uu = jnp.concatenate(blocks_u, axis=1)
+    Vh = jnp.concatenate([Vm for _, _, Vm in parts], axis=1) / sv[:, None, None]
+    vv = jnp.einsum("bti,bsi->bts", Vh, Vh, precision=hi_p)
+    T = uu.shape[1]
+    s, E_sum = _two_stage_sum(uu * vv, u)
+    nu = jnp.sqrt(jnp.maximum(jnp.diagonal(uu, axis1=1, axis2=2), 0))
+    nv = jnp.sqrt(jnp.maximum(jnp.diagonal(vv, axis1=1, axis2=2), 0))
+    E = (_gamma(Vn, u) * jnp.einsum("bt,bts,bs->b", nu, jnp.abs(vv), nu, precision=hi_p)
+         + _gamma(Dn, u) * jnp.einsum("bt,bts,bs->b", nv, jnp.abs(uu), nv, precision=hi_p)
+         + E_sum)
+    # book-keeping: each site's batched product (T_k terms) and the sum of the K sites' results
+    hi, ok = _certified(s, E, _gamma(T + len(parts), u) * jnp.sum(nu * nv, -1))
+    sel = (~ok | ~in_range) & jnp.isfinite(su) & jnp.isfinite(sv)
+    sq_g = (hi * su * sv) ** 2
+    sq_x = lax.cond(jnp.any(sel), lambda: _exact_sites(tied.sites, w, As, Gs, sel, None)[0],
+                    lambda: jnp.zeros(sel.shape, acc))
+    return jnp.where(sel, sq_x, sq_g), sel
+
+
+def _tied_sum(tied: _Tied, w, As, Gs, sel, weights):
+    """``sum_i weights_i g_i`` for a tied leaf: each site's book-keeping product for the examples whose ghost
+    norm was used, plus the exact materialised vectors (all sites) of those in ``sel``."""
+    w_bk = jnp.where(sel, 0, weights)
+    keep = w_bk != 0   # 0 * NaN would poison the sum: zero dropped examples' inputs first
+    total = sum(_bookkeep(site, w, _zero_dropped(A, keep), _zero_dropped(G, keep), w_bk)
+                for site, A, G in zip(tied.sites, As, Gs))
+    sel_w = sel & (weights != 0)
+    return total + lax.cond(jnp.any(sel_w), lambda: _exact_sites(tied.sites, w, As, Gs, sel_w, weights)[1],
+                            lambda: jnp.zeros_like(total))
+
+
+def _prefer_materialise_tied(tied: _Tied, w_shape, B: int) -> bool:
+    """The ``auto`` rule for a tied leaf (as :func:`_prefer_materialise`): the combined Gram matrices over all
+    ``T`` positions cost ``T^2 (V + D)`` per example against ``|W| = V D`` floats of per-example gradient."""
+    T = sum(_site_dims(s, w_shape)[0] for s in tied.sites)
+    size = math.prod(w_shape)
+    if B * size * 4 > _MATERIALISE_BYTES:
+        return False
+    return T * T * (w_shape[0] + w_shape[1]) > _KAPPA["dot"] * size
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -792,7 +982,15 @@ def _plan(loss_fn, has_aux, leaves, treedef, b_leaves, b_def, policy, kappa=None
     materialise: set[int] = set()
     for i in range(n):
         s = analysis.sites.get(i, [])
-        if i in analysis.bad or len(s) != 1 or not jnp.issubdtype(leaves[i].dtype, jnp.floating):
+        if i in analysis.bad or not s or not jnp.issubdtype(leaves[i].dtype, jnp.floating):
+            continue
+        if len(s) > 1:   # tied / shared weight: one combined formula over all its sites, if it applies
+            tied = _tie(s, tuple(leaves[i].shape))
+            if tied is None:
+                continue
+            ghost[i] = tied
+            if policy == "auto" and _prefer_materialise_tied(tied, leaves[i].shape, b_leaves[0].shape[0]):
+                materialise.add(i)
             continue
         ghost[i] = s[0]
         if policy == "auto" and _prefer_materialise(s[0], leaves[i].shape, b_leaves[0].shape[0], kappa):
@@ -862,7 +1060,9 @@ def _make_impl(policy: str, second_pass: bool = False, certify: bool = True) -> 
             return g_fb, g_probes, loss, aux, acts
 
         B = b_leaves[0].shape[0]
-        probes = {i: jnp.zeros((B,) + _probe_shape(s), s.out_dtype) for i, s in ghost.items()}
+        probes = {i: tuple(jnp.zeros((B,) + _probe_shape(t), t.out_dtype) for t in s.sites)
+                  if isinstance(s, _Tied) else jnp.zeros((B,) + _probe_shape(s), s.out_dtype)
+                  for i, s in ghost.items()}
         g_fb, g_probes, losses, aux_leaves, acts = jax.vmap(one)(b_leaves, probes)
         # Norms and sums below must read the same values (see jaxdp.per_example.pin_low_precision).
         g_fb, g_probes, acts = pe.pin_low_precision((g_fb, g_probes, acts))
@@ -874,7 +1074,10 @@ def _make_impl(policy: str, second_pass: bool = False, certify: bool = True) -> 
             per_ex[i] = g
             sq[i] = pe.sq_norms(g)
         for i, site in ghost.items():
-            sq[i], exact_sel[i] = _site_sq(site, leaves[i], acts[i], g_probes[i], certify)
+            if isinstance(site, _Tied):
+                sq[i], exact_sel[i] = _tied_sq(site, leaves[i], _tied_list(acts[i]), g_probes[i])
+            else:
+                sq[i], exact_sel[i] = _site_sq(site, leaves[i], acts[i], g_probes[i], certify)
 
         clip = weight_fn(sq)
         weights = clip.leaf_weights
@@ -892,7 +1095,10 @@ def _make_impl(policy: str, second_pass: bool = False, certify: bool = True) -> 
                 summed[i] = pe.weighted_sum(weights[i], per_ex[i])
                 continue
             w = weights[i].astype(pe.acc_dtype(leaves[i].dtype))
-            total = _site_sum(ghost[i], leaves[i], acts[i], g_probes[i], exact_sel[i], w)
+            if isinstance(ghost[i], _Tied):
+                total = _tied_sum(ghost[i], leaves[i], _tied_list(acts[i]), g_probes[i], exact_sel[i], w)
+            else:
+                total = _site_sum(ghost[i], leaves[i], acts[i], g_probes[i], exact_sel[i], w)
             summed[i] = pe.to_output(total, leaves[i].dtype)
         aux = jax.tree_util.tree_unflatten(aux_def[0], aux_leaves) if has_aux else None
         return pe.BackendOutput(jax.tree_util.tree_unflatten(treedef, summed), sq, losses, aux, clip)

@@ -4,6 +4,8 @@
 * ``mlp``       -- fully connected network, ``hidden`` sizes, tanh activations.
 * ``cnn_small`` -- two 3x3 convolutions with max-pooling and a dense head, for small images (e.g. 8x8 digits).
 * ``mnist_cnn`` -- the classic DP-SGD MNIST CNN (conv16 8x8/2, maxpool, conv32 4x4/2, maxpool, fc32, fc10).
+* ``gabor_mlp`` -- an ``mlp`` on FIXED, data-independent Gabor (first-order scattering-like) features of an image
+  (:func:`gabor_features`); Tramer & Boneh (2021), "Differentially private learning needs better features".
 
 Tanh activations: bounded activations keep gradient norms small and even, which suits clipping
 (Papernot et al. 2021, "Tempered sigmoid activations for deep learning with differential privacy").
@@ -15,6 +17,7 @@ from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 ACTIVATIONS: dict[str, Callable] = {"tanh": jnp.tanh, "relu": jax.nn.relu, "gelu": jax.nn.gelu}
@@ -97,7 +100,63 @@ class MnistCNN(nnx.Module):
         return self.fc2(x)
 
 
-MODELS = {"logreg": LogReg, "mlp": MLP, "cnn_small": CNNSmall, "mnist_cnn": MnistCNN}
+def gabor_filters(orientations: int = 8, size: int = 5, scale: float = 1.0,
+                  frequency: float = math.pi / 2) -> np.ndarray:
+    """A fixed bank of complex Gabor filters ``psi_l(u) = g(u) exp(i f <u, e_l>)`` (Gaussian envelope ``g`` of
+    std ``scale`` pixels, ``orientations`` directions ``e_l`` in [0, pi)), real parts made zero-mean (band-pass),
+    each part scaled to unit L2 norm. Returned as HWIO ``[size, size, 1, 2 L]``: channel ``2l`` the real part,
+    ``2l + 1`` the imaginary part. No data is read: the features are public."""
+    r = np.arange(size) - size // 2
+    yy, xx = np.meshgrid(r, r, indexing="ij")
+    env = np.exp(-(xx ** 2 + yy ** 2) / (2.0 * scale ** 2))
+    bank = []
+    for i in range(orientations):
+        u = xx * math.cos(math.pi * i / orientations) + yy * math.sin(math.pi * i / orientations)
+        re, im = env * np.cos(frequency * u), env * np.sin(frequency * u)
+        re = re - re.mean()
+        bank += [re / np.linalg.norm(re), im / np.linalg.norm(im)]
+    return np.stack(bank, -1)[:, :, None, :].astype(np.float32)
+
+
+_GABOR = gabor_filters()
+
+
+def gabor_features(images: jax.Array) -> jax.Array:
+    """Fixed features of images ``[B, H, W, C]`` (``H``, ``W`` even): per channel, the moduli ``|x * psi_l|`` of
+    the 8 Gabor responses (:func:`gabor_filters`) and the image itself, each average-pooled 2x2, flattened to
+    ``[B, (H/2)(W/2) 9 C]``, then normalised PER EXAMPLE to zero mean and unit RMS.
+
+    Data-independent and per-example (no statistic of other examples), so a DP model trained on these features
+    has the same sensitivity as on pixels: the features are part of the model, not of the data pipeline.
+    On 8x8 digits: 144 features."""
+    b, h, w, c = images.shape
+    x = jnp.moveaxis(images, -1, 1).reshape(b * c, h, w, 1)
+    r = jax.lax.conv_general_dilated(x, jnp.asarray(_GABOR, x.dtype), (1, 1), "SAME",
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    mod = jnp.sqrt(r[..., 0::2] ** 2 + r[..., 1::2] ** 2 + 1e-8)
+    f = jnp.concatenate([mod, x], -1)
+    f = f.reshape(b * c, h // 2, 2, w // 2, 2, f.shape[-1]).mean(axis=(2, 4)).reshape(b, -1)
+    f = f - f.mean(-1, keepdims=True)
+    return f * jax.lax.rsqrt(jnp.mean(f ** 2, -1, keepdims=True) + 1e-12)
+
+
+class GaborMLP(nnx.Module):
+    """:class:`MLP` (``hidden`` sizes, ``activation``) on :func:`gabor_features` of the image: only the MLP is
+    trained. Takes images ``[H, W, C]`` with even ``H`` and ``W``."""
+
+    def __init__(self, input_shape: Sequence[int], num_classes: int, *, hidden: Sequence[int] = (128,),
+                 activation: str = "tanh", rngs: nnx.Rngs):
+        h, w, c = input_shape
+        if h % 2 or w % 2:
+            raise ValueError(f"gabor_mlp needs even image height and width, got {h}x{w}")
+        self.mlp = MLP(((h // 2) * (w // 2) * 9 * c,), num_classes, hidden=hidden, activation=activation,
+                       rngs=rngs)
+
+    def __call__(self, x):
+        return self.mlp(gabor_features(x))
+
+
+MODELS = {"logreg": LogReg, "mlp": MLP, "cnn_small": CNNSmall, "mnist_cnn": MnistCNN, "gabor_mlp": GaborMLP}
 
 
 def create(name: str, input_shape: Sequence[int], num_classes: int, *, seed: int = 0, **kwargs) -> nnx.Module:
@@ -126,7 +185,7 @@ def create(name: str, input_shape: Sequence[int], num_classes: int, *, seed: int
                                   f"shape {tuple(input_shape)}.{_shape_hint(tuple(input_shape))}") from None
 
 
-_IMAGE_MODELS = ("cnn_small", "mnist_cnn")
+_IMAGE_MODELS = ("cnn_small", "mnist_cnn", "gabor_mlp")
 
 
 def check_model_input(model: nnx.Module, input_shape: Sequence[int], num_classes: int, name: str = "the model") -> None:
@@ -155,10 +214,18 @@ def check_model_input(model: nnx.Module, input_shape: Sequence[int], num_classes
                             f"got shape {shape} for a batch of 2 examples"))
 
 
+def split_params(model: nnx.Module) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
+    """``nnx.split(model, nnx.Param, ...)``: the graph, the trainable parameters (what DP-SGD clips and noises)
+    and the rest of the state (batch statistics, RNG streams), typed as the three parts it always returns."""
+    graphdef, params, *rest = nnx.split(model, nnx.Param, ...)   # two filters: exactly one state after params
+    return graphdef, params, rest[0]
+
+
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
     """Per-example softmax cross-entropy ``[B]`` (no reduction: clipping needs each example's loss)."""
     logp = jax.nn.log_softmax(logits)
     return -jnp.take_along_axis(logp, labels[:, None].astype(jnp.int32), axis=1)[:, 0]
 
 
-__all__ = ["LogReg", "MLP", "CNNSmall", "MnistCNN", "MODELS", "create", "check_model_input", "cross_entropy"]
+__all__ = ["LogReg", "MLP", "CNNSmall", "MnistCNN", "GaborMLP", "gabor_filters", "gabor_features", "MODELS",
+           "create", "check_model_input", "cross_entropy", "split_params"]

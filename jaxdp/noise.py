@@ -39,7 +39,7 @@ PyTree = Any
 class AddNoiseState(NamedTuple):
     """State of :func:`add_noise`: the number of noisy steps taken and the base key (None in secure mode)."""
 
-    count: jax.Array
+    count: jax.Array  # type: ignore[assignment]  # the field shadows tuple.count (public name, kept)
     key: Any
 
 
@@ -140,9 +140,22 @@ def step_noise(key: jax.Array | None, count: jax.Array, updates: PyTree, std: fl
     ``std == 0``), from ``fold_in(key, count)`` -- a fresh key per step, never reused (privacy rule 7) -- or from
     the OS entropy source when ``secure``. Returned as a list in ``jax.tree_util.tree_leaves(updates)`` order."""
     leaves = jax.tree_util.tree_leaves(updates)
-    step_key = os_entropy_key() if secure else jax.random.fold_in(key, count)
+    if secure:
+        step_key = os_entropy_key()
+    else:
+        assert key is not None  # the states of non-secure transformations always hold their base key
+        step_key = jax.random.fold_in(key, count)
     flags = _mask_flags(trainable, updates)
     return gaussian_like(step_key, leaves, std, secure, [f and std > 0 for f in flags])
+
+
+def noise_buffers(params: PyTree, k: int) -> PyTree:
+    """``k`` zero copies of every leaf of ``params``, stacked on a new leading axis (``[k, *shape]``), in the
+    leaf's dtype (float32 for a non-float leaf): the initial noise memory of the correlated-noise transformations
+    (BandMF's ``b - 1`` past draws, BLT's ``d`` buffers)."""
+    return jax.tree_util.tree_map(
+        lambda p: jnp.zeros((k, *jnp.shape(p)), p.dtype if jnp.issubdtype(p.dtype, jnp.floating) else jnp.float32),
+        params)
 
 
 def _noisy_update(updates, state: AddNoiseState, std: float, e: float, secure: bool, trainable):
@@ -224,11 +237,21 @@ def dp_aggregate(
     Pass the padding mask as ``tx.update(per_example_grads, state, params, mask=mask)``. Every argument is
     keyword-only (positional calls, in the old order ``C, sigma, E, key``, still work with a ``DeprecationWarning``).
 
+    Without noise (``noise_multiplier=0``, not private), two examples' gradients of norms 5 and 0.5 clipped to
+    ``C = 1`` and averaged over ``E = 2``:
+
+    >>> import jax.numpy as jnp
+    >>> tx = dp_aggregate(l2_clip_norm=1.0, noise_multiplier=0.0, expected_batch_size=2.0, key=0)
+    >>> per_example = {"w": jnp.array([[3.0, 4.0], [0.3, 0.4]])}   # leading axis: B = 2 examples
+    >>> update, _ = tx.update(per_example, tx.init({"w": jnp.zeros(2)}))
+    >>> [round(float(v), 3) for v in update["w"]]                   # ([0.6, 0.8] + [0.3, 0.4]) / 2
+    [0.45, 0.6]
+
     Raises:
       ValueError: as :func:`add_noise`, or a per-layer (pytree) ``l2_clip_norm``.
     """
     sigma, c, e = _noise_params(noise_multiplier, l2_clip_norm, expected_batch_size)
-    if jax.tree_util.tree_structure(l2_clip_norm).num_leaves != 1:
+    if len(jax.tree_util.tree_leaves(l2_clip_norm)) != 1:
         raise ValueError("dp_aggregate supports flat clipping only (a single number l2_clip_norm)")
     base_key = None if secure else _checks.prng_key(key, "dp_aggregate")
     std = sigma * c
@@ -245,4 +268,5 @@ def dp_aggregate(
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-__all__ = ["AddNoiseState", "add_noise", "dp_aggregate", "gaussian_like", "os_entropy_key", "step_noise"]
+__all__ = ["AddNoiseState", "add_noise", "dp_aggregate", "gaussian_like", "noise_buffers", "os_entropy_key",
+           "step_noise"]

@@ -65,6 +65,17 @@ def dpadam(
     """DP-Adam: ``(S + N(0,(sigma C)^2)) / E`` then ``optax.adam`` (keyword-only arguments and ``trainable`` as in
     :func:`dpsgd`; the old positional order was ``C, sigma, E, key, b1, b2, eps``).
 
+    The noise is added to the clipped sum BEFORE Adam's moments: they are post-processing of the noisy average.
+    Without noise (``noise_multiplier=0``, not private) Adam's first step is ``-lr * sign(S / E)``:
+
+    >>> import jax.numpy as jnp
+    >>> tx = dpadam(0.1, l2_clip_norm=1.0, noise_multiplier=0.0, expected_batch_size=2.0, key=0)
+    >>> params = {"w": jnp.zeros(2)}
+    >>> summed = {"w": jnp.array([1.0, -0.5])}                  # a clipped sum S (jaxdp.clipped_grad)
+    >>> updates, _ = tx.update(summed, tx.init(params), params)
+    >>> [round(float(u), 3) for u in updates["w"]]
+    [-0.1, 0.1]
+
     Raises:
       ValueError, TypeError: as :func:`jaxdp.add_noise`.
     """

@@ -47,6 +47,7 @@ backend of your own before training with it.
 from __future__ import annotations
 
 import functools
+import operator
 from typing import Any, NamedTuple, Protocol, runtime_checkable
 from collections.abc import Callable, Sequence
 
@@ -244,7 +245,7 @@ def clip_weights(sq: Sequence[jax.Array], mask: jax.Array, groups: ClipGroups) -
     group_sq = [jnp.zeros(mask.shape, acc) for _ in groups.norms]
     for leaf_sq, gi in zip(sq, groups.leaf_group):
         group_sq[gi] = group_sq[gi] + leaf_sq
-    total_sq = sum(group_sq)
+    total_sq = functools.reduce(operator.add, group_sq)   # (one group at least)
     finite = jnp.isfinite(total_sq) & functools.reduce(jnp.logical_and, [gs >= 0 for gs in group_sq])
     real = mask & finite
     factors = [jnp.where(real, clip_factor(jnp.sqrt(jnp.where(real, gs, 0)), c), 0.0)

@@ -44,6 +44,18 @@ def augmentation_multiplicity(loss_fn: Callable, augment_fn: Callable, multiplic
     Returns ``aug_loss(params, (batch, keys)) -> [B]`` where ``keys`` are ``B`` PRNG keys, one per example (fresh
     every step, e.g. :func:`augmentation_keys`). ``aug_loss``'s per-example value is
     ``mean_k loss_fn(params, view_k)[i]``: pass it to :func:`jaxdp.clipped_grad` (``method="vmap"``).
+    All ``K`` views are averaged BEFORE clipping, so an example still contributes at most ``C``: the privacy
+    analysis is that of plain DP-SGD.
+
+    >>> import jax, jax.numpy as jnp
+    >>> doubled = lambda key, ex: {"x": 2.0 * ex["x"]}     # a (deterministic) view of one example
+    >>> aug = augmentation_multiplicity(lambda p, b: b["x"] @ p, doubled, 3)
+    >>> keys = jax.random.split(jax.random.key(0), 2)     # one key per example
+    >>> aug(jnp.ones(2), ({"x": jnp.array([[1.0, 2.0], [3.0, 4.0]])}, keys)).tolist()
+    [6.0, 14.0]
+
+    Raises:
+      ValueError: ``multiplicity`` is not a positive integer.
     """
     k = _checks.positive_int("multiplicity", multiplicity)
 
@@ -51,9 +63,14 @@ def augmentation_multiplicity(loss_fn: Callable, augment_fn: Callable, multiplic
         batch, keys = batch_and_keys
         view_keys = jax.vmap(lambda kk: jax.random.split(kk, k))(keys)              # [B, K]
         views = jax.vmap(jax.vmap(augment_fn, in_axes=(0, None)), in_axes=(0, 0))(view_keys, batch)  # [B, K, ...]
-        total = 0.0
-        for j in range(k):   # K calls of the user's loss on [B] examples each (the loss sees its usual shapes)
-            total = total + loss_fn(params, jax.tree_util.tree_map(lambda v: v[:, j], views))  # noqa: B023 (called at once, in this iteration)
+
+        def view(j: int) -> PyTree:
+            return jax.tree_util.tree_map(lambda v: v[:, j], views)
+
+        # K calls of the user's loss on [B] examples each (the loss sees its usual shapes).
+        total = loss_fn(params, view(0))
+        for j in range(1, k):
+            total = total + loss_fn(params, view(j))
         return total / k
 
     return aug_loss
@@ -68,6 +85,12 @@ def ema_update(ema: PyTree, params: PyTree, step: int | jax.Array, decay: float 
     """One EMA step: ``d = min(decay, (1 + step) / (10 + step))``; ``ema <- d * ema + (1 - d) * params``.
 
     Start with ``ema = params`` (the initial parameters) and call after every optimiser step; evaluate ``ema``.
+    Post-processing of the private parameters: it costs no privacy.
+
+    >>> import jax.numpy as jnp
+    >>> ema = ema_update({"w": jnp.zeros(2)}, {"w": jnp.ones(2)}, step=0)   # d = min(0.999, 1 / 10) = 0.1
+    >>> [round(float(v), 4) for v in ema["w"]]
+    [0.9, 0.9]
     """
     step = jnp.asarray(step, jnp.float32)
     d = jnp.minimum(jnp.float32(decay), (1.0 + step) / (10.0 + step))

@@ -28,6 +28,7 @@ from jaxdp import _checks
 def _rng(seed: int | None, *stream: int, secure: bool = False) -> np.random.Generator:
     if secure:
         return np.random.Generator(np.random.PCG64(secrets.randbits(128)))
+    assert seed is not None  # _check_seed ran in every constructor: a seed is required unless secure
     return np.random.Generator(np.random.PCG64(np.random.SeedSequence([int(seed), *map(int, stream)])))
 
 
@@ -91,7 +92,17 @@ class _Sampler:
     """
 
     step: int
-    steps_per_epoch: int
+    dataset_size: int
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """The number of steps of the longest epoch."""
+        raise NotImplementedError
+
+    @property
+    def expected_batch_size(self) -> float:
+        """The public normaliser of the noisy sum (never the realised batch size)."""
+        raise NotImplementedError
 
     def sample(self, step: int) -> tuple[np.ndarray, np.ndarray]:
         raise NotImplementedError
@@ -153,6 +164,11 @@ class PoissonSampler(_Sampler):
     11
     >>> sampler.expected_batch_size, sampler.steps_for_epochs(2)
     (10.0, 200)
+
+    Raises:
+      ValueError: ``dataset_size``, ``pad_to_multiple`` or ``max_batch_size`` not a positive integer,
+        ``sample_rate`` outside ``(0, 1]``, or no (or a negative) ``seed`` without ``secure``.
+      TypeError: a ``sample_rate`` that is not a number.
     """
 
     def __init__(self, dataset_size: int, sample_rate: float, seed: int | None = None, *,
@@ -263,6 +279,16 @@ class CyclicPoissonSampler(PoissonSampler):
 
     The groups are a uniformly random partition into sizes ``floor(N/b)`` or ``ceil(N/b)``; the public normaliser
     is ``expected_batch_size = p * N / b``. An "epoch" (each example once in expectation) is ``ceil(b / p)`` steps.
+
+    >>> sampler = CyclicPoissonSampler(dataset_size=100, sample_rate=0.5, bands=4, seed=0)
+    >>> sampler.expected_batch_size, sampler.steps_per_epoch     # p N / b = 12.5; ceil(b / p) = 8
+    (12.5, 8)
+    >>> indices, mask = sampler.sample(5)
+    >>> set(indices[mask].tolist()) <= set(sampler.group(5).tolist())   # step 5 samples group 5 mod 4 only
+    True
+
+    Raises:
+      ValueError: as :class:`PoissonSampler`, or ``bands`` not a positive integer or larger than ``dataset_size``.
     """
 
     def __init__(self, dataset_size: int, sample_rate: float, bands: int, seed: int | None = None, *,
@@ -324,7 +350,33 @@ class CyclicPoissonSampler(PoissonSampler):
                 f"bands={self.bands}, pad_to_multiple={self.pad_to_multiple}, secure={self.secure})")
 
 
-class FixedOrderSampler(_Sampler):
+class _FixedSizeSampler(_Sampler):
+    """Shared state of the samplers whose every batch has exactly ``B = batch_size`` rows (``B <= N``): the
+    validation of ``N`` and ``B``, the seed, and the public normalisers ``q = B / N`` and ``B``."""
+
+    def __init__(self, dataset_size: int, batch_size: int, seed: int | None, secure: bool) -> None:
+        self.dataset_size = _checks.positive_int("dataset_size", dataset_size)
+        self.batch_size = _checks.positive_int("batch_size", batch_size)
+        if self.batch_size > self.dataset_size:
+            raise ValueError(f"batch_size {batch_size} is larger than dataset_size {dataset_size}")
+        _check_seed(seed, secure, type(self).__name__)
+        self.seed = None if seed is None else int(seed)
+        self.secure = bool(secure)
+        self.step = 0
+
+    @property
+    def sample_rate(self) -> float:
+        """``B / N``: the fraction of the data one batch holds (for information: a fixed-size batch is not
+        Poisson-sampled, so there is no amplification by sampling at rate ``q``)."""
+        return self.batch_size / self.dataset_size
+
+    @property
+    def expected_batch_size(self) -> float:
+        """``B``: every batch has exactly ``B`` examples (public)."""
+        return float(self.batch_size)
+
+
+class FixedOrderSampler(_FixedSizeSampler):
     """One secret permutation split into ``b = floor(N / B)`` batches of ``B``, repeated in the same order every
     epoch. Labelled ``sampling = "fixed_order"``.
 
@@ -340,20 +392,23 @@ class FixedOrderSampler(_Sampler):
       batch_size: ``B`` (every batch has exactly ``B`` examples, no padding); ``B <= N``.
       seed: int seed of the permutation (required unless ``secure``); keep it secret.
       secure: draw the permutation once from the OS entropy source (kept in memory: such a run cannot resume).
+
+    >>> sampler = FixedOrderSampler(dataset_size=10, batch_size=3, seed=0)   # b = 3 batches; one example left out
+    >>> sampler.min_separation, sampler.steps_for_epochs(2), sampler.participations(7)
+    (3, 6, 3)
+    >>> bool((sampler.sample(1)[0] == sampler.sample(4)[0]).all())   # the same batch every b steps
+    True
+
+    Raises:
+      ValueError: ``dataset_size`` or ``batch_size`` not a positive integer, ``batch_size > dataset_size``, or
+        no (or a negative) ``seed`` without ``secure``.
     """
 
     sampling = "fixed_order"
 
     def __init__(self, dataset_size: int, batch_size: int, seed: int | None = None, *,
                  secure: bool = False) -> None:
-        self.dataset_size = _checks.positive_int("dataset_size", dataset_size)
-        self.batch_size = _checks.positive_int("batch_size", batch_size)
-        if self.batch_size > self.dataset_size:
-            raise ValueError(f"batch_size {batch_size} is larger than dataset_size {dataset_size}")
-        _check_seed(seed, secure, "FixedOrderSampler")
-        self.seed = None if seed is None else int(seed)
-        self.secure = bool(secure)
-        self.step = 0
+        super().__init__(dataset_size, batch_size, seed, secure)
         b = self.dataset_size // self.batch_size
         perm = _rng(self.seed, 4, secure=self.secure).permutation(self.dataset_size)
         self._batches = perm[:b * self.batch_size].reshape(b, self.batch_size).astype(np.int32)
@@ -362,16 +417,6 @@ class FixedOrderSampler(_Sampler):
     def min_separation(self) -> int:
         """``b = floor(N / B)``: the number of batches, the epoch length and the gap between participations."""
         return int(self._batches.shape[0])
-
-    @property
-    def sample_rate(self) -> float:
-        """``B / N`` (for information: there is no sampling to amplify with)."""
-        return self.batch_size / self.dataset_size
-
-    @property
-    def expected_batch_size(self) -> float:
-        """``B``: every batch has exactly ``B`` examples (public)."""
-        return float(self.batch_size)
 
     @property
     def steps_per_epoch(self) -> int:
@@ -420,36 +465,40 @@ class FixedOrderSampler(_Sampler):
                 f"min_separation={self.min_separation}, secure={self.secure})")
 
 
-class ShuffleSampler(_Sampler):
+class ShuffleSampler(_FixedSizeSampler):
     """Shuffled fixed-size batches (each epoch a fresh permutation). Labelled ``sampling = "shuffle"``.
 
     This is the sampling most non-private loaders use. Its privacy analysis differs from Poisson's: jaxdp
     accounts it as sampling without replacement of a fixed-size batch (replace-one neighbouring relation), and
     never reports a Poisson epsilon for it.
+
+    Args:
+      dataset_size: ``N``.
+      batch_size: ``B <= N``, the number of examples of every batch.
+      seed: int seed of the permutations (required unless ``secure``); keep it secret.
+      drop_last: drop the last, smaller batch of an epoch (``N mod B`` examples; default). Otherwise it is padded
+        to ``B`` rows, its padding masked out.
+      secure: draw every epoch's permutation from the OS entropy source.
+
+    >>> sampler = ShuffleSampler(dataset_size=10, batch_size=4, seed=0)
+    >>> sampler.steps_per_epoch, sampler.sample_rate, sampler.expected_batch_size
+    (2, 0.4, 4.0)
+    >>> first, second = sampler.sample(0)[0], sampler.sample(1)[0]
+    >>> len(set(first.tolist()) | set(second.tolist()))   # one epoch's batches are disjoint
+    8
+
+    Raises:
+      ValueError: ``dataset_size`` or ``batch_size`` not a positive integer, ``batch_size > dataset_size``, or
+        no (or a negative) ``seed`` without ``secure``.
     """
 
     sampling = "shuffle"
 
     def __init__(self, dataset_size: int, batch_size: int, seed: int | None = None, *,
                  drop_last: bool = True, secure: bool = False) -> None:
-        self.dataset_size = _checks.positive_int("dataset_size", dataset_size)
-        self.batch_size = _checks.positive_int("batch_size", batch_size)
-        if self.batch_size > self.dataset_size:
-            raise ValueError(f"batch_size {batch_size} is larger than dataset_size {dataset_size}")
-        _check_seed(seed, secure, "ShuffleSampler")
-        self.seed = None if seed is None else int(seed)
-        self.secure = bool(secure)
+        super().__init__(dataset_size, batch_size, seed, secure)
         self.drop_last = bool(drop_last)
-        self.step = 0
         self._perm: tuple[int, np.ndarray] | None = None  # (epoch, permutation) of the current epoch
-
-    @property
-    def sample_rate(self) -> float:
-        return self.batch_size / self.dataset_size
-
-    @property
-    def expected_batch_size(self) -> float:
-        return float(self.batch_size)
 
     @property
     def steps_per_epoch(self) -> int:

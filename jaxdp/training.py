@@ -57,7 +57,7 @@ class Training:
     """The lifecycle shared by :class:`~jaxdp.PrivateTraining` and :class:`NonPrivateTraining`.
 
     Subclasses set ``sampler``, ``dataset_size``, ``num_processes``, ``_params0``, ``_opt_init``, ``_nnx_graph``
-    and implement ``step``, ``ledger_events`` and ``private``.
+    and implement ``step``, ``ledger_events``, ``privacy_record`` and ``private``.
     """
 
     private: bool = True
@@ -78,6 +78,10 @@ class Training:
     # -- the ledger ------------------------------------------------------------------------------------------
     def ledger_events(self, steps: int) -> list[dict]:
         """The events a ledger records for ``steps`` steps of this run (reserved, then committed)."""
+        raise NotImplementedError
+
+    def privacy_record(self) -> dict:
+        """The mechanism part of the run record (``metrics.json``): what the run's epsilon is about."""
         raise NotImplementedError
 
     def open_ledger(self, ledger: Any = None, *, dataset_id: str | None = None, run_id: str | None = None,
@@ -325,6 +329,11 @@ class NonPrivateTraining(Training):
 
     def clip_norm(self, state: TrainState) -> None:
         return None
+
+    def privacy_record(self) -> dict:
+        """The mechanism part of the run record: none (no target, no clipping, no accountant, no mechanism)."""
+        return {"target_epsilon": None, "max_grad_norm": None, "accountant": None, "neighboring_relation": None,
+                "mechanism": None, "bands": None}
 
 
 def deprecated_ledger_false() -> None:

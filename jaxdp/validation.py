@@ -100,6 +100,20 @@ def validate(model: Any, variables: Any = None, sample_input: Any = None) -> lis
         Linen submodules only exist while the module runs).
       variables: Linen variables (a ``batch_stats`` collection reveals BatchNorm).
       sample_input: a small input batch; for Linen the module is run once to find batch-statistics layers.
+
+    A layer that normalises over the batch (BatchNorm) makes one example's output depend on the others, so a
+    per-example gradient is no longer one example's: clipping would not bound an example's contribution.
+
+    >>> from flax import nnx
+    >>> class Net(nnx.Module):
+    ...     def __init__(self, rngs):
+    ...         self.dense = nnx.Linear(4, 64, rngs=rngs)
+    ...         self.norm = nnx.BatchNorm(64, rngs=rngs)
+    >>> [issue.path for issue in validate(Net(nnx.Rngs(0)))]
+    ['norm']
+
+    Raises:
+      ValueError: a Linen module without ``variables`` or ``sample_input``.
     """
     if isinstance(model, nnx.Module):
         issues = []
@@ -132,6 +146,19 @@ def fix(model: Any) -> Any:
 
     The new GroupNorm keeps the BatchNorm's learned scale and bias. Linen modules cannot be rewritten from
     outside: a :class:`ModelValidationError` says which layers to change in the code.
+
+    >>> from flax import nnx
+    >>> class Net(nnx.Module):
+    ...     def __init__(self, rngs):
+    ...         self.dense = nnx.Linear(4, 64, rngs=rngs)
+    ...         self.norm = nnx.BatchNorm(64, rngs=rngs)
+    >>> net = fix(Net(nnx.Rngs(0)))
+    >>> type(net.norm).__name__, net.norm.num_groups, validate(net)   # gcd(32, 64) groups of 2 features
+    ('GroupNorm', 32, [])
+
+    Raises:
+      ModelValidationError: a Linen module, or a BatchNorm over a single feature.
+      TypeError: ``model`` is not a Flax module.
     """
     if isinstance(model, nn.Module):
         raise ModelValidationError(
@@ -145,7 +172,7 @@ def fix(model: Any) -> Any:
     for path, node in list(nnx.iter_graph(model)):
         if not isinstance(node, _NNX_BATCH_LAYERS) or not path:
             continue
-        parent = model
+        parent: Any = model   # walks through modules, lists and dicts
         for key in path[:-1]:
             parent = parent[key] if isinstance(parent, (list, dict, nnx.List, nnx.Dict)) or \
                 not hasattr(parent, str(key)) else getattr(parent, str(key))

@@ -43,6 +43,9 @@ def virtual_batch_grad(
     Returns:
       ``grad_fn(params, batch, mask=None)`` returning the SUM over real examples of clipped gradients and
       :class:`jaxdp.ClipStats` for the whole logical batch. Add noise once, to this sum.
+
+    Raises:
+      ValueError: ``physical_batch_size`` is not a positive integer, or as :func:`jaxdp.clipped_grad`.
     """
     _checks.positive_int("physical_batch_size", physical_batch_size)
     return clipped_grad(loss_fn, l2_clip_norm, method, has_aux=has_aux,

@@ -69,6 +69,48 @@ def test_blt_noise_is_jittable_masks_frozen_leaves_and_needs_a_strategy():
         blt.blt_noise(1.0, 1.0, 1.0, 0, steps=8, buffers=1)
 
 
+def test_noise_covariance_across_steps_matches_sigma2_sens2_c_inverse_c_inverse_transpose():
+    """Statistical test of the streamed noise (not of its formula): w = sens * C^-1 z with z_t i.i.d.
+    N(0, (sigma C_clip)^2) per coordinate, so across the T steps each coordinate's noise vector is N(0, S) with
+
+        S = sigma^2 C_clip^2 sens^2 C^-1 C^-T.
+
+    The d coordinates (one leaf of d parameters) are d independent draws, so the empirical second moment
+    ``S_hat = W W^T / d`` (mean known to be 0) is a Wishart(S, d) / d matrix: entry (i, j) is unbiased with
+    variance ``(S_ii S_jj + S_ij^2) / d`` (Isserlis), and by the CLT (d = 40,000) is Gaussian to high accuracy.
+    Every one of the T^2 = 100 entries must lie within 5 standard errors: a false alarm has probability
+    < 100 * 5.7e-7 (union bound; the seed is fixed anyway). Power: the stated S must be >= 10 standard errors
+    away from independent noise of the same per-step scale (sigma^2 C_clip^2 sens^2 I) and from the covariance
+    of a nearby strategy (theta_1 0.9 -> 0.8) somewhere, so a stream with the wrong correlation would fail."""
+    t, d, sigma, clip, sep = 10, 40_000, 0.8, 1.3, 3
+    theta, omega = np.array([0.9, 0.4]), np.array([0.3, 0.2])
+    tx = blt.blt_noise(noise_multiplier=sigma, l2_clip_norm=clip, expected_batch_size=1.0, key=jax.random.key(5),
+                       steps=t, theta=theta, omega=omega, min_separation=sep)
+    params = {"p": jnp.zeros((d,), jnp.float32)}
+    state = tx.init(params)
+    update = jax.jit(tx.update)
+    rows = []
+    for _ in range(t):
+        u, state = update(params, state)
+        rows.append(np.asarray(u["p"], np.float64))
+    w = np.stack(rows)                                   # [T, d]
+    emp = w @ w.T / d
+
+    def cov(th):
+        sens = blt.blt_sensitivity(th, omega, t, min_separation=sep, participations=None)
+        cinv = np.linalg.inv(blt.blt_matrix(th, omega, t))
+        return (sigma * clip * sens) ** 2 * cinv @ cinv.T, sens
+
+    true, sens = cov(theta)
+    diag = np.diag(true)
+    se = np.sqrt((np.outer(diag, diag) + true ** 2) / d)
+    z = np.abs(emp - true) / se
+    assert np.all(z <= 5), (z.max(), np.unravel_index(z.argmax(), z.shape))
+    assert np.max(np.abs(true - (sigma * clip * sens) ** 2 * np.eye(t)) / se) > 10       # not independent noise
+    assert np.max(np.abs(true - cov(np.array([0.8, 0.4]))[0]) / se) > 10                 # nor a nearby strategy
+    assert state.buffers["p"].shape == (2, d)            # memory: d buffers x |params|
+
+
 # ----------------------------------------------------------------------------------------- sensitivity
 
 

@@ -15,6 +15,8 @@ from jaxdp.ledger import events as ledger_events
 from jaxdp.recipe import augmentation_keys, augmentation_multiplicity, ema_update
 from jaxdp.sampling import CyclicPoissonSampler
 
+DELTA = 1e-5
+
 # ------------------------------------------------------------------------------------------- strategy
 
 
@@ -360,3 +362,23 @@ def test_momentum_workload_error_matches_dense_and_its_optimum_beats_the_prefix_
     plain, mom = mf.optimal_banded_toeplitz(n, 4), mf.optimal_banded_toeplitz(n, 4, momentum=beta)
     assert mf.prefix_sum_error(mom, n, beta) < mf.prefix_sum_error(plain, n, beta)
     assert mf.prefix_sum_error(mom, n, beta) < mf.prefix_sum_error([1.0], n, beta)
+
+
+def test_select_bands_trades_strategy_error_against_lost_amplification():
+    """err(b) = sigma_b^2 ||A C_b^-1||_F^2 with sigma_b calibrated for rate b B / N and ceil(T / b) steps; b = 1 is
+    DP-SGD (err = sigma_1^2 T (T + 1) / 2). On the demo's data (N = 1437, B = 256, T = 169) at epsilon 1 the lost
+    amplification dominates and DP-SGD is chosen; with B / N = 0.01 and T = 1000 more bands win."""
+    t = 169
+    b, table = mf.select_bands(t, 1437, 256, 1.0, DELTA, candidates=(1, 2, 4, 8), accountant="rdp")
+    assert b == 1 and sorted(table) == [1, 2, 4]            # 8 * 256 > 1437: skipped
+    sigma1 = accounting.calibrate_noise_multiplier(1.0, DELTA, 256 / 1437, steps=t, accountant="rdp")
+    assert table[1]["noise_multiplier"] == pytest.approx(sigma1)
+    assert table[1]["error"] == pytest.approx(sigma1 ** 2 * t * (t + 1) / 2, rel=1e-9)
+    assert all(table[k]["relative"] > 1.0 for k in (2, 4))
+    sigma4 = accounting.calibrate_noise_multiplier(1.0, DELTA, 4 * 256 / 1437, steps=math.ceil(t / 4),
+                                                   accountant="rdp")
+    assert table[4]["error"] == pytest.approx(sigma4 ** 2 * mf.prefix_sum_error(mf.optimal_banded_toeplitz(t, 4), t))
+    b, table = mf.select_bands(1000, 60000, 600, 3.0, DELTA, candidates=(1, 2, 4), accountant="rdp")
+    assert b == 4 and table[4]["relative"] < 0.7 and min(table, key=lambda k: table[k]["error"]) == b
+    with pytest.raises(ValueError, match="candidate"):
+        mf.select_bands(100, 100, 200, 3.0, 1e-3, accountant="rdp")

@@ -250,3 +250,40 @@ def test_noise_leaves_come_from_one_flat_draw_with_exact_shapes_and_dtypes():
     # the float32 leaves are consecutive slices of the same flat draw: no coordinate is reused
     flat = np.concatenate([np.ravel(out[0]), np.ravel(out[2])])
     assert len(np.unique(flat)) == flat.size
+
+
+def test_int_seeds_keep_all_64_bits():
+    """jax.random.key keeps only a seed's low 32 bits without x64 (key(2**32 + 5) == key(5)): the 63-bit seeds
+    jaxdp draws from the OS gave only 2^32 noise streams. Seeds that differ only above bit 32 now give different
+    noise (in add_noise and in make_private's noise stream), and seeds below 2^32 give the noise they always did."""
+    from jaxdp._checks import seed_key
+
+    zeros = {"a": jnp.zeros(64)}
+
+    def noise(seed):
+        tx = jaxdp.add_noise(noise_multiplier=1.0, l2_clip_norm=1.0, expected_batch_size=1.0, key=seed)
+        return np.asarray(tx.update(zeros, tx.init(zeros))[0]["a"])
+
+    assert np.array_equal(noise(5), noise(jax.random.key(5)))            # below 2^32: unchanged
+    assert not np.allclose(noise(2**32 + 5), noise(5))
+    assert not np.allclose(noise(2**62 + 5), noise(2**32 + 5))
+
+    def data(s):
+        return np.asarray(jax.random.key_data(seed_key(s)))
+    assert np.array_equal(data(2**40 + 5), [256, 5])                     # jax.random.key's x64 layout [hi, lo]
+    assert np.array_equal(data(-1), np.asarray(jax.random.key_data(jax.random.key(-1))))
+    with pytest.raises(ValueError, match="2\\^64"):
+        seed_key(2**64)
+    with pytest.raises(TypeError, match="integer"):
+        seed_key(1.5)
+
+    def engine_noise(seed):
+        p = {"w": jnp.zeros(4)}
+        priv = jaxdp.PrivacyEngine(accountant="rdp").make_private(
+            loss_fn=lambda p, b: jnp.sum((b["x"] @ p["w"]) ** 2, -1) * 0 + jnp.zeros(b["x"].shape[0]),
+            params=p, optimizer=optax.sgd(1.0), dataset_size=100, batch_size=10, noise_multiplier=1.0,
+            l2_clip_norm=1.0, seed=seed)
+        leaves = jax.tree_util.tree_leaves(priv.tx.init(p))
+        return [np.asarray(jax.random.key_data(x)).tolist() for x in leaves
+                if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)]
+    assert engine_noise(5) and not np.array_equal(engine_noise(2**32 + 5), engine_noise(5))

@@ -263,6 +263,37 @@ def nested_jit(p, b):
     return jnp.sum(h.mean(1) ** 2, -1) + jnp.sum(h[:, 0], -1)
 
 
+def embed_tied(p, b):
+    """GPT-2's tied head: the embedding E is gathered by id AND used as the output projection h @ E^T (one leaf,
+    two sites: its per-example gradient is the sum, norm with the cross-site Gram terms)."""
+    h = jnp.tanh(p["E"][b["t"]] @ p["w"])                    # [B, 6, 4]
+    logits = h @ p["E"].T                                   # [B, 6, 11]
+    return -jnp.sum(jax.nn.log_softmax(logits)[..., 0], -1) * 3
+
+
+class _NNXTied(nnx.Module):
+    def __init__(self):
+        self.wte = nnx.Embed(11, 4, rngs=nnx.Rngs(2))
+        self.mid = nnx.Linear(4, 4, rngs=nnx.Rngs(3))
+
+
+_tied_graph, _tied_state = nnx.split(_NNXTied())
+
+
+def embed_tied_nnx(p, b):
+    """nnx.Embed and its attend() (the jaxdp.lm GPT-2 head)."""
+    m = nnx.merge(_tied_graph, p)
+    return jnp.sum(m.wte.attend(jnp.tanh(m.mid(m.wte(b["t"])))) ** 2, axis=(1, 2))
+
+
+def shared_dense(p, b):
+    """One square weight used by two layers (weight sharing): the gradient sums both layers' outer products;
+    zero-sum pooling makes the Gram terms cancel under a common offset."""
+    h = jnp.tanh(b["x"] @ p["w"] * 0.1)
+    z = jnp.einsum("t,btd->bd", _ALT.astype(h.dtype), h @ p["w"] + b["x"])
+    return jnp.sum(z ** 2 + z, -1)
+
+
 MODELS = {
     "dense": (dense, lambda: _p(0, {"w1": (D, 7), "b1": (7,), "w2": (7, 3)})),
     "seq_attention_pool": (seq_attention_pool, lambda: _p(1, {"w": (D, P), "q": (P,)})),
@@ -285,12 +316,16 @@ MODELS = {
     "scan_stacked_remat": (scan_stacked_remat, lambda: _p(17, {"win": (D, P), "ws": (L_SCAN, P, P)})),
     "scan_shared": (scan_shared, lambda: _p(18, {"w": (D, D)})),
     "nested_jit": (nested_jit, lambda: _p(19, {"w": (D, P), "o": (P, 2)})),
+    "embed_tied": (embed_tied, lambda: _p(20, {"E": (11, 4), "w": (4, 4)})),
+    "embed_tied_nnx": (embed_tied_nnx, lambda: _tied_state),
+    "shared_dense": (shared_dense, lambda: _p(21, {"w": (D, D)})),
 }
 FLOW_MODELS = ["scan_stacked", "scan_stacked_remat", "scan_shared", "nested_jit"]
 SEQ_MODELS = ["dense", "seq_attention_pool", "zero_sum_positions", "einsum_both_sides", "attention", "layernorm",
-              "conv1d", "rnn_scan", "remat_dense", "custom_vjp_dense", *FLOW_MODELS]
+              "conv1d", "rnn_scan", "remat_dense", "custom_vjp_dense", "shared_dense", *FLOW_MODELS]
 IMG_MODELS = ["conv2d_groups", "conv3d", "conv_transpose"]
-EMB_MODELS = ["embed_index", "embed_take_fill", "embed_take_clip", "embed_nnx"]
+TIED_MODELS = ["embed_tied", "embed_tied_nnx", "shared_dense"]
+EMB_MODELS = ["embed_index", "embed_take_fill", "embed_take_clip", "embed_nnx", "embed_tied", "embed_tied_nnx"]
 
 
 def seq_batch(seed, offset, scale, near_constant):
@@ -483,7 +518,7 @@ def test_explain_reports_ghost_through_control_flow():
 @pytest.mark.filterwarnings("ignore:jaxdp.*custom derivative")
 @pytest.mark.parametrize("name", ["seq_attention_pool", "einsum_both_sides", "attention", "conv1d", "conv3d",
                                   "conv_transpose", "conv2d_groups", "embed_nnx", *FLOW_MODELS, "rnn_scan",
-                                  "remat_dense", "custom_vjp_dense"])
+                                  "remat_dense", "custom_vjp_dense", *TIED_MODELS])
 def test_auto_and_ghost_equal_vmap_on_ordinary_inputs(name):
     """Where vmap is exact (float32, ordinary inputs) the bounded ghost / auto results equal it to 1e-5: the
     bound inflates certified norms of these small layers far less than 1e-5."""
@@ -496,6 +531,43 @@ def test_auto_and_ghost_equal_vmap_on_ordinary_inputs(name):
         for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ref)):
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg=f"{name} {m}")
         np.testing.assert_allclose(gst.per_example_norms, rst.per_example_norms, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Tied and shared weights: one leaf at several sites
+
+
+def test_tied_and_shared_weights_use_one_ghost_norm():
+    """A leaf used at several sites -- GPT-2's token embedding (gathered by id and used as the output head
+    h @ E^T, also through nnx.Embed.attend) or one weight used by two layers -- gets one ghost norm over all its
+    sites' positions (it was materialised: B x |E| floats, 1.2 GB for GPT-2's wte at batch 8)."""
+    got = {name: ghost.explain(MODELS[name][0], MODELS[name][1](),
+                               id_batch(0, 0) if name in EMB_MODELS else seq_batch(0, 0.0, 1.0, False), "ghost")
+           for name in TIED_MODELS}
+    assert got["embed_tied"] == {"E": "ghost", "w": "ghost"}
+    assert got["embed_tied_nnx"]["wte/embedding/value"] == "ghost"
+    assert got["shared_dense"] == {"w": "ghost"}
+
+
+@pytest.mark.parametrize("name", ["embed_tied", "shared_dense"])
+def test_tied_cancellation_and_extreme_scales_fall_back_exactly(name):
+    """The combined formula is certified like any sequence site: a common offset (shared_dense: the Gram terms
+    cancel) or a loss scaled by 1e12 (embed_tied: the one-hot rows' weight 1/s_u leaves [2^-30, 2^30]) sends the
+    example to the exact path (all its sites materialised), so norms and sums still equal vmap's."""
+    params = MODELS[name][1]()
+    if name == "embed_tied":
+        fn = jax.jit(jaxdp.clipped_grad(lambda p, b: embed_tied(p, b) * 1e12, 0.5, method="ghost"))
+        ref_fn = jax.jit(jaxdp.clipped_grad(lambda p, b: embed_tied(p, b) * 1e12, 0.5, method="vmap"))
+        batch = id_batch(5, 3)
+    else:
+        fn, ref_fn = _grad_fn(name, "ghost", 0.5), _grad_fn(name, "vmap", 0.5)
+        batch = seq_batch(3, 1e3, 1.0, near_constant=False)
+    ref, rst = ref_fn(params, batch)
+    got, gst = fn(params, batch)
+    assert int(gst.num_nonfinite) == 0
+    np.testing.assert_allclose(gst.per_example_norms, rst.per_example_norms, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ref)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
 # ----------------------------------------------------------------------------------------------------------

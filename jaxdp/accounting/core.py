@@ -236,7 +236,7 @@ def make_dp_accountant(accountant: str = "prv", neighboring_relation: str = "add
     return PRVPrivacyAccountant(rel)
 
 
-def compose_events(events: Sequence[Mapping[str, Any]], accountant: str = "prv",
+def compose_events(events: Sequence[Event | Mapping[str, Any]], accountant: str = "prv",
                    neighboring_relation: str = "add_remove", *, dataset_size_offset: int = 0,
                    ) -> pa.PrivacyAccountant:
     """A ``dp_accounting`` accountant with all ``events`` composed; refuses events it cannot account.
@@ -247,7 +247,7 @@ def compose_events(events: Sequence[Mapping[str, Any]], accountant: str = "prv",
     acc = make_dp_accountant(accountant, neighboring_relation)
     for e in merge(Event.coerce(e).accounted() for e in events):
         if e.sampling == "truncated_poisson" and dataset_size_offset:
-            e = e.replace(dataset_size=e.dataset_size + dataset_size_offset)
+            e = e.replace(dataset_size=_checks.present(e.dataset_size) + dataset_size_offset)
         reason = e.refusal(accountant, neighboring_relation)
         if reason is not None:
             raise ValueError(reason)
@@ -259,7 +259,7 @@ def compose_events(events: Sequence[Mapping[str, Any]], accountant: str = "prv",
     return acc
 
 
-def _compose_variants(events: Sequence[Mapping[str, Any]], accountant: str, neighboring_relation: str,
+def _compose_variants(events: Sequence[Event | Mapping[str, Any]], accountant: str, neighboring_relation: str,
                       ) -> list[pa.PrivacyAccountant]:
     """The composed accountants whose worst case is the guarantee.
 
@@ -268,14 +268,14 @@ def _compose_variants(events: Sequence[Mapping[str, Any]], accountant: str, neig
     example is added to it), the same ``n`` at every step, so the guarantee is the worse of the two compositions.
     Without truncated-Poisson events (or under replace-one) there is one composition.
     """
-    events = merge(Event.coerce(e).accounted() for e in events)
-    variants = [compose_events(events, accountant, neighboring_relation)]
-    if neighboring_relation == "add_remove" and any(e.sampling == "truncated_poisson" for e in events):
-        variants.append(compose_events(events, accountant, neighboring_relation, dataset_size_offset=1))
+    merged = merge(Event.coerce(e).accounted() for e in events)
+    variants = [compose_events(merged, accountant, neighboring_relation)]
+    if neighboring_relation == "add_remove" and any(e.sampling == "truncated_poisson" for e in merged):
+        variants.append(compose_events(merged, accountant, neighboring_relation, dataset_size_offset=1))
     return variants
 
 
-def events_epsilon(events: Sequence[Mapping[str, Any]], delta: float, accountant: str = "prv",
+def events_epsilon(events: Sequence[Event | Mapping[str, Any]], delta: float, accountant: str = "prv",
                    neighboring_relation: str = "add_remove") -> float:
     """Epsilon at ``delta`` of the composition of ``events`` (``inf`` if any step was non-private, 0 if none)."""
     delta = check_delta(delta)
@@ -500,7 +500,7 @@ def calibrate_noise_multiplier(target_epsilon: float, target_delta: float, sampl
     warn_if_delta_too_large(target_delta, dataset_size)
     if (steps is None) == (epochs is None):
         raise ValueError("give exactly one of steps or epochs (steps = ceil(epochs / sample_rate))")
-    if steps is None:
+    if epochs is not None:
         steps = steps_for_epochs(epochs, q)
     steps = _steps(steps)
     if steps == 0:
@@ -568,7 +568,8 @@ class _MemoAccountant(pa.PrivacyAccountant):
     """Records events; ``get_epsilon`` composes them on a real accountant, memoised across instances."""
 
     def __init__(self, factory, memo: dict) -> None:
-        self._factory, self._memo, self._events = factory, memo, []
+        self._factory, self._memo = factory, memo
+        self._events: list[tuple[Any, int]] = []
         super().__init__(factory().neighboring_relation)
 
     def _maybe_compose(self, event, count, do_compose):

@@ -62,6 +62,8 @@ from collections.abc import Iterable, Mapping
 
 import numpy as np
 
+from jaxdp._checks import present as _present  # fields an event's sampling requires (__post_init__ checks them)
+
 #: The accountants (``jaxdp.accounting.make_dp_accountant``): Renyi DP, privacy loss distributions, and
 #: Opacus's PRV upper bound (the default everywhere).
 ACCOUNTANTS = ("rdp", "pld", "prv")
@@ -208,9 +210,10 @@ class Event:
                 v = _number(k, v, kind)
             object.__setattr__(self, k, v)
         for size in ("batch_size", "max_batch_size"):
-            if size in spec.fields and "dataset_size" in spec.fields and getattr(self, size) > self.dataset_size:
+            if (size in spec.fields and "dataset_size" in spec.fields
+                    and getattr(self, size) > _present(self.dataset_size)):
                 raise ValueError(f"{size} {getattr(self, size)} is larger than dataset_size {self.dataset_size}")
-        if self.sampling == "fixed_order" and self.steps > self.horizon:
+        if self.sampling == "fixed_order" and self.steps > _present(self.horizon):
             raise ValueError(f"a fixed_order event of {self.steps} steps exceeds its planned horizon of "
                              f"{self.horizon} steps: the noise was scaled for ceil(horizon / min_separation) "
                              "participations, and later steps are not covered by any analysis. Stop at the horizon "
@@ -274,7 +277,7 @@ class Event:
         """
         if sampling == "shuffle" and batch_size is None and sample_rate is not None and dataset_size is not None:
             batch_size = int(round(sample_rate * dataset_size))
-        given = {"steps": steps, "noise_multiplier": noise_multiplier, "sample_rate": sample_rate,
+        given: dict[str, Any] = {"steps": steps, "noise_multiplier": noise_multiplier, "sample_rate": sample_rate,
                  "batch_size": batch_size, "dataset_size": dataset_size, "max_batch_size": max_batch_size,
                  "bands": bands, "mechanism": mechanism, "min_separation": min_separation, "horizon": horizon}
         if sampling not in SAMPLING_SPECS:
@@ -301,13 +304,13 @@ class Event:
     def epochs(self) -> float | None:
         """Passes over the data its steps amount to (``steps * q``, ``steps * p / b`` or ``steps * b / n``)."""
         if self.sampling in ("poisson", "truncated_poisson"):
-            return self.steps * self.sample_rate
+            return self.steps * _present(self.sample_rate)
         if self.sampling == "cyclic_poisson":
-            return self.steps * self.sample_rate / self.bands
+            return self.steps * _present(self.sample_rate) / _present(self.bands)
         if self.sampling == "shuffle":
-            return self.steps * self.batch_size / self.dataset_size
+            return self.steps * _present(self.batch_size) / _present(self.dataset_size)
         if self.sampling == "fixed_order":
-            return self.steps / self.min_separation
+            return self.steps / _present(self.min_separation)
         return None
 
     def same_mechanism(self, other: Event) -> bool:
@@ -326,13 +329,14 @@ class Event:
         {'sampling': 'poisson', 'noise_multiplier': 3.0, 'sample_rate': 1.0, 'steps': 1}
         """
         if self.sampling == "fixed_order":
-            gaussians = min(1, self.steps) if self.mechanism == "blt" else -(-self.steps // self.min_separation)
+            separation = _present(self.min_separation)
+            gaussians = min(1, self.steps) if self.mechanism == "blt" else -(-self.steps // separation)
             return Event("poisson", noise_multiplier=self.noise_multiplier, sample_rate=1.0, steps=gaussians,
                          l2_clip_norm=self.l2_clip_norm)
         if self.sampling != "cyclic_poisson":
             return self
         return Event("poisson", noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate,
-                     steps=-(-self.steps // self.bands), l2_clip_norm=self.l2_clip_norm)
+                     steps=-(-self.steps // _present(self.bands)), l2_clip_norm=self.l2_clip_norm)
 
     def refusal(self, accountant: str, relation: str) -> str | None:
         """Why ``accountant`` cannot account this event under ``relation`` (``None`` if it can). An accountant
@@ -364,7 +368,7 @@ class Event:
                     "neighboring_relation='add_remove' (the default) or accountant='pld'/'prv'.")
         return None
 
-    def to_dp_event(self):
+    def to_dp_event(self) -> Any:
         """The ``dp_accounting`` event: the step's mechanism self-composed ``steps`` times (``noise_multiplier
         0`` is a non-private event, whatever the sampling)."""
         from dp_accounting import dp_event as dpe   # imported here: describing a mechanism needs no accountant
@@ -380,7 +384,7 @@ class Event:
             # of gradients clipped to norm C by up to 2C, so the noise std sigma*C is (sigma/2) times that
             # sensitivity. (Its PLD, by contrast, models replace-one as the shift from +C to -C itself.)
             inner = dpe.SampledWithoutReplacementDpEvent(e.dataset_size, e.batch_size,
-                                                         dpe.GaussianDpEvent(e.noise_multiplier / 2.0))
+                                                         dpe.GaussianDpEvent(_present(e.noise_multiplier) / 2.0))
         else:
             inner = dpe.TruncatedSubsampledGaussianDpEvent(
                 dataset_size=e.dataset_size, sampling_probability=e.sample_rate,

@@ -225,7 +225,7 @@ def one_run_num_canaries(claimed_epsilon: float, max_canaries: int, delta: float
     return best_m
 
 
-def one_run_guesses(scores: Sequence[float], included: Sequence[bool], k_pos: int, k_neg: int
+def one_run_guesses(scores: Sequence[float] | np.ndarray, included: Sequence[bool] | np.ndarray, k_pos: int, k_neg: int
                     ) -> tuple[int, int]:
     """Guess "in" for the ``k_pos`` highest scores, "out" for the ``k_neg`` lowest, abstain on the rest.
 

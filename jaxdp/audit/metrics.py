@@ -35,7 +35,7 @@ def _scores(member_scores, nonmember_scores) -> tuple[np.ndarray, np.ndarray]:
     return m, n
 
 
-def roc_curve(member_scores: Sequence[float], nonmember_scores: Sequence[float]
+def roc_curve(member_scores: Sequence[float] | np.ndarray, nonmember_scores: Sequence[float] | np.ndarray
               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(fpr, tpr, thresholds)``: rule "member iff score >= threshold", thresholds in decreasing order.
 
@@ -98,7 +98,7 @@ def auc_bootstrap_interval(member_scores, nonmember_scores, member_groups, nonme
     sm, sn = sinv[: m.size], sinv[m.size:]
     rng = np.random.default_rng(seed)
     counts = rng.multinomial(groups.size, np.full(groups.size, 1.0 / groups.size), size=int(num_bootstrap))
-    out = []
+    reps: list[np.ndarray] = []
     for c in range(0, counts.shape[0], 64):          # 64 replicates at a time: [64, distinct scores] arrays
         w = counts[c:c + 64].astype(np.float64)
         b = w.shape[0]
@@ -109,8 +109,8 @@ def auc_bootstrap_interval(member_scores, nonmember_scores, member_groups, nonme
         num = np.sum(wm * (np.take_along_axis(below, np.broadcast_to(sm, wm.shape), 1)
                            + 0.5 * np.take_along_axis(per_value, np.broadcast_to(sm, wm.shape), 1)), axis=1)
         den = wm.sum(1) * wn.sum(1)
-        out.append(np.where(den > 0, num / np.where(den > 0, den, 1.0), np.nan))
-    out = np.concatenate(out)
+        reps.append(np.where(den > 0, num / np.where(den > 0, den, 1.0), np.nan))
+    out = np.concatenate(reps)
     out = out[np.isfinite(out)]
     a = (1 - level) / 2
     return float(np.quantile(out, a)), float(np.quantile(out, 1 - a))

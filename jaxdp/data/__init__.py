@@ -16,6 +16,7 @@ import pickle
 import zipfile
 from importlib import resources
 from typing import NamedTuple
+from collections.abc import Callable
 
 import numpy as np
 
@@ -316,7 +317,8 @@ def load_dataset(name: str, **kwargs) -> Dataset:
     npz's (:func:`load_npz`: ``scale``); an unknown option is an error naming it, never silently ignored."""
     kind = "csv" if str(name).endswith(".csv") else "digits" if name == "digits" else \
         "npz" if str(name).endswith(".npz") else "IDX directory"
-    loader = {"csv": load_csv, "npz": load_npz}.get(kind)
+    loaders: dict[str, Callable[..., Dataset]] = {"csv": load_csv, "npz": load_npz}
+    loader = loaders.get(kind)
     allowed = [p for p in inspect.signature(loader).parameters if p != "path"] if loader else []
     unknown = sorted(set(kwargs) - set(allowed))
     if unknown:

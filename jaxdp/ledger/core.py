@@ -325,12 +325,11 @@ class Ledger:
                 for sql in store.ddl():
                     tx.execute(sql, ())
                 init_meta(tx)
-                last = None
                 for r in rows:
                     tx.execute("INSERT INTO ledger_log (seq, ts, kind, dataset_id, run_id, payload, prev_hash, hash) "
                                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                                (r.seq, r.ts, r.kind, r.dataset_id, r.run_id, r.payload, r.prev_hash, r.hash))
-                    last = r
+                last = rows[-1]   # rows is not empty (checked above)
                 tx.execute("INSERT INTO ledger_head (id, seq, hash) VALUES (1, ?, ?)", (last.seq, last.hash))
         except BaseException:
             store.close()
@@ -611,11 +610,12 @@ def _lineage(st: _State, run_id: str) -> set[str]:
     """Protected datasets charged to ``run_id`` (its reservation already includes its own ancestors')."""
     out: set[str] = set()
     seen: set[str] = set()
-    while run_id is not None and run_id in st.runs and run_id not in seen:
-        seen.add(run_id)
-        run = st.runs[run_id]
+    rid: str | None = run_id
+    while rid is not None and rid in st.runs and rid not in seen:
+        seen.add(rid)
+        run = st.runs[rid]
         out |= set(run.charged)
-        run_id = run.parent_run_id
+        rid = run.parent_run_id
     return out
 
 
@@ -653,7 +653,7 @@ def _summary(st: _State, dataset_id: str) -> BudgetSummary:
     comp = lambda evs: ev.compose(evs, b.delta, b.accountant, b.neighboring_relation)  # noqa: E731
     eps_total = comp([e for r in runs for e in r.charge_events])
     eps_committed = comp([e for r in runs if r.status == "committed" for e in r.charge_events])
-    per_run = []
+    per_run: list[dict[str, Any]] = []
     for r in runs:
         # each run's own epsilon as recorded at reserve/commit time (no accountant call); computed if absent
         own = 0.0 if r.status == "released" else r.run_epsilon.get(dataset_id)

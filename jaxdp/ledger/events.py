@@ -75,7 +75,7 @@ def is_private(events: Iterable[dict]) -> bool:
     return not any(e.steps > 0 and not e.private for e in map(Event.coerce, events))
 
 
-def _accountant_events(events: list[dict]) -> list[dict]:
+def _accountant_events(events: list[dict]) -> list[Event]:
     """Events as the accountant sees them: record-only keys dropped, and a cyclic-Poisson run (T consecutive
     steps, b groups) as its equivalent Poisson event (rate p, ceil(T/b) steps) HERE, before the runs merge: two
     runs each restart their cycle, so their participations add (ceil(T1/b) + ceil(T2/b)), not their steps."""
@@ -145,7 +145,7 @@ def suggest(prior: list[dict], planned: list[dict], max_epsilon: float, delta: f
             break
     fit = scaled_steps(lo)
     out["max_steps"] = [e["steps"] for e in fit]
-    out["max_epochs"] = [None if epochs_of(e) is None else round(epochs_of(e), 4) for e in fit]
+    out["max_epochs"] = [None if (epochs := epochs_of(e)) is None else round(epochs, 4) for e in fit]
     out["fraction_of_steps"] = round(lo, 4)
 
     def scaled_sigma(f):

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from typing import Any
 from collections.abc import Iterator
 
+from jaxdp import _checks
+
 FORMAT = "jaxdp-ledger"
 SCHEMA_VERSION = "1"
 GENESIS = "0" * 64
@@ -365,7 +367,7 @@ class PostgresStore(Store):
                         deadline = time.monotonic() + LOCK_WAIT_S
                         while True:
                             cur.execute("SELECT pg_try_advisory_xact_lock(%s)", (_PG_LOCK_KEY,))
-                            if cur.fetchone()[0]:
+                            if _checks.present(cur.fetchone())[0]:   # the SELECT returns one row
                                 break
                             if time.monotonic() > deadline:
                                 raise LedgerStoreError(

@@ -56,7 +56,7 @@ def exposure(canary_score: float, candidate_scores: np.ndarray, space_size: int 
     """Exact exposure from a full enumeration: ``log2 |R| - log2 rank_of(...)``; ``|R|`` defaults to the
     number of candidate scores."""
     n = len(candidate_scores) if space_size is None else space_size
-    return exposure_from_rank(rank_of(canary_score, candidate_scores), n)
+    return float(exposure_from_rank(rank_of(canary_score, candidate_scores), n))   # a scalar rank: a float
 
 
 def extrapolated_exposure(canary_score: float, sample_scores: np.ndarray) -> float:

@@ -42,7 +42,8 @@ def split_trainable(model: GPT2, trainable: Any = nnx.Param) -> tuple[nnx.GraphD
     ``trainable``: an NNX filter -- ``nnx.LoRAParam`` (:data:`jaxdp.lm.lora.lora_filter`) for LoRA,
     :func:`jaxdp.lm.lora.last_k_filter` for the last k blocks, ``nnx.Param`` for everything.
     """
-    graphdef, train, frozen = nnx.split(model, trainable, ...)
+    graphdef, train, *rest = nnx.split(model, trainable, ...)   # two filters: exactly one state after train
+    frozen = rest[0]
     if not jax.tree_util.tree_leaves(train):
         raise ValueError("the `trainable` filter selects no parameters (did you forget apply_lora?)")
     return graphdef, {"trainable": train, "frozen": frozen}
@@ -172,7 +173,8 @@ def finetune(model: GPT2, tokens: np.ndarray, mask: np.ndarray, *, steps: int, l
             raise ValueError("private=True needs noise_multiplier (calibrate it with jaxdp.accounting)")
         if key is None:
             raise ValueError("private=True needs a PRNG `key` for the noise (no default key)")
-        sampler = jaxdp.PoissonSampler(N, batch_size / N, seed, pad_to_multiple=pad_to_multiple)
+        sampler: jaxdp.PoissonSampler | jaxdp.ShuffleSampler = jaxdp.PoissonSampler(
+            N, batch_size / N, seed, pad_to_multiple=pad_to_multiple)
         step, tx = make_dp_step(graphdef, l2_clip_norm=l2_clip_norm, noise_multiplier=noise_multiplier,
                                 expected_batch_size=sampler.expected_batch_size, learning_rate=learning_rate,
                                 key=key, method=method, optimizer=optimizer)

@@ -145,7 +145,8 @@ def merge_lora(model: GPT2) -> GPT2:
 # ----------------------------------------------------------------------------------------------------------
 # What to train
 
-Filter = Callable[[tuple, nnx.Variable], bool]
+#: An NNX filter: a variable type (``nnx.LoRAParam``) or a predicate on ``(path, variable)``.
+Filter = type | Callable[[tuple, nnx.Variable], bool]
 
 lora_filter: Filter = nnx.LoRAParam
 """``nnx`` filter selecting the LoRA adapter weights (everything else frozen)."""

@@ -26,7 +26,7 @@ import math
 import os
 import re
 from typing import Any
-from collections.abc import Mapping
+from collections.abc import Hashable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -99,9 +99,10 @@ class Attention(nnx.Module):
 
     def __init__(self, cfg: GPT2Config, rngs: nnx.Rngs):
         self.n_head = cfg.n_head
-        self.c_attn = _dense(cfg, cfg.n_embd, 3 * cfg.n_embd, rngs)
+        # (Any: an nnx.Linear, or the jaxdp.lm.lora.LoRALinear that apply_lora puts in its place)
+        self.c_attn: Any = _dense(cfg, cfg.n_embd, 3 * cfg.n_embd, rngs)
         # GPT-2 scales the residual projections by 1/sqrt(2 * n_layer) at initialisation.
-        self.c_proj = _dense(cfg, cfg.n_embd, cfg.n_embd, rngs,
+        self.c_proj: Any = _dense(cfg, cfg.n_embd, cfg.n_embd, rngs,
                              std=cfg.initializer_range / math.sqrt(2 * cfg.n_layer))
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -125,8 +126,9 @@ class Attention(nnx.Module):
 
 class MLP(nnx.Module):
     def __init__(self, cfg: GPT2Config, rngs: nnx.Rngs):
-        self.c_fc = _dense(cfg, cfg.n_embd, cfg.inner, rngs)
-        self.c_proj = _dense(cfg, cfg.inner, cfg.n_embd, rngs,
+        # (Any: an nnx.Linear, or the jaxdp.lm.lora.LoRALinear that apply_lora puts in its place)
+        self.c_fc: Any = _dense(cfg, cfg.n_embd, cfg.inner, rngs)
+        self.c_proj: Any = _dense(cfg, cfg.inner, cfg.n_embd, rngs,
                              std=cfg.initializer_range / math.sqrt(2 * cfg.n_layer))
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -210,9 +212,9 @@ def hf_to_nnx_name(name: str) -> tuple[str | int, ...] | None:
     return (*path, _LEAF_HF_TO_NNX[owner][leaf])
 
 
-def nnx_to_hf_name(path: tuple[str | int, ...]) -> str:
+def nnx_to_hf_name(path: tuple[Hashable, ...]) -> str:
     """Inverse of :func:`hf_to_nnx_name` (without the ``transformer.`` prefix)."""
-    owner, leaf = path[-2], path[-1]
+    owner, leaf = str(path[-2]), str(path[-1])   # module and variable names
     inv = {v: k for k, v in _LEAF_HF_TO_NNX[owner].items()}
     return ".".join(str(p) for p in (*path[:-1], inv[leaf]))
 

@@ -55,7 +55,8 @@ def _roc_aucs(audit: Mapping[str, Any]) -> dict:
 def _one_run_text(o: Mapping[str, Any] | None) -> str | None:
     if not o:
         return None
-    verdict = {True: "PASS", False: "FAIL"}.get(o.get("passed"), "?")
+    verdicts: dict[Any, str] = {True: "PASS", False: "FAIL"}
+    verdict = verdicts.get(o.get("passed"), "?")
     return (f"epsilon lower bound {_fmt(o.get('epsilon_lower_bound'))} vs claimed {_fmt(o.get('claimed_epsilon'))}: "
             f"{verdict} ({o.get('num_correct')}/{o.get('num_guesses')} guesses right, {o.get('num_canaries')} "
             f"{o.get('canary_type')} canaries, beta {_fmt(o.get('beta'))})")

@@ -120,7 +120,7 @@ def read_one_run_audit(path: str | None) -> dict | None:
 def read_audit(path: str | None) -> dict | None:
     """:func:`_read_audit`, plus ``model_note`` when the audit trained a stand-in instead of the run's model."""
     out = _read_audit(path)
-    if out is not None:
+    if out is not None and path is not None:   # (out is None without a path)
         with open(path) as f:
             note = json.load(f).get("model_note")
         if note:
@@ -302,7 +302,7 @@ def guarantee_sentence(mp: Mapping[str, Any]) -> str:
 
 def build_model_privacy(run_dir: str | os.PathLike, *, audit: str | os.PathLike | None = None,
                         ledger: str | None = None, dataset_id: str | None = None,
-                        metrics: dict | None = None) -> dict:
+                        metrics: RunSummary | Mapping[str, Any] | None = None) -> dict:
     """The ``model_privacy`` section (a JSON/YAML-ready dict) of the run in ``run_dir``.
 
     Args:
@@ -475,12 +475,12 @@ def write_model_card(path: str | os.PathLike, section: Mapping[str, Any]) -> dic
         with open(path, encoding="utf-8") as f:
             text = f.read()
     front = _split_front_matter(text, path) if markdown else None
-    if markdown and front is None:
-        yaml_text, rest = "", "---\n" + text if text else "---\n"
-    elif markdown:
-        yaml_text, rest = front
-    else:
+    if not markdown:
         yaml_text, rest = text, ""
+    elif front is None:
+        yaml_text, rest = "", "---\n" + text if text else "---\n"
+    else:
+        yaml_text, rest = front
     try:
         loaded = yaml.safe_load(yaml_text) if yaml_text.strip() else None
     except yaml.YAMLError as e:

@@ -111,7 +111,7 @@ def plot_epsilon_vs_steps(metrics: RunSummary | Mapping[str, Any], path: str | o
     if steps:
         ax.plot(steps, eps, "-", color="C0", label=f"{str(s.accountant).upper()} accountant "
                                                      f"(σ={_num(s.noise_multiplier)}, {_how(s)}, "
-                                                     f"{RELATION_LABELS.get(s.neighboring_relation)})")
+                                                     f"{RELATION_LABELS.get(s.neighboring_relation or '')})")
         rows = [r for r in s.epochs or () if r.epsilon is not None and r.step is not None]
         if rows:
             ax.plot([r.step for r in rows], [r.epsilon for r in rows], "o", color="C1",

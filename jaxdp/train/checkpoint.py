@@ -81,7 +81,7 @@ def save(directory: str, tree: Any, meta: dict, step: int | None = None) -> str:
             arrays[f"a{i}"] = np.asarray(leaf)
             kinds.append("array")
     meta_bytes = json.dumps(dict(meta, _leaf_kinds=kinds, _format=2), sort_keys=True, default=float).encode()
-    entries = dict(arrays)
+    entries: dict[str, Any] = dict(arrays)   # (Any: numpy's stub would match a value to savez's allow_pickle)
     entries[_META_KEY] = np.frombuffer(meta_bytes, np.uint8)
     entries[_DIGEST_KEY] = np.frombuffer(_digest(arrays, meta_bytes).encode(), np.uint8)
     buf = io.BytesIO()

@@ -103,6 +103,8 @@ def _import(spec: str, base_dir: str | None):
         if path is None:
             raise ComponentError(f"config key 'model.module': no file {mod_name!r} (looked in {dirs})")
         modspec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)
+        if modspec is None or modspec.loader is None:
+            raise ComponentError(f"config key 'model.module': {path!r} cannot be loaded as a Python module")
         module = importlib.util.module_from_spec(modspec)
         modspec.loader.exec_module(module)
     else:
@@ -138,8 +140,9 @@ def build_user_model(spec: str, kwargs: dict, input_shape: Sequence[int], num_cl
         kw.setdefault("input_shape", tuple(input_shape))
     if "num_classes" in params:
         kw.setdefault("num_classes", int(num_classes))
+    build: Callable[..., nnx.Module] = cls   # the user's constructor (nnx.Module's own takes no arguments)
     try:
-        return cls(**kw, rngs=nnx.Rngs(seed))
+        return build(**kw, rngs=nnx.Rngs(seed))
     except TypeError as e:
         raise ComponentError(f"config key 'model.kwargs': {spec}({', '.join(kw)}, rngs=...) failed: {e}") from None
 

@@ -4,7 +4,7 @@ the key (a typo such as ``max_grad_nrom`` must never silently fall back to a def
 Schema (``REQUIRED`` keys must be present, others have the defaults shown)::
 
     model:
-      name: cnn_small            # cnn_small | mlp | logreg | mnist_cnn
+      name: cnn_small            # cnn_small | mlp | logreg | mnist_cnn | gabor_mlp (MLP on fixed Gabor features)
       options: {}                # passed to the model (e.g. hidden: [128] for mlp)
       module: null               # OR your own Flax NNX module: "pkg.mod:Class" or "file.py:Class" (instead of
       kwargs: {}                 #   name/options), built as Class(**kwargs, rngs=...); it gets input_shape and

@@ -12,6 +12,7 @@ import os
 import sys
 import time
 import warnings
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
@@ -28,6 +29,9 @@ from jaxdp.sampling import steps_for_epochs
 from jaxdp.train import checkpoint, lifecycle
 from jaxdp.train.config import config_hash, load_config, model_label, validate_config
 from jaxdp.train.summary import RunSummary
+
+if TYPE_CHECKING:
+    from jaxdp.telemetry import DPMetrics   # imported by train(): prometheus-client is optional
 
 CLIP_HIGH, CLIP_LOW = 0.9, 0.01  # warn when more than 90% / fewer than 1% of examples are clipped
 
@@ -166,13 +170,13 @@ class DPTrainer:
         from jaxdp.validation import check_model_fits_data   # shapes and classes, before anything is traced
         check_model_fits_data(self.model, self.dataset.x_train[:1], self.dataset.y_train,
                               source=f"{cfg['data']['name']} (x_train)", model_name=repr(self.model_name))
-        self.graphdef, self.params0, self.rest = nnx.split(self.model, nnx.Param, ...)
+        self.graphdef, self.params0, self.rest = models.split_params(self.model)
         self.metrics: list[dict] = []
         self.status = "not started"
         self.config_hash = config_hash(cfg)
         # the run id is settled by train() (lifecycle.resolve_identity: run.json, ledger.run_id or derived)
         self.run_id = cfg["ledger"]["run_id"] or lifecycle.derived_run_id(self.out_dir, self.config_hash)
-        self.telemetry = None  # started by train(), stopped when it returns
+        self.telemetry: DPMetrics | None = None  # started by train(), stopped when it returns
         self._x_train = jnp.asarray(self.dataset.x_train)
         self._y_train = jnp.asarray(self.dataset.y_train)
         self._setup()
@@ -221,22 +225,25 @@ class DPTrainer:
             raise ConfigError(f"config key 'training.method' must be one of {', '.join(backend_names())} (the "
                               "registered per-example backends), got {!r}".format(t["method"]))
         from jaxdp import _checks   # refuse delta >= 1/N in the config's own terms (the engine re-checks)
-        _checks.delta_for_dataset(self.delta, self.n, allow_large_delta=dp["allow_large_delta"],
+        delta = _checks.present(self.delta)   # set whenever training.dp.enabled
+        _checks.delta_for_dataset(delta, self.n, allow_large_delta=dp["allow_large_delta"],
                                   override="training.dp.allow_large_delta: true", warn=False)
         common = dict(common, **self._clipping(), method=t["method"], microbatch_size=t["microbatch_size"],
                       allow_large_delta=dp["allow_large_delta"])
+        if t["bands"] is not None:   # BandMF's b (1 with another mechanism: independent noise), recorded as given
+            common.update(bands=int(t["bands"]))
         if t["mechanism"] == "bandmf":   # banded MF noise + cyclic Poisson sampling (jaxdp.matrix_factorization)
-            common.update(mechanism="bandmf", bands=int(t["bands"]))
+            common.update(mechanism="bandmf")
         if t["mechanism"] == "blt":   # BLT noise over a fixed batch order, stops at the horizon (jaxdp.blt)
             common.update(mechanism="blt", buffers=int(t["buffers"]), momentum=_heavy_ball(self.cfg))
         if dp["noise_multiplier"] is None:
             return self.engine.make_private_with_epsilon(
-                target_epsilon=dp["epsilon"], target_delta=self.delta, epochs=self.epochs, **common)
+                target_epsilon=dp["epsilon"], target_delta=delta, epochs=self.epochs, **common)
         with warnings.catch_warnings():   # a plan that cannot finish is refused below, not warned about
             warnings.filterwarnings("ignore", message="the plan cannot finish")
             private = self.engine.make_private(
                 noise_multiplier=dp["noise_multiplier"], epochs=self.epochs, target_epsilon=dp["epsilon"],
-                target_delta=self.delta, **common)
+                target_delta=delta, **common)
         shortfall = private.plan_shortfall()
         if shortfall is not None:
             raise ValueError(shortfall.replace("epochs <=", "training.epochs <=")
@@ -257,20 +264,6 @@ class DPTrainer:
                 out["l2_clip_norm"] = clip_norm_tree(self.params0, dp["per_layer"], dp["max_grad_norm"])
             except ValueError as e:
                 raise ConfigError(f"config key 'training.dp.per_layer': {e}") from None
-        return out
-
-    def _clip_record(self) -> dict:
-        """What metrics.json and the ledger record about clipping: ``max_grad_norm`` is the sensitivity of the
-        clipped sum (``||(C_1..C_K)||`` per layer; the initial C with adaptive clipping, whose C_t is per epoch)."""
-        from jaxdp.clipping import leaf_names, total_clip_norm
-        c = self.private.l2_clip_norm
-        out = {"max_grad_norm": total_clip_norm(c)}
-        if not jax.tree_util.treedef_is_leaf(jax.tree_util.tree_structure(c)):
-            out["per_layer_clip_norms"] = dict(zip(leaf_names(c), map(float, jax.tree_util.tree_leaves(c))))
-        if self.private.adaptive is not None:
-            out["adaptive_clipping"] = dict(self.private.adaptive._asdict(), initial_clip_norm=float(c),
-                                            effective_noise_multiplier=self.private.effective_noise_multiplier,
-                                            count_noise_std=self.private.count_noise_std)
         return out
 
     # -- evaluation ----------------------------------------------------------------------------------------
@@ -392,17 +385,13 @@ class DPTrainer:
             "dataset": self.dataset.name, "training_set_size": self.n, "model": self.model_name,
             "seed_source": self.seed_source,  # "config" (pinned by the user) or "os" (drawn, kept secret)
             "epsilon": eps if math.isfinite(eps) else None, "delta": delta,
-            "delta_at_least_one_over_n": bool(self.dp and delta is not None and delta >= 1.0 / self.n),
-            "target_epsilon": t["dp"]["epsilon"] if self.dp else None,
+            "delta_at_least_one_over_n": bool(delta is not None and delta >= 1.0 / self.n),  # delta: None if not DP
             "noise_multiplier": self.noise_multiplier,
-            **(self._clip_record() if self.dp else {"max_grad_norm": None}),
+            # target epsilon, clipping, accountant, relation, mechanism (BLT: buffers, min_separation, horizon)
+            **self.private.privacy_record(),
             "sample_rate": self.sampler.sample_rate, "expected_batch_size": self.sampler.expected_batch_size,
             "steps": int(self.state.step), "planned_steps": self.total_steps,
-            "sampling": self.sampler.sampling, "accountant": t["accountant"] if self.dp else None,
-            "neighboring_relation": t["dp"]["neighboring_relation"] if self.dp else None,
-            "mechanism": t["mechanism"] if self.dp else None, "bands": t["bands"] if self.dp else None,
-            **({"buffers": t["buffers"], "min_separation": self.sampler.min_separation,
-                "horizon": self.private.horizon} if self.dp and t["mechanism"] == "blt" else {}),
+            "sampling": self.sampler.sampling,
             "clipping_method": t["method"], "config_hash": self.config_hash,
             "jaxdp_version": __import__("jaxdp").__version__,
             "final_test_accuracy": self.metrics[-1]["test_accuracy"] if self.metrics else None,
@@ -545,7 +534,9 @@ class DPTrainer:
         """Take an epoch's steps; returns what its metrics row sums, or None when a step was refused (the run
         is then ``budget_exhausted``: the target epsilon or the ledger reservation is reached)."""
         loss_sum = n_real = 0.0
-        clip_fracs, layer_norms, group_fracs = [], {}, {}
+        clip_fracs: list[float] = []
+        layer_norms: dict[str, list[float]] = {}
+        group_fracs: dict[str, list[float]] = {}
         for batch, mask in self.private.batches(self._train_data, steps):
             try:
                 self.state, stats = self.private.step(self.state, batch, jnp.asarray(mask))
@@ -572,7 +563,7 @@ class DPTrainer:
         loss_sum, n_real = distributed.process_sum(sums["loss_sum"], sums["n_real"])  # over all processes' rows
         acc = self.evaluate()
         eps, _ = self.get_privacy_spent()
-        row = {"epoch": epoch, "step": int(self.state.step), "train_loss": loss_sum / max(n_real, 1.0),
+        row: dict[str, Any] = {"epoch": epoch, "step": int(self.state.step), "train_loss": loss_sum / max(n_real, 1.0),
                "test_accuracy": acc, "epsilon": eps if math.isfinite(eps) else None, "seconds": time.time() - t0}
         if self.private.adaptive is not None:
             row["clip_norm"] = self.private.clip_norm(self.state)  # C_t: post-processing of releases
