@@ -6,14 +6,22 @@ tokens, same batch, random init -- nothing is downloaded):
     jax_nonprivate_loop / jaxdp_auto_loop / jaxdp_ghost_loop   jaxdp.lm.GPT2 (layers in a Python loop)
     jax_nonprivate_scan / jaxdp_auto_scan / jaxdp_ghost_scan   the same blocks stacked, in nnx.scan + nnx.remat
                                                                (checkpoint policy ``dots_saveable``)
-    torch_nonprivate / opacus_ghost / opacus_hooks             transformers GPT2LMHeadModel; Opacus ghost clipping,
+    jaxprivacy_loop                                            jax-privacy 2.0 clipping.clipped_grad, looped model
+    jax_nonprivate_lora / jaxdp_auto_lora                      LoRA rank 8 on q, v (jaxdp.lm.lora); adapters trained
+    torch_nonprivate / opacus_ghost / opacus_hooks             transformers GPT2LMHeadModel; Opacus ghost clipping
+                                                               (lm_head untied from wte: Opacus refuses tied weights)
                                                                and Opacus per-sample gradients (hooks)
+    wrn_nonprivate / wrn_jaxdp_auto, vit_nonprivate / vit_jaxdp_auto
+                                                               WRN-16-4 (GroupNorm) and ViT-Tiny (patch 4) on random
+                                                               32x32x3 images, --vision-batch (scale_models.py)
 
 The DP step is ``jaxdp.clipped_grad`` (per-sequence mean NLL, C = 1) + Gaussian noise (sigma = 1) + SGD; the
 non-private step is the gradient of the mean loss + SGD. Columns: median step time (s) of ``--steps`` timed steps
 after 1 warm-up step, DP / non-private ratio (same layer layout), compile time, XLA peak memory
-(``memory_analysis()``: temp + arguments + outputs of the compiled step), the process's peak RSS, and the plan
-``jaxdp.ghost.explain`` chose (leaves per path). A row that fails records its error.
+(``memory_analysis()``: temp + arguments + outputs of the compiled step), the process's peak RSS, the plan
+``jaxdp.ghost.explain`` chose (leaves per path), and with ``--fit-batch2 B2`` the largest batch within 16 GiB,
+extrapolated from XLA's peak at the two batch sizes (affine in the batch; not run). A row that fails records its
+error.
 
     PYTHONPATH=. python benchmarks/scale.py --layers 4 --d-model 256 --heads 4 --vocab 8192 --batch 8 \\
         --seq-len 128 --steps 3 --json benchmarks/results/scale_cpu_4layer.json
