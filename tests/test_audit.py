@@ -322,23 +322,6 @@ def test_cli_steps_override_changes_the_claim_consistently():
     assert sc.noise_multiplier == 0.0 and info["claimed_epsilon"] == pytest.approx(want, rel=1e-3)
 
 
-def test_gabor_mlp_is_audited_on_its_own_features():
-    """The demo's model, an MLP on fixed per-example Gabor features, is re-trained by the audit as that MLP on the
-    same features (144 of them for 8x8 digits), not as a pixel-MLP stand-in."""
-    from jaxdp.audit.cli import recipe_from_config
-    from jaxdp.data import load_dataset
-    from jaxdp.models import gabor_features
-    cfg = {"model": {"name": "gabor_mlp", "options": {"hidden": [32]}}, "optimizer": {"learning_rate": 0.1},
-           "training": {"epochs": 1, "batch_size": 287, "seed": 0,
-                        "dp": {"enabled": True, "epsilon": 3.0, "delta": 1e-5}}}
-    sc, x, _, info = recipe_from_config(cfg, "one_run", None, {"pool_size": 50})
-    assert x.shape[1] == 144 and sc.model == "mlp" and sc.hidden == (32,)
-    assert not any("stand" in n or "instead" in n for n in info["notes"]), info["notes"]
-    d = load_dataset("digits")
-    feats = np.asarray(gabor_features(jnp.asarray(d.x_train)))
-    assert any(np.allclose(x[0], f, atol=1e-6) for f in feats[:400])
-
-
 def test_cli_membership_attacks_are_indicative_and_model_swap_is_stated(tmp_path, capsys):
     from jaxdp.cli import main
     # A non-private-in-fact run (noise 0) claiming epsilon 0.5, trained as a CNN: the membership attacks may

@@ -73,16 +73,7 @@ def recipe_from_config(cfg: dict, attack: str, metrics: RunSummary | dict | None
     a, t, dp, opt = cfg["audit"], cfg["training"], cfg["training"]["dp"], cfg["optimizer"]
     o = {k: v for k, v in (overrides or {}).items() if v is not None}
     data = load_dataset(cfg["data"]["name"], **cfg["data"]["options"])
-    name = cfg["model"]["module"] or cfg["model"]["name"]
-    if name == "gabor_mlp":
-        # The model's Gabor features are fixed and per example (part of the model, not learned): the shadow MLPs
-        # see exactly the input the trained MLP sees.
-        import jax.numpy as jnp
-
-        from jaxdp.models import gabor_features
-        x_all = np.asarray(gabor_features(jnp.asarray(data.x_train)))
-    else:
-        x_all = data.x_train.reshape(len(data.x_train), -1)
+    x_all = data.x_train.reshape(len(data.x_train), -1)
     y_all = data.y_train
     default_pool = 200 if attack in ("lira", "loss_threshold") else 300
     pool = int(o.get("pool_size", a["pool_size"] or default_pool))
@@ -91,20 +82,20 @@ def recipe_from_config(cfg: dict, attack: str, metrics: RunSummary | dict | None
     idx = np.sort(rng.choice(len(y_all), pool, replace=False))
     x, y = x_all[idx], y_all[idx]
 
+    name = cfg["model"]["module"] or cfg["model"]["name"]
     options = cfg["model"]["options"] if cfg["model"]["module"] is None else {}
     notes = []
     substituted = None
-    mlp_like = name in ("mlp", "gabor_mlp")   # gabor_mlp: the same MLP, on its fixed features (x_all above)
     if name == "logreg":
         mname = "logreg"
     else:
         mname = "mlp"
-        if not mlp_like:
+        if name != "mlp":
             substituted = name
             notes.append(f"config model {name!r}: the audit trainer uses an MLP on flattened inputs instead")
-    hidden = options.get("hidden", [128]) if mlp_like else [128]
+    hidden = options.get("hidden", [128]) if name == "mlp" else [128]
     hidden = tuple(int(h) for h in (hidden if isinstance(hidden, (list, tuple)) else [hidden]))
-    activation = str(options.get("activation", "tanh")) if mlp_like else "tanh"
+    activation = str(options.get("activation", "tanh")) if name == "mlp" else "tanh"
     if mname == "mlp" and substituted is None and activation.lower() != "tanh":
         substituted = f"{name} ({activation})"
         notes.append(f"config activation {activation!r}: the audit trainer's MLP uses tanh")
