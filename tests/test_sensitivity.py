@@ -549,6 +549,21 @@ def test_tied_and_shared_weights_use_one_ghost_norm():
     assert got["shared_dense"] == {"w": "ghost"}
 
 
+@pytest.mark.parametrize("dtype_mode", ["bf16", "f16", "bf16_params"])
+@pytest.mark.parametrize("method", ("ghost", "auto"))
+def test_tied_embedding_low_precision_and_per_layer_bounded(method, dtype_mode):
+    """The tied embedding under bfloat16 / float16 compute and bfloat16 params, and with per-layer clip norms:
+    every example's contribution stays <= C (per group) with out-of-range ids and repeated ids."""
+    params = MODELS["embed_tied"][1]()
+    if dtype_mode == "bf16_params":
+        params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
+    for seed, spread in ((0, 0), (1, 3)):
+        norms = contributions("embed_tied", params, id_batch(seed, spread), 0.05, method, dtype_mode)
+        assert_bounded(norms, 0.05)
+    C = {"E": 0.02, "w": 0.05}
+    assert_bounded(contributions("embed_tied", MODELS["embed_tied"][1](), id_batch(2, 3), C, method), C)
+
+
 @pytest.mark.parametrize("name", ["embed_tied", "shared_dense"])
 def test_tied_cancellation_and_extreme_scales_fall_back_exactly(name):
     """The combined formula is certified like any sequence site: a common offset (shared_dense: the Gram terms
