@@ -65,7 +65,8 @@ def run_sweep(config: dict | str | os.PathLike, epsilons: Sequence[float], out_d
         "delta": float(cfg["training"]["dp"]["delta"]), "accountant": cfg["training"]["accountant"],
         "epochs": cfg["training"]["epochs"], "epsilons": sorted(set(eps_list)), "runs": runs,
         "non_private": base, "plot": None}
-    if plot:
+    from jaxdp import distributed
+    if plot and distributed.is_main_process():   # side effects on process 0 only, as for the runs' own records
         try:
             from jaxdp.report.plots import plot_accuracy_vs_epsilon
             result["plot"] = os.path.join(out, "accuracy_vs_epsilon.png")
@@ -73,7 +74,8 @@ def run_sweep(config: dict | str | os.PathLike, epsilons: Sequence[float], out_d
         except ImportError as e:  # pragma: no cover - without the plots extra
             result["plot"] = None
             result["plot_error"] = str(e)
-    atomic_write(os.path.join(out, "sweep.json"), json.dumps(result, indent=1))
+    if distributed.is_main_process():
+        atomic_write(os.path.join(out, "sweep.json"), json.dumps(result, indent=1))
     result["json_path"] = os.path.join(out, "sweep.json")
     return result
 

@@ -598,7 +598,8 @@ def compare(config: dict | str, out_dir: str | None = None, progress: bool | Non
                "accuracy_difference": base_acc - dp_acc, "epsilon": results["dp"]["epsilon"],
                "delta": results["dp"]["delta"], "noise_multiplier": results["dp"]["noise_multiplier"],
                "dp_dir": os.path.join(base, "dp"), "non_private_dir": os.path.join(base, "non_private")}
-    atomic_write(os.path.join(base, "comparison.json"), json.dumps(summary, indent=1))
+    if distributed.is_main_process():   # one file per output, as for the runs' own records
+        atomic_write(os.path.join(base, "comparison.json"), json.dumps(summary, indent=1))
     return summary
 
 
