@@ -125,6 +125,25 @@ def test_write_is_atomic_and_read_back_equal(tmp_path):
         RunSummary.read(tmp_path / "nothing")
 
 
+def test_non_finite_numbers_are_written_as_strict_json_and_read_back(tmp_path):
+    """A diverged run (NaN loss) or a non-private one (epsilon inf) used to write NaN / Infinity literals, which
+    strict JSON readers (jq, browsers, most languages) refuse. They are spelled "nan" / "inf" now, and read back as
+    the numbers -- not as "not recorded"."""
+    s = RunSummary.read(V0).replace(epsilon=math.inf,
+                                    epochs=[EpochRecord(epoch=1, train_loss=math.nan,
+                                                        layer_grad_norm_mean={"w": math.inf}).to_dict()])
+    path = s.write(tmp_path)
+    text = open(path).read()
+    json.loads(text, parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c} in metrics.json"))
+    back = RunSummary.read(path)
+    assert back.epsilon == math.inf
+    assert math.isnan(back.epochs[0].train_loss) and back.epochs[0].layer_grad_norm_mean == {"w": math.inf}
+    old = tmp_path / "old"                                   # files written before: NaN literals still read
+    old.mkdir()
+    (old / "metrics.json").write_text(text.replace('"nan"', "NaN").replace('"inf"', "Infinity"))
+    assert math.isnan(RunSummary.read(old / "metrics.json").epochs[0].train_loss)
+
+
 # -- one config hash -------------------------------------------------------------------------------------------
 def test_one_config_hash_and_the_ledger_alias_warns():
     import jaxdp.ledger

@@ -84,12 +84,15 @@ def _check(value: Any, kind: str, src: str, field: str) -> Any:
     if kind == "map":
         if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
             raise bad("a mapping")
-        return dict(value)
+        return _unstrict(dict(value))
     if kind == "numbers":   # {name: number}
+        value = _unstrict(value)
         if not isinstance(value, dict) or not all(isinstance(k, str) and _number(x) for k, x in value.items()):
             raise bad("a mapping of names to numbers")
         return {k: float(x) for k, x in value.items()}
-    # numbers with a range
+    # numbers with a range; the file spells a non-finite number as a string (strict JSON has no NaN / Infinity)
+    if isinstance(value, str) and value in _NONFINITE:
+        value = float(value)
     if not _number(value):
         raise bad({"float": "a number", "nonneg": "a number >= 0", "prob": "a number in [0, 1]",
                    "delta": "a number in [0, 1)", "rate": "a number in (0, 1]"}[kind])
@@ -99,6 +102,33 @@ def _check(value: Any, kind: str, src: str, field: str) -> Any:
         raise bad({"nonneg": "a number >= 0", "prob": "a number in [0, 1]", "delta": "a number in [0, 1)",
                    "rate": "a number in (0, 1]"}[kind])
     return v
+
+
+_NONFINITE = ("nan", "inf", "-inf")
+
+
+def _strict(value: Any) -> Any:
+    """``value`` with every non-finite float spelled ``"nan"`` / ``"inf"`` / ``"-inf"``: ``metrics.json`` is strict
+    RFC 8259 JSON (which has no NaN or Infinity, so other tools can read it), and :meth:`RunSummary.read` reads
+    those strings back as the numbers (a diverged run's NaN loss stays NaN, not "not recorded")."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    if isinstance(value, dict):
+        return {k: _strict(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict(v) for v in value]
+    return value
+
+
+def _unstrict(value: Any) -> Any:
+    """The inverse of :func:`_strict` inside a mapping read from the file."""
+    if isinstance(value, str) and value in _NONFINITE:
+        return float(value)
+    if isinstance(value, dict):
+        return {k: _unstrict(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_unstrict(v) for v in value]
+    return value
 
 
 def _fields(cls) -> dict[str, str]:
@@ -272,7 +302,8 @@ class RunSummary:
         format (``format_version``); returns its path."""
         from jaxdp._io import atomic_write
         path = os.path.join(os.fspath(out_dir), FILE)
-        atomic_write(path, json.dumps(dict(self.to_dict(), format_version=FORMAT_VERSION), indent=1))
+        text = json.dumps(_strict(dict(self.to_dict(), format_version=FORMAT_VERSION)), indent=1, allow_nan=False)
+        atomic_write(path, text)
         return path
 
     # -- derived -------------------------------------------------------------------------------------------
