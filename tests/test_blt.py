@@ -397,11 +397,8 @@ def test_trainer_runs_blt_and_the_record_card_and_curve_state_it(tmp_path):
     from jaxdp.report.modelcard import build_model_privacy, guarantee_sentence
     from jaxdp.report.plots import epsilon_curve
     from jaxdp.train import DPTrainer
-    cfg = {"model": {"name": "logreg"}, "data": {"name": "digits"},
-           "optimizer": {"name": "sgd", "learning_rate": 1.0},
-           "training": {"epochs": 2, "batch_size": 128, "seed": 7, "accountant": "rdp", "mechanism": "blt",
-                        "buffers": 2, "dp": {"enabled": True, "epsilon": 3.0, "delta": 1e-5, "max_grad_norm": 1.0}},
-           "output": {"dir": str(tmp_path / "run"), "progress": False}}
+    from tiny import tiny_config
+    cfg = tiny_config(tmp_path / "run", training={"batch_size": 128, "mechanism": "blt", "buffers": 2}, epsilon=3.0)
     trainer = DPTrainer(cfg, log=False)
     trainer.train()
     m = json.loads((tmp_path / "run" / "metrics.json").read_text())

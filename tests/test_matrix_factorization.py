@@ -333,11 +333,9 @@ def test_ema_update_warms_up_then_uses_decay():
 def test_trainer_runs_bandmf_and_records_the_mechanism(tmp_path):
     import json
     from jaxdp.train import DPTrainer
-    cfg = {"model": {"name": "logreg"}, "data": {"name": "digits"},
-           "optimizer": {"name": "sgd", "learning_rate": 1.0},
-           "training": {"epochs": 1, "batch_size": 64, "seed": 7, "accountant": "rdp", "mechanism": "bandmf",
-                        "bands": 4, "dp": {"enabled": True, "epsilon": 3.0, "delta": 1e-5, "max_grad_norm": 1.0}},
-           "output": {"dir": str(tmp_path / "run"), "progress": False}}
+    from tiny import tiny_config
+    cfg = tiny_config(tmp_path / "run", epochs=1, training={"batch_size": 64, "mechanism": "bandmf", "bands": 4},
+                      epsilon=3.0)
     trainer = DPTrainer(cfg, log=False)
     trainer.train()
     m = json.loads((tmp_path / "run" / "metrics.json").read_text())

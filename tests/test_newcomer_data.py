@@ -7,19 +7,13 @@ import json
 import numpy as np
 import pytest
 
+import tiny
 from jaxdp.train import DPTrainer
 
 
 def tiny_config(tmp_path, data="digits", **dp):
-    return {
-        "model": {"name": "logreg"},
-        "data": {"name": str(data)},
-        "optimizer": {"name": "sgd", "learning_rate": 2.0},
-        "training": {"epochs": 1, "batch_size": 256, "seed": 7, "accountant": "rdp",
-                     "dp": dict({"enabled": True, "epsilon": 2.0, "delta": 1e-5, "max_grad_norm": 1.0,
-                                 "noise_multiplier": None}, **dp)},
-        "output": {"dir": str(tmp_path / "run"), "progress": False},
-    }
+    """tests/tiny.py's run for one epoch, on ``data``."""
+    return tiny.tiny_config(tmp_path / "run", epochs=1, data=data, **dp)
 
 
 def test_train_refuses_delta_at_least_one_over_n_unless_overridden_and_recorded(tmp_path):

@@ -12,13 +12,15 @@ import os
 from typing import Any
 
 
-def tiny_config(out: str | os.PathLike, epochs: int = 2, **dp: Any) -> dict:
-    """The trainer config of the tiny run, writing to ``out``; ``dp`` overrides keys of ``training.dp``."""
+def tiny_config(out: str | os.PathLike, epochs: int = 2, *, data: Any = "digits",
+                training: dict | None = None, **dp: Any) -> dict:
+    """The trainer config of the tiny run, writing to ``out``; ``data`` names the dataset, ``training``
+    overrides keys of ``training`` (a mechanism, a batch size) and ``dp`` keys of ``training.dp``."""
     return {
         "model": {"name": "logreg"},
-        "data": {"name": "digits"},
+        "data": {"name": str(data)},
         "optimizer": {"name": "sgd", "learning_rate": 2.0},
-        "training": {"epochs": epochs, "batch_size": 256, "seed": 7, "accountant": "rdp",
+        "training": {"epochs": epochs, "batch_size": 256, "seed": 7, "accountant": "rdp", **(training or {}),
                      "dp": dict({"enabled": True, "epsilon": 2.0, "delta": 1e-5, "max_grad_norm": 1.0,
                                  "noise_multiplier": None}, **dp)},
         "output": {"dir": str(out), "progress": False},
