@@ -629,8 +629,12 @@ def _gamma(n: int, u: float) -> float:
 
 def _safe_scale(x, axes):
     """Per-example scale max|x| (1 where it is 0) so the Gram products neither overflow nor underflow."""
-    s = jnp.max(jnp.abs(x), axis=axes)
-    return jnp.where((s > 0) & jnp.isfinite(s), s, jnp.where(jnp.isfinite(s), 1.0, s).astype(x.dtype))
+    return _scale_of(jnp.max(jnp.abs(x), axis=axes))
+
+
+def _scale_of(s):
+    """A largest |entry| ``s`` as a scale: itself, 1 where it is 0, and non-finite values kept (they flag)."""
+    return jnp.where((s > 0) & jnp.isfinite(s), s, jnp.where(jnp.isfinite(s), 1.0, s).astype(s.dtype))
 
 
 def _two_stage_sum(P, u: float):
@@ -742,9 +746,12 @@ def _chunk_size(B: int, w_size: int) -> int:
     return max(k for k in range(1, cap + 1) if B % k == 0)
 
 
-def _exact(site: _Site, w, A, G, sel, weights):
-    """:func:`_exact_sites` for one site."""
-    return _exact_sites((site,), w, (A,), (G,), sel, weights)
+def _exact_where(sites: tuple, w, As: tuple, Gs: tuple, sel, sq_g):
+    """The squared norms ``sq_g``, with those of the examples ``sel`` replaced by the norms of their materialised
+    gradients (:func:`_exact_sites`, run only when some example needs it)."""
+    sq_x = lax.cond(jnp.any(sel), lambda: _exact_sites(sites, w, As, Gs, sel, None)[0],
+                    lambda: jnp.zeros(sel.shape, sq_g.dtype))
+    return jnp.where(sel, sq_x, sq_g)
 
 
 def _exact_sites(sites: tuple, w, As: tuple, Gs: tuple, sel, weights):
@@ -797,9 +804,7 @@ def _site_sq(site: _Site, w, A, G, certify: bool = True):
     sq_g, sel = _ghost_sq(site, w.shape, A, G, acc, certify)
     if sel is None:   # T = 1 sites (no cancellation possible) and certify=False (benchmarks only)
         return sq_g, None
-    sq_x = lax.cond(jnp.any(sel), lambda: _exact(site, w, A, G, sel, None)[0],
-                    lambda: jnp.zeros(sel.shape, acc))
-    return jnp.where(sel, sq_x, sq_g), sel
+    return _exact_where((site,), w, (A,), (G,), sel, sq_g), sel
 
 
 def _site_sum(site: _Site, w, A, G, sel, weights):
@@ -818,11 +823,19 @@ def _site_sum(site: _Site, w, A, G, sel, weights):
     if sel is None:   # no example needs the exact fallback at this site
         keep = weights != 0
         return _bookkeep(site, w, _zero_dropped(A, keep), _zero_dropped(G, keep), weights)
+    return _sum_sites((site,), w, (A,), (G,), sel, weights)
+
+
+def _sum_sites(sites: tuple, w, As: tuple, Gs: tuple, sel, weights):
+    """``sum_i weights_i g_i`` of leaf ``w`` at ``sites`` (one, or a tied leaf's several): each site's book-keeping
+    product for the examples whose ghost norm was used, plus the exact materialised vectors (all sites) of those
+    in ``sel``."""
     w_bk = jnp.where(sel, 0, weights)
     keep = w_bk != 0   # 0 * NaN would poison the sum: zero dropped examples' inputs first
-    total = _bookkeep(site, w, _zero_dropped(A, keep), _zero_dropped(G, keep), w_bk)
+    total = sum(_bookkeep(site, w, _zero_dropped(A, keep), _zero_dropped(G, keep), w_bk)
+                for site, A, G in zip(sites, As, Gs))
     sel_w = sel & (weights != 0)
-    return total + lax.cond(jnp.any(sel_w), lambda: _exact(site, w, A, G, sel_w, weights)[1],
+    return total + lax.cond(jnp.any(sel_w), lambda: _exact_sites(sites, w, As, Gs, sel_w, weights)[1],
                             lambda: jnp.zeros_like(total))
 
 
@@ -856,11 +869,10 @@ def _tied_parts(tied: _Tied, w_shape, As, Gs, acc):
 
 
 def _max_scale(xs: list, B: int, acc):
-    """Per-example largest |entry| over the arrays ``xs`` (1 where all are 0 or there are none; non-finite kept)."""
+    """Per-example largest |entry| over the arrays ``xs`` as a scale (:func:`_scale_of`; 1 when there are none)."""
     if not xs:
         return jnp.ones((B,), acc)
-    m = jnp.max(jnp.stack([jnp.max(jnp.abs(x), axis=(1, 2)) for x in xs]), axis=0)
-    return jnp.where((m > 0) & jnp.isfinite(m), m, jnp.where(jnp.isfinite(m), 1.0, m).astype(acc))
+    return _scale_of(jnp.max(jnp.stack([jnp.max(jnp.abs(x), axis=(1, 2)) for x in xs]), axis=0))
 
 
 def _tied_sq(tied: _Tied, w, As, Gs):
@@ -915,21 +927,7 @@ def _tied_sq(tied: _Tied, w, As, Gs):
     hi, ok = _certified(s, E, _gamma(T + len(parts), u) * jnp.sum(nu * nv, -1))
     sel = (~ok | ~in_range) & jnp.isfinite(su) & jnp.isfinite(sv)
     sq_g = (hi * su * sv) ** 2
-    sq_x = lax.cond(jnp.any(sel), lambda: _exact_sites(tied.sites, w, As, Gs, sel, None)[0],
-                    lambda: jnp.zeros(sel.shape, acc))
-    return jnp.where(sel, sq_x, sq_g), sel
-
-
-def _tied_sum(tied: _Tied, w, As, Gs, sel, weights):
-    """``sum_i weights_i g_i`` for a tied leaf: each site's book-keeping product for the examples whose ghost
-    norm was used, plus the exact materialised vectors (all sites) of those in ``sel``."""
-    w_bk = jnp.where(sel, 0, weights)
-    keep = w_bk != 0   # 0 * NaN would poison the sum: zero dropped examples' inputs first
-    total = sum(_bookkeep(site, w, _zero_dropped(A, keep), _zero_dropped(G, keep), w_bk)
-                for site, A, G in zip(tied.sites, As, Gs))
-    sel_w = sel & (weights != 0)
-    return total + lax.cond(jnp.any(sel_w), lambda: _exact_sites(tied.sites, w, As, Gs, sel_w, weights)[1],
-                            lambda: jnp.zeros_like(total))
+    return _exact_where(tied.sites, w, As, Gs, sel, sq_g), sel
 
 
 def _prefer_materialise_tied(tied: _Tied, w_shape, B: int) -> bool:
@@ -1096,7 +1094,7 @@ def _make_impl(policy: str, second_pass: bool = False, certify: bool = True) -> 
                 continue
             w = weights[i].astype(pe.acc_dtype(leaves[i].dtype))
             if isinstance(ghost[i], _Tied):
-                total = _tied_sum(ghost[i], leaves[i], _tied_list(acts[i]), g_probes[i], exact_sel[i], w)
+                total = _sum_sites(ghost[i].sites, leaves[i], _tied_list(acts[i]), g_probes[i], exact_sel[i], w)
             else:
                 total = _site_sum(ghost[i], leaves[i], acts[i], g_probes[i], exact_sel[i], w)
             summed[i] = pe.to_output(total, leaves[i].dtype)
