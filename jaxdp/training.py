@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import warnings
 from typing import Any, NamedTuple
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -86,7 +86,8 @@ class Training:
 
     def open_ledger(self, ledger: Any = None, *, dataset_id: str | None = None, run_id: str | None = None,
                     parent_run_id: str | None = None, reserve: bool = False, planned_steps: int | None = None,
-                    model: str | None = None, config_hash: str | None = None, complete: bool = False,
+                    model: str | None = None, config_hash: str | None = None,
+                    accept_config_hashes: Sequence[str] = (), complete: bool = False,
                     where: str | None = None, log: Callable[[str], Any] | None = None) -> Any:
         """Reconcile this run with the privacy ledger before its first step (:meth:`LedgerGate.open
         <jaxdp.ledger.gate.LedgerGate.open>`): adopt its reservation, reserve the planned steps
@@ -102,7 +103,8 @@ class Training:
         gate = distributed.on_main_process(lambda: LedgerGate.open(
             ledger, dataset_id=dataset_id, run_id=run_id, events=self.ledger_events, private=self.private,
             planned_steps=planned, steps_done=self._steps, complete=complete, parent_run_id=parent_run_id,
-            reserve=reserve, model=model, config_hash=config_hash, where=where, log=log),
+            reserve=reserve, model=model, config_hash=config_hash, accept_config_hashes=accept_config_hashes,
+            where=where, log=log),
             "the privacy ledger check")
         self._gate = gate
         self._ledger_limit = distributed.broadcast_from_main(None if gate is None else gate.limit)

@@ -275,6 +275,84 @@ def test_reserved_gauge_and_compare_with_a_telemetry_port(tmp_path):
     assert seen[True] and all(ln.endswith(" 0.0") for ln in seen[True])
 
 
+# ------------------------------------------------------------ the config hash does not depend on the checkout
+NET_PY = ("import numpy as np\n"
+          "from flax import nnx\n"
+          "class Net(nnx.Module):\n"
+          "    def __init__(self, input_shape, num_classes, *, rngs):\n"
+          "        self.dense = nnx.Linear(int(np.prod(input_shape)), num_classes, rngs=rngs)\n"
+          "    def __call__(self, x):\n"
+          "        return self.dense(x.reshape(x.shape[0], -1))\n")
+
+
+def checkout(root, ledger):
+    """A project folder: its own model file next to its config (``model.module: net.py:Net``)."""
+    import yaml
+    os.makedirs(root)
+    (root / "net.py").write_text(NET_PY)
+    cfg = config(root, ledger=ledger)
+    cfg["model"] = {"module": "net.py:Net"}
+    (root / "c.yaml").write_text(yaml.safe_dump(cfg))
+    return root / "c.yaml"
+
+
+def test_a_moved_checkout_resumes_its_run_and_a_changed_config_is_still_refused(tmp_path):
+    import shutil
+
+    import yaml
+    path, led = new_ledger(tmp_path)
+    first = DPTrainer(str(checkout(tmp_path / "a", path)), out_dir=str(tmp_path / "a" / "run"), log=False)
+    first.train(max_epochs=1)
+    assert first.status == "running" and led.run(first.run_id).status == "reserved"
+    shutil.copytree(tmp_path / "a", tmp_path / "b")   # the checkout re-cloned (or moved) elsewhere
+    moved = DPTrainer(str(tmp_path / "b" / "c.yaml"), out_dir=str(tmp_path / "b" / "run"), log=False)
+    assert moved.cfg["model"]["module"] == str(tmp_path / "b" / "net.py") + ":Net"   # resolved at its new place
+    assert moved.config_hash == first.config_hash
+    out = moved.train()
+    assert out["status"] == "finished" and out["run_id"] == first.run_id and out["config_hash"] == first.config_hash
+    assert led.run(first.run_id).status == "committed" and len(led.runs()) == 1
+    # a genuinely changed config in the moved checkout is still another config
+    cfg = yaml.safe_load((tmp_path / "b" / "c.yaml").read_text())
+    cfg["optimizer"]["learning_rate"] = 1.0
+    (tmp_path / "b" / "c.yaml").write_text(yaml.safe_dump(cfg))
+    with pytest.raises(ValueError, match="different config"):
+        DPTrainer(str(tmp_path / "b" / "c.yaml"), out_dir=str(tmp_path / "b" / "run"), log=False).train()
+
+
+def test_a_run_recorded_with_the_legacy_absolute_path_hash_still_resumes(tmp_path, monkeypatch):
+    """Migration: a run whose checkpoint, run.json and reservation hold the old hash (the module's absolute
+    path hashed) resumes where it was written, keeping that hash and its run id."""
+    from jaxdp.train.config import config_hash, config_hashes, load_config
+    path, led = new_ledger(tmp_path)
+    cfg_path = str(checkout(tmp_path / "a", path))
+    new, legacy = config_hashes(load_config(cfg_path))
+    assert new == config_hash(load_config(cfg_path)) != legacy
+    with monkeypatch.context() as m:   # the trainer as it was: the absolute path hashed
+        m.setattr(trainer_mod, "config_hashes", lambda cfg: config_hashes(cfg)[1:])
+        old = DPTrainer(cfg_path, log=False)
+        old.train(max_epochs=1)
+    assert old.config_hash == legacy and led.run(old.run_id).config_hash == legacy
+    resumed = DPTrainer(cfg_path, log=False)
+    out = resumed.train()
+    assert out["status"] == "finished" and out["run_id"] == old.run_id and out["config_hash"] == legacy
+    assert led.run(old.run_id).status == "committed"
+    with open(tmp_path / "a" / "run" / "run.json") as f:
+        assert json.load(f)["config_hash"] == legacy
+
+
+def test_the_ledger_gate_accepts_a_reservation_under_another_computation_of_the_hash(tmp_path):
+    from jaxdp.ledger.gate import LedgerGate, RunStateError
+    path, led = new_ledger(tmp_path)
+    mech = [{"sampling": "poisson", "noise_multiplier": 1.0, "sample_rate": 0.01, "steps": 10}]
+    led.reserve("digits", "r", mech, config_hash="old")
+    events = lambda n: [dict(mech[0], steps=n)]   # noqa: E731
+    with pytest.raises(RunStateError, match="another config"):
+        LedgerGate.open(led, dataset_id="digits", run_id="r", events=events, config_hash="new")
+    gate = LedgerGate.open(led, dataset_id="digits", run_id="r", events=events, config_hash="new",
+                           accept_config_hashes=("new", "old"))
+    assert gate.reserved and gate.limit == 10
+
+
 # ------------------------------------------------------------------------------------ real kill -9 (slow)
 @pytest.mark.slow
 @pytest.mark.parametrize("point", ["after_run_file", "after_reserve", "after_checkpoint", "before_commit"])

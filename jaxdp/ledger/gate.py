@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import os
 from typing import Any
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from jaxdp.ledger import events as ev
 from jaxdp.ledger.core import Ledger, RunRecord, code_version, require_reservation
@@ -82,7 +82,7 @@ class LedgerGate:
     def open(cls, ledger: Any, *, dataset_id: str | None, run_id: str | None, events: EventsFn,
              private: bool = True, planned_steps: int | None = None, steps_done: int = 0, complete: bool = False,
              parent_run_id: str | None = None, reserve: bool = False, model: str | None = None,
-             config_hash: str | None = None, where: str | None = None,
+             config_hash: str | None = None, accept_config_hashes: Sequence[str] = (), where: str | None = None,
              log: Callable[[str], Any] | None = None) -> LedgerGate | None:
         """Reconcile the run with the ledger (see the module docstring) and return its gate.
 
@@ -92,6 +92,9 @@ class LedgerGate:
           events: ``events(n)``: the run's mechanism for ``n`` steps (what is reserved and committed).
           planned_steps: the steps to reserve with ``reserve=True``.
           steps_done, complete: the steps the run already took (a resumed run) and whether it is finished.
+          config_hash: the run's config hash, recorded on a new reservation; an existing reservation recorded
+            with another hash is refused, unless that hash is in ``accept_config_hashes`` (other computations of
+            the same config's hash, e.g. :func:`jaxdp.train.config.config_hashes`' legacy one).
           where: names the run's checkpoint in messages (e.g. its output directory).
           log: called with a line when something is done on the run's behalf (a late commit).
 
@@ -122,7 +125,8 @@ class LedgerGate:
             raise RunStateError(
                 f"run {run_id!r}'s reservation was released ({run.release_reason!r}); it no longer covers this "
                 "run. Use another output.dir, or --fresh to start a new run with its own reservation")
-        if run is not None and run.config_hash and config_hash and run.config_hash != config_hash:
+        if (run is not None and run.config_hash and config_hash
+                and run.config_hash not in (config_hash, *accept_config_hashes)):
             raise RunStateError(f"run {run_id!r} was reserved for another config (hash {run.config_hash[:12]}); "
                                 "use another run id or output.dir")
         dataset_protected = led.is_protected(dataset_id)

@@ -324,10 +324,7 @@ def model_label(cfg: dict) -> str:
     module = cfg["model"]["module"]
     if not module:
         return cfg["model"]["name"]
-    file, sep, cls = str(module).rpartition(":")
-    if sep and file.endswith(".py"):
-        return f"{os.path.basename(file)}:{cls}"
-    return str(module)
+    return _module_file_name(str(module))
 
 
 def read_yaml(path: str | os.PathLike) -> Any:
@@ -371,8 +368,18 @@ def config_hash(cfg: Any) -> str:
     A trainer config (a mapping whose top-level keys are trainer sections) is validated first, so the raw YAML
     dict and the validated config (defaults filled in) hash the same; its ``output`` section (where files go)
     and any other tool's section (``audit``) are left out, and so are keys added after configs were first
-    written while they hold their default (old runs keep their hash). Any other JSON-able object (another
+    written while they hold their default (old runs keep their hash). A ``model.module`` given by file
+    (``"file.py:Class"``, which :func:`load_config` makes absolute) is hashed by the file's name and class
+    (``file.py:Class``, as :func:`model_label` names it), never by its directory: the hash of a run does not
+    depend on where the checkout lives, so a moved or re-cloned checkout resumes its runs. (The file's name, not
+    its path relative to the config: a run directory's own ``config.yaml``, which :meth:`DPTrainer.load` reads,
+    names the module by its absolute path and must hash as the config it was trained from. Two module files of
+    the same name and class in different folders therefore hash the same.) Any other JSON-able object (another
     tool's config) is hashed as its canonical JSON.
+
+    Migration: before this rule the absolute path was hashed. :func:`config_hashes` gives both computations;
+    a checkpoint, ``run.json`` or ledger reservation recorded with either is the same config (a run written
+    before the rule resumes where it was written, and keeps its recorded hash and run id).
 
     Raises:
       ConfigError: a trainer config with a bad key or value (a config that cannot run has no hash).
@@ -381,17 +388,52 @@ def config_hash(cfg: Any) -> str:
       >>> raw = {"optimizer": {"learning_rate": 0.1}, "training": {"epochs": 1, "batch_size": 64}}
       >>> config_hash(raw) == config_hash(validate_config(raw))
       True
+      >>> here = dict(raw, model={"module": "/home/me/proj/net.py:Net"})
+      >>> config_hash(here) == config_hash(dict(raw, model={"module": "/srv/clone/net.py:Net"}))
+      True
     """
-    if isinstance(cfg, Mapping):
-        body = {k: v for k, v in cfg.items() if k not in _NOT_HASHED}
-        if body and set(body) <= set(SCHEMA):
-            body = {k: v for k, v in validate_config(copy.deepcopy(body)).items() if k not in _NOT_HASHED}
-            for where in _HASH_OMIT_IF_DEFAULT:
-                section, key = where.split(".")
-                if key in body[section] and body[section][key] == SCHEMA[section][key]:
-                    del body[section][key]
-        cfg = body
-    return hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()
+    return config_hashes(cfg)[0]
+
+
+def config_hashes(cfg: Any) -> tuple[str, ...]:
+    """The hashes that identify ``cfg``: :func:`config_hash` first, then (when it differs) the legacy hash of
+    the same config with a module file named by its full path as given (the computation before the hash was
+    made location-independent). A recorded hash in this tuple names this config; any other, another config."""
+    body, trainer = _hash_body(cfg)
+    module = body["model"].get("module") if trainer else None
+    if not isinstance(module, str) or _module_file_name(module) == module:
+        return (_digest(body),)
+    legacy = _digest(body)
+    body["model"]["module"] = _module_file_name(module)   # body is a validated copy: the caller's cfg is intact
+    return (_digest(body), legacy)
+
+
+def _hash_body(cfg: Any) -> tuple[Any, bool]:
+    """The config as hashed (the module path still as given; see :func:`config_hash`) and whether it is a
+    trainer config (then a fresh validated copy)."""
+    if not isinstance(cfg, Mapping):
+        return cfg, False
+    body = {k: v for k, v in cfg.items() if k not in _NOT_HASHED}
+    if not (body and set(body) <= set(SCHEMA)):
+        return body, False
+    body = {k: v for k, v in validate_config(copy.deepcopy(body)).items() if k not in _NOT_HASHED}
+    for where in _HASH_OMIT_IF_DEFAULT:
+        section, key = where.split(".")
+        if key in body[section] and body[section][key] == SCHEMA[section][key]:
+            del body[section][key]
+    return body, True
+
+
+def _module_file_name(module: str) -> str:
+    """``"/any/dir/file.py:Class"`` -> ``"file.py:Class"``; a ``"package.module:Class"`` is returned as is."""
+    file, sep, cls = module.rpartition(":")
+    if sep and file.endswith(".py"):
+        return f"{os.path.basename(file)}:{cls}"
+    return module
+
+
+def _digest(body: Any) -> str:
+    return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()
 
 
 _NOT_HASHED = ("output", "audit")   # where files go, and the audit's own settings: not part of a run's identity
@@ -416,5 +458,5 @@ def example_config() -> str:
             "# shown for them are examples. Delete what you do not change.\n")
     return head + "\n".join(lines) + "\n"
 
-__all__ = ["SCHEMA", "ConfigError", "validate_config", "load_config", "read_yaml", "config_hash", "model_label",
-           "example_config"]
+__all__ = ["SCHEMA", "ConfigError", "validate_config", "load_config", "read_yaml", "config_hash", "config_hashes",
+           "model_label", "example_config"]

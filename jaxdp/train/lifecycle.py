@@ -11,7 +11,9 @@ Rules (``jaxdp train``; see docs/ledger.md, "Crashed runs"):
   re-running them releases nothing new); a run whose checkpoint says it is complete but whose reservation is
   still open (killed between the final checkpoint and the commit) commits the steps it took and stops; a
   committed run whose checkpoint disagrees, a released one, or a reservation made for another config is
-  refused with what to do.
+  refused with what to do. "Another config" is decided by :func:`jaxdp.train.config.config_hashes`: a hash
+  recorded before the hash became independent of the checkout's location still names the same config (at the
+  location it was written), and the run keeps the hash (and run id) it recorded.
 * **Nothing silent.** A directory that held a previous run (``run.json`` says a checkpoint was written, or
   ``metrics.json`` exists) but has no checkpoint is refused: ``--fresh`` moves the old files aside and starts a
   new run (a new id, charged again).
@@ -92,9 +94,11 @@ def resolve_identity(tr, resumed: bool, meta: dict | None, fresh: bool) -> dict:
     out, chash = tr.out_dir, tr.config_hash
     cfg_id = tr.cfg["ledger"]["run_id"]
     info = read_run_file(out)
-    if info is not None and info.get("config_hash") != chash:
+    if info is not None and info.get("config_hash") not in (chash, *tr.config_hashes):
         raise RunStateError(f"{out} holds run {info['run_id']!r} of a different config; use another output.dir, "
                             "or --fresh to move its files aside and start a new run there")
+    if info is not None:
+        tr.config_hash = chash = info["config_hash"]   # the hash the run recorded (a legacy one stays)
     known = info["run_id"] if info else (meta.get("run_id") if meta else None)
     if meta is not None and meta.get("run_id") != known:
         raise RunStateError(f"{out}: the checkpoint belongs to run {meta.get('run_id')!r} but run.json names "

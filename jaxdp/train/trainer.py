@@ -27,7 +27,7 @@ from jaxdp import models
 from jaxdp.engine import PrivacyBudgetExhausted, PrivacyEngine
 from jaxdp.sampling import steps_for_epochs
 from jaxdp.train import checkpoint, lifecycle
-from jaxdp.train.config import config_hash, load_config, model_label, validate_config
+from jaxdp.train.config import config_hashes, load_config, model_label, validate_config
 from jaxdp.train.summary import RunSummary
 
 if TYPE_CHECKING:
@@ -173,7 +173,10 @@ class DPTrainer:
         self.graphdef, self.params0, self.rest = models.split_params(self.model)
         self.metrics: list[dict] = []
         self.status = "not started"
-        self.config_hash = config_hash(cfg)
+        # the config hash (jaxdp.train.config.config_hash) and the legacy one of the same config: a checkpoint,
+        # run.json or reservation recorded with either is this config, and the run keeps the one it recorded
+        self.config_hashes = config_hashes(cfg)
+        self.config_hash = self.config_hashes[0]
         # the run id is settled by train() (lifecycle.resolve_identity: run.json, ledger.run_id or derived)
         self.run_id = cfg["ledger"]["run_id"] or lifecycle.derived_run_id(self.out_dir, self.config_hash)
         self.telemetry: DPMetrics | None = None  # started by train(), stopped when it returns
@@ -330,9 +333,10 @@ class DPTrainer:
         if loaded is None:
             return False
         state, meta = loaded
-        if meta.get("config_hash") != self.config_hash:
+        if meta.get("config_hash") not in self.config_hashes:
             raise ValueError(f"{self.out_dir} holds a checkpoint of a different config; use another output.dir, "
                              "or --fresh to move the old files aside")
+        self.config_hash = meta["config_hash"]   # a run written before the hash changed keeps its own
         lifecycle.check_restored(self, state, meta)   # before anything is restored into the engine
         self.state = self.private.load_state_dict({"train_state": state, "sampler": meta["sampler"],
                                                    "accountant": meta["accountant"]})
@@ -360,7 +364,8 @@ class DPTrainer:
         gate = self.private.open_ledger(
             lcfg["path"] or None, dataset_id=self.dataset_id, run_id=self.run_id, parent_run_id=lcfg["parent_run_id"],
             reserve=lcfg["reserve"], planned_steps=self.total_steps, model=self.model_name,
-            config_hash=self.config_hash, complete=complete, where=self.out_dir, log=print if self.log else None)
+            config_hash=self.config_hash, accept_config_hashes=self.config_hashes, complete=complete,
+            where=self.out_dir, log=print if self.log else None)
         self.ledger = None if gate is None else gate.ledger
         if self.telemetry is not None and gate is not None:
             self.telemetry.record_ledger(protected=gate.protected, reserved=gate.reserved,
@@ -435,7 +440,8 @@ class DPTrainer:
         distributed.on_main_process(
             lambda: lifecycle.resolve_identity(self, resumed, self._ckpt_meta, fresh=not self.resume),
             "the run directory check")
-        self.run_id = distributed.broadcast_from_main(self.run_id)  # process 0's run id (run.json) everywhere
+        # process 0's run id and config hash (run.json) everywhere
+        self.run_id, self.config_hash = distributed.broadcast_from_main([self.run_id, self.config_hash])
         self.resume = True  # from here on (e.g. a second train() call) this directory's checkpoint is ours
         complete = self._complete()
         self.trained_steps = 0  # steps taken by this call (0: a finished run was only re-reported)
