@@ -2,6 +2,7 @@
 import json
 import math
 import os
+import re
 
 import numpy as np
 import pytest
@@ -77,6 +78,28 @@ def test_resume_is_bit_identical(tmp_path):
     assert all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(la, lb))
     assert straight.get_privacy_spent() == resumed.get_privacy_spent()
     assert resumed.engine.accountant.steps == straight.engine.accountant.steps
+
+
+def test_log_prints_about_ten_epoch_lines_per_run(tmp_path, capsys):
+    """25 epochs print the first, every 3rd and the last (10 lines), in the per-epoch line format; a run stopped
+    by max_epochs prints where it stopped and its resumption where it resumed; metrics.json keeps every epoch."""
+    cfg = tiny_config(tmp_path, noise_multiplier=1.0, epsilon=None)
+    cfg["training"]["epochs"] = 25
+
+    def printed():
+        lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("epoch ")]
+        assert all(re.fullmatch(r"epoch +\d+  loss \d\.\d{4}  test acc \d\.\d{4}  epsilon \d+\.\d{3}  "
+                                r"clipped \d+%  \(\d+\.\ds\)", ln) for ln in lines), lines
+        return [int(ln.split()[1]) for ln in lines]
+
+    first = DPTrainer(cfg, log=True)
+    first.train(max_epochs=4)
+    assert printed() == [1, 3, 4]
+    rest = DPTrainer(cfg, log=True).train()
+    assert printed() == [5, 6, 9, 12, 15, 18, 21, 24, 25]
+    assert [r["epoch"] for r in rest["epochs"]] == list(range(1, 26))
+    DPTrainer(cfg, out_dir=str(tmp_path / "straight"), log=True).train()
+    assert printed() == [1, 3, 6, 9, 12, 15, 18, 21, 24, 25]
 
 
 def test_a_plan_that_cannot_finish_is_refused_before_training(tmp_path):

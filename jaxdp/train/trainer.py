@@ -127,7 +127,8 @@ class DPTrainer:
       out_dir: overrides ``output.dir``.
       resume: continue from the checkpoint in the output directory when there is one.
       progress: overrides ``output.progress``.
-      log: print a line per epoch to stdout.
+      log: print progress lines to stdout: at most about a dozen epoch lines per run (see
+        :func:`epochs_to_log`; every epoch's row is in ``metrics.json``).
     """
 
     def __init__(self, config: dict | str, *, out_dir: str | None = None, resume: bool = True,
@@ -496,6 +497,7 @@ class DPTrainer:
         progress = _Progress(self.cfg["output"]["progress"] and self.main, self.total_steps)
         target = self.private.target_epsilon
         epochs_run = 0
+        logged, unlogged = epochs_to_log(n_epochs), None   # the epochs printed; the last row not printed yet
         if self.log and resumed:
             print(f"resuming {self.out_dir} at step {int(self.state.step)}")
         while int(self.state.step) < self.total_steps:
@@ -510,13 +512,11 @@ class DPTrainer:
                                             group_clip_fraction=row.get("group_clip_fraction"),
                                             noise_multiplier=self.noise_multiplier)
             progress.update(int(self.state.step), epoch, n_epochs, row["epsilon"], target, row["test_accuracy"])
-            if self.log:
+            unlogged = row
+            if self.log and (epochs_run == 0 or epoch in logged):   # this call's first epoch, and the plan's
                 progress.close()
-                eps_s = f"epsilon {row['epsilon']:.3f}" if row["epsilon"] is not None else "epsilon inf (non-private)"
-                clip_s = f"  clipped {100 * row['clip_fraction']:.0f}%" if "clip_fraction" in row else ""
-                clip_s += f"  C {row['clip_norm']:.3g}" if "clip_norm" in row else ""
-                print(f"epoch {epoch:3d}  loss {row['train_loss']:.4f}  test acc {row['test_accuracy']:.4f}  "
-                      f"{eps_s}{clip_s}  ({row['seconds']:.1f}s)", flush=True)
+                print(_epoch_line(row), flush=True)
+                unlogged = None
             epochs_run += 1
             if epoch % self.cfg["output"]["checkpoint_every"] == 0 or int(self.state.step) >= self.total_steps:
                 if int(self.state.step) >= self.total_steps:
@@ -525,6 +525,8 @@ class DPTrainer:
             if max_epochs is not None and epochs_run >= max_epochs:
                 break
         progress.close()
+        if self.log and unlogged is not None:   # the run stopped early (max_epochs, budget): where it stopped
+            print(_epoch_line(unlogged), flush=True)
         self._clip_warnings()
         if int(self.state.step) >= self.total_steps:
             self.status = "finished"
@@ -581,6 +583,29 @@ class DPTrainer:
         return row
 
 
+def epochs_to_log(epochs: int, lines: int = 10) -> frozenset[int]:
+    """The epochs whose line the trainer prints: the first, the last and every ``ceil(epochs / lines)``-th, so
+    a run prints at most ``lines + 2`` epoch lines however long it is (a resumed or early-stopped run also
+    prints the first and the last epoch it trains).
+
+    >>> sorted(epochs_to_log(150))
+    [1, 15, 30, 45, 60, 75, 90, 105, 120, 135, 150]
+    >>> sorted(epochs_to_log(3)), sorted(epochs_to_log(25))
+    ([1, 2, 3], [1, 3, 6, 9, 12, 15, 18, 21, 24, 25])
+    """
+    every = max(1, math.ceil(epochs / lines))
+    return frozenset({1, epochs} | set(range(every, epochs + 1, every)))
+
+
+def _epoch_line(row: dict) -> str:
+    """The printed line of an epoch's metrics row."""
+    eps_s = f"epsilon {row['epsilon']:.3f}" if row["epsilon"] is not None else "epsilon inf (non-private)"
+    clip_s = f"  clipped {100 * row['clip_fraction']:.0f}%" if "clip_fraction" in row else ""
+    clip_s += f"  C {row['clip_norm']:.3g}" if "clip_norm" in row else ""
+    return (f"epoch {row['epoch']:3d}  loss {row['train_loss']:.4f}  test acc {row['test_accuracy']:.4f}  "
+            f"{eps_s}{clip_s}  ({row['seconds']:.1f}s)")
+
+
 def compare(config: dict | str, out_dir: str | None = None, progress: bool | None = None,
             log: bool = True) -> dict:
     """Train the config privately and as a non-private baseline (``dp.enabled: false``); report both."""
@@ -609,4 +634,4 @@ def compare(config: dict | str, out_dir: str | None = None, progress: bool | Non
     return summary
 
 
-__all__ = ["DPTrainer", "compare"]
+__all__ = ["DPTrainer", "compare", "epochs_to_log"]
