@@ -13,6 +13,12 @@ import jax.numpy as jnp
 import numpy as np
 
 
+class JaxdpDeprecationWarning(DeprecationWarning):
+    """A deprecated jaxdp API was used. A ``DeprecationWarning`` (every filter and ``pytest.warns`` for those
+    catches it) of jaxdp's own: jaxdp's test suite turns it into an error (``pyproject.toml``), so a test uses a
+    deprecated jaxdp API only inside ``pytest.warns``, and jaxdp never calls one itself."""
+
+
 def positive(name: str, value: Any) -> float:
     """Return ``float(value)``; raise ``ValueError`` unless it is finite and > 0."""
     try:
@@ -143,7 +149,7 @@ def keyword_only(*names: str) -> Callable[[_F], _F]:
                     f"{who}: passing {', '.join(moved)} by position is deprecated and will stop working; pass them "
                     f"by keyword: {who}({', '.join(f'{n}=...' for n in moved)}). (noise_multiplier and "
                     "l2_clip_norm are both floats, and a swapped pair would silently change the privacy.)",
-                    DeprecationWarning, stacklevel=2)
+                    JaxdpDeprecationWarning, stacklevel=2)
                 kwargs.update(zip(moved, extra))
                 args = args[:n_pos]
             return fn(*args, **kwargs)
@@ -191,6 +197,6 @@ def renamed_keyword(where: str, new: str, new_value: Any, old: str, old_value: A
     if new_value is not new_default:
         raise TypeError(f"{where}: give {new}= only ({old}= is its deprecated old name)")
     import warnings
-    warnings.warn(f"{where}: {old}= is deprecated; use {new}= (same meaning)", DeprecationWarning,
+    warnings.warn(f"{where}: {old}= is deprecated; use {new}= (same meaning)", JaxdpDeprecationWarning,
                   stacklevel=stacklevel)
     return old_value

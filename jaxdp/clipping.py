@@ -157,7 +157,7 @@ vmap_impl = per_example.vmap_backend
 def register_method(name: str, impl: Callable) -> None:
     """Deprecated: use :func:`jaxdp.per_example.register_backend` (same arguments, plus ``replace=``)."""
     warnings.warn("jaxdp.clipping.register_method is deprecated; use jaxdp.per_example.register_backend",
-                  DeprecationWarning, stacklevel=2)
+                  _checks.JaxdpDeprecationWarning, stacklevel=2)
     per_example.register_backend(name, impl, replace=True)
 
 

@@ -70,7 +70,7 @@ def _rekeyed(state: PyTree, key: jax.Array | None) -> PyTree:
         elif isinstance(v, nnx.RngCount) and key is not None:
             out.append(v.replace(jnp.zeros_like(v.value)))
         elif isinstance(v, nnx.Variable):
-            out.append(v.replace(v.value))
+            out.append(v.replace())   # a copy with the same value
         else:
             out.append(v)
     return jax.tree_util.tree_unflatten(treedef, out)
@@ -191,7 +191,7 @@ class PrivateTraining(Training):
         """Deprecated name of :attr:`l2_clip_norm`."""
         import warnings
         warnings.warn("PrivateTraining.max_grad_norm is deprecated; use .l2_clip_norm (same value)",
-                      DeprecationWarning, stacklevel=2)
+                      _checks.JaxdpDeprecationWarning, stacklevel=2)
         return self.l2_clip_norm
 
     def _setup_adaptive(self, config, optimizer, key, secure, microbatch_size, trainable) -> None:
@@ -367,10 +367,10 @@ class PrivateTraining(Training):
         if d is None:
             return ["no accountant in the state dict of a private run"]
         restored = _accounting().Accountant.from_dict(d)
-        if (restored.accountant, restored.neighboring_relation) != (self.accountant.accountant,
-                                                                     self.accountant.neighboring_relation):
-            return [f"accountant {restored.accountant}/{restored.neighboring_relation} vs this engine's "
-                    f"{self.accountant.accountant}/{self.accountant.neighboring_relation}"]
+        if (restored.method, restored.neighboring_relation) != (self.accountant.method,
+                                                                 self.accountant.neighboring_relation):
+            return [f"accountant {restored.method}/{restored.neighboring_relation} vs this engine's "
+                    f"{self.accountant.method}/{self.accountant.neighboring_relation}"]
         if restored.steps < step:
             return [f"accountant steps {restored.steps} vs train state step {step}"]
         self.engine.accountant = restored
@@ -479,8 +479,8 @@ class PrivacyEngine:
     def secure_mode(self) -> bool:
         """Deprecated name of :attr:`secure`."""
         import warnings
-        warnings.warn("PrivacyEngine.secure_mode is deprecated; use .secure (same value)", DeprecationWarning,
-                      stacklevel=2)
+        warnings.warn("PrivacyEngine.secure_mode is deprecated; use .secure (same value)",
+                      _checks.JaxdpDeprecationWarning, stacklevel=2)
         return self.secure
 
     def _check_seed(self, seed: int | None, who: str, what: str, use: str) -> None:

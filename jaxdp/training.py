@@ -339,9 +339,10 @@ class NonPrivateTraining(Training):
 
 
 def deprecated_ledger_false() -> None:
+    from jaxdp._checks import JaxdpDeprecationWarning
     warnings.warn("make_private(ledger=False) is deprecated: pass defer_ledger=True and call "
                   "open_ledger(...) before the first step (the run is still gated: it refuses to step until then)",
-                  DeprecationWarning, stacklevel=3)
+                  JaxdpDeprecationWarning, stacklevel=3)
 
 
 __all__ = ["Training", "NonPrivateTraining", "NonPrivateStats", "TrainState", "PrivacyBudgetExhausted"]

@@ -234,7 +234,7 @@ def check_model_fits_data(model: Any, x: Any, y: Any = None, *, source: str = "t
 
     def call(st, xx):  # fresh copies of the variables: RNG counters may be updated inside the trace
         leaves, treedef = jax.tree_util.tree_flatten(st, is_leaf=lambda v: isinstance(v, nnx.Variable))
-        fresh = [v.replace(v.value) if isinstance(v, nnx.Variable) else v for v in leaves]
+        fresh = [v.replace() if isinstance(v, nnx.Variable) else v for v in leaves]
         return nnx.merge(graphdef, jax.tree_util.tree_unflatten(treedef, fresh))(xx)
 
     try:

@@ -278,6 +278,29 @@ def test_accountant_method_and_the_deprecated_accountant_attribute():
     assert Accountant.from_dict(acc.to_dict()).method == "rdp"
 
 
+def test_jaxdp_deprecations_are_errors_in_the_test_suite():
+    """pyproject.toml's filterwarnings: a deprecated jaxdp API used outside pytest.warns fails the test (jaxdp's
+    own JaxdpDeprecationWarning, a DeprecationWarning); other libraries' deprecations do not."""
+    import jaxdp
+    from jaxdp._checks import JaxdpDeprecationWarning
+    assert issubclass(JaxdpDeprecationWarning, DeprecationWarning)
+    with pytest.raises(JaxdpDeprecationWarning, match="secure_mode= is deprecated"):
+        jaxdp.PrivacyEngine(secure_mode=True)
+    warnings.warn("a third-party deprecation", DeprecationWarning, stacklevel=1)   # ignored, as before
+
+
+def test_restoring_an_accountant_uses_no_deprecated_jaxdp_api():
+    """The engine's state-dict restore compared accountants through the deprecated ``Accountant.accountant``."""
+    import jaxdp
+    engine = jaxdp.PrivacyEngine(accountant="rdp")
+    private = engine.make_private(loss_fn=lambda p, b: jnp.sum(b["x"] @ p["w"], axis=-1),
+                                  params={"w": jnp.zeros((3,))}, optimizer=optax.sgd(0.1), dataset_size=100,
+                                  batch_size=10, noise_multiplier=1.0, l2_clip_norm=1.0, seed=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)
+        assert private._load_accountant(engine.accountant.to_dict(), 0) == []
+
+
 def test_local_device_count_is_this_process_and_device_count_the_job(monkeypatch):
     from jaxdp import distributed
     monkeypatch.setattr(jax, "local_device_count", lambda *a, **k: 2)  # process 0 of 2, 2 devices each

@@ -45,7 +45,7 @@ def ledger(tmp_path, reserve=None):
 def make(engine=None, **kw):
     engine = engine or jaxdp.PrivacyEngine(accountant="rdp")
     args = dict(loss_fn=loss_fn, params=params0(), optimizer=optax.sgd(0.1), dataset_size=N, batch_size=B,
-                noise_multiplier=SIGMA, max_grad_norm=1.0, seed=7, method="vmap", epochs=2)
+                noise_multiplier=SIGMA, l2_clip_norm=1.0, seed=7, method="vmap", epochs=2)
     args.update(kw)
     return engine.make_private(**args)
 

@@ -167,14 +167,14 @@ def test_registered_backend_works_in_make_private(spy):
 
     data = jaxdp.data.load_digits()
     private = engine.make_private(loss_fn=loss_fn, params=params, optimizer=optax.sgd(0.5), dataset_size=256,
-                                  batch_size=64, noise_multiplier=1.0, max_grad_norm=1.0, seed=0, method="test_spy")
+                                  batch_size=64, noise_multiplier=1.0, l2_clip_norm=1.0, seed=0, method="test_spy")
     state = private.init()
     for batch, mask in private.batches({"x": data.x_train[:256], "y": data.y_train[:256]}, 1):
         state, _ = private.step(state, batch, mask)
     assert spy.calls >= 1 and private.steps_taken == 1
     with pytest.raises(ValueError, match="registered per-example backends"):
         engine.make_private(loss_fn=loss_fn, params=params, optimizer=optax.sgd(0.5), dataset_size=256,
-                            batch_size=64, noise_multiplier=1.0, max_grad_norm=1.0, seed=0, method="nope")
+                            batch_size=64, noise_multiplier=1.0, l2_clip_norm=1.0, seed=0, method="nope")
 
 
 def test_registered_backend_works_as_training_method(spy, tmp_path):

@@ -333,8 +333,8 @@ class Accountant:
     def accountant(self) -> str:
         """Deprecated name of :attr:`method` (``"prv"``, ``"pld"`` or ``"rdp"``)."""
         import warnings
-        warnings.warn("Accountant.accountant is deprecated; use Accountant.method (same value)", DeprecationWarning,
-                      stacklevel=2)
+        warnings.warn("Accountant.accountant is deprecated; use Accountant.method (same value)",
+                      _checks.JaxdpDeprecationWarning, stacklevel=2)
         return self.method
 
     # -- recording

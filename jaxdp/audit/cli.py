@@ -32,8 +32,9 @@ def load_config(path: str) -> dict:
     """Deprecated alias of :func:`jaxdp.audit.config.load_audit_config` (the audit reads trainer configs with the
     trainer's schema now; this used to read any YAML mapping and let every key fall back to a default)."""
     import warnings
+    from jaxdp._checks import JaxdpDeprecationWarning
     warnings.warn("jaxdp.audit.cli.load_config is deprecated: use jaxdp.audit.config.load_audit_config",
-                  DeprecationWarning, stacklevel=2)
+                  JaxdpDeprecationWarning, stacklevel=2)
     return load_audit_config(path)
 
 

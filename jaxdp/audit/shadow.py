@@ -146,8 +146,10 @@ def _build_optimizer(config: ShadowConfig) -> optax.GradientTransformation:
 def _optimizer(config: ShadowConfig) -> optax.GradientTransformation:
     """Deprecated: the audit builds its optimiser with the trainer's ``build_optimizer`` (:func:`optimizer_section`)."""
     import warnings
+    from jaxdp._checks import JaxdpDeprecationWarning
     warnings.warn("jaxdp.audit.shadow._optimizer is deprecated: use "
-                  "jaxdp.train.components.build_optimizer(optimizer_section(config))", DeprecationWarning, stacklevel=2)
+                  "jaxdp.train.components.build_optimizer(optimizer_section(config))", JaxdpDeprecationWarning,
+                  stacklevel=2)
     return _build_optimizer(config)
 
 

@@ -137,8 +137,10 @@ def config_hash(config: Any) -> str:
     reserved with ``config_hash=config_hash(cfg)`` (as ``docs/ledger.md`` showed) was refused by the trainer as
     "reserved for another config"."""
     import warnings
+    from jaxdp._checks import JaxdpDeprecationWarning
     warnings.warn("jaxdp.ledger.config_hash is deprecated: use jaxdp.train.config_hash (the trainer's hash, "
-                  "which a reservation must record)", DeprecationWarning, stacklevel=2)
+                  "which a reservation must record)", JaxdpDeprecationWarning,
+                  stacklevel=2)
     from jaxdp.train.config import config_hash as _config_hash
     return _config_hash(config)
 

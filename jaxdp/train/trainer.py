@@ -20,6 +20,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from jaxdp._checks import JaxdpDeprecationWarning
 from jaxdp._io import atomic_write
 from jaxdp import data as data_lib
 from jaxdp import distributed
@@ -39,8 +40,8 @@ CLIP_HIGH, CLIP_LOW = 0.9, 0.01  # warn when more than 90% / fewer than 1% of ex
 def _optimizer(cfg: dict, total_steps: int = 1) -> optax.GradientTransformation:
     """Deprecated alias: ``jaxdp.train.components.build_optimizer(cfg["optimizer"], total_steps)``."""
     warnings.warn("jaxdp.train.trainer._optimizer is deprecated: use "
-                  "jaxdp.train.components.build_optimizer(cfg['optimizer'], total_steps)", DeprecationWarning,
-                  stacklevel=2)
+                  "jaxdp.train.components.build_optimizer(cfg['optimizer'], total_steps)",
+                  JaxdpDeprecationWarning, stacklevel=2)
     from jaxdp.train.components import build_optimizer
     return build_optimizer(cfg["optimizer"], total_steps)
 
