@@ -247,7 +247,7 @@ def test_round_trip_exact_floats_and_all_samplings():
     a.step(None, sampling="none", num_steps=1)
     b = acct.Accountant.from_json(a.to_json())
     assert b.history == a.history and b.history[0]["noise_multiplier"] == 0.1 + 0.2
-    assert b.accountant == "pld" and b.neighboring_relation == "add_remove"
+    assert b.method == "pld" and b.neighboring_relation == "add_remove"
 
 
 def test_sampler_names_match_events():
