@@ -620,6 +620,13 @@ def _prefer_materialise(site: _Site, w_shape, B: int, kappa: dict | None = None)
 # norm and its contribution to the sum come from that materialised vector.
 _LAMBDA = 8.0
 _TAU = 2.0 ** -17   # ~7.6e-6: a certified ghost norm lies in [exact, exact * (1 + _TAU)], within vmap's 1e-5
+# The tolerance ``auto`` uses on a layer whose per-example gradients are too large to materialise (more than
+# _MATERIALISE_BYTES): there the exact fallback is the very cost auto avoids, and the rounding bound of a sequence
+# layer is ~8 T u relative (T positions, u = 2^-24), so at 2^-17 EVERY example of a T >= 16 layer fell back.
+# 2^-8 certifies random-data layers up to T ~ 2048 (measured: 1.5e-3 at T = 1024); an accepted norm is still an
+# upper bound, so the only effect is that such an example is clipped to between C / (1 + 2^-8) and C (at most
+# 0.4% over-clipping, the same factor as the bfloat16 rule), never above C.
+_TAU_LARGE = 2.0 ** -8
 _SAFE = 2.0 ** 60   # squared norms in [1/_SAFE, _SAFE] multiply without overflow or underflow in float32
 
 
@@ -655,20 +662,21 @@ def _scaled_outer_sq(A2, G2):
     return na2 * ng2 * (sa * sg) ** 2
 
 
-def _certified(s, E, E_bk):
+def _certified(s, E, E_bk, tau: float = _TAU):
     """(upper bound on the norm, whether the bound is tight enough to use) from the float value ``s`` of a
-    squared norm, its error bound ``E`` and the book-keeping bound ``E_bk`` (all in the same scaled units)."""
+    squared norm, its error bound ``E`` and the book-keeping bound ``E_bk`` (all in the same scaled units): the
+    upper bound is used when it is within ``tau`` (relative) of the lower bound."""
     hi = jnp.sqrt(jnp.maximum(s, 0) + E) + E_bk
     lo = jnp.sqrt(jnp.maximum(s - E, 0))
-    return hi, jnp.isfinite(s) & (hi <= (1 + _TAU) * lo)
+    return hi, jnp.isfinite(s) & (hi <= (1 + tau) * lo)
 
 
-def _ghost_sq(site: _Site, w_shape, A, G, acc, certify: bool = True):
+def _ghost_sq(site: _Site, w_shape, A, G, acc, certify: bool = True, tau: float = _TAU):
     """Per-example squared norms ``[B]`` of this site's weight gradient (an upper bound, see above) and a ``[B]``
     mask of the examples whose ghost value is not certified and must be computed exactly (``None`` where no
-    example can need it: ``T = 1`` sites). ``acc`` is the
-    accumulation dtype (>= float32). ``certify=False`` is the bare Gram formula without bound or fallback (NOT
-    private: kept only so that ``benchmarks/clip_bound_cost.py`` can measure what the bound costs)."""
+    example can need it: ``T = 1`` sites). ``acc`` is the accumulation dtype (>= float32); ``tau`` the
+    certification tolerance (:func:`_certified`). ``certify=False`` is the bare Gram formula without bound or
+    fallback (NOT private: kept only so that ``benchmarks/clip_bound_cost.py`` can measure what the bound costs)."""
     hi_p = lax.Precision.HIGHEST
     u = float(jnp.finfo(acc).eps) / 2
     if not certify:
@@ -686,7 +694,7 @@ def _ghost_sq(site: _Site, w_shape, A, G, acc, certify: bool = True):
         ng = jnp.sqrt(jnp.maximum(jnp.diagonal(gg, axis1=1, axis2=2), 0))
         rows = jnp.einsum("bt,bts,bs->b", ng, same, ng, precision=hi_p)
         E = _gamma(p, u) * rows + E_sum
-        hi, ok = _certified(s, E, _gamma(T, u) * jnp.sqrt(rows))
+        hi, ok = _certified(s, E, _gamma(T, u) * jnp.sqrt(rows), tau)
         return (hi * sg) ** 2, ~ok & jnp.isfinite(s)
     A2, G2 = _mats(site, w_shape, A if site.kind == "dot" else A.astype(acc), G)
     A2, G2 = A2.astype(acc), G2.astype(acc)
@@ -710,7 +718,7 @@ def _ghost_sq(site: _Site, w_shape, A, G, acc, certify: bool = True):
     E = (_gamma(d, u) * jnp.einsum("bt,bts,bs->b", na, abs_gg, na, precision=hi_p)
          + _gamma(p, u) * jnp.einsum("bt,bts,bs->b", ng, abs_aa, ng, precision=hi_p)
          + E_sum)
-    hi, ok = _certified(s, E, _gamma(T, u) * jnp.sum(na * ng, -1))
+    hi, ok = _certified(s, E, _gamma(T, u) * jnp.sum(na * ng, -1), tau)
     return (hi * sa * sg) ** 2, ~ok & jnp.isfinite(s)
 
 
@@ -782,7 +790,7 @@ def _exact_sites(sites: tuple, w, As: tuple, Gs: tuple, sel, weights):
     return sq.reshape(B), total
 
 
-def _site_sq(site: _Site, w, A, G, certify: bool = True):
+def _site_sq(site: _Site, w, A, G, certify: bool = True, tau: float = _TAU):
     """Per-example squared norms ``[B]`` of leaf ``w``'s gradient at its one ghost site, and the mask of examples
     whose value came from the exact fallback (``None`` where none can: ``T = 1`` sites, ``certify=False``).
 
@@ -797,11 +805,11 @@ def _site_sq(site: _Site, w, A, G, certify: bool = True):
 
         def layer(args):
             wl, a, g = args
-            sq_l, sel_l = _site_sq(base, wl, a, g, certify)
+            sq_l, sel_l = _site_sq(base, wl, a, g, certify, tau)
             return sq_l, (jnp.zeros(sq_l.shape, bool) if sel_l is None else sel_l)
         sq, sel = lax.map(layer, (w, jnp.moveaxis(A, 1, 0), jnp.moveaxis(G, 1, 0)))
         return jnp.sum(sq, 0), sel
-    sq_g, sel = _ghost_sq(site, w.shape, A, G, acc, certify)
+    sq_g, sel = _ghost_sq(site, w.shape, A, G, acc, certify, tau)
     if sel is None:   # T = 1 sites (no cancellation possible) and certify=False (benchmarks only)
         return sq_g, None
     return _exact_where((site,), w, (A,), (G,), sel, sq_g), sel
@@ -875,7 +883,7 @@ def _max_scale(xs: list, B: int, acc):
     return _scale_of(jnp.max(jnp.stack([jnp.max(jnp.abs(x), axis=(1, 2)) for x in xs]), axis=0))
 
 
-def _tied_sq(tied: _Tied, w, As, Gs):
+def _tied_sq(tied: _Tied, w, As, Gs, tau: float = _TAU):
     """Per-example squared norms ``[B]`` (upper bounds, as :func:`_ghost_sq`) of a tied leaf's gradient -- the SUM
     of its sites' gradients -- and the mask of the examples computed exactly.
 
@@ -924,7 +932,7 @@ def _tied_sq(tied: _Tied, w, As, Gs):
          + _gamma(Dn, u) * jnp.einsum("bt,bts,bs->b", nv, jnp.abs(uu), nv, precision=hi_p)
          + E_sum)
     # book-keeping: each site's batched product (T_k terms) and the sum of the K sites' results
-    hi, ok = _certified(s, E, _gamma(T + len(parts), u) * jnp.sum(nu * nv, -1))
+    hi, ok = _certified(s, E, _gamma(T + len(parts), u) * jnp.sum(nu * nv, -1), tau)
     sel = (~ok | ~in_range) & jnp.isfinite(su) & jnp.isfinite(sv)
     sq_g = (hi * su * sv) ** 2
     return _exact_where(tied.sites, w, As, Gs, sel, sq_g), sel
@@ -1026,7 +1034,18 @@ def explain(loss_fn: Callable, params: Any, batch: Any, method: str = "auto", ha
     return dict(zip(pe.leaf_names(params), kinds))
 
 
-def _make_impl(policy: str, second_pass: bool = False, certify: bool = True) -> Callable:
+def _tolerance(policy: str, rtol: float | None, w_shape, B: int) -> float:
+    """The certification tolerance of one ghost leaf: ``rtol`` when given; otherwise ``_TAU`` (2^-17), except
+    under ``auto`` on a leaf whose ``B`` per-example gradients would not fit in ``_MATERIALISE_BYTES``, where the
+    exact fallback is what auto avoids: ``_TAU_LARGE`` (2^-8)."""
+    if rtol is not None:
+        return rtol
+    too_large = B * math.prod(w_shape) * 4 > _MATERIALISE_BYTES
+    return _TAU_LARGE if policy == "auto" and too_large else _TAU
+
+
+def _make_impl(policy: str, second_pass: bool = False, certify: bool = True,
+               rtol: float | None = None) -> Callable:
     def impl(loss_fn, has_aux, params, batch, weight_fn):
         leaves, treedef = jax.tree_util.tree_flatten(params)
         b_leaves, b_def = jax.tree_util.tree_flatten(batch)
@@ -1058,6 +1077,7 @@ def _make_impl(policy: str, second_pass: bool = False, certify: bool = True) -> 
             return g_fb, g_probes, loss, aux, acts
 
         B = b_leaves[0].shape[0]
+        taus = {i: _tolerance(policy, rtol, leaves[i].shape, B) for i in ghost}
         probes = {i: tuple(jnp.zeros((B,) + _probe_shape(t), t.out_dtype) for t in s.sites)
                   if isinstance(s, _Tied) else jnp.zeros((B,) + _probe_shape(s), s.out_dtype)
                   for i, s in ghost.items()}
@@ -1073,9 +1093,9 @@ def _make_impl(policy: str, second_pass: bool = False, certify: bool = True) -> 
             sq[i] = pe.sq_norms(g)
         for i, site in ghost.items():
             if isinstance(site, _Tied):
-                sq[i], exact_sel[i] = _tied_sq(site, leaves[i], _tied_list(acts[i]), g_probes[i])
+                sq[i], exact_sel[i] = _tied_sq(site, leaves[i], _tied_list(acts[i]), g_probes[i], taus[i])
             else:
-                sq[i], exact_sel[i] = _site_sq(site, leaves[i], acts[i], g_probes[i], certify)
+                sq[i], exact_sel[i] = _site_sq(site, leaves[i], acts[i], g_probes[i], certify, taus[i])
 
         clip = weight_fn(sq)
         weights = clip.leaf_weights
@@ -1107,9 +1127,51 @@ def _make_impl(policy: str, second_pass: bool = False, certify: bool = True) -> 
 
 ghost_impl = _make_impl("ghost")
 auto_impl = _make_impl("auto")
+
+
+def backend(policy: str = "auto", rtol: float | None = None) -> Callable:
+    """A ghost-norm per-example backend with its own certification tolerance, to register under a name of your
+    choice (:func:`jaxdp.per_example.register_backend`) and pass as ``method=``.
+
+    A ghost norm (``sum_{t,s} <a_t, a_s><g_t, g_s>`` for a layer applied at ``T`` positions) is computed in
+    float32 with a bound ``E`` on its rounding error, and the upper bound ``N_hi`` (the norm of the vector added
+    to the sum can never exceed it) is used for clipping when ``N_hi <= (1 + rtol) N_lo``; otherwise that
+    example's gradient for that layer is materialised exactly. The bound grows like ``8 T u`` (``u = 2^-24``), so
+    at the built-in 2^-17 a sequence layer with ``T >= 16`` positions falls back for EVERY example (the Gram
+    matrices AND the materialised gradient are computed). A larger ``rtol`` lets those norms be used.
+
+    Privacy: unchanged for any ``rtol`` -- the value used is always an upper bound, so every example's
+    contribution stays ``<= C``. Utility: a certified example is clipped to a norm between ``C / (1 + rtol)``
+    and ``C`` where the exact computation gives exactly ``C`` (over-clipping by at most ``rtol``); and ghost and
+    vmap then agree to ``rtol`` rather than 1e-5.
+
+    Args:
+      policy: ``"auto"`` (materialise the layers where that is cheaper, as the built-in ``auto``) or ``"ghost"``
+        (ghost norms wherever the layer is recognised).
+      rtol: the certification tolerance, in ``[2^-20, 2^-4]``; ``None`` keeps the built-in rule (2^-17, and
+        2^-8 under ``auto`` on layers whose per-example gradients exceed 256 MiB).
+
+    >>> import jax.numpy as jnp
+    >>> from jaxdp import ghost, per_example
+    >>> per_example.register_backend("auto_1e-3", ghost.backend("auto", rtol=2.0 ** -10))
+    >>> "auto_1e-3" in per_example.backend_names()
+    True
+    >>> per_example.unregister_backend("auto_1e-3")
+
+    Raises:
+      ValueError: ``policy`` is not ``"auto"`` or ``"ghost"``, or ``rtol`` is outside ``[2^-20, 2^-4]``.
+    """
+    if policy not in ("auto", "ghost"):
+        raise ValueError(f"policy must be 'auto' or 'ghost', got {policy!r}")
+    if rtol is not None:
+        if isinstance(rtol, bool) or not isinstance(rtol, (int, float)) or not 2.0 ** -20 <= rtol <= 2.0 ** -4:
+            raise ValueError(f"rtol must be a number in [2^-20, 2^-4] (the relative over-clipping a certified "
+                             f"ghost norm may carry), or None for the built-in rule; got {rtol!r}")
+        rtol = float(rtol)
+    return _make_impl(policy, rtol=rtol)
 _second_pass_impl = _make_impl("ghost", second_pass=True)  # NOT registered: no per-layer weights, NaN-unsafe
 _auto_unbounded_impl = _make_impl("auto", certify=False)   # NOT registered: the pre-bound formula, benchmarks only
 pe.register_backend("ghost", ghost_impl)
 pe.register_backend("auto", auto_impl)
 
-__all__ = ["ghost_impl", "auto_impl", "explain"]
+__all__ = ["ghost_impl", "auto_impl", "backend", "explain"]
