@@ -48,8 +48,11 @@ recorded on the way forward. The result equals ``vmap(grad)`` up to float roundi
 ``method="ghost"`` always uses the ghost formula for the recognised layers; ``method="auto"`` chooses per layer
 between the ghost formula and materialising that layer's per-example gradient inside the vmapped backward pass
 (a cost rule, :func:`_prefer_materialise`: materialise when the ghost norm's ``T^2 (d + p)`` extra
-multiply-adds exceed a measured multiple of ``|W| = d p`` and ``B |W|`` floats fit in 256 MiB; ``T = 1``
-layers always use the ghost norm) and uses plain vmap when no recognised layer is left as a ghost layer.
+multiply-adds exceed a measured multiple of ``|W| = d p``, smallest layers first while ALL the materialised
+per-example gradients, ``B sum |W|`` floats, fit in 256 MiB; ``T = 1`` layers always use the ghost norm) and
+uses plain vmap when no recognised layer is left as a ghost layer. A ghost norm is used when its rounding bound
+pins it within 2^-17 (relative) of the exact norm, else that example is materialised; under ``auto``, on the
+layers it would materialise but cannot within the budget, within 2^-8 (:func:`backend` sets any tolerance).
 """
 from __future__ import annotations
 
@@ -581,27 +584,26 @@ def _layer_shape(site: _Site, w_shape) -> tuple:
 # uncertified ghost norm costs the ghost formula PLUS the exact materialisation (clip_bound_cost.py).
 _KAPPA = {"dot": 2.0, "gather": 2.0, "conv": 0.0}
 _KAPPA_BARE = {"dot": 2.0, "gather": 2.0, "conv": 64.0}   # the rule before the bound (benchmarks only)
-_MATERIALISE_BYTES = 2 ** 28  # per leaf: B * |W| * 4 bytes of per-example gradients at most (256 MiB)
+_MATERIALISE_BYTES = 2 ** 28  # all materialised leaves together: B * sum |W| * 4 bytes at most (256 MiB)
 
 
-def _prefer_materialise(site: _Site, w_shape, B: int, kappa: dict | None = None) -> bool:
+def _prefer_materialise(site: _Site, w_shape, kappa: dict | None = None) -> bool:
     """The ``auto`` rule: materialise this layer's per-example gradients (inside the vmapped backward pass)
-    rather than use the ghost norm, when that is cheaper and fits in memory.
+    rather than use the ghost norm, when that is cheaper (:func:`_plan` then checks the memory budget).
 
     Per example, the ghost norm of a sequence layer costs ``T^2 (d + p)`` extra multiply-adds (the Gram
     matrices; ``T^2 p`` for an embedding), on top of the book-keeping product, while materialising costs no
     extra multiply-adds (the per-example products ``A_i^T G_i`` replace the batch product ``A^T G``) but
     ``|W| = d p`` floats of memory and a few passes over them (norm, weighted sum). So: ghost when
-    ``T = 1`` (``||a||^2 ||g||^2`` is nearly free), materialise when ``T^2 (d + p) > _KAPPA[kind] d p`` and
-    ``B |W|`` floats fit in ``_MATERIALISE_BYTES``. Measured on CPU (benchmarks/step_speed.py): the 2-layer
-    transformer (T 64, d 128) and the MNIST CNN's convolutions materialise, the MLP, the embedding text
+    ``T = 1`` (``||a||^2 ||g||^2`` is nearly free), materialise when ``T^2 (d + p) > _KAPPA[kind] d p``
+    (memory is budgeted over all leaves by :func:`_plan`). Measured on CPU (benchmarks/step_speed.py): the
+    2-layer transformer (T 64, d 128) and the MNIST CNN's convolutions materialise, the MLP, the embedding text
     classifier (T 32, V 10,000) and every T = 1 layer use ghost norms.
     """
     T, size = _site_dims(site, _layer_shape(site, w_shape))
-    n_w = math.prod(w_shape) // size        # layers of a stacked leaf: materialising costs B * |leaf|
     d_out = max(1, math.prod(site.out_shape) // T)
     T = T * site.length if site.mode == "shared" else T   # a shared scan weight: L T positions
-    if T <= 1 or B * size * n_w * 4 > _MATERIALISE_BYTES:
+    if T <= 1:
         return False
     ghost_macs = T * T * (d_out if site.kind == "gather" else size // d_out + d_out)
     return ghost_macs > (_KAPPA if kappa is None else kappa)[site.kind] * size
@@ -620,12 +622,12 @@ def _prefer_materialise(site: _Site, w_shape, B: int, kappa: dict | None = None)
 # norm and its contribution to the sum come from that materialised vector.
 _LAMBDA = 8.0
 _TAU = 2.0 ** -17   # ~7.6e-6: a certified ghost norm lies in [exact, exact * (1 + _TAU)], within vmap's 1e-5
-# The tolerance ``auto`` uses on a layer whose per-example gradients are too large to materialise (more than
-# _MATERIALISE_BYTES): there the exact fallback is the very cost auto avoids, and the rounding bound of a sequence
-# layer is ~8 T u relative (T positions, u = 2^-24), so at 2^-17 EVERY example of a T >= 16 layer fell back.
-# 2^-8 certifies random-data layers up to T ~ 2048 (measured: 1.5e-3 at T = 1024); an accepted norm is still an
-# upper bound, so the only effect is that such an example is clipped to between C / (1 + 2^-8) and C (at most
-# 0.4% over-clipping, the same factor as the bfloat16 rule), never above C.
+# The tolerance ``auto`` uses on a layer it would materialise but cannot within its memory budget
+# (_MATERIALISE_BYTES, see _plan): there the exact fallback is the very cost auto avoids, and the rounding bound
+# of a sequence layer is ~8 T u relative (T positions, u = 2^-24), so at 2^-17 EVERY example of a T >= 16 layer
+# fell back. 2^-8 certifies random-data layers up to T ~ 2048 (measured: 1.5e-3 at T = 1024); an accepted norm is
+# still an upper bound, so the only effect is that such an example is clipped to between C / (1 + 2^-8) and C (at
+# most 0.4% over-clipping, the same factor as the bfloat16 rule), never above C.
 _TAU_LARGE = 2.0 ** -8
 _SAFE = 2.0 ** 60   # squared norms in [1/_SAFE, _SAFE] multiply without overflow or underflow in float32
 
@@ -938,13 +940,11 @@ def _tied_sq(tied: _Tied, w, As, Gs, tau: float = _TAU):
     return _exact_where(tied.sites, w, As, Gs, sel, sq_g), sel
 
 
-def _prefer_materialise_tied(tied: _Tied, w_shape, B: int) -> bool:
+def _prefer_materialise_tied(tied: _Tied, w_shape) -> bool:
     """The ``auto`` rule for a tied leaf (as :func:`_prefer_materialise`): the combined Gram matrices over all
     ``T`` positions cost ``T^2 (V + D)`` per example against ``|W| = V D`` floats of per-example gradient."""
     T = sum(_site_dims(s, w_shape)[0] for s in tied.sites)
     size = math.prod(w_shape)
-    if B * size * 4 > _MATERIALISE_BYTES:
-        return False
     return T * T * (w_shape[0] + w_shape[1]) > _KAPPA["dot"] * size
 
 
@@ -959,7 +959,11 @@ def _zero_dropped(x, keep):
 def _plan(loss_fn, has_aux, leaves, treedef, b_leaves, b_def, policy, kappa=None):
     """Trace the per-example loss and decide, per trainable leaf, how its per-example norm is computed.
 
-    Returns (closed jaxpr, aux treedef holder, ghost {leaf: site}, materialise {leaf}).
+    Under ``auto``, the leaves the cost rule would materialise are materialised smallest first while all of
+    them together (``B |W|`` floats each) fit in ``_MATERIALISE_BYTES``; the others keep the ghost norm and are
+    returned as ``relaxed`` (certified at ``_TAU_LARGE``: their exact fallback is the cost auto avoids).
+
+    Returns (closed jaxpr, aux treedef holder, ghost {leaf: site}, materialise {leaf}, relaxed {leaf}).
     """
     n = len(leaves)
     aux_def: list = []
@@ -985,7 +989,8 @@ def _plan(loss_fn, has_aux, leaves, treedef, b_leaves, b_def, policy, kappa=None
     if analysis.flow:
         _say_flow(analysis.flow, pe.leaf_names(jax.tree_util.tree_unflatten(treedef, leaves)))
     ghost: dict[int, _Site] = {}
-    materialise: set[int] = set()
+    wanted: list[tuple[int, int]] = []   # (bytes of B per-example gradients, leaf) the cost rule materialises
+    B = b_leaves[0].shape[0]
     for i in range(n):
         s = analysis.sites.get(i, [])
         if i in analysis.bad or not s or not jnp.issubdtype(leaves[i].dtype, jnp.floating):
@@ -995,13 +1000,22 @@ def _plan(loss_fn, has_aux, leaves, treedef, b_leaves, b_def, policy, kappa=None
             if tied is None:
                 continue
             ghost[i] = tied
-            if policy == "auto" and _prefer_materialise_tied(tied, leaves[i].shape, b_leaves[0].shape[0]):
-                materialise.add(i)
+            if policy == "auto" and _prefer_materialise_tied(tied, leaves[i].shape):
+                wanted.append((B * math.prod(leaves[i].shape) * 4, i))
             continue
         ghost[i] = s[0]
-        if policy == "auto" and _prefer_materialise(s[0], leaves[i].shape, b_leaves[0].shape[0], kappa):
+        if policy == "auto" and _prefer_materialise(s[0], leaves[i].shape, kappa):
+            wanted.append((B * math.prod(leaves[i].shape) * 4, i))
+    materialise: set[int] = set()
+    relaxed: set[int] = set()
+    used = 0
+    for nbytes, i in sorted(wanted):
+        if used + nbytes <= _MATERIALISE_BYTES:
             materialise.add(i)
-    return closed, aux_def, ghost, materialise
+            used += nbytes
+        else:
+            relaxed.add(i)
+    return closed, aux_def, ghost, materialise, relaxed
 
 
 def _say_flow(flow: dict, names: list) -> None:
@@ -1027,21 +1041,20 @@ def explain(loss_fn: Callable, params: Any, batch: Any, method: str = "auto", ha
         raise ValueError(f"explain() describes method 'ghost' or 'auto', got {method!r}")
     leaves, treedef = jax.tree_util.tree_flatten(params)
     b_leaves, b_def = jax.tree_util.tree_flatten(batch)
-    _, _, ghost, mat = _plan(loss_fn, has_aux, leaves, treedef, b_leaves, b_def, method)
+    _, _, ghost, mat, _ = _plan(loss_fn, has_aux, leaves, treedef, b_leaves, b_def, method)
     if method == "auto" and (not ghost or len(mat) == len(ghost)):
         ghost, mat = {}, set()
     kinds = ["materialise" if i in mat else "ghost" if i in ghost else "vmap" for i in range(len(leaves))]
     return dict(zip(pe.leaf_names(params), kinds))
 
 
-def _tolerance(policy: str, rtol: float | None, w_shape, B: int) -> float:
+def _tolerance(rtol: float | None, relaxed: bool) -> float:
     """The certification tolerance of one ghost leaf: ``rtol`` when given; otherwise ``_TAU`` (2^-17), except
-    under ``auto`` on a leaf whose ``B`` per-example gradients would not fit in ``_MATERIALISE_BYTES``, where the
-    exact fallback is what auto avoids: ``_TAU_LARGE`` (2^-8)."""
+    for a leaf ``auto`` would materialise but cannot within its memory budget (``relaxed``), where the exact
+    fallback is what auto avoids: ``_TAU_LARGE`` (2^-8)."""
     if rtol is not None:
         return rtol
-    too_large = B * math.prod(w_shape) * 4 > _MATERIALISE_BYTES
-    return _TAU_LARGE if policy == "auto" and too_large else _TAU
+    return _TAU_LARGE if relaxed else _TAU
 
 
 def _make_impl(policy: str, second_pass: bool = False, certify: bool = True,
@@ -1050,7 +1063,7 @@ def _make_impl(policy: str, second_pass: bool = False, certify: bool = True,
         leaves, treedef = jax.tree_util.tree_flatten(params)
         b_leaves, b_def = jax.tree_util.tree_flatten(batch)
         n = len(leaves)
-        closed, aux_def, ghost, materialise = _plan(loss_fn, has_aux, leaves, treedef, b_leaves, b_def, policy,
+        closed, aux_def, ghost, materialise, relaxed = _plan(loss_fn, has_aux, leaves, treedef, b_leaves, b_def, policy,
                                                     None if certify else _KAPPA_BARE)
         if not ghost or (policy == "auto" and len(materialise) == len(ghost)):
             return pe.vmap_backend(loss_fn, has_aux, params, batch, weight_fn)
@@ -1077,7 +1090,7 @@ def _make_impl(policy: str, second_pass: bool = False, certify: bool = True,
             return g_fb, g_probes, loss, aux, acts
 
         B = b_leaves[0].shape[0]
-        taus = {i: _tolerance(policy, rtol, leaves[i].shape, B) for i in ghost}
+        taus = {i: _tolerance(rtol, i in relaxed) for i in ghost}
         probes = {i: tuple(jnp.zeros((B,) + _probe_shape(t), t.out_dtype) for t in s.sites)
                   if isinstance(s, _Tied) else jnp.zeros((B,) + _probe_shape(s), s.out_dtype)
                   for i, s in ghost.items()}
@@ -1149,7 +1162,7 @@ def backend(policy: str = "auto", rtol: float | None = None) -> Callable:
       policy: ``"auto"`` (materialise the layers where that is cheaper, as the built-in ``auto``) or ``"ghost"``
         (ghost norms wherever the layer is recognised).
       rtol: the certification tolerance, in ``[2^-20, 2^-4]``; ``None`` keeps the built-in rule (2^-17, and
-        2^-8 under ``auto`` on layers whose per-example gradients exceed 256 MiB).
+        2^-8 under ``auto`` on the layers it would materialise but cannot within its 256 MiB budget).
 
     >>> import jax.numpy as jnp
     >>> from jaxdp import ghost, per_example

@@ -604,6 +604,30 @@ def test_auto_relaxes_the_tolerance_only_where_it_cannot_materialise(monkeypatch
     assert_bounded(sums[:, None], 1e-3)
 
 
+def _two_layers(p, b):
+    h = jnp.tanh(b["x"] @ p["w1"])                       # [B, T_LONG, D_LONG]
+    return jnp.sum(jnp.tanh(h @ p["w2"]), (-1, -2)) ** 2    # w2: [D_LONG, 2 D_LONG]
+
+
+def test_auto_memory_budget_is_shared_by_all_layers(monkeypatch):
+    """auto's 256 MiB budget holds for ALL materialised per-example gradients together (they are alive at once):
+    with room for w1's B |w1| floats but not also w2's, the smaller w1 is materialised and w2 keeps its ghost norm,
+    certified at 2^-8 and <= C; with room for both, both are materialised (auto is then plain vmap)."""
+    params = _p(32, {"w1": (D_LONG, D_LONG), "w2": (D_LONG, 2 * D_LONG)})
+    batch = _long_setup()[1]
+    both = B * 3 * D_LONG * D_LONG * 4
+    monkeypatch.setattr(ghost, "_MATERIALISE_BYTES", both)
+    # both fit: every recognised layer materialised, so auto runs as plain vmap
+    assert ghost.explain(_two_layers, params, batch) == {"w1": "vmap", "w2": "vmap"}
+    monkeypatch.setattr(ghost, "_MATERIALISE_BYTES", both - 4)
+    assert ghost.explain(_two_layers, params, batch) == {"w1": "materialise", "w2": "ghost"}
+    _, rst = jax.jit(jaxdp.clipped_grad(_two_layers, 1e-3, method="vmap"))(params, batch)
+    g = jax.jit(jaxdp.clipped_grad(_two_layers, 1e-3, method="auto"))
+    ratio = np.asarray(g(params, batch)[1].per_example_norms) / np.asarray(rst.per_example_norms)
+    assert np.all(ratio > 1 + 1e-7) and np.all(ratio <= 1 + 2.0 ** -8), ratio
+    assert_bounded(np.array([[_norm(g(params, batch, jnp.arange(B) == i)[0])] for i in range(B)]), 1e-3)
+
+
 @pytest.mark.parametrize("bad", [0.0, 2.0 ** -21, 0.1, float("nan"), True, "1e-3"])
 def test_backend_refuses_bad_tolerances(bad):
     with pytest.raises(ValueError, match="rtol must be a number"):
