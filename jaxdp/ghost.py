@@ -48,8 +48,11 @@ recorded on the way forward. The result equals ``vmap(grad)`` up to float roundi
 ``method="ghost"`` always uses the ghost formula for the recognised layers; ``method="auto"`` chooses per layer
 between the ghost formula and materialising that layer's per-example gradient inside the vmapped backward pass
 (a cost rule, :func:`_prefer_materialise`: materialise when the ghost norm's ``T^2 (d + p)`` extra
-multiply-adds exceed a measured multiple of ``|W| = d p`` and ``B |W|`` floats fit in 256 MiB; ``T = 1``
-layers always use the ghost norm) and uses plain vmap when no recognised layer is left as a ghost layer.
+multiply-adds exceed a measured multiple of ``|W| = d p``, smallest layers first while ALL the materialised
+per-example gradients, ``B sum |W|`` floats, fit in 256 MiB; ``T = 1`` layers always use the ghost norm) and
+uses plain vmap when no recognised layer is left as a ghost layer. A ghost norm is used when its rounding bound
+pins it within 2^-17 (relative) of the exact norm, else that example is materialised; under ``auto``, on the
+layers it would materialise but cannot within the budget, within 2^-8 (:func:`backend` sets any tolerance).
 """
 from __future__ import annotations
 
@@ -581,27 +584,26 @@ def _layer_shape(site: _Site, w_shape) -> tuple:
 # uncertified ghost norm costs the ghost formula PLUS the exact materialisation (clip_bound_cost.py).
 _KAPPA = {"dot": 2.0, "gather": 2.0, "conv": 0.0}
 _KAPPA_BARE = {"dot": 2.0, "gather": 2.0, "conv": 64.0}   # the rule before the bound (benchmarks only)
-_MATERIALISE_BYTES = 2 ** 28  # per leaf: B * |W| * 4 bytes of per-example gradients at most (256 MiB)
+_MATERIALISE_BYTES = 2 ** 28  # all materialised leaves together: B * sum |W| * 4 bytes at most (256 MiB)
 
 
-def _prefer_materialise(site: _Site, w_shape, B: int, kappa: dict | None = None) -> bool:
+def _prefer_materialise(site: _Site, w_shape, kappa: dict | None = None) -> bool:
     """The ``auto`` rule: materialise this layer's per-example gradients (inside the vmapped backward pass)
-    rather than use the ghost norm, when that is cheaper and fits in memory.
+    rather than use the ghost norm, when that is cheaper (:func:`_plan` then checks the memory budget).
 
     Per example, the ghost norm of a sequence layer costs ``T^2 (d + p)`` extra multiply-adds (the Gram
     matrices; ``T^2 p`` for an embedding), on top of the book-keeping product, while materialising costs no
     extra multiply-adds (the per-example products ``A_i^T G_i`` replace the batch product ``A^T G``) but
     ``|W| = d p`` floats of memory and a few passes over them (norm, weighted sum). So: ghost when
-    ``T = 1`` (``||a||^2 ||g||^2`` is nearly free), materialise when ``T^2 (d + p) > _KAPPA[kind] d p`` and
-    ``B |W|`` floats fit in ``_MATERIALISE_BYTES``. Measured on CPU (benchmarks/step_speed.py): the 2-layer
-    transformer (T 64, d 128) and the MNIST CNN's convolutions materialise, the MLP, the embedding text
+    ``T = 1`` (``||a||^2 ||g||^2`` is nearly free), materialise when ``T^2 (d + p) > _KAPPA[kind] d p``
+    (memory is budgeted over all leaves by :func:`_plan`). Measured on CPU (benchmarks/step_speed.py): the
+    2-layer transformer (T 64, d 128) and the MNIST CNN's convolutions materialise, the MLP, the embedding text
     classifier (T 32, V 10,000) and every T = 1 layer use ghost norms.
     """
     T, size = _site_dims(site, _layer_shape(site, w_shape))
-    n_w = math.prod(w_shape) // size        # layers of a stacked leaf: materialising costs B * |leaf|
     d_out = max(1, math.prod(site.out_shape) // T)
     T = T * site.length if site.mode == "shared" else T   # a shared scan weight: L T positions
-    if T <= 1 or B * size * n_w * 4 > _MATERIALISE_BYTES:
+    if T <= 1:
         return False
     ghost_macs = T * T * (d_out if site.kind == "gather" else size // d_out + d_out)
     return ghost_macs > (_KAPPA if kappa is None else kappa)[site.kind] * size
@@ -620,6 +622,13 @@ def _prefer_materialise(site: _Site, w_shape, B: int, kappa: dict | None = None)
 # norm and its contribution to the sum come from that materialised vector.
 _LAMBDA = 8.0
 _TAU = 2.0 ** -17   # ~7.6e-6: a certified ghost norm lies in [exact, exact * (1 + _TAU)], within vmap's 1e-5
+# The tolerance ``auto`` uses on a layer it would materialise but cannot within its memory budget
+# (_MATERIALISE_BYTES, see _plan): there the exact fallback is the very cost auto avoids, and the rounding bound
+# of a sequence layer is ~8 T u relative (T positions, u = 2^-24), so at 2^-17 EVERY example of a T >= 16 layer
+# fell back. 2^-8 certifies random-data layers up to T ~ 2048 (measured: 1.5e-3 at T = 1024); an accepted norm is
+# still an upper bound, so the only effect is that such an example is clipped to between C / (1 + 2^-8) and C (at
+# most 0.4% over-clipping, the same factor as the bfloat16 rule), never above C.
+_TAU_LARGE = 2.0 ** -8
 _SAFE = 2.0 ** 60   # squared norms in [1/_SAFE, _SAFE] multiply without overflow or underflow in float32
 
 
@@ -655,20 +664,21 @@ def _scaled_outer_sq(A2, G2):
     return na2 * ng2 * (sa * sg) ** 2
 
 
-def _certified(s, E, E_bk):
+def _certified(s, E, E_bk, tau: float = _TAU):
     """(upper bound on the norm, whether the bound is tight enough to use) from the float value ``s`` of a
-    squared norm, its error bound ``E`` and the book-keeping bound ``E_bk`` (all in the same scaled units)."""
+    squared norm, its error bound ``E`` and the book-keeping bound ``E_bk`` (all in the same scaled units): the
+    upper bound is used when it is within ``tau`` (relative) of the lower bound."""
     hi = jnp.sqrt(jnp.maximum(s, 0) + E) + E_bk
     lo = jnp.sqrt(jnp.maximum(s - E, 0))
-    return hi, jnp.isfinite(s) & (hi <= (1 + _TAU) * lo)
+    return hi, jnp.isfinite(s) & (hi <= (1 + tau) * lo)
 
 
-def _ghost_sq(site: _Site, w_shape, A, G, acc, certify: bool = True):
+def _ghost_sq(site: _Site, w_shape, A, G, acc, certify: bool = True, tau: float = _TAU):
     """Per-example squared norms ``[B]`` of this site's weight gradient (an upper bound, see above) and a ``[B]``
     mask of the examples whose ghost value is not certified and must be computed exactly (``None`` where no
-    example can need it: ``T = 1`` sites). ``acc`` is the
-    accumulation dtype (>= float32). ``certify=False`` is the bare Gram formula without bound or fallback (NOT
-    private: kept only so that ``benchmarks/clip_bound_cost.py`` can measure what the bound costs)."""
+    example can need it: ``T = 1`` sites). ``acc`` is the accumulation dtype (>= float32); ``tau`` the
+    certification tolerance (:func:`_certified`). ``certify=False`` is the bare Gram formula without bound or
+    fallback (NOT private: kept only so that ``benchmarks/clip_bound_cost.py`` can measure what the bound costs)."""
     hi_p = lax.Precision.HIGHEST
     u = float(jnp.finfo(acc).eps) / 2
     if not certify:
@@ -686,7 +696,7 @@ def _ghost_sq(site: _Site, w_shape, A, G, acc, certify: bool = True):
         ng = jnp.sqrt(jnp.maximum(jnp.diagonal(gg, axis1=1, axis2=2), 0))
         rows = jnp.einsum("bt,bts,bs->b", ng, same, ng, precision=hi_p)
         E = _gamma(p, u) * rows + E_sum
-        hi, ok = _certified(s, E, _gamma(T, u) * jnp.sqrt(rows))
+        hi, ok = _certified(s, E, _gamma(T, u) * jnp.sqrt(rows), tau)
         return (hi * sg) ** 2, ~ok & jnp.isfinite(s)
     A2, G2 = _mats(site, w_shape, A if site.kind == "dot" else A.astype(acc), G)
     A2, G2 = A2.astype(acc), G2.astype(acc)
@@ -710,7 +720,7 @@ def _ghost_sq(site: _Site, w_shape, A, G, acc, certify: bool = True):
     E = (_gamma(d, u) * jnp.einsum("bt,bts,bs->b", na, abs_gg, na, precision=hi_p)
          + _gamma(p, u) * jnp.einsum("bt,bts,bs->b", ng, abs_aa, ng, precision=hi_p)
          + E_sum)
-    hi, ok = _certified(s, E, _gamma(T, u) * jnp.sum(na * ng, -1))
+    hi, ok = _certified(s, E, _gamma(T, u) * jnp.sum(na * ng, -1), tau)
     return (hi * sa * sg) ** 2, ~ok & jnp.isfinite(s)
 
 
@@ -782,7 +792,7 @@ def _exact_sites(sites: tuple, w, As: tuple, Gs: tuple, sel, weights):
     return sq.reshape(B), total
 
 
-def _site_sq(site: _Site, w, A, G, certify: bool = True):
+def _site_sq(site: _Site, w, A, G, certify: bool = True, tau: float = _TAU):
     """Per-example squared norms ``[B]`` of leaf ``w``'s gradient at its one ghost site, and the mask of examples
     whose value came from the exact fallback (``None`` where none can: ``T = 1`` sites, ``certify=False``).
 
@@ -797,11 +807,11 @@ def _site_sq(site: _Site, w, A, G, certify: bool = True):
 
         def layer(args):
             wl, a, g = args
-            sq_l, sel_l = _site_sq(base, wl, a, g, certify)
+            sq_l, sel_l = _site_sq(base, wl, a, g, certify, tau)
             return sq_l, (jnp.zeros(sq_l.shape, bool) if sel_l is None else sel_l)
         sq, sel = lax.map(layer, (w, jnp.moveaxis(A, 1, 0), jnp.moveaxis(G, 1, 0)))
         return jnp.sum(sq, 0), sel
-    sq_g, sel = _ghost_sq(site, w.shape, A, G, acc, certify)
+    sq_g, sel = _ghost_sq(site, w.shape, A, G, acc, certify, tau)
     if sel is None:   # T = 1 sites (no cancellation possible) and certify=False (benchmarks only)
         return sq_g, None
     return _exact_where((site,), w, (A,), (G,), sel, sq_g), sel
@@ -875,7 +885,7 @@ def _max_scale(xs: list, B: int, acc):
     return _scale_of(jnp.max(jnp.stack([jnp.max(jnp.abs(x), axis=(1, 2)) for x in xs]), axis=0))
 
 
-def _tied_sq(tied: _Tied, w, As, Gs):
+def _tied_sq(tied: _Tied, w, As, Gs, tau: float = _TAU):
     """Per-example squared norms ``[B]`` (upper bounds, as :func:`_ghost_sq`) of a tied leaf's gradient -- the SUM
     of its sites' gradients -- and the mask of the examples computed exactly.
 
@@ -924,19 +934,17 @@ def _tied_sq(tied: _Tied, w, As, Gs):
          + _gamma(Dn, u) * jnp.einsum("bt,bts,bs->b", nv, jnp.abs(uu), nv, precision=hi_p)
          + E_sum)
     # book-keeping: each site's batched product (T_k terms) and the sum of the K sites' results
-    hi, ok = _certified(s, E, _gamma(T + len(parts), u) * jnp.sum(nu * nv, -1))
+    hi, ok = _certified(s, E, _gamma(T + len(parts), u) * jnp.sum(nu * nv, -1), tau)
     sel = (~ok | ~in_range) & jnp.isfinite(su) & jnp.isfinite(sv)
     sq_g = (hi * su * sv) ** 2
     return _exact_where(tied.sites, w, As, Gs, sel, sq_g), sel
 
 
-def _prefer_materialise_tied(tied: _Tied, w_shape, B: int) -> bool:
+def _prefer_materialise_tied(tied: _Tied, w_shape) -> bool:
     """The ``auto`` rule for a tied leaf (as :func:`_prefer_materialise`): the combined Gram matrices over all
     ``T`` positions cost ``T^2 (V + D)`` per example against ``|W| = V D`` floats of per-example gradient."""
     T = sum(_site_dims(s, w_shape)[0] for s in tied.sites)
     size = math.prod(w_shape)
-    if B * size * 4 > _MATERIALISE_BYTES:
-        return False
     return T * T * (w_shape[0] + w_shape[1]) > _KAPPA["dot"] * size
 
 
@@ -951,7 +959,11 @@ def _zero_dropped(x, keep):
 def _plan(loss_fn, has_aux, leaves, treedef, b_leaves, b_def, policy, kappa=None):
     """Trace the per-example loss and decide, per trainable leaf, how its per-example norm is computed.
 
-    Returns (closed jaxpr, aux treedef holder, ghost {leaf: site}, materialise {leaf}).
+    Under ``auto``, the leaves the cost rule would materialise are materialised smallest first while all of
+    them together (``B |W|`` floats each) fit in ``_MATERIALISE_BYTES``; the others keep the ghost norm and are
+    returned as ``relaxed`` (certified at ``_TAU_LARGE``: their exact fallback is the cost auto avoids).
+
+    Returns (closed jaxpr, aux treedef holder, ghost {leaf: site}, materialise {leaf}, relaxed {leaf}).
     """
     n = len(leaves)
     aux_def: list = []
@@ -977,7 +989,8 @@ def _plan(loss_fn, has_aux, leaves, treedef, b_leaves, b_def, policy, kappa=None
     if analysis.flow:
         _say_flow(analysis.flow, pe.leaf_names(jax.tree_util.tree_unflatten(treedef, leaves)))
     ghost: dict[int, _Site] = {}
-    materialise: set[int] = set()
+    wanted: list[tuple[int, int]] = []   # (bytes of B per-example gradients, leaf) the cost rule materialises
+    B = b_leaves[0].shape[0]
     for i in range(n):
         s = analysis.sites.get(i, [])
         if i in analysis.bad or not s or not jnp.issubdtype(leaves[i].dtype, jnp.floating):
@@ -987,13 +1000,22 @@ def _plan(loss_fn, has_aux, leaves, treedef, b_leaves, b_def, policy, kappa=None
             if tied is None:
                 continue
             ghost[i] = tied
-            if policy == "auto" and _prefer_materialise_tied(tied, leaves[i].shape, b_leaves[0].shape[0]):
-                materialise.add(i)
+            if policy == "auto" and _prefer_materialise_tied(tied, leaves[i].shape):
+                wanted.append((B * math.prod(leaves[i].shape) * 4, i))
             continue
         ghost[i] = s[0]
-        if policy == "auto" and _prefer_materialise(s[0], leaves[i].shape, b_leaves[0].shape[0], kappa):
+        if policy == "auto" and _prefer_materialise(s[0], leaves[i].shape, kappa):
+            wanted.append((B * math.prod(leaves[i].shape) * 4, i))
+    materialise: set[int] = set()
+    relaxed: set[int] = set()
+    used = 0
+    for nbytes, i in sorted(wanted):
+        if used + nbytes <= _MATERIALISE_BYTES:
             materialise.add(i)
-    return closed, aux_def, ghost, materialise
+            used += nbytes
+        else:
+            relaxed.add(i)
+    return closed, aux_def, ghost, materialise, relaxed
 
 
 def _say_flow(flow: dict, names: list) -> None:
@@ -1019,19 +1041,29 @@ def explain(loss_fn: Callable, params: Any, batch: Any, method: str = "auto", ha
         raise ValueError(f"explain() describes method 'ghost' or 'auto', got {method!r}")
     leaves, treedef = jax.tree_util.tree_flatten(params)
     b_leaves, b_def = jax.tree_util.tree_flatten(batch)
-    _, _, ghost, mat = _plan(loss_fn, has_aux, leaves, treedef, b_leaves, b_def, method)
+    _, _, ghost, mat, _ = _plan(loss_fn, has_aux, leaves, treedef, b_leaves, b_def, method)
     if method == "auto" and (not ghost or len(mat) == len(ghost)):
         ghost, mat = {}, set()
     kinds = ["materialise" if i in mat else "ghost" if i in ghost else "vmap" for i in range(len(leaves))]
     return dict(zip(pe.leaf_names(params), kinds))
 
 
-def _make_impl(policy: str, second_pass: bool = False, certify: bool = True) -> Callable:
+def _tolerance(rtol: float | None, relaxed: bool) -> float:
+    """The certification tolerance of one ghost leaf: ``rtol`` when given; otherwise ``_TAU`` (2^-17), except
+    for a leaf ``auto`` would materialise but cannot within its memory budget (``relaxed``), where the exact
+    fallback is what auto avoids: ``_TAU_LARGE`` (2^-8)."""
+    if rtol is not None:
+        return rtol
+    return _TAU_LARGE if relaxed else _TAU
+
+
+def _make_impl(policy: str, second_pass: bool = False, certify: bool = True,
+               rtol: float | None = None) -> Callable:
     def impl(loss_fn, has_aux, params, batch, weight_fn):
         leaves, treedef = jax.tree_util.tree_flatten(params)
         b_leaves, b_def = jax.tree_util.tree_flatten(batch)
         n = len(leaves)
-        closed, aux_def, ghost, materialise = _plan(loss_fn, has_aux, leaves, treedef, b_leaves, b_def, policy,
+        closed, aux_def, ghost, materialise, relaxed = _plan(loss_fn, has_aux, leaves, treedef, b_leaves, b_def, policy,
                                                     None if certify else _KAPPA_BARE)
         if not ghost or (policy == "auto" and len(materialise) == len(ghost)):
             return pe.vmap_backend(loss_fn, has_aux, params, batch, weight_fn)
@@ -1058,6 +1090,7 @@ def _make_impl(policy: str, second_pass: bool = False, certify: bool = True) -> 
             return g_fb, g_probes, loss, aux, acts
 
         B = b_leaves[0].shape[0]
+        taus = {i: _tolerance(rtol, i in relaxed) for i in ghost}
         probes = {i: tuple(jnp.zeros((B,) + _probe_shape(t), t.out_dtype) for t in s.sites)
                   if isinstance(s, _Tied) else jnp.zeros((B,) + _probe_shape(s), s.out_dtype)
                   for i, s in ghost.items()}
@@ -1073,9 +1106,9 @@ def _make_impl(policy: str, second_pass: bool = False, certify: bool = True) -> 
             sq[i] = pe.sq_norms(g)
         for i, site in ghost.items():
             if isinstance(site, _Tied):
-                sq[i], exact_sel[i] = _tied_sq(site, leaves[i], _tied_list(acts[i]), g_probes[i])
+                sq[i], exact_sel[i] = _tied_sq(site, leaves[i], _tied_list(acts[i]), g_probes[i], taus[i])
             else:
-                sq[i], exact_sel[i] = _site_sq(site, leaves[i], acts[i], g_probes[i], certify)
+                sq[i], exact_sel[i] = _site_sq(site, leaves[i], acts[i], g_probes[i], certify, taus[i])
 
         clip = weight_fn(sq)
         weights = clip.leaf_weights
@@ -1107,9 +1140,51 @@ def _make_impl(policy: str, second_pass: bool = False, certify: bool = True) -> 
 
 ghost_impl = _make_impl("ghost")
 auto_impl = _make_impl("auto")
+
+
+def backend(policy: str = "auto", rtol: float | None = None) -> Callable:
+    """A ghost-norm per-example backend with its own certification tolerance, to register under a name of your
+    choice (:func:`jaxdp.per_example.register_backend`) and pass as ``method=``.
+
+    A ghost norm (``sum_{t,s} <a_t, a_s><g_t, g_s>`` for a layer applied at ``T`` positions) is computed in
+    float32 with a bound ``E`` on its rounding error, and the upper bound ``N_hi`` (the norm of the vector added
+    to the sum can never exceed it) is used for clipping when ``N_hi <= (1 + rtol) N_lo``; otherwise that
+    example's gradient for that layer is materialised exactly. The bound grows like ``8 T u`` (``u = 2^-24``), so
+    at the built-in 2^-17 a sequence layer with ``T >= 16`` positions falls back for EVERY example (the Gram
+    matrices AND the materialised gradient are computed). A larger ``rtol`` lets those norms be used.
+
+    Privacy: unchanged for any ``rtol`` -- the value used is always an upper bound, so every example's
+    contribution stays ``<= C``. Utility: a certified example is clipped to a norm between ``C / (1 + rtol)``
+    and ``C`` where the exact computation gives exactly ``C`` (over-clipping by at most ``rtol``); and ghost and
+    vmap then agree to ``rtol`` rather than 1e-5.
+
+    Args:
+      policy: ``"auto"`` (materialise the layers where that is cheaper, as the built-in ``auto``) or ``"ghost"``
+        (ghost norms wherever the layer is recognised).
+      rtol: the certification tolerance, in ``[2^-20, 2^-4]``; ``None`` keeps the built-in rule (2^-17, and
+        2^-8 under ``auto`` on the layers it would materialise but cannot within its 256 MiB budget).
+
+    >>> import jax.numpy as jnp
+    >>> from jaxdp import ghost, per_example
+    >>> per_example.register_backend("auto_1e-3", ghost.backend("auto", rtol=2.0 ** -10))
+    >>> "auto_1e-3" in per_example.backend_names()
+    True
+    >>> per_example.unregister_backend("auto_1e-3")
+
+    Raises:
+      ValueError: ``policy`` is not ``"auto"`` or ``"ghost"``, or ``rtol`` is outside ``[2^-20, 2^-4]``.
+    """
+    if policy not in ("auto", "ghost"):
+        raise ValueError(f"policy must be 'auto' or 'ghost', got {policy!r}")
+    if rtol is not None:
+        if isinstance(rtol, bool) or not isinstance(rtol, (int, float)) or not 2.0 ** -20 <= rtol <= 2.0 ** -4:
+            raise ValueError(f"rtol must be a number in [2^-20, 2^-4] (the relative over-clipping a certified "
+                             f"ghost norm may carry), or None for the built-in rule; got {rtol!r}")
+        rtol = float(rtol)
+    return _make_impl(policy, rtol=rtol)
 _second_pass_impl = _make_impl("ghost", second_pass=True)  # NOT registered: no per-layer weights, NaN-unsafe
 _auto_unbounded_impl = _make_impl("auto", certify=False)   # NOT registered: the pre-bound formula, benchmarks only
 pe.register_backend("ghost", ghost_impl)
 pe.register_backend("auto", auto_impl)
 
-__all__ = ["ghost_impl", "auto_impl", "explain"]
+__all__ = ["ghost_impl", "auto_impl", "backend", "explain"]

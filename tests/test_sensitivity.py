@@ -362,6 +362,22 @@ def test_sequence_layers_bounded(name, method, seed, offset, scale, near_constan
     assert_bounded(norms, 0.5)
 
 
+# The loosest certification tolerance a user may choose (jaxdp.ghost.backend): the accepted norm is still an
+# upper bound, so the invariant must hold for it too, on the same adversarial inputs.
+LOOSE = "test_ghost_rtol_max"
+per_example.register_backend(LOOSE, ghost.backend("ghost", rtol=2.0 ** -4), replace=True)
+
+
+@pytest.mark.parametrize("name", [*SEQ_MODELS, "embed_tied", "embed_index"])
+@SETTINGS
+@given(seed=seeds, offset=offsets, scale=scales, near_constant=st.booleans())
+def test_loosest_tolerance_still_bounded(name, seed, offset, scale, near_constant):
+    params = MODELS[name][1]()
+    batch = (id_batch(seed, 100) if name in EMB_MODELS else seq_batch(seed, offset, scale, near_constant))
+    C = 0.05 if name in EMB_MODELS else 0.5
+    assert_bounded(contributions(name, params, batch, C, LOOSE), C)
+
+
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("name", IMG_MODELS)
 @SETTINGS
@@ -531,6 +547,93 @@ def test_auto_and_ghost_equal_vmap_on_ordinary_inputs(name):
         for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ref)):
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg=f"{name} {m}")
         np.testing.assert_allclose(gst.per_example_norms, rst.per_example_norms, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The certification tolerance: long sequences
+
+
+T_LONG, D_LONG = 64, 32
+
+
+def _long_seq(p, b):
+    h = jnp.tanh(b["x"] @ p["w"])                        # one dense layer at T_LONG positions
+    return jnp.sum(h @ p["o"], -1) ** 2
+
+
+def _long_setup():
+    params = _p(30, {"w": (D_LONG, D_LONG), "o": (D_LONG,)})
+    x = jax.random.normal(jax.random.key(31), (B, T_LONG, D_LONG))
+    return params, {"x": x}
+
+
+def _norm_ratio(method, C=1e-3):
+    """Per-example norms of ``method`` over vmap's on the long-sequence layer, and the one-example sums' norms."""
+    params, batch = _long_setup()
+    _, rst = jax.jit(jaxdp.clipped_grad(_long_seq, C, method="vmap"))(params, batch)
+    g = jax.jit(jaxdp.clipped_grad(_long_seq, C, method=method))
+    _, st_ = g(params, batch)
+    sums = [_norm(g(params, batch, jnp.arange(B) == i)[0]) for i in range(B)]
+    return np.asarray(st_.per_example_norms) / np.asarray(rst.per_example_norms), np.array(sums)
+
+
+def test_tolerance_decides_whether_long_sequence_norms_are_certified():
+    """A dense layer at T = 64 positions: its rounding bound (~8 T u = 3e-5 relative) is above the built-in
+    2^-17, so ``ghost`` materialises every example and equals vmap to 1e-5; with ``rtol = 2^-8``
+    (jaxdp.ghost.backend) the ghost upper bound is accepted instead: ABOVE the exact norm (by the bound, > 1e-6
+    here) and within 2^-8 of it, and every example's contribution still <= C."""
+    ratio, sums = _norm_ratio("ghost")
+    np.testing.assert_allclose(ratio, 1.0, rtol=1e-5)
+    per_example.register_backend("test_ghost_2m8", ghost.backend("ghost", rtol=2.0 ** -8))
+    try:
+        ratio, sums = _norm_ratio("test_ghost_2m8")
+    finally:
+        per_example.unregister_backend("test_ghost_2m8")
+    assert np.all(ratio > 1 + 1e-6) and np.all(ratio <= 1 + 2.0 ** -8), ratio
+    assert_bounded(sums[:, None], 1e-3)
+
+
+def test_auto_relaxes_the_tolerance_only_where_it_cannot_materialise(monkeypatch):
+    """``auto`` materialises this layer (it fits) and equals vmap; when its per-example gradients would not fit
+    in the materialising budget, auto takes the ghost norm and certifies it at 2^-8 (upper bound, <= C)."""
+    ratio, _ = _norm_ratio("auto")
+    np.testing.assert_allclose(ratio, 1.0, rtol=1e-5)
+    monkeypatch.setattr(ghost, "_MATERIALISE_BYTES", 1024)   # B |W| 4 = 16 KiB > 1 KiB: "too large"
+    ratio, sums = _norm_ratio("auto")
+    assert np.all(ratio > 1 + 1e-6) and np.all(ratio <= 1 + 2.0 ** -8), ratio
+    assert_bounded(sums[:, None], 1e-3)
+
+
+def _two_layers(p, b):
+    h = jnp.tanh(b["x"] @ p["w1"])                       # [B, T_LONG, D_LONG]
+    return jnp.sum(jnp.tanh(h @ p["w2"]), (-1, -2)) ** 2    # w2: [D_LONG, 2 D_LONG]
+
+
+def test_auto_memory_budget_is_shared_by_all_layers(monkeypatch):
+    """auto's 256 MiB budget holds for ALL materialised per-example gradients together (they are alive at once):
+    with room for w1's B |w1| floats but not also w2's, the smaller w1 is materialised and w2 keeps its ghost norm,
+    certified at 2^-8 and <= C; with room for both, both are materialised (auto is then plain vmap)."""
+    params = _p(32, {"w1": (D_LONG, D_LONG), "w2": (D_LONG, 2 * D_LONG)})
+    batch = _long_setup()[1]
+    both = B * 3 * D_LONG * D_LONG * 4
+    monkeypatch.setattr(ghost, "_MATERIALISE_BYTES", both)
+    # both fit: every recognised layer materialised, so auto runs as plain vmap
+    assert ghost.explain(_two_layers, params, batch) == {"w1": "vmap", "w2": "vmap"}
+    monkeypatch.setattr(ghost, "_MATERIALISE_BYTES", both - 4)
+    assert ghost.explain(_two_layers, params, batch) == {"w1": "materialise", "w2": "ghost"}
+    _, rst = jax.jit(jaxdp.clipped_grad(_two_layers, 1e-3, method="vmap"))(params, batch)
+    g = jax.jit(jaxdp.clipped_grad(_two_layers, 1e-3, method="auto"))
+    ratio = np.asarray(g(params, batch)[1].per_example_norms) / np.asarray(rst.per_example_norms)
+    assert np.all(ratio > 1 + 1e-7) and np.all(ratio <= 1 + 2.0 ** -8), ratio
+    assert_bounded(np.array([[_norm(g(params, batch, jnp.arange(B) == i)[0])] for i in range(B)]), 1e-3)
+
+
+@pytest.mark.parametrize("bad", [0.0, 2.0 ** -21, 0.1, float("nan"), True, "1e-3"])
+def test_backend_refuses_bad_tolerances(bad):
+    with pytest.raises(ValueError, match="rtol must be a number"):
+        ghost.backend("ghost", rtol=bad)
+    with pytest.raises(ValueError, match="policy must be"):
+        ghost.backend("vmap")
 
 
 # ----------------------------------------------------------------------------------------------------------
