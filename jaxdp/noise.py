@@ -8,8 +8,9 @@ returns
 with ``sigma`` the noise multiplier, ``C`` the L2 sensitivity of ``S`` (the clip norm; ``||(C_1..C_K)||_2`` for
 per-layer clipping) and ``E`` the PUBLIC expected batch size ``q * N`` -- never the realised Poisson batch size,
 which depends on the data and would leak (privacy rule 3). Noise is drawn once per call (= once per logical
-batch), with an independent key per step (``fold_in(key, step)``); all coordinates come from one flat draw
-(:func:`gaussian_like`), so every coordinate of every leaf is an independent Gaussian.
+batch), with an independent key per step (``fold_in(key, step)``); the coordinates come from one flat draw, and
+each leaf of 2^22 coordinates or more from its own (:func:`gaussian_like`), so every coordinate of every leaf is an
+independent Gaussian.
 
 Secure mode (``secure=True``) is for deployments that fear an attacker who reads the floating-point pattern of
 the noise (Mironov 2012; Holohan & Braghin 2021): every step takes fresh key material from the operating
@@ -53,6 +54,11 @@ def os_entropy_key() -> jax.Array:
     return jax.random.wrap_key_data(data)
 
 
+# A leaf of at least this many coordinates gets its own draw (its own key) instead of a slice
+# of the flat draw: the flat draw, its bits and its slices held all the noise ~3 times at once (XLA temp 1.4 GB for
+# GPT-2 124M's noise + update, against 0.3 GB with per-leaf draws: benchmarks/ghost_tolerance.py's notes); small
+# leaves keep the one flat draw, which is what makes many small / odd-sized arrays fast on CPU.
+_LEAF_DRAW = 2 ** 22
 _FLAT_MULTIPLE = 4096  # the flat draw is padded to this: XLA:CPU's threefry/erf_inv loops vectorise and split
 _ROW = 1024            # counters laid out [n / (2 * _ROW), _ROW]: measured fastest on XLA:CPU
 
@@ -87,10 +93,13 @@ def gaussian_like(key: jax.Array, leaves: list, std: float, secure: bool = False
                   draw: list[bool] | None = None) -> list:
     """i.i.d. ``N(0, std^2)`` noise shaped like each leaf (``None`` where ``draw[i]`` is False).
 
-    All coordinates of one generation dtype come from ONE flat draw (:func:`_standard_normal`), sliced into the
-    leaves' shapes: the same distribution as one draw per leaf with split keys (every coordinate an
-    independent Gaussian). With the two-words-per-block sampler it measured 1.8x faster than
-    ``jax.random.normal`` per leaf on CPU (benchmarks/step_speed.py breakdown); XLA's threefry and inverse-erf
+    The coordinates of the leaves of one generation dtype come from ONE flat draw (:func:`_standard_normal`),
+    sliced into the leaves' shapes, except that a leaf of ``_LEAF_DRAW`` (2^22) coordinates or more gets its own
+    draw (so the noise never holds ~3 copies of a large model's size in memory). All keys come from one
+    ``split(key, groups + large leaves)``: the group keys first (with jax's partitionable threefry, the same keys
+    as before large leaves had their own), then one per large leaf; the same distribution either way (every
+    coordinate an independent Gaussian). With the two-words-per-block sampler the flat draw measured 1.8x faster
+    than ``jax.random.normal`` per leaf on CPU (benchmarks/step_speed.py breakdown); XLA's threefry and inverse-erf
     loops are also far slower on small or odd-sized arrays than on one large, 4096-aligned one. Secure mode
     draws 4 Gaussians per coordinate and returns ``(n_1+..+n_4)/2``.
     """
@@ -101,14 +110,26 @@ def gaussian_like(key: jax.Array, leaves: list, std: float, secure: bool = False
         if d:
             groups.setdefault(jnp.dtype(jnp.promote_types(dtypes[i], jnp.float32)), []).append(i)
     out: list = [None] * len(leaves)
-    keys = jax.random.split(key, max(len(groups), 1))
-    for k, (gen_dtype, idx) in zip(keys, sorted(groups.items(), key=lambda kv: kv[0].name)):
-        total = sum(int(np.prod(leaves[i].shape)) for i in idx)
-        padded = -(-max(total, 1) // _FLAT_MULTIPLE) * _FLAT_MULTIPLE
+    large = [i for i in range(len(leaves)) if draw[i] and int(np.prod(leaves[i].shape)) >= _LEAF_DRAW]
+    keys = jax.random.split(key, max(len(groups), 1) + len(large))
+    leaf_key = {i: keys[max(len(groups), 1) + j] for j, i in enumerate(large)}
+
+    def draw_n(k, n, gen_dtype):
+        padded = -(-max(n, 1) // _FLAT_MULTIPLE) * _FLAT_MULTIPLE
         if secure:
-            flat = jnp.sum(_standard_normal(k, 4 * padded, gen_dtype).reshape(4, padded), axis=0) / 2.0
-        else:
-            flat = _standard_normal(k, padded, gen_dtype)
+            return jnp.sum(_standard_normal(k, 4 * padded, gen_dtype).reshape(4, padded), axis=0) / 2.0
+        return _standard_normal(k, padded, gen_dtype)
+
+    for k, (gen_dtype, all_idx) in zip(keys, sorted(groups.items(), key=lambda kv: kv[0].name)):
+        idx = [i for i in all_idx if i not in leaf_key]
+        for i in all_idx:
+            if i in leaf_key:   # a large leaf: its own draw
+                n = int(np.prod(leaves[i].shape))
+                z = draw_n(leaf_key[i], n, gen_dtype)[:n]
+                out[i] = (std * z.reshape(leaves[i].shape)).astype(dtypes[i])
+        if not idx:
+            continue
+        flat = draw_n(k, sum(int(np.prod(leaves[i].shape)) for i in idx), gen_dtype)
         off = 0
         for i in idx:
             shape = leaves[i].shape

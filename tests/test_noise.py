@@ -17,6 +17,7 @@ from scipy import stats
 
 import jaxdp
 from jaxdp.clipping import CLIP_EPS
+from jaxdp.noise import gaussian_like
 
 ALPHA = 1e-6
 Z = stats.norm.ppf(1 - ALPHA / 2)
@@ -287,3 +288,41 @@ def test_int_seeds_keep_all_64_bits():
         return [np.asarray(jax.random.key_data(x)).tolist() for x in leaves
                 if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)]
     assert engine_noise(5) and not np.array_equal(engine_noise(2**32 + 5), engine_noise(5))
+
+
+def test_large_leaves_get_their_own_draw_and_small_ones_keep_the_flat_draw(monkeypatch):
+    """A leaf of _LEAF_DRAW coordinates or more is drawn on its own (key ``split(key, groups + large)[groups + j]``);
+    the small leaves keep the one flat draw from the group key, so their values are those of a call without
+    the large leaves (split is prefix-stable with jax's partitionable threefry). Every coordinate N(0, std^2):
+    the large leaves' mean and variance within their bounds, and uncorrelated with each other."""
+    from jaxdp import noise
+    from jaxdp.noise import _standard_normal
+
+    monkeypatch.setattr(noise, "_LEAF_DRAW", 4096)
+    key, std = jax.random.key(11), 2.0
+    leaves = [jnp.zeros((300,)), jnp.zeros((5000,)), jnp.zeros((70, 100)), jnp.zeros((10,))]
+    out = [np.asarray(x, np.float64) for x in gaussian_like(key, leaves, std)]
+    small = [np.asarray(x) for x in gaussian_like(key, [leaves[0], leaves[3]], std)]
+    np.testing.assert_array_equal(out[0], small[0])
+    np.testing.assert_array_equal(out[3], small[1])
+    keys = jax.random.split(key, 3)
+    flat = np.asarray(_standard_normal(keys[0], 4096, jnp.float32))
+    np.testing.assert_allclose(out[0], std * flat[:300], rtol=1e-6)
+    np.testing.assert_allclose(out[1], std * np.asarray(_standard_normal(keys[1], 8192, jnp.float32))[:5000],
+                               rtol=1e-6)
+    np.testing.assert_allclose(out[2].reshape(-1),
+                               std * np.asarray(_standard_normal(keys[2], 8192, jnp.float32))[:7000], rtol=1e-6)
+    for z in (out[1], out[2].reshape(-1)):
+        assert abs(z.mean()) < Z * std / np.sqrt(z.size)
+        assert_std(z, std)
+    assert_uncorrelated(out[1], out[2].reshape(-1)[:5000])
+
+
+def test_noise_of_large_leaves_holds_one_leaf_at_a_time():
+    """XLA's temp memory for the noise of two 2^22-coordinate leaves: the flat draw held the bits, the draw and
+    its slices (96 MiB, 3x the noise); per-leaf draws need about one leaf's bits and draw (32 MiB)."""
+    leaves = [jax.ShapeDtypeStruct((2 ** 22,), jnp.float32), jax.ShapeDtypeStruct((1024, 4096), jnp.float32),
+              jax.ShapeDtypeStruct((300,), jnp.float32)]
+    compiled = jax.jit(lambda k: gaussian_like(k, leaves, 1.0)).lower(jax.random.key(0)).compile()
+    temp = compiled.memory_analysis().temp_size_in_bytes
+    assert temp <= 2 * 4 * 2 ** 22 + 2 ** 20, temp / 2 ** 20
