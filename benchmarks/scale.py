@@ -15,7 +15,8 @@ tokens, same batch, random init -- nothing is downloaded):
                                                                WRN-16-4 (GroupNorm) and ViT-Tiny (patch 4) on random
                                                                32x32x3 images, --vision-batch (scale_models.py)
 
-The DP step is ``jaxdp.clipped_grad`` (per-sequence mean NLL, C = 1) + Gaussian noise (sigma = 1) + SGD; the
+The DP step is ``jaxdp.clipped_grad`` (per-sequence mean NLL, C = 1) + Gaussian noise (sigma = 1; jaxdp's
+sampler ``jaxdp.noise.gaussian_like``, as ``jaxdp.add_noise`` draws it) + SGD; the
 non-private step is the gradient of the mean loss + SGD. Columns: median step time (s) of ``--steps`` timed steps
 after 1 warm-up step, DP / non-private ratio (same layer layout), compile time, XLA peak memory
 (``memory_analysis()``: temp + arguments + outputs of the compiled step), the process's peak RSS, the plan
@@ -146,6 +147,7 @@ def _jax_step(row, loss, trainable, bsz):
     import jax.numpy as jnp
 
     import jaxdp
+    from jaxdp.noise import gaussian_like
 
     lr, C, sigma = 1e-3, 1.0, 1.0
     lora = trainable is not None
@@ -155,11 +157,9 @@ def _jax_step(row, loss, trainable, bsz):
             return {"trainable": jax.tree.map(lambda x, y: x - scale * y, p["trainable"], g), "frozen": p["frozen"]}
         return jax.tree.map(lambda x, y: x - scale * y, p, g)
 
-    def noisy(summed, key):
+    def noisy(summed, key):      # jaxdp's own sampler (jaxdp.add_noise's draw), for every JAX DP row
         leaves, tdef = jax.tree.flatten(summed)
-        keys = jax.random.split(key, len(leaves))
-        return jax.tree.unflatten(tdef, [s + sigma * C * jax.random.normal(k, s.shape, s.dtype)
-                                         for s, k in zip(leaves, keys)])
+        return jax.tree.unflatten(tdef, [s + z for s, z in zip(leaves, gaussian_like(key, leaves, sigma * C))])
 
     if "nonprivate" in row:
         @jax.jit
