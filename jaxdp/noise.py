@@ -9,7 +9,7 @@ with ``sigma`` the noise multiplier, ``C`` the L2 sensitivity of ``S`` (the clip
 per-layer clipping) and ``E`` the PUBLIC expected batch size ``q * N`` -- never the realised Poisson batch size,
 which depends on the data and would leak (privacy rule 3). Noise is drawn once per call (= once per logical
 batch), with an independent key per step (``fold_in(key, step)``); the coordinates come from one flat draw, and
-each leaf of 2^22 coordinates or more from its own (:func:`gaussian_like`), so every coordinate of every leaf is an
+each leaf of 2^20 coordinates or more from its own (:func:`gaussian_like`), so every coordinate of every leaf is an
 independent Gaussian.
 
 Secure mode (``secure=True``) is for deployments that fear an attacker who reads the floating-point pattern of
@@ -54,11 +54,12 @@ def os_entropy_key() -> jax.Array:
     return jax.random.wrap_key_data(data)
 
 
-# A leaf of at least this many coordinates gets its own draw (its own key) instead of a slice
-# of the flat draw: the flat draw, its bits and its slices held all the noise ~3 times at once (XLA temp 1.4 GB for
-# GPT-2 124M's noise + update, against 0.3 GB with per-leaf draws: benchmarks/ghost_tolerance.py's notes); small
-# leaves keep the one flat draw, which is what makes many small / odd-sized arrays fast on CPU.
-_LEAF_DRAW = 2 ** 22
+# A leaf of at least this many coordinates gets its own draw (its own key) instead of a slice of the flat draw.
+# The flat draw's bits, values and slices are all alive at once (XLA does not free them draw by draw): ~3x the
+# noise in temp memory (1.4 GB for GPT-2 124M's noise + update); a leaf's own draw writes its values straight into
+# the output and holds only its bits (~1x). Small leaves keep the one flat draw, which is what makes many small /
+# odd-sized arrays fast on CPU (at 2^20 coordinates the padding to 4096 costs < 0.4%).
+_LEAF_DRAW = 2 ** 20
 _FLAT_MULTIPLE = 4096  # the flat draw is padded to this: XLA:CPU's threefry/erf_inv loops vectorise and split
 _ROW = 1024            # counters laid out [n / (2 * _ROW), _ROW]: measured fastest on XLA:CPU
 
@@ -94,7 +95,7 @@ def gaussian_like(key: jax.Array, leaves: list, std: float, secure: bool = False
     """i.i.d. ``N(0, std^2)`` noise shaped like each leaf (``None`` where ``draw[i]`` is False).
 
     The coordinates of the leaves of one generation dtype come from ONE flat draw (:func:`_standard_normal`),
-    sliced into the leaves' shapes, except that a leaf of ``_LEAF_DRAW`` (2^22) coordinates or more gets its own
+    sliced into the leaves' shapes, except that a leaf of ``_LEAF_DRAW`` (2^20) coordinates or more gets its own
     draw (so the noise never holds ~3 copies of a large model's size in memory). All keys come from one
     ``split(key, groups + large leaves)``: the group keys first (with jax's partitionable threefry, the same keys
     as before large leaves had their own), then one per large leaf; the same distribution either way (every
