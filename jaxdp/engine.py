@@ -28,6 +28,7 @@ from jaxdp.clipping import ClipStats, clipped_grad, leaf_names, total_clip_norm
 from jaxdp.noise import add_noise
 from jaxdp.sampling import CyclicPoissonSampler, FixedOrderSampler, PoissonSampler, ShuffleSampler, steps_for_epochs
 from jaxdp.training import NonPrivateTraining, PrivacyBudgetExhausted, Training, TrainState
+from jaxdp import _nnx
 
 if TYPE_CHECKING:
     from jaxdp.adaptive import AdaptiveClipConfig
@@ -68,7 +69,7 @@ def _rekeyed(state: PyTree, key: jax.Array | None) -> PyTree:
             out.append(v.replace(jax.random.fold_in(key, j)))
             j += 1
         elif isinstance(v, nnx.RngCount) and key is not None:
-            out.append(v.replace(jnp.zeros_like(v.value)))
+            out.append(v.replace(jnp.zeros_like(_nnx.get(v))))
         elif isinstance(v, nnx.Variable):
             out.append(v.replace())   # a copy with the same value
         else:

@@ -15,6 +15,7 @@ from typing import Any
 
 from flax import linen as nn
 from flax import nnx
+from jaxdp import _nnx
 
 # Layer types that compute statistics across the batch axis.
 _NNX_BATCH_LAYERS = (nnx.BatchNorm,)
@@ -192,9 +193,9 @@ def fix(model: Any) -> Any:
                 f"num_groups={g} ({c // g} features per group).", stacklevel=2)
         gn = nnx.GroupNorm(c, num_groups=g, epsilon=node.epsilon, rngs=nnx.Rngs(0))
         if node.scale is not None and gn.scale is not None:
-            gn.scale.value = node.scale.value
+            _nnx.put(gn.scale, _nnx.get(node.scale))
         if node.bias is not None and gn.bias is not None:
-            gn.bias.value = node.bias.value
+            _nnx.put(gn.bias, _nnx.get(node.bias))
         last = path[-1]
         if isinstance(parent, (list, nnx.List)) or isinstance(last, int):
             parent[last] = gn

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxdp.lm.model import GPT2
+from jaxdp import _nnx
 
 __all__ = ["LoRALinear", "apply_lora", "merge_lora", "lora_filter", "last_k_filter", "count_params",
            "TARGETS"]
@@ -48,13 +49,13 @@ class LoRALinear(nnx.Module):
                  slices: Sequence[tuple[int, int]] | None = None):
         if not isinstance(rank, int) or rank <= 0:
             raise ValueError(f"LoRA rank must be a positive int, got {rank!r}")
-        n_in, n_out = base.kernel.value.shape
+        n_in, n_out = _nnx.get(base.kernel).shape
         self.base = base
         self.rank = rank
         self.scale = float(alpha) / rank
         self.slices = tuple((int(a), int(b)) for a, b in (slices or [(0, n_out)]))
         bound = 1.0 / math.sqrt(n_in)
-        dtype = base.kernel.value.dtype
+        dtype = _nnx.get(base.kernel).dtype
         self.lora_a = nnx.List([
             nnx.LoRAParam(jax.random.uniform(rngs.params(), (n_in, rank), dtype, -bound, bound))
             for _ in self.slices])
@@ -62,16 +63,16 @@ class LoRALinear(nnx.Module):
 
     def delta(self) -> jax.Array:
         """The dense weight update ``scale * A B`` placed in its columns (shape of the base kernel)."""
-        w = jnp.zeros_like(self.base.kernel.value)
+        w = jnp.zeros_like(_nnx.get(self.base.kernel))
         for (a, b), la, lb in zip(self.slices, self.lora_a, self.lora_b):
-            w = w.at[:, a:b].add(self.scale * (la.value @ lb.value))
+            w = w.at[:, a:b].add(self.scale * (_nnx.get(la) @ _nnx.get(lb)))
         return w
 
     def __call__(self, x: jax.Array) -> jax.Array:
         y = self.base(x)
         n_out = y.shape[-1]
         for (a, b), la, lb in zip(self.slices, self.lora_a, self.lora_b):
-            d = (x @ la.value) @ lb.value * self.scale
+            d = (x @ _nnx.get(la)) @ _nnx.get(lb) * self.scale
             if (a, b) == (0, n_out):
                 y = y + d
             else:
@@ -137,7 +138,7 @@ def merge_lora(model: GPT2) -> GPT2:
             layer = getattr(owner, name)
             if isinstance(layer, LoRALinear):
                 base = layer.base
-                base.kernel.value = base.kernel.value + layer.delta()
+                _nnx.put(base.kernel, _nnx.get(base.kernel) + layer.delta())
                 setattr(owner, name, base)
     return model
 

@@ -34,6 +34,7 @@ import numpy as np
 from flax import nnx
 
 from jaxdp._io import atomic_write
+from jaxdp import _nnx
 
 __all__ = ["GPT2Config", "GPT2", "load_pretrained", "save_pretrained", "load_hf_state_dict",
            "hf_to_nnx_name", "nnx_to_hf_name", "causal_lm_logits"]
@@ -271,9 +272,9 @@ def load_pretrained(path: str | os.PathLike, *, dtype: Any = jnp.float32, strict
         if key not in flat:
             raise KeyError(f"checkpoint entry {name!r} -> {key} has no counterpart in the model")
         var = flat[key]
-        if tuple(arr.shape) != tuple(var.value.shape):
-            raise ValueError(f"{name}: checkpoint shape {arr.shape} != model shape {var.value.shape}")
-        var.value = jnp.asarray(arr, dtype=dtype)
+        if tuple(arr.shape) != tuple(_nnx.get(var).shape):
+            raise ValueError(f"{name}: checkpoint shape {arr.shape} != model shape {_nnx.get(var).shape}")
+        _nnx.put(var, jnp.asarray(arr, dtype=dtype))
         seen.add(key)
     missing = [k for k in flat if k not in seen]
     if missing and strict:
@@ -293,7 +294,7 @@ def save_pretrained(model: GPT2, path: str | os.PathLike) -> None:
     for key, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         if "base" in key or any(str(k).startswith("lora_") for k in key):
             raise ValueError("the model has LoRA adapters: call jaxdp.lm.lora.merge_lora(model) before saving")
-        tensors["transformer." + nnx_to_hf_name(key)] = np.asarray(var.value, np.float32)
+        tensors["transformer." + nnx_to_hf_name(key)] = np.asarray(_nnx.get(var), np.float32)
     tensors["lm_head.weight"] = tensors["transformer.wte.weight"].copy()
     save_file(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
     atomic_write(os.path.join(path, "config.json"), json.dumps(model.cfg.to_dict(), indent=2))
