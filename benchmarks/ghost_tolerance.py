@@ -64,7 +64,7 @@ def _rows(layout: str, a) -> dict:
     for n in methods:
         info[n]["max_norm_ratio_vs_vmap"] = float(np.max(norms[n] / norms["vmap"]))
         info[n]["min_norm_ratio_vs_vmap"] = float(np.min(norms[n] / norms["vmap"]))
-    info["auto"]["plan"] = _count(ghost.explain(loss, params, batch, "auto"))
+    info["auto"]["plan"] = scale.plan_counts(ghost.explain(loss, params, batch, "auto"))
     state = {n: params for n in compiled}
 
     def runner(n):
@@ -95,22 +95,9 @@ def _dp_step(loss, method, bsz):
     return step
 
 
-def _count(kinds: dict) -> dict:
-    out: dict = {}
-    for v in kinds.values():
-        out[v] = out.get(v, 0) + 1
-    return out
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--d-model", type=int, default=256)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--vocab", type=int, default=8192)
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--steps", type=int, default=6)
+    scale.model_args(p, steps=6)
     p.add_argument("--layouts", default="loop,scan")
     p.add_argument("--json", default=str(Path(__file__).parent / "results" / "ghost_tolerance.json"))
     a = p.parse_args(argv)

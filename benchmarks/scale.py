@@ -209,9 +209,7 @@ def make_jax(row, a, bsz):
         else:                            # the plan for the trainable leaves only
             kinds = ghost.explain(lambda t, b: loss({"trainable": t, "frozen": params["frozen"]}, b),
                                   params["trainable"], batch, method)
-        plan = {}
-        for v in kinds.values():
-            plan[v] = plan.get(v, 0) + 1
+        plan = plan_counts(kinds)
     step = _jax_step(row, loss, trainable, bsz)
     key = jax.random.key(0)
     t0 = time.perf_counter()
@@ -394,16 +392,29 @@ def plot(res, path) -> None:
     fig.savefig(path, dpi=90)
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", choices=sorted(PRESETS), help="gpt2: the real GPT-2 124M config (random init)")
+def model_args(p: argparse.ArgumentParser, steps: int) -> None:
+    """The GPT-2 size, batch, sequence length and timed steps options (shared with ghost_tolerance.py)."""
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--d-model", type=int, default=256)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--vocab", type=int, default=8192)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--steps", type=int, default=steps)
+
+
+def plan_counts(kinds: dict) -> dict:
+    """``jaxdp.ghost.explain``'s per-leaf paths as counts per path."""
+    out: dict = {}
+    for v in kinds.values():
+        out[v] = out.get(v, 0) + 1
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=sorted(PRESETS), help="gpt2: the real GPT-2 124M config (random init)")
+    model_args(p, steps=3)
     p.add_argument("--rows", default=",".join(ROWS))
     p.add_argument("--vision-batch", type=int, default=64, help="batch of the WRN-16-4 / ViT-Tiny rows")
     p.add_argument("--fit-batch2", type=int, default=0,
