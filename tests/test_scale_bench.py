@@ -1,5 +1,5 @@
 """The scale benchmark's bookkeeping (no model is built): which non-private row each ratio divides by, and the
-table's ratio / extrapolation columns."""
+table's ratio / extrapolation columns; and a tiny end-to-end run of benchmarks/ghost_tolerance.py."""
 from __future__ import annotations
 
 import importlib.util
@@ -32,3 +32,27 @@ def test_table_ratios():
     assert dp[2] == "1.50" and dp[3] == "0.75" and dp[4] == "0.50" and dp[8] == "123"
     assert lines["opacus_ghost"][2] == "4.00" and lines["opacus_hooks"][3] == "1.25"
     assert "failed: RuntimeError" in lines["wrn_nonprivate"][1]
+
+
+def test_ghost_tolerance_benchmark_runs_and_reports_the_tolerance(tmp_path):
+    """benchmarks/ghost_tolerance.py on a tiny GPT-2 (T = 32): every row runs, the built-in 2^-17 ghost path equals
+    vmap (its examples fall back), the 2^-8 path reports certified upper bounds (above vmap, within 2^-8)."""
+    import json
+    import sys
+
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
+    spec = importlib.util.spec_from_file_location(
+        "ghost_tolerance_bench", pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "ghost_tolerance.py")
+    assert spec is not None and spec.loader is not None
+    gt = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gt)
+    out = tmp_path / "gt.json"
+    gt.main(["--layers", "1", "--d-model", "32", "--heads", "2", "--vocab", "64", "--seq-len", "32", "--batch", "4",
+             "--steps", "1", "--layouts", "loop", "--json", str(out)])
+    rows = json.loads(out.read_text())["layouts"]["loop"]
+    assert set(rows) == {"non-private", "vmap", "ghost tau=2^-17", "ghost tau=2^-8", "auto"}
+    assert all(r["median_s"] > 0 for r in rows.values())
+    tight, loose = rows["ghost tau=2^-17"], rows["ghost tau=2^-8"]
+    assert abs(tight["max_norm_ratio_vs_vmap"] - 1) < 1e-5 and abs(tight["min_norm_ratio_vs_vmap"] - 1) < 1e-5
+    assert 1 < loose["max_norm_ratio_vs_vmap"] <= 1 + 2.0 ** -8 and loose["min_norm_ratio_vs_vmap"] >= 1 - 1e-6
+    assert (tmp_path / "gt.txt").exists()
