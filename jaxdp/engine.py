@@ -23,12 +23,11 @@ import optax
 from flax import linen as nn
 from flax import nnx
 
-from jaxdp import _checks, compat, models, validation
+from jaxdp import _checks, _nnx, compat, models, validation
 from jaxdp.clipping import ClipStats, clipped_grad, leaf_names, total_clip_norm
 from jaxdp.noise import add_noise
 from jaxdp.sampling import CyclicPoissonSampler, FixedOrderSampler, PoissonSampler, ShuffleSampler, steps_for_epochs
 from jaxdp.training import NonPrivateTraining, PrivacyBudgetExhausted, Training, TrainState
-from jaxdp import _nnx
 
 if TYPE_CHECKING:
     from jaxdp.adaptive import AdaptiveClipConfig

@@ -25,8 +25,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxdp.lm.model import GPT2
 from jaxdp import _nnx
+from jaxdp.lm.model import GPT2
 
 __all__ = ["LoRALinear", "apply_lora", "merge_lora", "lora_filter", "last_k_filter", "count_params",
            "TARGETS"]

@@ -33,8 +33,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxdp._io import atomic_write
 from jaxdp import _nnx
+from jaxdp._io import atomic_write
 
 __all__ = ["GPT2Config", "GPT2", "load_pretrained", "save_pretrained", "load_hf_state_dict",
            "hf_to_nnx_name", "nnx_to_hf_name", "causal_lm_logits"]
