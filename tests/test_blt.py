@@ -12,6 +12,7 @@ from jaxdp import accounting
 from jaxdp import blt
 from jaxdp import matrix_factorization as mf
 from jaxdp.sampling import FixedOrderSampler
+from noise_stream import covariance_se, step_covariance
 
 DELTA = 1e-5
 
@@ -86,15 +87,7 @@ def test_noise_covariance_across_steps_matches_sigma2_sens2_c_inverse_c_inverse_
     theta, omega = np.array([0.9, 0.4]), np.array([0.3, 0.2])
     tx = blt.blt_noise(noise_multiplier=sigma, l2_clip_norm=clip, expected_batch_size=1.0, key=jax.random.key(5),
                        steps=t, theta=theta, omega=omega, min_separation=sep)
-    params = {"p": jnp.zeros((d,), jnp.float32)}
-    state = tx.init(params)
-    update = jax.jit(tx.update)
-    rows = []
-    for _ in range(t):
-        u, state = update(params, state)
-        rows.append(np.asarray(u["p"], np.float64))
-    w = np.stack(rows)                                   # [T, d]
-    emp = w @ w.T / d
+    emp, state = step_covariance(tx, t, d)
 
     def cov(th):
         sens = blt.blt_sensitivity(th, omega, t, min_separation=sep, participations=None)
@@ -102,8 +95,7 @@ def test_noise_covariance_across_steps_matches_sigma2_sens2_c_inverse_c_inverse_
         return (sigma * clip * sens) ** 2 * cinv @ cinv.T, sens
 
     true, sens = cov(theta)
-    diag = np.diag(true)
-    se = np.sqrt((np.outer(diag, diag) + true ** 2) / d)
+    se = covariance_se(true, d)
     z = np.abs(emp - true) / se
     assert np.all(z <= 5), (z.max(), np.unravel_index(z.argmax(), z.shape))
     assert np.max(np.abs(true - (sigma * clip * sens) ** 2 * np.eye(t)) / se) > 10       # not independent noise

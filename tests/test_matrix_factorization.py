@@ -14,6 +14,7 @@ from jaxdp import matrix_factorization as mf
 from jaxdp.ledger import events as ledger_events
 from jaxdp.recipe import augmentation_keys, augmentation_multiplicity, ema_update
 from jaxdp.sampling import CyclicPoissonSampler
+from noise_stream import covariance_se, step_covariance
 
 DELTA = 1e-5
 
@@ -126,19 +127,10 @@ def test_noise_covariance_matches_c_inverse_c_inverse_transpose():
     coef = mf.optimal_banded_toeplitz(t, b)
     tx = mf.bandmf_noise(noise_multiplier=sigma, l2_clip_norm=1.0, expected_batch_size=1.0, key=jax.random.key(7),
                          bands=b, steps=t)
-    params = {"p": jnp.zeros((d,), jnp.float32)}
-    state = tx.init(params)
-    update = jax.jit(tx.update)
-    rows = []
-    for _ in range(t):
-        u, state = update(params, state)
-        rows.append(np.asarray(u["p"], np.float64))
-    w = np.stack(rows)
-    emp = w @ w.T / d
+    emp, state = step_covariance(tx, t, d)
     cinv = np.linalg.inv(mf.strategy_matrix(coef, t))
     true = sigma ** 2 * cinv @ cinv.T
-    diag = np.diag(true)
-    se = np.sqrt((np.outer(diag, diag) + true ** 2) / d)
+    se = covariance_se(true, d)
     assert np.all(np.abs(emp - true) <= 5 * se), np.max(np.abs(emp - true) / se)
     assert np.max(np.abs(true - sigma ** 2 * np.eye(t)) / se) > 10
     assert state.history["p"].shape == (b - 1, d)   # memory: the last b-1 draws
